@@ -1,0 +1,47 @@
+"""The ``stmorph`` command line: ``run``, ``demo``, ``benchmark``, ``report``.
+
+Each sub-command lives in its own module exposing ``add_parser(subparsers)``
+and ``main(args) -> int``. Errors caused by the user's input are printed as one
+line on stderr with a non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .. import __version__
+from ..errors import StmorphError
+
+_COMMANDS = ("run", "demo", "benchmark", "report")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stmorph",
+        description="Spatial domains from spatial transcriptomics and the H&E image of the same section.",
+    )
+    parser.add_argument("--version", action="version", version=f"stmorph {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in _COMMANDS:
+        importlib.import_module(f"{__name__}._{name}").add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except StmorphError as exc:
+        print(f"stmorph {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"stmorph {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

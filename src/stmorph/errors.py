@@ -1,0 +1,44 @@
+"""Exception types raised by stmorph.
+
+Every error caused by the user's data derives from :class:`StmorphError`, so a
+caller (and the command line, which prints one line and exits non-zero) can
+tell bad input apart from a bug.
+"""
+
+from __future__ import annotations
+
+import os
+
+__all__ = ["StmorphError", "InputError", "ImageError", "DependencyError", "OutputExistsError"]
+
+
+class StmorphError(Exception):
+    """Base class of every error stmorph raises on purpose."""
+
+
+class InputError(StmorphError, ValueError):
+    """An input file or object is missing, malformed or inconsistent.
+
+    Parameters
+    ----------
+    message
+        What is wrong and, where possible, what to do about it.
+    path
+        The file or folder the problem was found in (optional).
+    """
+
+    def __init__(self, message: str, path: str | os.PathLike | None = None):
+        self.path = None if path is None else os.fspath(path)
+        super().__init__(f"{self.path}: {message}" if self.path else message)
+
+
+class ImageError(InputError):
+    """An image cannot be read, is truncated, or has an unsupported layout."""
+
+
+class DependencyError(StmorphError, ImportError):
+    """An optional dependency or a weights file needed for this call is missing."""
+
+
+class OutputExistsError(StmorphError, FileExistsError):
+    """An output already exists and overwriting was not requested."""

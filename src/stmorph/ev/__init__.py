@@ -1,0 +1,1 @@
+"""Evaluation: ARI/NMI, marker genes, pre-ranked GSEA, benchmark harness."""

@@ -1,0 +1,1 @@
+"""Images: lazy whole-slide access, spot-centred patches, pretrained encoders, image features."""

@@ -1,0 +1,1 @@
+"""Tools: embeddings, clustering, stMIC and SENCA-st."""
