@@ -1,1 +1,7 @@
 """Tools: embeddings, clustering, stMIC and SENCA-st."""
+
+from ._cluster import cluster
+from ._embedding import expression_embedding, image_embedding, integrate
+from ._stmic import METHODS, run_methods, stmic
+
+__all__ = ["expression_embedding", "image_embedding", "integrate", "cluster", "stmic", "run_methods", "METHODS"]

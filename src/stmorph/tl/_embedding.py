@@ -1,0 +1,273 @@
+"""stMIC's per-modality embeddings and their integration (Song et al., Fig. 1B, sections 2.2 and 2.5).
+
+- :func:`expression_embedding`: counts -> CPM (target 1e4) -> log1p -> scale to unit variance -> PCA.
+- :func:`image_embedding`: CNN features -> StandardScaler -> PCA.
+- :func:`integrate`: per-spot concatenation of the two embeddings.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import scipy.sparse as sp
+
+from ..errors import InputError
+
+
+def _counts(adata, layer: str | None):
+    if layer is None:
+        X = adata.X
+        where = "adata.X"
+    else:
+        if layer not in adata.layers:
+            msg = f"layer {layer!r} not in adata.layers (have {list(adata.layers)})."
+            raise InputError(msg)
+        X = adata.layers[layer]
+        where = f"adata.layers[{layer!r}]"
+    if X is None or X.shape[0] == 0 or X.shape[1] == 0:
+        msg = f"{where} is empty (shape {None if X is None else X.shape}); expression counts are required."
+        raise InputError(msg)
+    X = sp.csr_matrix(X, dtype=np.float64) if sp.issparse(X) else sp.csr_matrix(np.asarray(X, dtype=np.float64))
+    if X.nnz and X.data.min() < 0:
+        msg = f"{where} has negative values; pass raw counts (or layer='counts')."
+        raise InputError(msg)
+    return X, where
+
+
+def normalize_log_scale(
+    X: sp.csr_matrix, *, target_sum: float = 1e4
+) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray, np.ndarray]:
+    """Library-size normalisation to ``target_sum``, log1p, and per-gene scaling factors.
+
+    Returns ``(Y, mean, std, keep)`` where ``Y`` is the sparse log-normalised
+    matrix restricted to genes with non-zero variance (``keep``) and divided by
+    their standard deviation; centring (subtracting ``mean / std``) is left
+    implicit so the matrix stays sparse.
+    """
+    totals = np.asarray(X.sum(axis=1)).ravel()
+    if np.any(totals <= 0):
+        n = int(np.sum(totals <= 0))
+        msg = f"{n} spot(s) have zero total counts; filter them out before embedding."
+        raise InputError(msg)
+    Y = sp.csr_matrix(sp.diags(target_sum / totals) @ X)
+    Y.data = np.log1p(Y.data)
+    mean = np.asarray(Y.mean(axis=0)).ravel()
+    sq = np.asarray(Y.multiply(Y).mean(axis=0)).ravel()
+    var = np.maximum(sq - mean**2, 0.0) * (Y.shape[0] / max(Y.shape[0] - 1, 1))
+    std = np.sqrt(var)
+    keep = std > 1e-12
+    Y = Y[:, keep]
+    Y = sp.csr_matrix(Y @ sp.diags(1.0 / std[keep]))
+    return Y, mean[keep] / std[keep], std[keep], keep
+
+
+def _pca(Y, n_comps: int, random_state: int):
+    """PCA with implicit centring for sparse input (no densification)."""
+    from sklearn.decomposition import PCA
+
+    n_comps = int(n_comps)
+    limit = min(Y.shape) - 1
+    if n_comps < 1 or n_comps > limit:
+        msg = f"n_comps={n_comps} is not allowed for a matrix of shape {Y.shape}; use 1..{limit}."
+        raise InputError(msg)
+    solver = "arpack" if sp.issparse(Y) else "full"
+    pca = PCA(n_components=n_comps, svd_solver=solver, random_state=random_state)
+    Z = pca.fit_transform(Y)
+    # Fix signs so the output does not depend on the solver's start vector.
+    signs = np.sign(Z[np.argmax(np.abs(Z), axis=0), np.arange(Z.shape[1])])
+    signs[signs == 0] = 1
+    return (Z * signs).astype(np.float32), pca.explained_variance_ratio_.astype(np.float64)
+
+
+def expression_embedding(
+    adata,
+    *,
+    n_comps: int = 10,
+    target_sum: float = 1e4,
+    layer: str | None = None,
+    n_top_genes: int | None = None,
+    key_added: str = "X_expr_pca",
+    random_state: int = 0,
+    copy: bool = False,
+):
+    """Expression embedding of stMIC: CPM -> log1p -> unit variance -> PCA.
+
+    Parameters
+    ----------
+    adata
+        Raw counts in ``X`` (or ``layers[layer]``).
+    n_comps
+        Principal components kept (the paper: 10).
+    target_sum
+        Counts per spot after normalisation (the paper: 1e4).
+    layer
+        Take counts from this layer instead of ``X``.
+    n_top_genes
+        Restrict to the most variable genes (by variance of the log-normalised
+        data) before scaling. ``None`` (the paper) uses every expressed gene.
+    key_added
+        ``obsm`` key of the embedding.
+    random_state
+        Seed of the PCA solver.
+    copy
+        Return a modified copy instead of writing into ``adata``.
+
+    Returns
+    -------
+    ``None``, or the copy when ``copy=True``.
+
+    Sets the following fields:
+
+    ``adata.obsm[key_added]``
+        ``float32 (n_obs, n_comps)`` principal components.
+    ``adata.uns[key_added]["params"]``, ``["variance_ratio"]``
+        Parameters and the explained variance ratio of each component.
+    """
+    adata = adata.copy() if copy else adata
+    X, _ = _counts(adata, layer)
+    Y, _, _, keep = normalize_log_scale(X, target_sum=target_sum)
+    genes = np.flatnonzero(keep)
+    if n_top_genes is not None and n_top_genes < Y.shape[1]:
+        # the scaled data has unit variance: rank by variance of the log data instead
+        logY = sp.csr_matrix(sp.diags(target_sum / np.asarray(X.sum(axis=1)).ravel()) @ X[:, genes])
+        logY.data = np.log1p(logY.data)
+        m = np.asarray(logY.mean(axis=0)).ravel()
+        v = np.asarray(logY.multiply(logY).mean(axis=0)).ravel() - m**2
+        top = np.sort(np.argsort(-v, kind="stable")[: int(n_top_genes)])
+        Y, genes = Y[:, top], genes[top]
+    Z, evr = _pca(Y, n_comps, random_state)
+    adata.obsm[key_added] = Z
+    adata.uns[key_added] = {
+        "params": {
+            "n_comps": int(n_comps),
+            "target_sum": float(target_sum),
+            "layer": layer,
+            "n_top_genes": n_top_genes,
+            "n_genes_used": int(len(genes)),
+            "random_state": random_state,
+        },
+        "variance_ratio": evr,
+    }
+    return adata if copy else None
+
+
+def image_embedding(
+    adata,
+    *,
+    use_rep: str = "X_image",
+    n_comps: int = 10,
+    key_added: str = "X_image_pca",
+    random_state: int = 0,
+    copy: bool = False,
+):
+    """Image embedding of stMIC: CNN features -> StandardScaler -> PCA.
+
+    Spots whose features are missing (``NaN``, e.g. a patch entirely outside
+    the image) are left out of the fit and placed at the origin of the
+    embedding (the mean image), with a warning.
+
+    Parameters
+    ----------
+    adata
+        Holds image features in ``obsm[use_rep]`` (see :func:`stmorph.im.features`).
+    use_rep
+        ``obsm`` key of the image features.
+    n_comps
+        Principal components kept (the paper: 10).
+    key_added
+        ``obsm`` key of the embedding.
+    random_state
+        Seed of the PCA solver.
+    copy
+        Return a modified copy instead of writing into ``adata``.
+
+    Sets the following fields:
+
+    ``adata.obsm[key_added]``
+        ``float32 (n_obs, n_comps)`` principal components.
+    ``adata.uns[key_added]["params"]``, ``["variance_ratio"]``
+        Parameters and explained variance ratio.
+    """
+    adata = adata.copy() if copy else adata
+    if use_rep not in adata.obsm:
+        msg = (
+            f"adata.obsm[{use_rep!r}] is missing: compute image features first with "
+            f"stmorph.im.features(adata, key_added={use_rep!r})."
+        )
+        raise InputError(msg)
+    F = np.asarray(adata.obsm[use_rep], dtype=np.float64)
+    ok = np.all(np.isfinite(F), axis=1)
+    if ok.sum() < 2:
+        msg = f"adata.obsm[{use_rep!r}] has fewer than two spots with finite features."
+        raise InputError(msg)
+    if not ok.all():
+        warnings.warn(
+            f"{int((~ok).sum())} spot(s) have no image features (patch outside the image); "
+            "they are placed at the mean image in the embedding.",
+            stacklevel=2,
+        )
+    mu = F[ok].mean(axis=0)
+    sd = F[ok].std(axis=0)
+    sd[sd < 1e-12] = 1.0
+    S = (F[ok] - mu) / sd
+    Z_ok, evr = _pca(S, n_comps, random_state)
+    Z = np.zeros((F.shape[0], Z_ok.shape[1]), dtype=np.float32)
+    Z[ok] = Z_ok
+    adata.obsm[key_added] = Z
+    adata.uns[key_added] = {
+        "params": {"use_rep": use_rep, "n_comps": int(n_comps), "random_state": random_state,
+                   "n_missing": int((~ok).sum())},
+        "variance_ratio": evr,
+    }
+    return adata if copy else None
+
+
+def integrate(
+    adata,
+    reps: Sequence[str] = ("X_expr_pca", "X_image_pca"),
+    *,
+    weights: Sequence[float] | None = None,
+    key_added: str = "X_stmic",
+    copy: bool = False,
+):
+    """Concatenate per-spot embeddings (stMIC's integration step).
+
+    Parameters
+    ----------
+    adata
+        Holds each representation in ``obsm``.
+    reps
+        ``obsm`` keys to concatenate, in order.
+    weights
+        One multiplier per representation; ``None`` (the paper) weights them
+        equally, i.e. concatenates them as they are.
+    key_added
+        ``obsm`` key of the integrated representation.
+    copy
+        Return a modified copy instead of writing into ``adata``.
+
+    Sets the following fields:
+
+    ``adata.obsm[key_added]``
+        ``float32 (n_obs, sum of widths)``.
+    ``adata.uns[key_added]["params"]``
+        The representations and weights used.
+    """
+    adata = adata.copy() if copy else adata
+    reps = list(reps)
+    missing = [r for r in reps if r not in adata.obsm]
+    if missing:
+        msg = f"adata.obsm lacks {missing}; run the embedding steps first (have {list(adata.obsm)})."
+        raise InputError(msg)
+    if weights is None:
+        weights = [1.0] * len(reps)
+    weights = [float(w) for w in weights]
+    if len(weights) != len(reps) or any(w < 0 or not np.isfinite(w) for w in weights):
+        msg = f"weights must be {len(reps)} non-negative numbers, one per representation; got {weights}."
+        raise InputError(msg)
+    blocks = [np.asarray(adata.obsm[r], dtype=np.float32) * w for r, w in zip(reps, weights)]
+    adata.obsm[key_added] = np.concatenate(blocks, axis=1)
+    adata.uns[key_added] = {"params": {"reps": reps, "weights": weights}}
+    return adata if copy else None

@@ -1,0 +1,68 @@
+"""kNN graph (Jaccard weights as in Orange/stMIC) and Louvain/Leiden clustering."""
+
+import anndata as ad
+import numpy as np
+import pytest
+from sklearn.metrics import adjusted_rand_score
+
+from stmorph import tl
+from stmorph.errors import InputError
+from stmorph.tl._cluster import knn_graph, knn_indices
+
+
+def _blobs(n_per=150, k=4, d=10, sep=8.0, seed=0):
+    rng = np.random.default_rng(seed)
+    X = np.concatenate([rng.normal(c * sep, 1.0, size=(n_per, d)) for c in range(k)])
+    return X, np.repeat(np.arange(k), n_per)
+
+
+def test_jaccard_weights_match_brute_force():
+    X, _ = _blobs(n_per=40)
+    A = knn_graph(X, 8)
+    sets = [set(r) for r in knn_indices(X, 8)]
+    i, j = A.nonzero()
+    brute = np.array([len(sets[a] & sets[b]) / len(sets[a] | sets[b]) for a, b in zip(i, j)])
+    np.testing.assert_allclose(np.asarray(A[i, j]).ravel(), brute)
+    assert (A != A.T).nnz == 0 and A.diagonal().sum() == 0
+
+
+@pytest.mark.parametrize("method", ["louvain", "leiden"])
+def test_cluster_finds_blobs_and_exact_count(method):
+    X, truth = _blobs()
+    a = ad.AnnData(np.zeros((len(X), 1), dtype=np.float32), obsm={"X_b": X})
+    tl.cluster(a, "X_b", method=method, n_clusters=4)
+    assert a.obs["b"].nunique() == 4
+    assert adjusted_rand_score(truth, a.obs["b"]) > 0.99
+    assert a.uns["b"]["n_clusters_matched"] is True
+    assert list(a.obs["b"].cat.categories) == ["0", "1", "2", "3"]
+    tl.cluster(a, "X_b", method=method, n_clusters=6, key_added="six")
+    assert a.obs["six"].nunique() == 6
+    assert a.uns["six"]["params"]["method"] == method
+
+
+def test_cluster_is_deterministic_for_a_seed():
+    X, _ = _blobs(sep=1.5)  # overlapping blobs: the order of moves matters
+    a = ad.AnnData(np.zeros((len(X), 1), dtype=np.float32), obsm={"X_b": X})
+    tl.cluster(a, "X_b", resolution=1.7, key_added="r1", random_state=3)
+    tl.cluster(a, "X_b", resolution=1.7, key_added="r2", random_state=3)
+    assert (a.obs["r1"].astype(str) == a.obs["r2"].astype(str)).all()
+
+
+def test_cluster_warns_when_count_cannot_be_reached():
+    X, _ = _blobs(n_per=5, k=2, sep=100.0)
+    a = ad.AnnData(np.zeros((len(X), 1), dtype=np.float32), obsm={"X_b": X})
+    with pytest.warns(UserWarning, match="no resolution gave exactly"):
+        tl.cluster(a, "X_b", n_neighbors=5, n_clusters=9)
+    assert a.uns["b"]["n_clusters_matched"] is False
+
+
+def test_cluster_rejects_bad_input():
+    X, _ = _blobs(n_per=10)
+    a = ad.AnnData(np.zeros((len(X), 1), dtype=np.float32), obsm={"X_b": X})
+    with pytest.raises(InputError, match="missing"):
+        tl.cluster(a, "X_nope")
+    with pytest.raises(InputError, match="method"):
+        tl.cluster(a, "X_b", method="kmeans")
+    a.obsm["X_b"][0, 0] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        tl.cluster(a, "X_b")
