@@ -1,15 +1,190 @@
-"""`stmorph run`."""
+"""``stmorph run INPUT --method ... --out DIR``: find spatial domains in one section.
+
+INPUT is a Space Ranger ``outs/`` folder, an ``.h5ad`` file, or the counts
+table of a legacy Spatial Transcriptomics section (with ``--spots`` and
+optionally ``--labels``).
+"""
 
 from __future__ import annotations
 
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from ..errors import InputError
+
+METHOD_CHOICES = ("stmic", "expression", "image", "senca", "all")
+
+
+def add_common_options(p) -> None:
+    """Options shared by ``run`` and ``demo``."""
+    g = p.add_argument_group("clustering")
+    g.add_argument("--n-clusters", type=int, default=None, metavar="K",
+                   help="number of domains for every method (default: the expression baseline's count at --resolution)")
+    g.add_argument("--resolution", type=float, default=1.7,
+                   help="Louvain resolution when no --n-clusters is set (stMIC paper: 1.5-1.9; default 1.7)")
+    g.add_argument("--cluster-method", choices=("louvain", "leiden"), default="louvain")
+    g.add_argument("--n-neighbors", type=int, default=39, help="kNN graph size (stMIC paper: 39)")
+    g = p.add_argument_group("image features")
+    g.add_argument("--encoder", default="efficientnet_lite2",
+                   help="image encoder: efficientnet_lite2 (embedded, default) or resnet50 (needs --weights)")
+    g.add_argument("--weights", default=None, metavar="FILE", help="encoder weights file (e.g. torchvision resnet50-*.pth)")
+    g.add_argument("--patch", default="spot",
+                   help="patch side: 'spot' (spot diameter, the paper), pixels (e.g. 224) or micrometres (e.g. 100um)")
+    g.add_argument("--device", default="auto", help="torch device: auto (CUDA when present), cpu, cuda, cuda:1 ...")
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=0, help="random seed (same input + seed = same labels)")
+    g.add_argument("--senca-epochs", type=int, default=None, help="SENCA-st training epochs (paper: 10)")
+    g.add_argument("--force", action="store_true", help="replace an existing output folder")
+    g.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+    g.add_argument("--no-plot", action="store_true", help="skip spatial_domains.png")
+
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("run", help="(being built)")
+    p = sub.add_parser(
+        "run",
+        help="find spatial domains in one section",
+        description=__doc__,
+    )
+    p.add_argument("input", help="Space Ranger outs/ folder, .h5ad file, or legacy ST counts (.tsv[.gz])")
+    p.add_argument("--method", "-m", action="append", choices=METHOD_CHOICES, default=None,
+                   help="method(s) to run; repeat for several (default: stmic, which includes both baselines)")
+    p.add_argument("--out", "-o", required=True, help="output folder (must not exist unless --force)")
+    g = p.add_argument_group("input")
+    g.add_argument("--image", default=None, metavar="FILE",
+                   help="full-resolution H&E (TIFF/BigTIFF/pyramidal, JPEG, PNG)")
+    g.add_argument("--spots", default=None, metavar="FILE", help="legacy ST: spot selection table (*_selection.tsv)")
+    g.add_argument("--labels", default=None, metavar="FILE",
+                   help="annotations: legacy ST *_labeled_coordinates.tsv, or a barcode<TAB>label file for Visium")
+    g.add_argument("--pixel-scale", type=float, default=1.0,
+                   help="legacy ST: factor from the spot table's pixels to the given image's pixels")
+    add_common_options(p)
     p.set_defaults(func=main)
 
 
-def main(args) -> int:
-    from ..errors import StmorphError
+def resolve_methods(chosen: list[str] | None) -> list[str]:
+    from ..tl import METHODS
 
-    msg = "`stmorph run` is not built yet."
-    raise StmorphError(msg)
+    chosen = chosen or ["stmic"]
+    if "all" in chosen:
+        return list(METHODS)
+    out = []
+    for m in chosen:
+        out += ["expression", "image", "stmic"] if m == "stmic" else [m]
+    return [m for m in METHODS if m in out]
+
+
+def read_input(path: str, *, image=None, spots=None, labels=None, pixel_scale: float = 1.0):
+    """Read INPUT by its kind: Space Ranger folder, .h5ad, or legacy ST counts."""
+    from .. import read
+
+    p = Path(path)
+    if not p.exists():
+        raise InputError("no such file or folder", p)
+    if p.is_dir():
+        if spots is not None:
+            raise InputError("--spots is for legacy ST counts files, but INPUT is a folder", p)
+        folder = p / "outs" if (p / "outs").is_dir() and not (p / "filtered_feature_bc_matrix.h5").exists() else p
+        return read.visium(folder, image=image, labels=labels if labels is not None else "auto")
+    name = p.name.lower()
+    if name.endswith(".h5ad"):
+        adata = read.h5ad(p)
+        if image is not None:
+            from .. import _spatial
+
+            _spatial.library(adata).setdefault("metadata", {})["source_image_path"] = str(Path(image).resolve())
+        return adata
+    if name.endswith((".tsv", ".tsv.gz", ".csv", ".csv.gz", ".txt", ".txt.gz")):
+        if spots is None:
+            msg = "a counts table needs --spots (the *_selection.tsv of the same section)"
+            raise InputError(msg, p)
+        return read.legacy_st(p, spots, image=image, pixel_scale=pixel_scale, labels=labels)
+    msg = "unrecognised input: give a Space Ranger outs/ folder, an .h5ad file, or legacy ST counts (.tsv.gz) with --spots"
+    raise InputError(msg, p)
+
+
+def method_options(args) -> dict:
+    senca = {}
+    if args.senca_epochs is not None:
+        senca["epochs"] = args.senca_epochs
+    return {
+        "n_clusters": args.n_clusters,
+        "resolution": args.resolution,
+        "cluster_method": args.cluster_method,
+        "n_neighbors": args.n_neighbors,
+        "encoder": args.encoder,
+        "encoder_weights": args.weights,
+        "patch": int(args.patch) if str(args.patch).isdigit() else args.patch,
+        "device": args.device,
+        "random_state": args.seed,
+        "senca_options": senca,
+    }
+
+
+def execute(adata, methods, out_tmp: Path, options: dict, run_info: dict, *, plot: bool, quiet: bool) -> dict:
+    """Run the methods on ``adata`` and write every output into ``out_tmp``; returns run.json's content."""
+    from .. import tl
+    from .._outputs import write_run_outputs
+
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        seconds = tl.run_methods(adata, methods, progress=not quiet, skip_unavailable=False, **options)
+    t1 = time.perf_counter()
+    image_params = dict(adata.uns.get("X_image", {}).get("params", {})) if "X_image" in adata.uns else {}
+    run_info = {
+        **run_info,
+        "methods": methods,
+        # the image is recorded where the result says it is (metadata), not a temporary path
+        "parameters": {k: v for k, v in options.items() if k != "image"},
+        "n_spots": int(adata.n_obs),
+        "n_genes": int(adata.n_vars),
+        "n_domains": {m: int(adata.obs[m].nunique()) for m in methods},
+        "encoder": image_params,
+        "timings_s": {**run_info.get("timings_s", {}), **adata.uns["stmorph"]["steps_s"], "methods_total": t1 - t0},
+        "methods_s": seconds,
+        "warnings": sorted({str(w.message) for w in caught}),
+    }
+    if "annotation" in adata.obs and adata.obs["annotation"].notna().any():
+        from .. import ev
+
+        run_info["ari"] = {m: ev.ari(adata, m) for m in methods}
+        run_info["nmi"] = {m: ev.nmi(adata, m) for m in methods}
+    t2 = time.perf_counter()
+    write_run_outputs(adata, out_tmp, methods, run_info, plot=plot)
+    run_info["timings_s"]["write_outputs"] = time.perf_counter() - t2
+    return run_info
+
+
+def summary(info: dict, out: Path) -> str:
+    lines = [f"stmorph: {info['n_spots']} spots x {info['n_genes']} genes -> {out}"]
+    for m in info["methods"]:
+        ari = info.get("ari", {}).get(m)
+        extra = f"  ARI {ari:.3f}" if ari is not None else ""
+        lines.append(f"  {m:<11} {info['n_domains'][m]:>3} domains  {info['methods_s'][m]:7.1f} s{extra}")
+    for w in info.get("warnings", []):
+        lines.append(f"  warning: {w}")
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    from .._outputs import atomic_dir, check_writable
+
+    out = Path(args.out)
+    check_writable(out, force=args.force)  # before any work
+    methods = resolve_methods(args.method)
+    t0 = time.perf_counter()
+    adata = read_input(args.input, image=args.image, spots=args.spots, labels=args.labels,
+                       pixel_scale=args.pixel_scale)
+    info = {"command": "stmorph " + " ".join(sys.argv[1:]) if sys.argv else "stmorph run",
+            "input": str(Path(args.input).resolve()), "timings_s": {"read": time.perf_counter() - t0}}
+    from .. import __version__
+
+    info["stmorph_version"] = __version__
+    options = method_options(args)
+    with atomic_dir(out, force=args.force) as tmp:
+        info = execute(adata, methods, tmp, options, info, plot=not args.no_plot, quiet=args.quiet)
+    if not args.quiet:
+        print(summary(info, out))
+    return 0
