@@ -1,0 +1,311 @@
+"""Helpers shared by the readers: checked file access, table parsing, joins, images.
+
+Every problem found in a user's files is raised as :class:`~stmorph.errors.InputError`
+(or :class:`~stmorph.errors.ImageError` for images) naming the file and saying what is
+wrong, on one line, so the command line can print it without a traceback. Nothing
+here ever writes to disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..errors import DependencyError, ImageError, InputError
+
+#: Largest side of the ``hires`` / ``lowres`` images stmorph makes from a full-resolution image
+#: (the sizes Space Ranger uses).
+HIRES_MAX_SIDE = 2000
+LOWRES_MAX_SIDE = 600
+
+
+# --------------------------------------------------------------------------- files and messages
+
+
+def examples(values: Iterable[Any], n: int = 3) -> str:
+    """``'a', 'b', 'c' ...`` for the first ``n`` of ``values`` (for error messages)."""
+    values = list(values)
+    shown = ", ".join(repr(v.item() if isinstance(v, np.generic) else v) for v in values[:n])
+    return shown + (f" ... ({len(values)} in all)" if len(values) > n else "")
+
+
+def require_file(path: str | os.PathLike, what: str, hint: str = "") -> Path:
+    """Return ``path`` as a :class:`~pathlib.Path`, raising InputError when it is not a readable file."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        msg = f"{what} not found" + (f"; {hint}" if hint else ".")
+        raise InputError(msg, p)
+    if not p.is_file():
+        msg = f"{what} is not a file (found a folder or something else)."
+        raise InputError(msg, p)
+    if not os.access(p, os.R_OK):
+        msg = f"{what} is not readable (permission denied)."
+        raise InputError(msg, p)
+    return p
+
+
+def require_dir(path: str | os.PathLike, what: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.exists():
+        msg = f"{what} not found."
+        raise InputError(msg, p)
+    if not p.is_dir():
+        msg = f"{what} must be a folder; got a file."
+        raise InputError(msg, p)
+    return p
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            obj = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        msg = f"{what} is not valid JSON ({exc})."
+        raise InputError(msg, path) from None
+    if not isinstance(obj, dict):
+        msg = f"{what} must hold a JSON object; got {type(obj).__name__}."
+        raise InputError(msg, path)
+    return obj
+
+
+def read_table(path: Path, what: str, **kwargs) -> pd.DataFrame:
+    """``pandas.read_csv`` with parse failures turned into InputError naming the file."""
+    try:
+        df = pd.read_csv(path, **kwargs)
+    except pd.errors.EmptyDataError:
+        msg = f"{what} is empty."
+        raise InputError(msg, path) from None
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError, EOFError, OSError) as exc:
+        # OSError/EOFError: a truncated or corrupt .gz; ValueError: bad dtype conversions.
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        msg = f"{what} cannot be parsed ({text})."
+        raise InputError(msg, path) from None
+    if df.shape[0] == 0:
+        msg = f"{what} has a header but no rows."
+        raise InputError(msg, path)
+    return df
+
+
+def read_parquet(path: Path, what: str) -> pd.DataFrame:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        msg = f'reading {path.name} needs pyarrow: pip install "stmorph[parquet]"'
+        raise DependencyError(msg) from None
+    try:
+        df = pq.read_table(path).to_pandas()
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several unrelated types on corrupt files
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        msg = f"{what} cannot be read as parquet ({text})."
+        raise InputError(msg, path) from None
+    if df.shape[0] == 0:
+        msg = f"{what} has no rows."
+        raise InputError(msg, path)
+    return df
+
+
+def require_columns(df: pd.DataFrame, columns: Sequence[str], path: Path, what: str) -> None:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        msg = (
+            f"{what} lacks column(s) {examples(missing, 10)}; "
+            f"expected {list(columns)}, found {examples(map(str, df.columns), 10)}."
+        )
+        raise InputError(msg, path)
+
+
+def numeric_column(df: pd.DataFrame, column: str, path: Path, what: str, *, integer: bool = False) -> np.ndarray:
+    """Column as float64 (or int64 with ``integer=True``); non-numbers / non-finite values raise InputError."""
+    values = pd.to_numeric(df[column], errors="coerce").to_numpy(dtype=np.float64)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        raw = df[column].to_numpy()[bad]
+        msg = f"{what} column {column!r} has {int(bad.sum())} missing or non-numeric value(s), e.g. {examples(raw)}."
+        raise InputError(msg, path)
+    if integer:
+        if not np.all(values == np.round(values)):
+            raw = df[column].to_numpy()[values != np.round(values)]
+            msg = f"{what} column {column!r} must hold whole numbers; found {examples(raw)}."
+            raise InputError(msg, path)
+        return values.astype(np.int64)
+    return values
+
+
+def check_unique(ids: Sequence, path: Path | None, what: str) -> None:
+    ids = pd.Index(ids)
+    if not ids.is_unique:
+        dup = ids[ids.duplicated()].unique()
+        msg = f"{what} has {len(dup)} duplicated id(s): {examples(dup)}."
+        raise InputError(msg, path)
+
+
+def make_unique(names: Sequence[str]) -> pd.Index:
+    """Unique names as anndata's ``var_names_make_unique`` makes them (``GENE``, ``GENE-1``, ...)."""
+    from anndata.utils import make_index_unique
+
+    return make_index_unique(pd.Index([str(n) for n in names]))
+
+
+def check_matrix(X, path: Path, what: str) -> None:
+    """Raise InputError for an empty matrix, negative or non-finite counts."""
+    n_obs, n_vars = X.shape
+    if n_obs == 0 or n_vars == 0:
+        msg = f"{what} is empty ({n_obs} spots x {n_vars} genes)."
+        raise InputError(msg, path)
+    data = X.data if hasattr(X, "data") and not isinstance(X, np.ndarray) else np.asarray(X)
+    if data.size == 0 or not np.any(data):
+        msg = f"{what} holds no counts (all {n_obs} x {n_vars} entries are zero)."
+        raise InputError(msg, path)
+    if data.dtype.kind == "f" and not np.all(np.isfinite(data)):
+        msg = f"{what} holds {int((~np.isfinite(data)).sum())} non-finite value(s) (NaN or inf); counts must be finite."
+        raise InputError(msg, path)
+    if (data < 0).any():
+        msg = f"{what} holds {int((data < 0).sum())} negative value(s); raw counts must be >= 0."
+        raise InputError(msg, path)
+
+
+# --------------------------------------------------------------------------- spots
+
+
+def spot_diameter_from_spacing(xy: np.ndarray, factor: float = 0.5) -> float:
+    """``factor`` x the median nearest-neighbour distance between spot centres (pixels)."""
+    from scipy.spatial import cKDTree
+
+    xy = np.asarray(xy, dtype=np.float64)
+    if len(xy) < 2:
+        msg = "need at least two spots to derive the spot diameter from their spacing."
+        raise InputError(msg)
+    dist, _ = cKDTree(xy).query(xy, k=2)
+    nn = dist[:, 1]
+    nn = nn[nn > 0]
+    if nn.size == 0:
+        msg = "all spots share the same pixel position; cannot derive the spot diameter."
+        raise InputError(msg)
+    return float(np.median(nn) * factor)
+
+
+def check_spots_in_image(xy: np.ndarray, names: Sequence[str], width: int, height: int, image_path: Path,
+                         hint: str = "") -> None:
+    """Raise InputError when any spot centre lies outside a ``width`` x ``height`` image."""
+    xy = np.asarray(xy, dtype=np.float64)
+    outside = (xy[:, 0] < 0) | (xy[:, 1] < 0) | (xy[:, 0] >= width) | (xy[:, 1] >= height)
+    if outside.any():
+        i = int(np.flatnonzero(outside)[0])
+        msg = (
+            f"{int(outside.sum())} of {len(xy)} spot centres lie outside the {width} x {height} px image, "
+            f"e.g. spot {names[i]!r} at x={xy[i, 0]:.1f}, y={xy[i, 1]:.1f} "
+            f"(spot pixels span x {xy[:, 0].min():.0f}..{xy[:, 0].max():.0f}, y {xy[:, 1].min():.0f}..{xy[:, 1].max():.0f})"
+            + (f"; {hint}" if hint else ".")
+        )
+        raise InputError(msg, image_path)
+
+
+# --------------------------------------------------------------------------- images
+
+
+def open_image(path: str | os.PathLike):
+    """Open a full-resolution image with :func:`stmorph.im.open_slide` (ImageError when unreadable)."""
+    p = require_file(path, "image")
+    from ..im import open_slide
+
+    try:
+        return open_slide(p)
+    except (ImageError, InputError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - any decoder failure means the file is unreadable
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        msg = f"image cannot be read ({text})."
+        raise ImageError(msg, p) from None
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """``(width, height)`` of a full-resolution image, via :func:`stmorph.im.open_slide`."""
+    with open_image(path) as slide:
+        return int(slide.width), int(slide.height)
+
+
+def read_png(path: Path, what: str) -> np.ndarray:
+    """A Space Ranger ``tissue_*_image.png`` as ``uint8`` (H, W, 3); ImageError when unreadable/truncated."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit/float grey: scale by the value range
+                raw = np.asarray(im, dtype=np.float64)
+                top = 65535.0 if im.mode.startswith("I;16") else max(float(raw.max()), 1.0)
+                grey = np.clip(raw / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+                arr = np.repeat(grey[..., None], 3, axis=2)
+            else:
+                arr = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        msg = f"{what} cannot be read or is truncated ({text})."
+        raise ImageError(msg, path) from None
+    return np.ascontiguousarray(arr, dtype=np.uint8)
+
+
+def downsample(slide, max_side: int) -> tuple[np.ndarray, float]:
+    """An RGB ``uint8`` rendering of ``slide`` whose longer side is at most ``max_side``, and its scale."""
+    img, scale = slide.thumbnail(max_side)
+    return np.ascontiguousarray(img, dtype=np.uint8), float(scale)
+
+
+# --------------------------------------------------------------------------- labels
+
+
+def attach_labels(obs: pd.DataFrame, labels: pd.Series, path: Path, key: str = "annotation") -> None:
+    """Put ``labels`` (indexed like ``obs``) into ``obs[key]`` as a categorical, NaN where unlabelled.
+
+    Raises InputError when no label matches any spot (the label file belongs to another section).
+    """
+    labels = labels.astype(object).where(labels.notna(), None)
+    labels = labels.map(lambda v: None if v is None or str(v).strip() in ("", "nan", "NaN", "NA") else str(v).strip())
+    matched = labels.index.intersection(obs.index)
+    if len(matched) == 0:
+        msg = (
+            f"none of the {len(labels)} labelled spots matches a spot of the data "
+            f"(labels e.g. {examples(labels.index)}; spots e.g. {examples(obs.index)})."
+        )
+        raise InputError(msg, path)
+    values = labels.reindex(obs.index)
+    cats = sorted({v for v in values if v is not None and v == v})
+    obs[key] = pd.Categorical(values.where(values.notna(), np.nan), categories=cats)
+
+
+# --------------------------------------------------------------------------- the AnnData
+
+
+def build_anndata(
+    X,
+    obs: pd.DataFrame,
+    var: pd.DataFrame,
+    xy: np.ndarray,
+    *,
+    library_id: str,
+    images: dict[str, np.ndarray],
+    scalefactors: dict[str, float],
+    metadata: dict[str, Any],
+):
+    """Assemble the stmorph data model (see ``docs/ARCHITECTURE.md``)."""
+    import anndata as ad
+    import scipy.sparse as sp
+
+    X = sp.csr_matrix(X, dtype=np.float32)
+    X.sort_indices()
+    adata = ad.AnnData(X=X, obs=obs, var=var)
+    adata.obsm["spatial"] = np.ascontiguousarray(xy, dtype=np.float64)
+    adata.uns["spatial"] = {
+        library_id: {
+            "images": dict(images),
+            "scalefactors": {k: float(v) for k, v in scalefactors.items()},
+            "metadata": dict(metadata),
+        }
+    }
+    return adata

@@ -1,0 +1,77 @@
+"""Reader for ``.h5ad`` files (saved by stmorph, scanpy or squidpy), validated against the data model."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ..errors import InputError
+from . import _common as c
+
+__all__ = ["h5ad", "conform"]
+
+
+def conform(adata):
+    """Bring an AnnData made by scanpy/squidpy to stmorph's conventions, in place, where that is lossless.
+
+    Dense ``X`` becomes CSR; ``obsm["spatial"]`` becomes float64 (scanpy stores integer pixels);
+    ``obs["annotation"]``, when present and not categorical, becomes categorical.
+    Nothing else is invented: what is missing stays missing for :func:`stmorph.validate` to report.
+    """
+    import pandas as pd
+    import scipy.sparse as sp
+
+    X = adata.X
+    if X is not None and not sp.issparse(X) and isinstance(X, np.ndarray) and X.ndim == 2 and X.dtype.kind in "biuf":
+        adata.X = sp.csr_matrix(X)
+    elif sp.issparse(X) and X.format != "csr":
+        adata.X = X.tocsr()
+    if "spatial" in adata.obsm:
+        xy = adata.obsm["spatial"]
+        if isinstance(xy, np.ndarray) and xy.dtype.kind in "biuf" and xy.dtype != np.float64:
+            adata.obsm["spatial"] = xy.astype(np.float64)
+    if "annotation" in adata.obs and not isinstance(adata.obs["annotation"].dtype, pd.CategoricalDtype):
+        adata.obs["annotation"] = adata.obs["annotation"].astype("category")
+    return adata
+
+
+def h5ad(path: str | os.PathLike, *, require_image: bool = False, library_id: str | None = None):
+    """Read an ``.h5ad`` file and check that it follows stmorph's data model.
+
+    Parameters
+    ----------
+    path
+        An ``.h5ad`` written by stmorph, ``scanpy`` (e.g. after ``sc.read_visium``) or ``squidpy``.
+    require_image
+        Also require a full-resolution image source (``metadata["source_image_path"]`` that exists, or an
+        in-memory ``images["fullres"]``).
+    library_id
+        Validate only this library of ``uns["spatial"]``.
+
+    Returns
+    -------
+    The AnnData, with dense ``X`` converted to CSR and ``obsm["spatial"]`` to float64 (see :func:`conform`).
+
+    Raises
+    ------
+    stmorph.InputError
+        The file is missing or not a readable ``.h5ad``, or the object lacks what stmorph needs; the message
+        lists every problem (see :func:`stmorph.validate`).
+    """
+    import anndata as ad
+
+    from .._validate import message, problems
+
+    p = c.require_file(path, ".h5ad file")
+    try:
+        adata = ad.read_h5ad(p)
+    except Exception as exc:  # noqa: BLE001 - h5py/anndata raise many types for corrupt or foreign files
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        msg = f"cannot be read as an .h5ad file; truncated or not written by anndata ({type(exc).__name__}: {text})."
+        raise InputError(msg, p) from None
+    conform(adata)
+    found = problems(adata, require_image=require_image, library_id=library_id)
+    if found:
+        raise InputError(message(found), p)
+    return adata
