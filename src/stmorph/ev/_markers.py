@@ -1,0 +1,162 @@
+"""Marker genes per domain: Wilcoxon rank-sum test of each domain against the rest.
+
+This is scanpy's ``rank_genes_groups(method="wilcoxon")`` (the test Seurat's
+``FindAllMarkers`` uses by default) on log-normalised expression, returned as a
+tidy table.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy import sparse
+
+from ..errors import InputError
+
+__all__ = ["markers", "lognormalized"]
+
+MARKER_COLUMNS = ["gene", "domain", "logfoldchange", "score", "pval", "pval_adj", "pct_in", "pct_out"]
+
+
+def _looks_like_counts(X) -> bool:
+    data = X.data if sparse.issparse(X) else np.asarray(X).ravel()
+    if data.size == 0:
+        return True
+    sample = data[: min(data.size, 200_000)]
+    return bool(np.all(sample >= 0) and np.allclose(sample, np.round(sample)))
+
+
+def lognormalized(adata, *, layer: str | None = None, target_sum: float = 1e4, normalize: bool | str = "auto"):
+    """A new AnnData (same obs/var names) with ``log1p(counts / total * target_sum)`` in ``X``.
+
+    The user's object is never modified. ``normalize="auto"`` normalises only when the matrix looks like
+    counts (non-negative integers); ``False`` takes it as already log-normalised.
+    """
+    import anndata as ad
+
+    X = adata.layers[layer] if layer is not None else adata.X
+    if layer is not None and layer not in adata.layers:
+        msg = f"layer {layer!r} not in adata.layers (have {list(adata.layers)})."
+        raise InputError(msg)
+    X = sparse.csr_matrix(X, dtype=np.float32, copy=True) if sparse.issparse(X) else np.array(X, dtype=np.float32)
+    do_norm = _looks_like_counts(X) if normalize == "auto" else bool(normalize)
+    if do_norm:
+        totals = np.asarray(X.sum(axis=1)).ravel()
+        scale = np.where(totals > 0, target_sum / np.maximum(totals, 1e-12), 0.0).astype(np.float32)
+        if sparse.issparse(X):
+            X = sparse.diags(scale) @ X
+            X = sparse.csr_matrix(X)
+            np.log1p(X.data, out=X.data)
+        else:
+            X = np.log1p(X * scale[:, None])
+    out = ad.AnnData(X=X, obs=pd.DataFrame(index=adata.obs_names.copy()), var=pd.DataFrame(index=adata.var_names.copy()))
+    out.uns["log1p"] = {"base": None}
+    return out
+
+
+def markers(
+    adata,
+    groupby: str,
+    *,
+    groups="all",
+    layer: str | None = None,
+    target_sum: float = 1e4,
+    normalize: bool | str = "auto",
+    n_genes: int | None = None,
+    tie_correct: bool = True,
+    key_added: str = "rank_genes_groups",
+) -> pd.DataFrame:
+    """Marker genes of every domain (Wilcoxon rank-sum test, domain vs the rest).
+
+    Parameters
+    ----------
+    adata
+        Raw counts in ``X`` (or ``layer``); they are log-normalised on a copy, ``X`` is not modified.
+    groupby
+        Column of ``adata.obs`` with the domains. Spots with a missing domain are left out.
+    groups
+        ``"all"`` or a list of domains to test (each against all other spots).
+    layer, target_sum, normalize
+        See :func:`lognormalized`.
+    n_genes
+        Keep only the top ``n_genes`` per domain in the returned table (all genes are tested).
+    tie_correct
+        Tie correction of the Wilcoxon test.
+    key_added
+        ``adata.uns`` key for scanpy's result.
+
+    Returns
+    -------
+    Tidy table with columns ``gene, domain, logfoldchange, score, pval, pval_adj, pct_in, pct_out``
+    (Benjamini-Hochberg adjusted p; ``pct_*`` = fraction of spots with non-zero expression inside/outside
+    the domain), sorted by domain then score (descending).
+
+    Sets the following fields
+    -------------------------
+    ``adata.uns[key_added]``
+        scanpy's ``rank_genes_groups`` result, with ``params`` (groupby, method, normalisation).
+    """
+    import scanpy as sc
+
+    if groupby not in adata.obs:
+        msg = f"groupby {groupby!r} is not a column of adata.obs (columns: {list(adata.obs.columns)})."
+        raise InputError(msg)
+    labels = adata.obs[groupby]
+    keep = labels.notna().to_numpy()
+    if keep.sum() == 0:
+        msg = f"obs[{groupby!r}] has no labelled spot."
+        raise InputError(msg)
+    tmp = lognormalized(adata[keep] if not keep.all() else adata, layer=layer, target_sum=target_sum, normalize=normalize)
+    lab = labels[keep].astype(str)
+    tmp.obs[groupby] = pd.Categorical(lab, categories=sorted(lab.unique(), key=_natural_key))
+    counts = tmp.obs[groupby].value_counts()
+    if len(counts) < 2:
+        msg = f"obs[{groupby!r}] has {len(counts)} domain(s); markers need at least two."
+        raise InputError(msg)
+    if groups != "all":
+        groups = [str(g) for g in groups]
+        missing = [g for g in groups if g not in counts.index]
+        if missing:
+            msg = f"domains {missing} not found in obs[{groupby!r}] (have {list(counts.index)})."
+            raise InputError(msg)
+    single = counts[counts < 2]
+    if len(single):
+        msg = f"domains {list(single.index)} of obs[{groupby!r}] have fewer than 2 spots; the Wilcoxon test needs more."
+        raise InputError(msg)
+    sc.tl.rank_genes_groups(
+        tmp, groupby, groups=groups, method="wilcoxon", pts=True, tie_correct=tie_correct,
+        key_added=key_added, use_raw=False, n_genes=tmp.n_vars,
+    )
+    df = sc.get.rank_genes_groups_df(tmp, group=None, key=key_added)
+    if "group" not in df:  # a single tested group
+        df.insert(0, "group", groups[0] if groups != "all" else counts.index[0])
+    df = df.rename(columns={
+        "group": "domain", "names": "gene", "scores": "score", "logfoldchanges": "logfoldchange",
+        "pvals": "pval", "pvals_adj": "pval_adj", "pct_nz_group": "pct_in", "pct_nz_reference": "pct_out",
+    })
+    for c in MARKER_COLUMNS:
+        if c not in df:
+            df[c] = np.nan
+    df["domain"] = df["domain"].astype(str)
+    df = df[MARKER_COLUMNS]
+    order = {d: i for i, d in enumerate(tmp.obs[groupby].cat.categories)}
+    df = df.assign(_o=df["domain"].map(order)).sort_values(["_o", "score"], ascending=[True, False])
+    df = df.drop(columns="_o").reset_index(drop=True)
+    if n_genes is not None:
+        df = df.groupby("domain", sort=False, group_keys=False).head(int(n_genes)).reset_index(drop=True)
+    res = dict(tmp.uns[key_added])
+    res["params"] = dict(res.get("params", {}))
+    res["params"].update({
+        "groupby": groupby, "method": "wilcoxon", "target_sum": float(target_sum), "layer": layer or "X",
+        "normalize": str(normalize), "tie_correct": bool(tie_correct),
+    })
+    adata.uns[key_added] = res
+    return df
+
+
+def _natural_key(s: str):
+    """Sort "2" before "10"; non-numeric labels alphabetically after numbers."""
+    try:
+        return (0, float(s), "")
+    except ValueError:
+        return (1, 0.0, s)
