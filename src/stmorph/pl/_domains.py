@@ -1,0 +1,133 @@
+"""Domains over the H&E, one panel per ``obs`` key, side by side, with matched colours."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from .. import _spatial
+from ..errors import InputError
+from . import _utils
+from ._colors import MISSING_COLOR, colors_array, domain_colors, label_order
+
+
+def domains(
+    adata,
+    keys: str | Sequence[str],
+    *,
+    library_id: str | None = None,
+    image=True,
+    match_colors: bool = True,
+    ncols: int | None = None,
+    spot_size: float | None = None,
+    title: str | Sequence[str] | None = None,
+    save=None,
+    annotation: str | None = "annotation",
+    show_scores: bool = True,
+    ignore: Sequence[str] = ("undetermined",),
+    alpha: float = 0.9,
+    dpi: int = 120,
+):
+    """Spatial domains of one or more ``obs`` keys side by side over the H&E image.
+
+    Parameters
+    ----------
+    adata
+        Spots in ``obsm["spatial"]`` (full-resolution pixels); image and scalefactors in ``uns["spatial"]``.
+    keys
+        One ``obs`` column or several (e.g. ``["annotation", "stmic", "expression", "image", "senca"]``).
+    library_id
+        Which library of ``uns["spatial"]`` (needed only when there are several).
+    image
+        ``True``: hires, else lowres, else a thumbnail of the full-resolution slide, else none;
+        ``False``: no image; a path or array: that full-resolution image.
+    match_colors
+        Match labels between panels (Hungarian assignment on the contingency table with ``obs[annotation]``
+        when present, else with the first key) so the same region has the same colour.
+    ncols
+        Panels per row (default: all in one row up to 4).
+    spot_size
+        Spot diameter in full-resolution pixels (default: ``spot_diameter_fullres``).
+    title
+        Figure title (str) or one title per panel (list).
+    save
+        Path to write the figure to (PNG/PDF/SVG by extension), written atomically.
+    annotation
+        Ground-truth column used for colour matching and, with ``show_scores``, ARI in panel titles.
+    ignore
+        Labels drawn grey and left out of matching and scoring.
+
+    Returns
+    -------
+    The matplotlib Figure.
+    """
+    plt = _utils.pyplot()
+    keys = [keys] if isinstance(keys, str) else list(keys)
+    if not keys:
+        msg = "keys is empty: pass at least one obs column with domains."
+        raise InputError(msg)
+    missing = [k for k in keys if k not in adata.obs]
+    if missing:
+        msg = f"obs keys {missing} not found (obs columns: {list(adata.obs.columns)})."
+        raise InputError(msg)
+    xy = _spatial.coordinates(adata)
+    img, scale = _utils.background(adata, library_id=library_id, image=image)
+    diameter = _utils.spot_diameter(adata, library_id=library_id, spot_size=spot_size) * scale
+    xy_img = xy * scale
+    has_ann = annotation is not None and annotation in adata.obs
+    ref = annotation if has_ann else keys[0]
+    cmaps = domain_colors(adata, keys, reference=ref if match_colors else None, match=match_colors, ignore=ignore)
+
+    n_lab_max = max(len(label_order(adata.obs[k])) for k in keys)
+    ext = xy_img.max(axis=0) - xy_img.min(axis=0)
+    aspect = float(ext[1] / ext[0]) if ext[0] > 0 else 1.0
+    panel_w = 4.6
+    legend_w = 1.9 if n_lab_max <= 12 else 3.2
+    fig_ncols = min(len(keys), ncols or min(len(keys), 4))
+    nrows = int(np.ceil(len(keys) / fig_ncols))
+    fig, axes = plt.subplots(
+        nrows, fig_ncols, figsize=((panel_w + legend_w) * fig_ncols, max(panel_w * aspect, 3.0) * nrows + 0.6),
+        squeeze=False,
+    )
+    flat = list(axes.ravel())
+    for ax in flat[len(keys):]:
+        ax.axis("off")
+    titles = list(title) if title is not None and not isinstance(title, str) else [None] * len(keys)
+    if len(titles) != len(keys):
+        msg = f"title has {len(titles)} entries for {len(keys)} panels."
+        raise InputError(msg)
+    from matplotlib.lines import Line2D
+
+    for ax, key, t in zip(flat, keys, titles, strict=False):
+        series = adata.obs[key]
+        _utils.setup_axis(ax, img, xy_img, diameter)
+        cols = colors_array(series, cmaps[key])
+        _utils.draw_spots(ax, xy_img, diameter, cols, alpha=alpha if img is not None else 1.0)
+        if t is None:
+            t = key
+            if show_scores and has_ann and key != annotation:
+                try:
+                    from ..ev import ari
+
+                    t = f"{key} (ARI {ari(adata, key, annotation=annotation, ignore=ignore):.2f})"
+                except InputError:
+                    pass
+        ax.set_title(t, fontsize=12)
+        labels = label_order(series)
+        handles = [
+            Line2D([], [], marker="o", linestyle="", markersize=8, markerfacecolor=cmaps[key].get(lab, MISSING_COLOR),
+                   markeredgewidth=0, label=lab)
+            for lab in labels
+        ]
+        if series.isna().any() and key == annotation:
+            handles.append(Line2D([], [], marker="o", linestyle="", markersize=8, markerfacecolor=MISSING_COLOR,
+                                  markeredgewidth=0, label="unlabelled"))
+        ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False, fontsize=9,
+                  ncol=1 if len(handles) <= 16 else 2, handletextpad=0.2, borderaxespad=0.0)
+    if isinstance(title, str):
+        fig.suptitle(title, fontsize=13)
+    fig.tight_layout()
+    _utils.save_figure(fig, save, dpi=dpi)
+    return fig
+

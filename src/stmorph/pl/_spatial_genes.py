@@ -1,0 +1,88 @@
+"""Spatial expression of chosen genes over the H&E (like Seurat's ``SpatialFeaturePlot``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import sparse
+
+from .. import _spatial
+from ..errors import InputError
+from . import _utils
+
+
+def gene_values(adata, genes: Sequence[str], *, layer: str | None = None, normalize: bool | str = "auto",
+                target_sum: float = 1e4) -> np.ndarray:
+    """Log-normalised expression (n_obs, n_genes) of ``genes`` computed from counts; ``adata`` is unchanged."""
+    from ..ev._markers import _looks_like_counts
+
+    missing = [g for g in genes if g not in adata.var_names]
+    if missing:
+        msg = f"genes {missing} not in adata.var_names (e.g. {list(adata.var_names[:5])})."
+        raise InputError(msg)
+    X = adata.layers[layer] if layer is not None else adata.X
+    idx = adata.var_names.get_indexer(list(genes))
+    cols = X[:, idx]
+    cols = cols.toarray() if sparse.issparse(cols) else np.asarray(cols)
+    cols = cols.astype(np.float64)
+    do_norm = _looks_like_counts(X) if normalize == "auto" else bool(normalize)
+    if do_norm:
+        totals = np.asarray(X.sum(axis=1), dtype=np.float64).ravel()
+        cols = np.log1p(cols / np.maximum(totals, 1e-12)[:, None] * target_sum * (totals > 0)[:, None])
+    return cols
+
+
+def spatial(
+    adata,
+    genes: str | Sequence[str],
+    *,
+    library_id: str | None = None,
+    image=True,
+    layer: str | None = None,
+    normalize: bool | str = "auto",
+    cmap: str = "viridis",
+    ncols: int | None = None,
+    spot_size: float | None = None,
+    vmax: str | float | None = "p99",
+    alpha: float = 0.9,
+    save=None,
+    dpi: int = 120,
+):
+    """Spatial expression of genes, one panel per gene, over the H&E image.
+
+    Values are ``log1p(counts / total * 1e4)`` computed on the fly (``normalize="auto"``: only when the matrix
+    holds counts). ``vmax="p99"`` clips the colour scale at the 99th percentile. Other parameters as in
+    :func:`stmorph.pl.domains`.
+
+    Returns
+    -------
+    The matplotlib Figure.
+    """
+    genes = [genes] if isinstance(genes, str) else list(genes)
+    if not genes:
+        msg = "genes is empty."
+        raise InputError(msg)
+    vals = gene_values(adata, genes, layer=layer, normalize=normalize)
+    xy = _spatial.coordinates(adata)
+    img, scale = _utils.background(adata, library_id=library_id, image=image)
+    diameter = _utils.spot_diameter(adata, library_id=library_id, spot_size=spot_size) * scale
+    xy_img = xy * scale
+    fig, axes = _utils.grid(len(genes), ncols, panel=(4.6, 4.2))
+    import matplotlib as mpl
+
+    cm = mpl.colormaps[cmap]
+    for j, (ax, g) in enumerate(zip(axes, genes, strict=True)):
+        v = vals[:, j]
+        hi = float(np.percentile(v, 99)) if vmax == "p99" else (float(vmax) if vmax is not None else float(v.max()))
+        hi = hi if hi > 0 else (float(v.max()) or 1.0)
+        norm = mpl.colors.Normalize(vmin=0.0, vmax=hi)
+        _utils.setup_axis(ax, img, xy_img, diameter)
+        order = np.argsort(v)  # high values drawn last
+        _utils.draw_spots(ax, xy_img[order], diameter, cm(norm(v[order])), alpha=alpha if img is not None else 1.0)
+        ax.set_title(g, fontsize=12, style="italic")
+        sm = mpl.cm.ScalarMappable(norm=norm, cmap=cm)
+        fig.colorbar(sm, ax=ax, fraction=0.04, pad=0.02, label="log1p(norm.)")
+    fig.tight_layout()
+    _utils.save_figure(fig, save, dpi=dpi)
+    return fig
