@@ -1,1 +1,4 @@
 """Images: lazy whole-slide access, spot-centred patches, pretrained encoders, image features."""
+
+from ._patches import PatchBatch, crop_patches, iter_patches, patch_size_px  # noqa: E402
+from ._slide import Slide, open_slide, slide_for  # noqa: E402
