@@ -1,15 +1,105 @@
-"""`stmorph benchmark`."""
+"""``stmorph benchmark --data DIR --methods ... --seeds N --out OUT``: score methods on annotated sections.
+
+Finds every annotated section under DIR (HER2ST layout: ST-cnts/, ST-spotfiles/,
+ST-pat/lbl/, images under ST-imgs/; Space Ranger folders with
+filtered_feature_bc_matrix.h5, spatial/ and labels.tsv), runs each method with
+n_clusters = number of scored labels for each seed, and writes benchmark.csv
+(section, method, seed, ARI, NMI, seconds, ...) and benchmark.md.
+"""
 
 from __future__ import annotations
 
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+from ..errors import InputError
+
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("benchmark", help="(being built)")
+    p = sub.add_parser("benchmark", help="ARI/NMI of every method on every annotated section under a folder",
+                       description=__doc__)
+    p.add_argument("--data", required=True, metavar="DIR", help="folder searched recursively for annotated sections")
+    p.add_argument("--methods", nargs="+", default=["stmic", "expression", "image", "senca"], metavar="METHOD",
+                   help="methods to run (space or comma separated; default: stmic expression image senca)")
+    p.add_argument("--seeds", type=int, default=3, metavar="N", help="seeds 0..N-1 per method (default 3)")
+    p.add_argument("--out", required=True, metavar="OUT", help="folder for benchmark.csv and benchmark.md")
+    p.add_argument("--sections", nargs="+", default=None, metavar="NAME",
+                   help="only sections whose name contains one of these (e.g. her2st/A1 151673)")
+    p.add_argument("--ignore", nargs="*", default=["undetermined"], metavar="LABEL",
+                   help="labels left out of scoring and of the cluster count (default: undetermined)")
+    p.add_argument("--senca-epochs", type=int, default=None, help="SENCA-st training epochs (default: the paper's)")
+    p.add_argument("--device", default="auto", help="torch device for image features and SENCA-st")
+    p.add_argument("--list", action="store_true", help="only list the sections found and exit")
+    p.add_argument("--force", action="store_true", help="overwrite an existing benchmark.csv/benchmark.md")
     p.set_defaults(func=main)
 
 
-def main(args) -> int:
-    from ..errors import StmorphError
+def _methods(values) -> list[str]:
+    from ..tl import METHODS
 
-    msg = "`stmorph benchmark` is not built yet."
-    raise StmorphError(msg)
+    out: list[str] = []
+    for v in values:
+        out += [m.strip() for m in v.split(",") if m.strip()]
+    if "all" in out:
+        out = list(METHODS)
+    unknown = [m for m in out if m not in METHODS]
+    if unknown:
+        msg = f"unknown method(s) {unknown}; choose from {list(METHODS)} or all."
+        raise InputError(msg)
+    return list(dict.fromkeys(out))
+
+
+def machine_description() -> str:
+    import os
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        kb = int(next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal")).split()[1])
+        mem = f", {kb / 1024**2:.0f} GiB RAM"
+    except (OSError, StopIteration, ValueError):
+        pass
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{platform.system()} {platform.machine()}, {cpu}, {n} CPU core(s){mem}, Python {platform.python_version()}"
+
+
+def main(args) -> int:
+    from ..ev import _benchmark as bm
+
+    sections = bm.find_sections(args.data)
+    if args.sections:
+        sections = [s for s in sections if any(o in s.name for o in args.sections)]
+    if args.list:
+        for s in sections:
+            img = "image" if s.image or s.layout == "visium" else "no image"
+            print(f"{s.name}\t{s.layout}\t{img}\t{s.path}")
+        return 0
+    methods = _methods(args.methods)
+    if args.seeds < 1:
+        raise InputError(f"--seeds must be at least 1; got {args.seeds}")
+    options = {"progress": False, "device": args.device}
+    if args.senca_epochs is not None:
+        options["senca_options"] = {"epochs": args.senca_epochs}
+
+    def runner(adata, ms, *, n_clusters, random_state):
+        from ..tl import run_methods
+
+        return run_methods(adata, ms, n_clusters=n_clusters, random_state=random_state, **options)
+
+    command = "stmorph " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["benchmark"] else None
+    df = bm.run_benchmark(sections=sections, methods=methods, seeds=args.seeds, out=args.out, ignore=args.ignore,
+                          runner=runner, force=args.force, command=command, data_dir=args.data,
+                          machine=machine_description())
+    out = Path(args.out)
+    print((out / "benchmark.md").read_text())
+    print(f"wrote {out / 'benchmark.csv'} and {out / 'benchmark.md'}", file=sys.stderr)
+    return 1 if (df["status"] == "failed").any() else 0
