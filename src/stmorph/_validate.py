@@ -113,7 +113,8 @@ def _check_library(lib_id: str, lib: Any, out: list[str], require_image: bool) -
     if not isinstance(meta, dict):
         out.append(f'{where}["metadata"] must be a dict; got {type(meta).__name__}')
         meta = {}
-    if not isinstance(sf, dict):
+    sf_present = isinstance(sf, dict)
+    if not sf_present:
         out.append(f'{where}["scalefactors"] is missing (needs spot_diameter_fullres)')
         sf = {}
     else:
@@ -129,7 +130,7 @@ def _check_library(lib_id: str, lib: Any, out: list[str], require_image: bool) -
                 out.append(f'{where}["images"]["{res}"] is not an image array (shape {img.shape})')
             key = f"tissue_{res}_scalef"
             v = _number(sf.get(key))
-            if v is None or not np.isfinite(v) or v <= 0:
+            if sf_present and (v is None or not np.isfinite(v) or v <= 0):
                 out.append(f'{where}["scalefactors"]["{key}"] is missing or not positive but images["{res}"] is present')
     if "fullres" in images:
         img = np.asarray(images["fullres"])

@@ -57,13 +57,39 @@ def _stem(path: Path) -> str:
     return name
 
 
+def _first_line(path: Path) -> str:
+    import bz2
+    import gzip
+    import lzma
+
+    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(path.suffix, open)
+    try:
+        with opener(path, "rt", encoding="utf-8") as fh:
+            line = fh.readline()
+    except (OSError, EOFError, UnicodeDecodeError, lzma.LZMAError) as exc:
+        msg = f"counts file cannot be parsed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})."
+        raise InputError(msg, path) from None
+    if not line.strip():
+        msg = "counts file is empty."
+        raise InputError(msg, path)
+    return line
+
+
 def read_counts(path: str | os.PathLike):
     """Counts table -> ``(X csr float32 spots x genes, spot x, spot y, gene names)``."""
     import scipy.sparse as sp
 
     path = c.require_file(path, "counts file")
     sep = "," if ".csv" in path.suffixes else "\t"
-    df = c.read_table(path, "counts file", sep=sep, index_col=0)
+    # header read apart: pandas would rename duplicated gene names ("ACTB.1"); anndata's style is wanted
+    names = [v.strip().strip('"') for v in _first_line(path).rstrip("\r\n").split(sep)]
+    df = c.read_table(path, "counts file", sep=sep, header=None, skiprows=1, index_col=0)
+    if len(names) == df.shape[1] + 1:  # the usual layout: an empty (or named) first field above the ids
+        names = names[1:]
+    if len(names) != df.shape[1]:
+        msg = f"counts file header has {len(names)} fields but its rows have {df.shape[1] + 1}."
+        raise InputError(msg, path)
+    df.columns = names
     if df.shape[1] == 0:
         msg = "counts file has a single column; expected spots as rows, genes as columns, tab separated."
         raise InputError(msg, path)

@@ -302,6 +302,7 @@ def visium(
     pos_path = find_positions(spatial_dir)
 
     X, barcodes, var = read_10x_h5(h5)
+    c.check_matrix(X, h5, "count matrix")
     c.check_unique(barcodes, h5, "count matrix barcodes")
     positions = read_positions(pos_path)
 
@@ -328,7 +329,7 @@ def visium(
             msg = f"no spot of {h5.name} is in tissue (in_tissue == 1); pass in_tissue_only=False to keep them all."
             raise InputError(msg, pos_path)
         obs, X = obs.loc[keep], X[np.flatnonzero(keep)]
-    c.check_matrix(X, h5, "count matrix")
+    c.check_matrix(X, h5, "count matrix (in-tissue spots)")
     xy = obs[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(dtype=np.float64)
     obs = obs[["in_tissue", "array_row", "array_col"]].copy()
 
