@@ -1,0 +1,317 @@
+"""Spot image features: a streaming patch -> encoder pipeline.
+
+Producer thread(s) run :func:`~stmorph.im.iter_patches` (decode, crop, resize
+to the encoder's input size, as uint8) into a small bounded queue; the calling
+thread converts each batch to float, normalises it in torch and runs the
+encoder under ``torch.inference_mode`` (BatchNorm folded into the
+convolutions, channels_last), writing rows into a preallocated float32 array by
+spot index. Decoding and cropping therefore overlap with inference, and memory
+is bounded by a few batches whatever the slide size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import threading
+import warnings
+from typing import Any
+
+import numpy as np
+
+from .. import _spatial
+from ..errors import InputError
+from . import _cache
+from ._patches import PatchBatch, iter_patches, patch_size_px
+from ._slide import Slide, slide_for
+from .encoders import Encoder, get_encoder
+
+__all__ = ["features"]
+
+_DONE = object()
+
+
+def n_cores() -> int:
+    """CPU cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def _resolve_device(device: str):
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        msg = f"device={device!r} is not a torch device; use 'auto', 'cpu' or 'cuda[:i]'."
+        raise InputError(msg) from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        msg = "device='cuda' was requested but torch sees no CUDA GPU; use device='auto' or 'cpu'."
+        raise InputError(msg)
+    return dev
+
+
+def _amp_dtype(dev):
+    """Autocast dtype: bf16 (or fp16) on CUDA; None (float32) on CPU."""
+    import torch
+
+    if dev.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _image_identity(slide: Slide) -> str:
+    if slide.path:
+        return _cache.image_identity(path=slide.path)
+    # in-memory image: hash the RGB pixels the patches are cut from
+    return _cache.image_identity(array=slide.read_region(0, 0, slide.width, slide.height))
+
+
+def _bands(xy: np.ndarray, k: int) -> list[np.ndarray]:
+    """Split spot indices into ``k`` horizontal bands of equal count (one per producer)."""
+    order = np.argsort(xy[:, 1], kind="stable")
+    return [b for b in np.array_split(order, k) if len(b)]
+
+
+def extract(
+    slide: Slide,
+    xy: np.ndarray,
+    size: int,
+    enc: Encoder,
+    *,
+    device="cpu",
+    batch_size: int = 32,
+    num_workers: int = 1,
+    progress: bool = True,
+    amp_dtype=None,
+) -> np.ndarray:
+    """Features ``(N, enc.dim)`` float32 of the patches of side ``size`` centred on ``xy``.
+
+    Rows of spots whose patch lies entirely outside the image are NaN. This is
+    the engine behind :func:`features`, usable without an AnnData.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    n = len(xy)
+    out = np.full((n, enc.dim), np.nan, dtype=np.float32)
+    q: queue.Queue = queue.Queue(maxsize=max(2, 2 * num_workers))
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce(rows: np.ndarray) -> None:
+        try:
+            for b in iter_patches(slide, xy[rows], size, out_size=enc.input_size, batch_size=batch_size):
+                if not put(PatchBatch(rows[b.index], b.patches, b.inside)):
+                    return
+        except BaseException as e:  # handed to the consumer, re-raised there
+            put(e)
+        finally:
+            put(_DONE)
+
+    workers = [threading.Thread(target=produce, args=(rows,), daemon=True, name=f"stmorph-patches-{i}")
+               for i, rows in enumerate(_bands(xy, max(1, num_workers)))]
+    autocast = (torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype is not None
+                else contextlib.nullcontext())
+    bar = tqdm(total=n, desc=f"features ({enc.name})", unit="patch", disable=not progress, smoothing=0.1)
+    for w in workers:
+        w.start()
+    try:
+        with torch.inference_mode(), autocast:
+            running = len(workers)
+            while running:
+                item = q.get()
+                if item is _DONE:
+                    running -= 1
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                keep = item.inside > 0  # entirely-outside patches are pure fill: leave their rows NaN
+                if keep.any():
+                    x = enc.preprocess(item.patches[keep] if not keep.all() else item.patches)  # (B, 3, S, S)
+                    y = enc(x)  # (B, dim)
+                    out[item.index[keep]] = y.float().cpu().numpy()
+                bar.update(len(item.index))
+    finally:
+        stop.set()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                q.get_nowait()
+        for w in workers:
+            w.join(timeout=5)
+        bar.close()
+    return out
+
+
+def features(
+    adata,
+    encoder: str | Encoder | Any = "efficientnet_lite2",
+    *,
+    patch="spot",
+    image=None,
+    weights=None,
+    device: str = "auto",
+    batch_size: int | None = None,
+    num_workers: int | None = None,
+    key_added: str = "X_image",
+    cache: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    library_id: str | None = None,
+    copy: bool = False,
+):
+    """Image features of every spot from a pretrained encoder.
+
+    Crops a square patch around each spot from the full-resolution image,
+    resizes it to the encoder's input, normalises it and runs the encoder in
+    batches; cropping overlaps with inference (see the module docstring).
+
+    Parameters
+    ----------
+    adata
+        AnnData with ``obsm["spatial"]`` (full-resolution pixels, x = column)
+        and ``uns["spatial"]`` (see ``docs/ARCHITECTURE.md``).
+    encoder
+        ``"efficientnet_lite2"`` (default, 1280-d), ``"resnet50"`` (2048-d,
+        stMIC's encoder; needs a weights file), any name registered with
+        :func:`stmorph.im.encoders.register_encoder`, or an
+        :class:`~stmorph.im.encoders.Encoder` (wrap a ``torch.nn.Module`` with
+        :func:`stmorph.im.encoders.get_encoder`).
+    patch
+        Patch side: ``"spot"`` (the spot diameter), ``"1.5spot"``, pixels
+        (``224`` or ``"224px"``) or micrometres (``"100um"``); see
+        :func:`stmorph.im.patch_size_px`.
+    image
+        Full-resolution image (path, array or Slide); default: the source image
+        path in ``uns["spatial"][library_id]["metadata"]``, else the in-memory
+        ``images["fullres"]``.
+    weights
+        Weights file for a registered encoder (default: the encoder's own lookup).
+    device
+        ``"auto"``: CUDA when available (with bf16/fp16 autocast), else CPU using
+        all available cores. Or ``"cpu"``, ``"cuda"``, ``"cuda:1"``.
+    batch_size
+        Patches per forward pass; default 32 on CPU, 128 on CUDA.
+    num_workers
+        Patch-producing threads; default 1 on CPU (inference needs the cores),
+        up to 4 with CUDA.
+    key_added
+        ``obsm`` key of the features and ``uns`` key of the parameters.
+    cache
+        Reuse/store features in ``cache_dir``, keyed by (image, coordinates,
+        patch size, encoder, weights hash, input size, preprocessing); any change
+        to one of them recomputes. ``False`` always recomputes and writes nothing.
+    cache_dir
+        Default ``$STMORPH_CACHE_DIR`` or ``~/.cache/stmorph/features``.
+    progress
+        Show a progress bar.
+    library_id
+        Library in ``uns["spatial"]`` when there are several.
+    copy
+        Return a modified copy instead of writing into ``adata``.
+
+    Returns
+    -------
+    The AnnData when ``copy=True``, else None.
+
+    Notes
+    -----
+    A spot whose patch lies entirely outside the image has no image content:
+    its row is NaN (never features of the fill colour), a warning gives the
+    count, and ``params["n_outside"]`` records it. Downstream steps must drop or
+    impute those rows (``tl.image_embedding`` does). Patches crossing the
+    border are padded with white and computed; ``params["n_border"]`` counts them.
+
+    Sets the following fields
+    -------------------------
+    ``adata.obsm[key_added]``
+        float32 ``(n_obs, dim)``, rows aligned to ``obs_names``.
+    ``adata.uns[key_added]["params"]``
+        ``encoder``, ``weights_sha256``, ``patch_size_px``, ``input_size``,
+        ``preprocessing``, ``device``, ``dtype``, ``batch_size``, ``n_outside``,
+        ``n_border``, ``image``, ``library_id``, ``cache_key``, ``from_cache``.
+    """
+    import torch
+
+    adata = adata.copy() if copy else adata
+    if adata.n_obs == 0:
+        raise InputError("adata has no spots (n_obs == 0); nothing to extract features for.")
+    lib = _spatial.library_id(adata, library_id) if "spatial" in adata.uns or image is None else library_id
+    xy = _spatial.coordinates(adata)
+    size = patch_size_px(adata, patch, library_id=lib)
+    if isinstance(encoder, torch.nn.Module):
+        msg = ("a torch.nn.Module needs its input size and normalisation: pass "
+               "encoder=stmorph.im.encoders.get_encoder(module, input_size=..., mean=..., std=...).")
+        raise InputError(msg)
+    dev = _resolve_device(device)
+    enc = get_encoder(encoder, weights)
+    if enc.weights_sha256 is None:
+        enc.weights_sha256 = "module:" + _cache.module_sha256(enc.model)
+    amp = _amp_dtype(dev)
+    batch_size = int(batch_size or (128 if dev.type == "cuda" else 32))
+    num_workers = int(num_workers or (min(4, n_cores()) if dev.type == "cuda" else 1))
+    if batch_size < 1 or num_workers < 1:
+        raise InputError(f"batch_size and num_workers must be >= 1; got {batch_size}, {num_workers}.")
+
+    own = not isinstance(image, Slide)
+    slide = slide_for(adata, image=image, library_id=lib)
+    try:
+        image_id = _image_identity(slide)
+        key = _cache.make_key(image=image_id, xy=xy, patch_size_px=size, encoder=enc.params())
+        cdir = cache_dir if cache_dir is not None else _cache.default_dir()
+        feats = _cache.load(cdir, key, (adata.n_obs, enc.dim)) if cache else None
+        from_cache = feats is not None
+        if feats is None:
+            enc.to(dev)
+            threads = torch.get_num_threads()
+            if dev.type == "cpu":
+                torch.set_num_threads(n_cores())
+            try:
+                feats = extract(slide, xy, size, enc, device=dev, batch_size=batch_size,
+                                num_workers=num_workers, progress=progress, amp_dtype=amp)
+            finally:
+                torch.set_num_threads(threads)
+            if cache:
+                _cache.save(cdir, key, feats)
+        width, height = slide.width, slide.height
+    finally:
+        if own:
+            slide.close()
+
+    origin = np.ceil(xy - size / 2)
+    n_border = int(((origin < 0) | (origin + size > np.array([width, height]))).any(axis=1).sum())
+    n_outside = int(np.isnan(feats).all(axis=1).sum())
+    if n_outside:
+        msg = (f"{n_outside} of {adata.n_obs} spots have patches entirely outside the {width} x {height} image; "
+               f"their obsm[{key_added!r}] rows are NaN (check obsm['spatial'] is in full-resolution pixels).")
+        warnings.warn(msg, UserWarning, stacklevel=2)
+    adata.obsm[key_added] = feats
+    params = enc.params()
+    params.update(
+        patch_size_px=int(size),
+        patch=str(patch),
+        device=str(dev),
+        dtype=str(amp).replace("torch.", "") if amp is not None else "float32",
+        batch_size=batch_size,
+        n_outside=n_outside,
+        n_border=n_border,
+        image=image_id.split("|")[0] if image_id.startswith("file:") else "in-memory",
+        library_id=str(lib) if lib is not None else "",
+        cache_key=key,
+        from_cache=bool(from_cache),
+    )
+    adata.uns[key_added] = {"params": params}
+    return adata if copy else None
