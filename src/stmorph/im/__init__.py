@@ -2,3 +2,6 @@
 
 from ._patches import PatchBatch, crop_patches, iter_patches, patch_size_px  # noqa: E402
 from ._slide import Slide, open_slide, slide_for  # noqa: E402
+from . import encoders  # noqa: E402
+from ._features import features  # noqa: E402
+from .encoders import get_encoder, list_encoders, register_encoder  # noqa: E402
