@@ -57,6 +57,8 @@ __all__ = ["Slide", "open_slide", "slide_for", "MAX_PIL_PIXELS"]
 MAX_PIL_PIXELS = 2**31
 #: Default byte budget of a slide's decoded-tile cache.
 DEFAULT_CACHE_BYTES = 256 * 2**20
+#: Bytes of decoded rows a thumbnail reads at a time.
+_THUMB_BAND_BYTES = 32 * 2**20
 #: Tile grid assumed for in-memory images (to order spot visits).
 _ARRAY_TILE = 512
 
@@ -147,7 +149,7 @@ class _Level:
     width: int
     tile: tuple[int, int]  # (tile height, tile width) of the storage grid, used to order reads
 
-    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:  # pragma: no cover - interface
+    def read(self, y0: int, y1: int, x0: int, x1: int, cache: bool = True) -> np.ndarray:  # pragma: no cover
         raise NotImplementedError
 
     def close(self) -> None:
@@ -163,7 +165,7 @@ class _ArrayLevel(_Level):
         self.height, self.width = array.shape[:2]
         self.tile = tile or (_ARRAY_TILE, _ARRAY_TILE)
 
-    def read(self, y0, y1, x0, x1):
+    def read(self, y0, y1, x0, x1, cache=True):
         return self.convert(np.asarray(self.array[y0:y1, x0:x1]))
 
     def close(self):
@@ -177,7 +179,7 @@ class _SeparateMemmapLevel(_ArrayLevel):
         super().__init__(array, convert)
         self.height, self.width = array.shape[1:3]
 
-    def read(self, y0, y1, x0, x1):
+    def read(self, y0, y1, x0, x1, cache=True):
         return self.convert(np.moveaxis(np.asarray(self.array[:, y0:y1, x0:x1]), 0, -1))
 
 
@@ -282,25 +284,26 @@ class _TiffSegmentLevel(_Level):
             self.n_decoded += 1
         return out
 
-    def read(self, y0, y1, x0, x1):
+    def read(self, y0, y1, x0, x1, cache=True):
         th, tw = self.tile
         r0, r1 = y0 // th, (y1 - 1) // th
         c0, c1 = x0 // tw, (x1 - 1) // tw
-        cache = self.slide._cache
+        store = self.slide._cache
         tiles: dict[int, np.ndarray] = {}
         missing = []
         for r in range(r0, r1 + 1):
             for c in range(c0, c1 + 1):
                 t = r * self.n_cols + c
-                a = cache.get((self.key, t))
+                a = store.get((self.key, t))
                 if a is None:
                     missing.append(t)
                 else:
                     tiles[t] = a
         if missing:
             decoded = self._decode_tiles(missing)
-            for t, a in decoded.items():
-                cache.put((self.key, t), a)
+            if cache:
+                for t, a in decoded.items():
+                    store.put((self.key, t), a)
             tiles.update(decoded)
         if len(tiles) == 1:
             (t, a), = tiles.items()
@@ -336,7 +339,7 @@ class _ZarrLevel(_Level):
         self.height, self.width = int(shape[axes.index("Y")]), int(shape[axes.index("X")])
         self.tile = tile
 
-    def read(self, y0, y1, x0, x1):
+    def read(self, y0, y1, x0, x1, cache=True):
         sel = tuple(slice(y0, y1) if i == "Y" else slice(x0, x1) if i == "X" else slice(None) if i == "C" else i
                     for i in self.index)
         with self.lock:
@@ -375,7 +378,7 @@ class _PilLevel(_ArrayLevel):
                 self.array, self.convert = arr, convert
         return self.array
 
-    def read(self, y0, y1, x0, x1):
+    def read(self, y0, y1, x0, x1, cache=True):
         self._load()
         return super().read(y0, y1, x0, x1)
 
@@ -541,11 +544,22 @@ def _tiff_converter(page, path) -> _ToRGB8:
     return _ToRGB8(page.dtype, samples, bits=bits, photometric=int(page.photometric), colormap=colormap, path=path)
 
 
+def _main_series(tif):
+    """The image series with the largest Y x X (the slide itself, not a label, macro or thumbnail)."""
+    def area(series):
+        axes, shape = series.axes, series.shape
+        if "Y" not in axes or "X" not in axes:
+            return -1
+        return int(shape[axes.index("Y")]) * int(shape[axes.index("X")])
+
+    return max(tif.series, key=area)  # max keeps the first of equals: series[0] wins ties
+
+
 def _tiff_levels(slide: Slide, tif, path: str, lock) -> list[_Level]:
     if not tif.series:
         msg = "TIFF file contains no image."
         raise ImageError(msg, path)
-    series = tif.series[0]
+    series = _main_series(tif)
     size = os.path.getsize(path)
     levels: list[_Level] = []
     for k, lev in enumerate(series.levels):
@@ -596,6 +610,31 @@ def _tiff_levels(slide: Slide, tif, path: str, lock) -> list[_Level]:
     return levels
 
 
+def _reduce_level(lv: _Level, f: int, Image) -> np.ndarray:
+    """Whole level area-averaged by an integer factor ``f``, streamed along tile rows.
+
+    Reads bands of whole tile rows (about 32 MB) without filling the tile cache,
+    carries the rows left over when a band is not a multiple of ``f`` into the
+    next band, so the result equals ``Image.reduce(f)`` of the whole level while
+    only one band is in memory.
+    """
+    th = lv.tile[0]
+    step = th * max(1, _THUMB_BAND_BYTES // (3 * lv.width * th))
+    parts = []
+    carry = None
+    for y0 in range(0, lv.height, step):
+        y1 = min(lv.height, y0 + step)
+        a = lv.read(y0, y1, 0, lv.width, cache=False)
+        if carry is not None:
+            a = np.concatenate([carry, a], axis=0)
+        m = len(a) if y1 == lv.height else (len(a) // f) * f
+        if m:
+            im = Image.fromarray(np.ascontiguousarray(a[:m]))
+            parts.append(np.asarray(im.reduce(f) if f > 1 else im))
+        carry = a[m:] if m < len(a) else None
+    return np.concatenate(parts, axis=0)
+
+
 # --------------------------------------------------------------------------- Slide
 class Slide:
     """A lazily read whole-slide image; use :func:`open_slide` to create one.
@@ -621,6 +660,23 @@ class Slide:
         self._cache = _TileCache(cache_bytes)
         self._closer = closer
         self._closed = False
+        self._base_level = 0
+
+    def __reduce__(self):
+        # picklable (e.g. for DataLoader worker processes): a file-backed slide reopens its file
+        if self.path is not None:
+            return (open_slide, (self.path,), {"_base_level": self._base_level, "_cache_bytes": self._cache.max_bytes})
+        return (open_slide, (self._levels[0].array,))
+
+    def __setstate__(self, state):
+        # state of a reopened slide: select the same base level and cache budget
+        level, cache_bytes = state["_base_level"], state["_cache_bytes"]
+        self._cache = _TileCache(cache_bytes)
+        if level:
+            for lv in self._levels[:level]:
+                lv.close()
+            self._levels = self._levels[level:]
+            self._base_level = level
 
     # geometry --------------------------------------------------------------
     @property
@@ -716,15 +772,7 @@ class Slide:
         lv = self._levels[k]
         thumb = lv.thumbnail(max_side) if isinstance(lv, _PilLevel) else None
         if thumb is None:
-            f = max(1, max(lv.width, lv.height) // max_side)
-            rows = max(1, (64 * 2**20) // (3 * lv.width))  # ~64 MB of decoded rows per band
-            band = f * max(1, rows // f)  # a multiple of f, so bands reduce without seams
-            parts = []
-            for y0 in range(0, lv.height, band):
-                a = lv.read(y0, min(lv.height, y0 + band), 0, lv.width)
-                im = Image.fromarray(np.ascontiguousarray(a))
-                parts.append(np.asarray(im.reduce(f) if f > 1 else im))
-            thumb = _shrink_to(np.concatenate(parts, axis=0), max_side, Image)
+            thumb = _shrink_to(_reduce_level(lv, max(1, max(lv.width, lv.height) // max_side), Image), max_side, Image)
         return thumb, thumb.shape[1] / self.width
 
     def cache_info(self) -> dict[str, int]:
@@ -842,6 +890,7 @@ def open_slide(source: str | os.PathLike | np.ndarray, *, level: int = 0,
         for lv in slide._levels[:level]:
             lv.close()
         slide._levels = slide._levels[level:]
+        slide._base_level = level
     return slide
 
 
@@ -865,7 +914,7 @@ def _open_tiff(path: str, cache_bytes: int) -> Slide:
         msg = f"cannot read TIFF structure: {type(e).__name__}: {e}"
         raise ImageError(msg, path) from e
     slide._levels = levels
-    slide.dtype = np.dtype(tif.series[0].dtype)
+    slide.dtype = np.dtype(_main_series(tif).dtype)
     return slide
 
 
