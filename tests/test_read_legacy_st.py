@@ -121,6 +121,12 @@ def test_join_on_array_coordinates(section):
     st.validate(adata)
 
 
+def test_spot_diameter_from_a_single_row(tmp_path):
+    s = write_section(tmp_path / "S1", nx=6, ny=1, image=False)  # array pitch undefined: nearest neighbours
+    adata = st.read.legacy_st(s["counts"], s["spots"])
+    assert adata.uns["spatial"]["S1"]["scalefactors"]["spot_diameter_fullres"] == pytest.approx(SPACING / 2, rel=0.05)
+
+
 def test_genes_by_spots_orientation(tmp_path):
     s = write_section(tmp_path / "S1", transpose=True, image=False)
     adata = st.read.legacy_st(s["counts"], s["spots"])
@@ -304,7 +310,7 @@ def test_her2st_a1_with_image_and_labels():
     lib = adata.uns["spatial"]["A1"]
     assert lib["metadata"]["source_image_path"] == str(image.resolve())
     # ~63 px between centres in the 2000 px rendering (README): diameter about 31 px
-    assert 25 < lib["scalefactors"]["spot_diameter_fullres"] < 35
+    assert 30 < lib["scalefactors"]["spot_diameter_fullres"] < 33
     xy = adata.obsm["spatial"]
     assert xy[:, 0].max() < 2000 and xy[:, 1].max() < 2138 and xy.min() > 0
     ann = adata.obs["annotation"]
@@ -329,7 +335,7 @@ def test_her2st_b1_without_image():
     assert adata.shape == (295, 15109)
     lib = adata.uns["spatial"]["B1"]
     assert lib["metadata"]["source_image_path"] is None and lib["images"] == {}
-    assert lib["scalefactors"]["spot_diameter_fullres"] > 0
+    assert 140 < lib["scalefactors"]["spot_diameter_fullres"] < 150  # full-resolution pixels, ~145 px
     assert adata.obs["annotation"].notna().all() and (adata.obs["annotation"] == "undetermined").sum() == 26
     st.validate(adata)
     with pytest.raises(InputError, match="no full-resolution image"):

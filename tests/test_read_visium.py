@@ -279,7 +279,7 @@ def test_positions_wrong_column_count(outs):
     f = folder / "spatial" / "tissue_positions_list.csv"
     pd.read_csv(f, header=None).iloc[:, :5].to_csv(f, header=False, index=False)
     text = read_err(InputError, folder)
-    assert str(f) in text and "5 columns" in text
+    assert str(f) in text and "5 column(s)" in text
 
 
 def test_positions_non_numeric(tmp_path):

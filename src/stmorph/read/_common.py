@@ -190,6 +190,24 @@ def spot_diameter_from_spacing(xy: np.ndarray, factor: float = 0.5) -> float:
     return float(np.median(nn) * factor)
 
 
+def array_pitch(xy: np.ndarray, array_col: np.ndarray, array_row: np.ndarray) -> float | None:
+    """Pixels per array step, from a least-squares affine fit ``pixel ~ (array_col, array_row)``.
+
+    The mean length of the two fitted step vectors (rotation-invariant). Unlike the nearest-neighbour
+    distance, which takes the smallest of four jittered neighbours and so runs short, it uses every spot.
+    None when the array coordinates do not span two dimensions.
+    """
+    xy = np.asarray(xy, dtype=np.float64)
+    A = np.column_stack([np.asarray(array_col, np.float64), np.asarray(array_row, np.float64), np.ones(len(xy))])
+    if len(xy) < 4 or np.linalg.matrix_rank(A) < 3:
+        return None
+    coef, *_ = np.linalg.lstsq(A, xy, rcond=None)  # (3, 2): rows = d/dcol, d/drow, offset
+    steps = np.linalg.norm(coef[:2], axis=1)
+    if not np.all(np.isfinite(steps)) or np.any(steps <= 0):
+        return None
+    return float(steps.mean())
+
+
 def check_spots_in_image(xy: np.ndarray, names: Sequence[str], width: int, height: int, image_path: Path,
                          hint: str = "") -> None:
     """Raise InputError when any spot centre lies outside a ``width`` x ``height`` image."""

@@ -177,7 +177,7 @@ def read_positions(path: str | os.PathLike) -> pd.DataFrame:
             df.columns = list(POSITIONS_COLUMNS)
         else:
             msg = (
-                f"{what} has {df.shape[1]} columns and no header; expected {len(POSITIONS_COLUMNS)} columns "
+                f"{what} has {df.shape[1]} column(s) and no header; expected {len(POSITIONS_COLUMNS)} columns "
                 f"({', '.join(POSITIONS_COLUMNS)}) or a header row naming them."
             )
             raise InputError(msg, path)
