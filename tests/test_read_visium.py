@@ -375,6 +375,9 @@ def test_h5_problems(outs):
     text = read_err(InputError, folder)
     assert "HDF5" in text and str(h5) in text
 
+    write_10x_h5(h5, sp.csr_matrix(counts), pos.barcode, ids, ids, drop=("matrix/features/name",))
+    assert list(st.read.visium(folder).var_names) == ids  # no names: ids as var_names
+
     write_10x_h5(h5, sp.csr_matrix(counts), pos.barcode, ids, ids, types=["Antibody Capture"] * N_GENES)
     assert "Gene Expression" in read_err(InputError, folder)
 
@@ -449,3 +452,25 @@ def test_dlpfc_151673():
     xy = adata.obsm["spatial"] * lib["scalefactors"]["tissue_lowres_scalef"]
     assert xy.min() > 0 and xy.max() < 600
     st.validate(adata)
+
+
+def test_gene_expression_features_only(outs):
+    folder, pos, counts = outs
+    ids = [f"ENSG{i:011d}" for i in range(N_GENES)]
+    types = ["Gene Expression"] * (N_GENES - 2) + ["Antibody Capture"] * 2
+    write_10x_h5(folder / "filtered_feature_bc_matrix.h5", sp.csr_matrix(counts), pos.barcode, ids, ids, types=types)
+    adata = st.read.visium(folder)
+    assert adata.n_vars == N_GENES - 2 and (adata.var["feature_types"] == "Gene Expression").all()
+    np.testing.assert_array_equal(adata.X.toarray(), counts[:, : N_GENES - 2])
+
+
+def test_inconsistent_h5(outs):
+    folder, pos, counts = outs
+    ids = [f"ENSG{i:011d}" for i in range(N_GENES)]
+    h5 = folder / "filtered_feature_bc_matrix.h5"
+    write_10x_h5(h5, sp.csr_matrix(counts), pos.barcode, ids, ids)
+    with h5py.File(h5, "a") as f:
+        del f["matrix/barcodes"]
+        f["matrix/barcodes"] = np.array(pos.barcode[:-1], dtype="S")
+    text = read_err(InputError, folder)
+    assert "'matrix/barcodes' has 29 entries but shape says 30 barcodes" in text and str(h5) in text

@@ -76,8 +76,9 @@ def read_10x_h5(path: str | os.PathLike, *, gene_expression_only: bool = True):
     with f:
         if "matrix" in f:  # v3
             grp = "matrix"
-            names = _strings(_dataset(f, "matrix/features/name", path))
             ids = _strings(_dataset(f, "matrix/features/id", path))
+            # symbols where present; some writers store ids only
+            names = _strings(_dataset(f, "matrix/features/name", path)) if "matrix/features/name" in f else ids
             types = _strings(_dataset(f, "matrix/features/feature_type", path))
             genome = _strings(f["matrix/features/genome"][()]) if "matrix/features/genome" in f else None
         else:  # v2: one group per genome
