@@ -87,13 +87,16 @@ def write_slide(path: str, side: int, tile: int, compression: str, seed: int = 0
 
 
 def visium_grid(side: int, diameter: float) -> np.ndarray:
-    """Hexagonal grid of spot centres (x, y) covering the image, Visium proportions (55 um spots, 100 um apart)."""
+    """Hexagonal grid of spot centres (x, y) over the whole image, Visium proportions (55 um spots, 100 um apart).
+
+    The grid starts a quarter pitch from the edges, so the outer spots' patches cross the border (padded, flagged).
+    """
     pitch = diameter * 100 / 55
     dy = pitch * math.sqrt(3) / 2
-    ys = np.arange(pitch / 2, side - pitch / 4, dy)
+    ys = np.arange(pitch / 4, side, dy)
     pts = []
     for i, y in enumerate(ys):
-        xs = np.arange(pitch / 2 + (pitch / 2 if i % 2 else 0), side - pitch / 4, pitch)
+        xs = np.arange(pitch / 4 + (pitch / 2 if i % 2 else 0), side, pitch)
         pts.append(np.column_stack([xs, np.full(len(xs), y)]))
     return np.concatenate(pts)
 

@@ -146,6 +146,18 @@ def test_grayscale_rgba_uint16_conversion(tmp_path):
         r = s.read_region(0, 0, 64, 64)
     np.testing.assert_array_equal(r[:32], rgba[:32, :, :3])  # opaque: colour kept
     assert (r[32:] == 255).all()  # transparent: white
+    # associated (premultiplied) alpha, and an unspecified extra sample (dropped, not composited)
+    pre = rgba.copy()
+    pre[..., 3] = 100
+    pre[..., :3] = (pre[..., :3] * (100 / 255)).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "pre.tif", pre, photometric="rgb", extrasamples=["assocalpha"])
+    with open_slide(tmp_path / "pre.tif") as s:
+        r = s.read_region(0, 0, 64, 64)
+    expect = np.round(pre[..., :3] + 255 * (1 - 100 / 255)).astype(np.uint8)
+    assert np.abs(r.astype(int) - expect).max() <= 1
+    tifffile.imwrite(tmp_path / "x.tif", pre, photometric="rgb", extrasamples=["unspecified"])
+    with open_slide(tmp_path / "x.tif") as s:
+        np.testing.assert_array_equal(s.read_region(0, 0, 64, 64), pre[..., :3])
     half = rgba.copy()
     half[..., 3] = 128
     expect = np.round(half[..., :3] * (128 / 255) + 255 * (1 - 128 / 255)).astype(np.uint8)
@@ -166,7 +178,13 @@ def test_grayscale_rgba_uint16_conversion(tmp_path):
     np.testing.assert_array_equal(r, np.round(u12 / 4095 * 255).astype(np.uint8))
 
 
-def test_minisWhite_and_palette(tmp_path):
+def test_minisWhite_palette_bilevel(tmp_path):
+    bits = np.zeros((8, 8), bool)
+    bits[:4] = True
+    tifffile.imwrite(tmp_path / "b.tif", bits, photometric="minisblack")
+    with open_slide(tmp_path / "b.tif") as s:
+        r = s.read_region(0, 0, 8, 8)
+    assert (r[:4] == 255).all() and (r[4:] == 0).all()
     g = np.arange(256, dtype=np.uint8).reshape(16, 16)
     tifffile.imwrite(tmp_path / "w.tif", g, photometric="miniswhite")
     with open_slide(tmp_path / "w.tif") as s:

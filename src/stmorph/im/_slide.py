@@ -75,10 +75,12 @@ class _ToRGB8:
     """
 
     def __init__(self, dtype, samples: int, *, bits: int | None = None, photometric: int | None = None,
-                 colormap: np.ndarray | None = None, float_scale: float | None = None, path=None):
+                 colormap: np.ndarray | None = None, float_scale: float | None = None, alpha: str = "unassoc",
+                 path=None):
         dtype = np.dtype(dtype)
         self.dtype = dtype
         self.samples = samples
+        self.alpha = alpha  # last sample of gray+alpha / RGBA: "unassoc", "assoc" (premultiplied) or "none" (drop)
         self.invert = photometric == 0  # MinIsWhite
         self.lut = None
         if samples not in (1, 2, 3, 4):
@@ -129,9 +131,13 @@ class _ToRGB8:
         if n in (2, 4):  # composite on white
             alpha = a[:, :, n - 1]
             color = a[:, :, : n - 1]
-            if alpha.min() < 255:
+            if self.alpha != "none" and alpha.min() < 255:
                 af = alpha.astype(np.float32)[:, :, None] * np.float32(1 / 255)
-                color = (color.astype(np.float32) * af + np.float32(255) * (1 - af) + np.float32(0.5)).astype(np.uint8)
+                cf = color.astype(np.float32)
+                if self.alpha == "unassoc":
+                    cf *= af
+                cf += np.float32(255) * (1 - af) + np.float32(0.5)
+                color = np.clip(cf, 0, 255).astype(np.uint8)
             a = color
             n -= 1
         if self.invert:
@@ -541,7 +547,10 @@ def _tiff_converter(page, path) -> _ToRGB8:
         raise ImageError(msg, path)
     bits = page.bitspersample if isinstance(page.bitspersample, int) else None
     colormap = page.colormap if page.photometric == 3 else None
-    return _ToRGB8(page.dtype, samples, bits=bits, photometric=int(page.photometric), colormap=colormap, path=path)
+    extra = tuple(int(e) for e in (page.extrasamples or ()))
+    alpha = {0: "none", 1: "assoc"}.get(extra[0], "unassoc") if extra else "unassoc"
+    return _ToRGB8(page.dtype, samples, bits=bits, photometric=int(page.photometric), colormap=colormap,
+                   alpha=alpha, path=path)
 
 
 def _main_series(tif):
