@@ -1,0 +1,94 @@
+"""SENCA-st hyper-parameters, in one dataclass.
+
+Defaults are the paper's (section 4.1.1: 500 highly variable genes, 128-d RNA
+and image embeddings, 256 hidden units in the graph transformer, 4 spatial
+neighbours, lambda = 40, dropout 0.2, Adam with lr 5e-4 for 10 epochs).
+Every field the paper leaves open is marked *choice* and explained in
+``docs/senca.md``; each can be overridden per call
+(``stmorph.tl.senca(adata, 7, epochs=20)``) or by passing a whole config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+
+@dataclass(frozen=True)
+class SencaConfig:
+    # ---- pre-processing (paper 3.1) -------------------------------------------------
+    min_gene_counts: int = 10  #: drop genes whose total count is below this (paper: 10)
+    target_sum: float | None = 1e4  #: normalize_total target (*choice*; None = median library size)
+    n_top_genes: int = 500  #: highly variable genes by normalised dispersion (paper: 500)
+    n_neighbors: int = 4  #: spatial neighbours from a ball tree (paper: 4; Table 5 tries 8, 16)
+    scale: bool = False  #: z-score the HVG matrix (*choice*: the paper does not scale)
+
+    # ---- RNA branch: graph transformer g (paper 3.2) --------------------------------
+    embed_dim: int = 128  #: E, dimension of R and H (paper: 128)
+    hidden_dim: int = 256  #: inner width of the transformer feed-forward (paper: 256 "hidden")
+    n_heads: int = 1  #: self-attention heads (*choice*: eqs 3-4 are single-head)
+    dropout: float = 0.2  #: input dropout = the denoising mask (paper: 0.2)
+    activation: str = "elu"  #: final activation of g and of the MLPs (*choice*; "elu" | "relu" | "gelu")
+    attention: str = "auto"  #: "global" | "local" | "auto" self-attention over spots (see docs)
+    global_attention_max_spots: int = 10_000  #: "auto" uses global attention up to this many spots
+    local_attention_neighbors: int = 32  #: spots each spot attends to when attention is "local"
+    attention_chunk: int = 2048  #: query chunk for local attention (bounds memory)
+
+    # ---- image branch (paper 3.3) ---------------------------------------------------
+    patch_radius_spacings: float = 3.0  #: patch radius in spot spacings (paper: third-degree neighbour)
+    standardize_image: bool = True  #: z-score cached CNN features before the FC layer (*choice*)
+
+    # ---- cross-attention shared encoder (paper 3.4, eqs 2-4) ------------------------
+    combine: str = "concat"  #: "concat" (text of 3.4) or "sum" (eq 2) of A^1_i and A^2_i
+    shared_hidden_dim: int = 128  #: first layer of the dimension-reducing encoder e (*choice*)
+    shared_dim: int = 64  #: dimension of the shared embedding S (*choice*)
+
+    # ---- hierarchical learning (paper 3.5, eq 1) ------------------------------------
+    lam: float = 40.0  #: lambda, weight of the mean MSE (paper: 40)
+    temperature: float = 0.5  #: NT-Xent temperature (*choice*: SimCLR's usual value)
+    window_size: float = 2.0  #: local windows, side in spot spacings (*choice*)
+    pool_size: float = 6.0  #: global pooled regions, side in spot spacings (*choice*)
+    contrastive_without_hierarchy: bool = False  #: hierarchical=False keeps a spot-level NT-Xent
+
+    # ---- training (paper 4.1.1) ------------------------------------------------------
+    epochs: int = 10  #: paper: 10
+    steps_per_epoch: int = 10  #: full-section Adam steps per epoch (*choice*, see docs)
+    lr: float = 5e-4  #: Adam learning rate (paper: 5e-4)
+    weight_decay: float = 0.0
+
+    # ---- clustering (paper 3.5: agglomerative) ---------------------------------------
+    linkage: str = "ward"
+    cluster_connectivity_above: int = 20_000  #: above this many spots, ward uses a kNN connectivity
+
+    def replace(self, **changes: Any) -> SencaConfig:
+        """A copy with ``changes`` applied; unknown names raise ``TypeError`` naming them."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            msg = f"unknown SencaConfig field(s) {unknown}; allowed: {sorted(known)}"
+            raise TypeError(msg)
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def validate(self) -> None:
+        from ...errors import InputError
+
+        checks = [
+            (self.n_neighbors >= 1, "n_neighbors must be >= 1"),
+            (self.n_top_genes >= 2, "n_top_genes must be >= 2"),
+            (self.embed_dim % self.n_heads == 0, "embed_dim must be divisible by n_heads"),
+            (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
+            (self.activation in ("elu", "relu", "gelu"), "activation must be 'elu', 'relu' or 'gelu'"),
+            (self.attention in ("auto", "global", "local"), "attention must be 'auto', 'global' or 'local'"),
+            (self.combine in ("concat", "sum"), "combine must be 'concat' or 'sum'"),
+            (self.epochs >= 0 and self.steps_per_epoch >= 1, "epochs >= 0 and steps_per_epoch >= 1"),
+            (self.window_size > 0 and self.pool_size > 0, "window_size and pool_size must be > 0"),
+            (self.temperature > 0, "temperature must be > 0"),
+            (self.linkage in ("ward", "average", "complete", "single"), "linkage must be a sklearn linkage"),
+        ]
+        bad = [m for ok, m in checks if not ok]
+        if bad:
+            msg = "invalid SencaConfig: " + "; ".join(bad) + f" (got {self})"
+            raise InputError(msg)

@@ -1,0 +1,258 @@
+"""``stmorph.tl.senca``: SENCA-st spatial domains (Liyanaarachchi et al., shared encoder
+with neighbourhood cross-attention). See ``docs/senca.md`` for the mapping from
+the paper to this code and every choice made where the paper is silent.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ... import _spatial
+from ...errors import InputError
+from ._config import SencaConfig
+
+__all__ = ["senca", "SencaConfig"]
+
+
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        msg = f"device={device!r} requested but CUDA is not available; use device='cpu' or 'auto'."
+        raise InputError(msg)
+    return str(device)
+
+
+@contextmanager
+def _deterministic(random_state: int, device: str):
+    """Seed torch inside a forked RNG and ask for deterministic kernels; restore afterwards."""
+    import torch
+
+    prev = torch.are_deterministic_algorithms_enabled()
+    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    devices = [torch.device(device).index or 0] if device.startswith("cuda") else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(random_state)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*deterministic.*")
+                yield
+        finally:
+            torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
+
+
+def _has_image_source(adata, image) -> bool:
+    if image is not None:
+        return True
+    try:
+        lib = _spatial.library(adata)
+    except (InputError, KeyError):
+        return False
+    return bool(lib.get("metadata", {}).get("source_image_path")) or "fullres" in lib.get("images", {})
+
+
+def patch_side_px(spacing: float, cfg: SencaConfig) -> int:
+    """Patch side in full-resolution px: twice the radius of ``patch_radius_spacings`` spacings."""
+    return max(1, int(round(2.0 * cfg.patch_radius_spacings * spacing)))
+
+
+def senca(
+    adata,
+    n_clusters: int,
+    *,
+    config: SencaConfig | None = None,
+    image_key: str = "X_image_senca",
+    image=None,
+    compute_image_features: bool = True,
+    encoder: str = "efficientnet_lite2",
+    finetune_image: bool = False,
+    cross_attention: bool = True,
+    hierarchical: bool = True,
+    layer: str | None = None,
+    device: str = "auto",
+    random_state: int = 0,
+    key_added: str = "senca",
+    progress: bool = True,
+    copy: bool = False,
+    **overrides: Any,
+):
+    """SENCA-st: spatial domains from expression and H&E with a cross-attention shared encoder.
+
+    A graph transformer turns the spatial expression graph into RNA embeddings
+    R, a frozen ImageNet CNN plus a fully connected layer turns spot-centred
+    patches into image embeddings H, a neighbourhood cross-attention shared
+    auto-encoder turns both into the shared embedding S, trained with
+    NT-Xent between pooled H and R at two scales plus lambda times the
+    reconstruction MSE (paper eq 1); S is clustered agglomeratively.
+
+    Parameters
+    ----------
+    adata
+        Raw counts in ``X`` (or ``layers["counts"]``), ``obsm["spatial"]``.
+    n_clusters
+        Number of domains.
+    config
+        :class:`SencaConfig`; paper defaults when ``None``.
+    image_key
+        ``obsm`` key of per-spot CNN features. Used as is when present;
+        otherwise computed with :func:`stmorph.im.features` on patches of radius
+        ``3`` spot spacings when an image is available and
+        ``compute_image_features`` is true.
+    image
+        Image to crop patches from (path or array); default: the image recorded
+        in ``uns["spatial"]``.
+    compute_image_features
+        Compute missing features. When false and ``obsm[image_key]`` is
+        missing, or when the section has no image at all, the RNA branch runs
+        alone (no cross-attention, no contrastive terms; recorded in
+        ``uns[key_added]["params"]["image"]``).
+    encoder
+        Image encoder name (registry of :mod:`stmorph.im.encoders`).
+    finetune_image
+        Train the CNN end to end instead of caching frozen features (holds
+        every preprocessed patch in memory; meant for small sections or a GPU).
+    cross_attention, hierarchical
+        ``False`` runs the paper's Table 4 ablations.
+    layer
+        Counts layer (default ``layers["counts"]`` if present, else ``X``).
+    device
+        ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``.
+    random_state
+        Seeds weights, dropout and window offsets; same seed, same labels (CPU).
+    key_added
+        ``obs`` column and ``uns`` key; the embedding goes to ``obsm["X_" + key_added]``.
+    progress
+        Show a progress bar.
+    copy
+        Return a modified copy instead of writing into ``adata``.
+    **overrides
+        Any :class:`SencaConfig` field, e.g. ``epochs=20, n_top_genes=1000``.
+
+    Returns
+    -------
+    ``None``, or the modified copy when ``copy=True``.
+
+    Sets the following fields
+    -------------------------
+    ``adata.obsm["X_" + key_added]`` : float32 ``(n_obs, shared_dim)``
+        Shared embedding S.
+    ``adata.obs[key_added]`` : categorical of ``"0"``, ``"1"``, ...
+        Domains (agglomerative clustering of S).
+    ``adata.uns[key_added]["params"]`` : dict
+        Config, ablation switches, device, seed, image source, genes used, timings.
+    ``adata.uns[key_added]["loss"]`` : dict of arrays
+        Per-epoch mean of ``total``, ``mse``, ``ntxent_w``, ``ntxent_g``.
+    ``adata.obsm[image_key]``, ``adata.uns[image_key]``
+        When image features had to be computed.
+    """
+    import torch
+
+    from ._cluster import agglomerative
+    from ._model import SENCA
+    from ._preprocess import prepare, use_global_attention
+    from ._train import Tensors, embed, train
+
+    cfg = (config or SencaConfig()).replace(**overrides) if overrides else (config or SencaConfig())
+    cfg.validate()
+    if not isinstance(n_clusters, (int, np.integer)) or n_clusters < 1 or n_clusters > adata.n_obs:
+        msg = f"n_clusters must be an integer in [1, n_obs={adata.n_obs}]; got {n_clusters!r}."
+        raise InputError(msg)
+    adata = adata.copy() if copy else adata
+    t0 = time.perf_counter()
+    dev = _resolve_device(device)
+
+    inp = prepare(adata, cfg, layer=layer)  # section 3.1
+    t_pre = time.perf_counter() - t0
+
+    # ---- image branch input (section 3.3) ----
+    side = patch_side_px(inp.spacing, cfg)
+    feats, cnn, image_source, t_img = None, None, "none (RNA branch alone)", 0.0
+    if finetune_image:
+        if not _has_image_source(adata, image):
+            msg = "finetune_image=True needs an image (image= or uns['spatial'] with a source image)."
+            raise InputError(msg)
+        from ... import im
+
+        t1 = time.perf_counter()
+        enc = im.encoders.get_encoder(encoder).to(dev)
+        patches = im.crop_patches(adata, patch=side, image=image, out_size=enc.input_size)
+        feats = enc.preprocess(patches).float()  # (N, 3, S, S)
+        cnn, image_source = enc.model, f"{enc.name} fine-tuned end to end on {side}px patches"
+        t_img = time.perf_counter() - t1
+    else:
+        if image_key not in adata.obsm and compute_image_features and _has_image_source(adata, image):
+            from ... import im
+
+            t1 = time.perf_counter()
+            im.features(adata, encoder=encoder, patch=side, image=image, key_added=image_key,
+                        device=dev, progress=progress)
+            t_img = time.perf_counter() - t1
+        if image_key in adata.obsm:
+            feats = np.asarray(adata.obsm[image_key], dtype=np.float32)
+            if feats.ndim != 2 or feats.shape[0] != adata.n_obs or not np.isfinite(feats).all():
+                msg = f'obsm["{image_key}"] must be finite with shape (n_obs, d); got {feats.shape}.'
+                raise InputError(msg)
+            if cfg.standardize_image:
+                feats = (feats - feats.mean(0)) / np.maximum(feats.std(0), 1e-6)
+            image_source = f'obsm["{image_key}"]'
+
+    # ---- model, training (sections 3.2-3.5) ----
+    t2 = time.perf_counter()
+    with _deterministic(random_state, dev):
+        image_dim = None if feats is None else (
+            int(feats.shape[1]) if cnn is None else _cnn_dim(cnn, feats[:1]))
+        model = SENCA(cfg, n_genes=inp.x.shape[1], image_dim=image_dim,
+                      cross_attention=cross_attention, cnn=cnn).to(dev)
+        tensors = Tensors.from_inputs(inp, feats, dev)
+        hist = train(model, inp, tensors, cfg, hierarchical=hierarchical, random_state=random_state,
+                     progress=progress)
+        s = embed(model, tensors)  # (N, shared_dim)
+    t_train = time.perf_counter() - t2
+
+    labels, used_connectivity = agglomerative(s, int(n_clusters), linkage=cfg.linkage,
+                                              connectivity_above=cfg.cluster_connectivity_above)
+    cats = [str(i) for i in range(int(labels.max()) + 1)]
+    adata.obsm[f"X_{key_added}"] = s.astype(np.float32)
+    adata.obs[key_added] = pd.Categorical(labels.astype(str), categories=cats)
+    adata.uns[key_added] = {
+        "params": {
+            **{k: ("none" if v is None else v) for k, v in cfg.to_dict().items()},
+            "method": "SENCA-st",
+            "n_clusters": int(n_clusters),
+            "cross_attention": bool(cross_attention),
+            "hierarchical": bool(hierarchical),
+            "image": image_source,
+            "image_key": image_key,
+            "encoder": encoder if feats is not None else "none",
+            "finetune_image": bool(finetune_image),
+            "patch_size_px": int(side),
+            "spot_spacing_px": float(inp.spacing),
+            "n_genes_used": int(inp.x.shape[1]),
+            "attention_resolved": "global" if use_global_attention(adata.n_obs, cfg) else "local",
+            "cluster_knn_connectivity": bool(used_connectivity),
+            "device": dev,
+            "random_state": int(random_state),
+            "seconds_preprocess": float(t_pre),
+            "seconds_image_features": float(t_img),
+            "seconds_train": float(t_train),
+        },
+        "loss": hist.as_dict(),
+    }
+    return adata if copy else None
+
+
+def _cnn_dim(cnn, x) -> int:
+    import torch
+
+    with torch.no_grad():
+        y = cnn(x)
+    return int(y.reshape(y.shape[0], -1).shape[1]) if y.ndim != 4 else int(y.shape[1])

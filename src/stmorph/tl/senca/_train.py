@@ -1,0 +1,148 @@
+"""SENCA-st losses and trainer (paper eq 1 and section 3.5).
+
+    Loss = NT-Xent_g(H_p, R_p) + NT-Xent_w(H_w, R_w) + lambda * avg_i MSE(E_i, D_i)      (1)
+
+- ``H_w, R_w``: H and R mean-pooled over small square windows of the section
+  (``window_size`` spot spacings, local scale).
+- ``H_p, R_p``: H and R mean-pooled over larger regions (``pool_size``
+  spacings, global scale).
+- NT-Xent is SimCLR's loss: the pooled H and R of the same window are a
+  positive pair, every other window in the section is a negative.
+- The window grids are shifted by a random offset at every step (an
+  augmentation; the windows are precomputed index maps, pooling is an
+  ``index_add``).
+- ``hierarchical=False`` (Table 4 ablation) drops both NT-Xent terms
+  (Loss = lambda * MSE), or keeps one spot-level NT-Xent(H, R) when
+  ``contrastive_without_hierarchy`` is set.
+
+An *epoch* is ``steps_per_epoch`` full-section Adam steps (the paper does
+not describe its batches; with one step per epoch, 10 epochs would be 10
+updates at lr 5e-4, too few to leave the initialisation). Each step draws a
+new dropout (denoising) mask and new window offsets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ._config import SencaConfig
+from ._model import SENCA, SencaOutput
+from ._preprocess import SencaInputs, window_index
+
+
+def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SimCLR NT-Xent between paired rows of ``a`` and ``b`` (n, d); 0 when n < 2."""
+    n = a.shape[0]
+    if n < 2:
+        return a.sum() * 0.0
+    z = F.normalize(torch.cat([a, b], 0), dim=1)  # (2n, d)
+    sim = z @ z.T / temperature  # (2n, 2n)
+    sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)  # partner index
+    return F.cross_entropy(sim, target)
+
+
+def pool(x: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
+    """Mean of the rows of ``x`` (N, d) per window ``index`` (N,) -> (n, d)."""
+    out = torch.zeros(n, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, index, x)
+    cnt = torch.zeros(n, dtype=x.dtype, device=x.device).index_add_(0, index, torch.ones_like(x[:, 0]))
+    return out / cnt[:, None]
+
+
+@dataclass
+class Tensors:
+    """The model inputs on one device."""
+
+    v: torch.Tensor
+    adj: torch.Tensor
+    neighborhood: torch.Tensor
+    image: torch.Tensor | None
+    attention_neighbors: torch.Tensor | None
+
+    @classmethod
+    def from_inputs(cls, inp: SencaInputs, image, device) -> Tensors:
+        a = inp.adjacency.tocoo()
+        adj = torch.sparse_coo_tensor(np.vstack([a.row, a.col]).astype(np.int64), a.data.astype(np.float32),
+                                      a.shape, check_invariants=False).coalesce().to(device)
+        nb = None if inp.attention_neighbors is None else torch.as_tensor(inp.attention_neighbors, device=device)
+        img = None
+        if image is not None:
+            img = image.to(device) if isinstance(image, torch.Tensor) else torch.as_tensor(image, device=device)
+        return cls(v=torch.as_tensor(inp.x, device=device), adj=adj,
+                   neighborhood=torch.as_tensor(inp.neighborhood, device=device), image=img,
+                   attention_neighbors=nb)
+
+
+@dataclass
+class History:
+    total: list[float] = field(default_factory=list)
+    mse: list[float] = field(default_factory=list)
+    ntxent_w: list[float] = field(default_factory=list)
+    ntxent_g: list[float] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, np.ndarray]:
+        return {k: np.asarray(v, dtype=np.float64) for k, v in self.__dict__.items()}
+
+
+def forward(model: SENCA, t: Tensors) -> SencaOutput:
+    return model(t.v, t.adj, t.neighborhood, t.image, t.attention_neighbors)
+
+
+def loss_terms(out: SencaOutput, inp: SencaInputs, cfg: SencaConfig, *, hierarchical: bool,
+               rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    """The terms of eq 1 for one forward pass."""
+    mse = F.mse_loss(out.d, out.e_in)  # avg_i MSE(E_i, D_i)
+    zero = mse * 0.0
+    terms = {"mse": mse, "ntxent_w": zero, "ntxent_g": zero}
+    if out.h is None:
+        return terms  # RNA branch alone: nothing to contrast
+    if hierarchical:
+        for name, size in (("ntxent_w", cfg.window_size), ("ntxent_g", cfg.pool_size)):
+            side = size * inp.spacing
+            idx, n = window_index(inp.xy, side, rng.uniform(0.0, side, size=2))
+            idx_t = torch.as_tensor(idx, device=out.h.device)
+            terms[name] = nt_xent(pool(out.h, idx_t, n), pool(out.r, idx_t, n), cfg.temperature)
+    elif cfg.contrastive_without_hierarchy:
+        terms["ntxent_w"] = nt_xent(out.h, out.r, cfg.temperature)
+    return terms
+
+
+def train(model: SENCA, inp: SencaInputs, t: Tensors, cfg: SencaConfig, *, hierarchical: bool = True,
+          random_state: int = 0, progress: bool = False) -> History:
+    """Adam on eq 1 for ``cfg.epochs`` epochs; returns the per-epoch mean of each term."""
+    rng = np.random.default_rng(random_state)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    hist = History()
+    epochs = range(cfg.epochs)
+    if progress:
+        from tqdm.auto import tqdm
+
+        epochs = tqdm(epochs, desc="SENCA-st", unit="epoch")
+    model.train()
+    for _ in epochs:
+        acc = {"total": 0.0, "mse": 0.0, "ntxent_w": 0.0, "ntxent_g": 0.0}
+        for _ in range(cfg.steps_per_epoch):
+            terms = loss_terms(forward(model, t), inp, cfg, hierarchical=hierarchical, rng=rng)
+            loss = terms["ntxent_g"] + terms["ntxent_w"] + cfg.lam * terms["mse"]  # eq 1
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            acc["total"] += float(loss.detach())
+            for k in ("mse", "ntxent_w", "ntxent_g"):
+                acc[k] += float(terms[k].detach())
+        for k, val in acc.items():
+            getattr(hist, k).append(val / cfg.steps_per_epoch)
+        if progress:
+            epochs.set_postfix(loss=f"{hist.total[-1]:.4f}")
+    return hist
+
+
+@torch.no_grad()
+def embed(model: SENCA, t: Tensors) -> np.ndarray:
+    """Shared embedding S (N, shared_dim) with dropout off."""
+    model.eval()
+    return forward(model, t).s.float().cpu().numpy()

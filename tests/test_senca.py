@@ -1,0 +1,199 @@
+"""SENCA-st: shapes through every block, training, ablations, determinism, memory."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+torch = pytest.importorskip("torch")
+
+from stmorph.errors import InputError  # noqa: E402
+from stmorph.tl.senca import SencaConfig, senca  # noqa: E402
+
+FAST = {"epochs": 3, "steps_per_epoch": 4}
+
+
+def tissue(nx=14, ny=12, n_genes=80, n_regions=3, seed=0, image_dim=24):
+    """Square ST-like grid with vertical bands of region-specific genes and image features."""
+    rng = np.random.default_rng(seed)
+    ii, jj = np.meshgrid(np.arange(nx), np.arange(ny), indexing="ij")
+    xy = np.c_[ii.ravel(), jj.ravel()].astype(float) * 100.0
+    n = len(xy)
+    region = np.minimum((xy[:, 0] / xy[:, 0].max() * n_regions).astype(int), n_regions - 1)
+    mu = np.tile(rng.gamma(2.0, 1.0, size=n_genes), (n_regions, 1))
+    for r in range(n_regions):
+        mu[r, rng.choice(n_genes, 12, replace=False)] *= 5
+    counts = rng.poisson(mu[region] * rng.uniform(1.5, 4.5, n)[:, None]).astype(np.float32)
+    a = ad.AnnData(X=sp.csr_matrix(counts))
+    a.var_names = [f"g{i}" for i in range(n_genes)]
+    a.obs_names = [f"s{i}" for i in range(n)]
+    a.obsm["spatial"] = xy
+    a.obs["annotation"] = pd.Categorical([f"r{r}" for r in region])
+    img = rng.normal(size=(n, image_dim)).astype(np.float32)
+    img[:, :n_regions] += 2.0 * np.eye(n_regions, dtype=np.float32)[region]
+    a.obsm["X_image_senca"] = img
+    return a
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_preprocess_graph_and_genes():
+    from stmorph.tl.senca._preprocess import prepare, window_index
+
+    a = tissue()
+    x = a.X.toarray()
+    x[:, 0] = 0  # a gene with total count < 10 is filtered
+    x[:3, 0] = 3
+    a.X = sp.csr_matrix(x)
+    inp = prepare(a, SencaConfig(n_top_genes=40))
+    assert inp.x.shape == (a.n_obs, 40) and inp.x.dtype == np.float32
+    assert "g0" not in set(inp.genes)
+    assert inp.neighborhood.shape == (a.n_obs, 5)
+    assert (inp.neighborhood[:, 0] == np.arange(a.n_obs)).all()  # the spot itself first
+    assert inp.spacing == pytest.approx(100.0)
+    # away from the border the 4 nearest neighbours on a square grid are at one spacing
+    inner = np.flatnonzero((inp.xy.min(1) > 0) & (inp.xy[:, 0] < 1300) & (inp.xy[:, 1] < 1100))
+    d = np.linalg.norm(inp.xy[inp.neighborhood[inner, 1:]] - inp.xy[inner, None], axis=2)
+    assert len(inner) == 12 * 10 and np.allclose(d, 100.0)
+    adj = inp.adjacency
+    assert abs(adj - adj.T).max() < 1e-6 and (adj.diagonal() > 0).all()
+    idx, n = window_index(inp.xy, 200.0, np.zeros(2))
+    assert idx.shape == (a.n_obs,) and n == 7 * 6 and np.bincount(idx).min() == 4
+
+
+def test_shapes_through_every_block():
+    from stmorph.tl.senca._model import SENCA
+    from stmorph.tl.senca._preprocess import prepare
+    from stmorph.tl.senca._train import Tensors, forward, loss_terms, nt_xent, pool
+
+    a = tissue()
+    cfg = SencaConfig(n_top_genes=50, embed_dim=32, hidden_dim=48, shared_hidden_dim=24, shared_dim=8)
+    inp = prepare(a, cfg)
+    t = Tensors.from_inputs(inp, a.obsm["X_image_senca"], "cpu")
+    n, k = a.n_obs, cfg.n_neighbors + 1
+    model = SENCA(cfg, n_genes=50, image_dim=24)
+    z = model.rna.lin(t.v)
+    assert z.shape == (n, 32)
+    assert model.rna.block.attn(z).shape == (n, 32)
+    assert model.rna.block(z).shape == (n, 32)
+    r = model.rna(t.v, t.adj)
+    h = model.image(t.image)
+    assert r.shape == (n, 32) and h.shape == (n, 32)
+    a1 = model.shared.attn1(q=h, k=r, v=r, neighborhood=t.neighborhood)
+    assert a1.shape == (n, 32) and t.neighborhood.shape == (n, k)
+    out = forward(model, t)
+    assert out.s.shape == (n, 8)
+    assert out.e_in.shape == (n, 64) and out.d.shape == (n, 64)  # concat of A^1_i, A^2_i
+    terms = loss_terms(out, inp, cfg, hierarchical=True, rng=np.random.default_rng(0))
+    assert set(terms) == {"mse", "ntxent_w", "ntxent_g"} and all(v.ndim == 0 for v in terms.values())
+    assert pool(r, torch.zeros(n, dtype=torch.long), 1).shape == (1, 32)
+    # NT-Xent is low for matched pairs and high for shuffled ones
+    x = torch.randn(50, 16)
+    assert nt_xent(x, x, 0.5) < nt_xent(x, torch.randn(50, 16), 0.5)
+    # eq 2 variant: sum instead of concat
+    m2 = SENCA(cfg.replace(combine="sum"), n_genes=50, image_dim=24)
+    assert forward(m2, t).e_in.shape == (n, 32)
+    # local (neighbourhood-restricted) self-attention equals global attention when every spot is a neighbour
+    attn = model.rna.block.attn
+    every = torch.arange(n).repeat(n, 1)
+    assert torch.allclose(attn(z, every), attn(z), atol=1e-5)
+
+
+def test_training_lowers_loss_and_clusters():
+    a = tissue()
+    senca(a, 3, progress=False, epochs=6, steps_per_epoch=5, n_top_genes=60)
+    loss = a.uns["senca"]["loss"]
+    assert loss["total"].shape == (6,)
+    assert loss["total"][-1] < loss["total"][0]
+    assert a.obsm["X_senca"].shape == (a.n_obs, 64) and a.obsm["X_senca"].dtype == np.float32
+    assert list(a.obs["senca"].cat.categories) == ["0", "1", "2"]
+    p = a.uns["senca"]["params"]
+    assert p["lam"] == 40 and p["image"] == 'obsm["X_image_senca"]' and p["cross_attention"]
+    from sklearn.metrics import adjusted_rand_score
+
+    assert adjusted_rand_score(a.obs["annotation"], a.obs["senca"]) > 0.5
+
+
+@pytest.mark.parametrize("kw", [{"cross_attention": False}, {"hierarchical": False},
+                                {"hierarchical": False, "contrastive_without_hierarchy": True}])
+def test_ablations_run(kw):
+    a = tissue()
+    b = senca(a, 3, progress=False, copy=True, **FAST, **kw)
+    assert "senca" not in a.obs  # copy=True leaves the input alone
+    assert b.obs["senca"].nunique() == 3
+    assert np.isfinite(b.uns["senca"]["loss"]["total"]).all()
+    if kw.get("hierarchical") is False and not kw.get("contrastive_without_hierarchy"):
+        assert (b.uns["senca"]["loss"]["ntxent_g"] == 0).all()
+
+
+def test_rna_branch_alone_without_image():
+    a = tissue()
+    del a.obsm["X_image_senca"]
+    senca(a, 3, progress=False, **FAST)
+    assert a.uns["senca"]["params"]["image"].startswith("none")
+    assert a.obs["senca"].nunique() == 3
+
+
+def test_same_seed_same_labels_and_config_errors():
+    a, b = tissue(), tissue()
+    senca(a, 3, progress=False, random_state=3, **FAST)
+    senca(b, 3, progress=False, random_state=3, **FAST)
+    assert (a.obs["senca"] == b.obs["senca"]).all()
+    np.testing.assert_array_equal(a.obsm["X_senca"], b.obsm["X_senca"])
+    senca(b, 3, progress=False, random_state=4, key_added="other", **FAST)
+    assert not np.array_equal(a.obsm["X_senca"], b.obsm["X_other"])
+    with pytest.raises(TypeError, match="unknown SencaConfig"):
+        senca(a, 3, progress=False, epoch=3)
+    with pytest.raises(InputError, match="attention"):
+        senca(a, 3, progress=False, attention="sparse")
+    with pytest.raises(InputError, match="n_clusters"):
+        senca(a, 0, progress=False)
+
+
+_MEM_SCRIPT = textwrap.dedent("""
+    import json, resource, sys, torch
+    import numpy as np, scipy.sparse as sp
+    from stmorph.tl.senca._config import SencaConfig
+    from stmorph.tl.senca._model import GraphTransformer
+    from stmorph.tl.senca._preprocess import _knn, normalized_adjacency
+    torch.set_num_threads(1)
+    n, mode = int(sys.argv[1]), sys.argv[2]
+    rng = np.random.default_rng(0)
+    xy = np.c_[np.arange(n) % 200, np.arange(n) // 200].astype(float)
+    cfg = SencaConfig(embed_dim=32, hidden_dim=32, attention=mode, local_attention_neighbors=16)
+    adj = normalized_adjacency(_knn(xy, 4)).tocoo()
+    adj = torch.sparse_coo_tensor(np.vstack([adj.row, adj.col]).astype(np.int64), adj.data, adj.shape)
+    nb = None if mode == "global" else torch.as_tensor(np.c_[np.arange(n), _knn(xy, 16)])
+    g = GraphTransformer(cfg, n_genes=8)
+    v = torch.as_tensor(rng.normal(size=(n, 8)).astype(np.float32))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    r = g(v, adj, nb)        # forward over all N spots
+    r.square().mean().backward()  # and backward
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"delta_bytes": (after - before) * 1024, "shape": list(r.shape)}))
+""")
+
+
+@pytest.mark.parametrize("mode", ["global", "local"])
+def test_attention_memory_is_not_quadratic(mode):
+    n = 20_000  # N^2 float32 = 1.6 GB
+    res = subprocess.run([sys.executable, "-c", _MEM_SCRIPT, str(n), mode], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["shape"] == [n, 32]
+    assert out["delta_bytes"] < 0.25 * n * n * 4  # far below one N x N float matrix (400 MB bound)
