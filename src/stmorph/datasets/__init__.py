@@ -1,1 +1,6 @@
 """Built-in data: synthetic tissue with a full-resolution H&E-like image."""
+
+from ._synthetic import synthetic  # noqa: E402
+from ._write import write_visium  # noqa: E402
+
+__all__ = ["synthetic", "write_visium"]

@@ -1,0 +1,230 @@
+"""Tests of stmorph.datasets: synthetic tissue and the Space Ranger-like writer."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import sparse
+
+import stmorph
+from stmorph.datasets import synthetic, write_visium
+from stmorph.errors import InputError, OutputExistsError
+
+LIB = "synthetic"
+
+
+@pytest.fixture(scope="module")
+def small():
+    return synthetic(250, n_genes=300, image_size=900, random_state=3)
+
+
+@pytest.fixture(scope="module")
+def eight():
+    # all 8 regions, 1 um/px texture on a small section
+    return synthetic(400, n_regions=8, n_genes=400, microns_per_pixel=1.0, random_state=1)
+
+
+def test_fields_and_shapes(small):
+    a = small
+    assert a.n_obs == 250 and a.n_vars == 300
+    assert sparse.isspmatrix_csr(a.X) and a.X.dtype == np.float32
+    x = a.X.data
+    assert np.all(x == np.round(x)) and x.min() >= 0
+    for col in ("in_tissue", "array_row", "array_col"):
+        assert np.issubdtype(a.obs[col].dtype, np.integer)
+    assert (a.obs["in_tissue"] == 1).all()
+    # Visium hex convention: array_col steps by 2, odd rows offset
+    assert ((a.obs["array_row"] + a.obs["array_col"]) % 2 == 0).all()
+    assert isinstance(a.obs["annotation"].dtype, pd.CategoricalDtype)
+    syn = a.uns["synthetic"]
+    assert list(a.obs["annotation"].cat.categories) == syn["regions"]
+    assert set(a.obs["annotation"].unique()) == set(syn["regions"])
+    xy = a.obsm["spatial"]
+    assert xy.dtype == np.float64 and xy.shape == (250, 2)
+    lib = a.uns["spatial"][LIB]
+    full = lib["images"]["fullres"]
+    assert full.dtype == np.uint8 and full.ndim == 3 and full.shape[2] == 3
+    assert max(full.shape[:2]) == 900
+    assert (xy[:, 0] > 0).all() and (xy[:, 0] < full.shape[1]).all()
+    assert (xy[:, 1] > 0).all() and (xy[:, 1] < full.shape[0]).all()
+    sf = lib["scalefactors"]
+    meta = lib["metadata"]
+    assert meta["technology"] == "synthetic" and meta["spot_diameter_um"] == 55
+    mpp = meta["microns_per_pixel"]
+    assert sf["spot_diameter_fullres"] == pytest.approx(55 / mpp)
+    for res in ("hires", "lowres"):
+        img = lib["images"][res]
+        assert img.dtype == np.uint8
+        assert img.shape[1] == pytest.approx(full.shape[1] * sf[f"tissue_{res}_scalef"], abs=1)
+    assert max(lib["images"]["lowres"].shape[:2]) <= 600
+    # spot pitch of 100 um between hex neighbours
+    from scipy.spatial import cKDTree
+
+    d, _ = cKDTree(xy).query(xy, k=2)
+    assert np.median(d[:, 1]) * mpp == pytest.approx(100, rel=0.02)
+    # planted genes exist; the spatial accessors of the package understand the metadata
+    for genes in syn["region_genes"].values():
+        assert set(genes) <= set(a.var_names)
+    assert stmorph._spatial.microns_per_pixel(a) == pytest.approx(mpp)
+    stmorph.validate(a)
+
+
+def test_default_scale():
+    a = synthetic(2000, image=False, random_state=0)
+    assert a.n_obs == 2000 and "fullres" not in a.uns["spatial"][LIB]["images"]
+    assert a.obs["annotation"].nunique() == 6
+    counts = a.obs["annotation"].value_counts()
+    assert counts.min() >= 0.04 * a.n_obs  # every region is a real part of the section
+    lib = np.asarray(a.X.sum(1)).ravel()
+    assert 1000 < np.median(lib) < 10000
+
+
+def test_deterministic(small):
+    b = synthetic(250, n_genes=300, image_size=900, random_state=3)
+    assert (small.X != b.X).nnz == 0
+    assert (small.obs["annotation"] == b.obs["annotation"]).all()
+    np.testing.assert_array_equal(small.uns["spatial"][LIB]["images"]["fullres"], b.uns["spatial"][LIB]["images"]["fullres"])
+    c = synthetic(250, n_genes=300, image=False, random_state=4)
+    assert (small.X != c.X).nnz > 0
+
+
+def test_bad_input():
+    with pytest.raises(InputError):
+        synthetic(100, n_regions=3, image=False)
+    with pytest.raises(InputError):
+        synthetic(100, n_regions=9, image=False)
+    with pytest.raises(InputError):
+        synthetic(100, n_genes=50, image=False)
+
+
+def _normalised(a):
+    X = a.X.toarray()
+    return np.log1p(X / X.sum(1, keepdims=True) * 1e4)
+
+
+def test_image_only_region_shares_expression_program():
+    a = synthetic(1500, n_genes=500, image=False, random_state=2)
+    syn = a.uns["synthetic"]
+    reg, parent = syn["image_only"], syn["parents"][syn["image_only"]]
+    assert syn["programs"][reg] == syn["programs"][parent]
+    assert syn["region_genes"][reg] == syn["region_genes"][parent]
+    assert syn["textures"][reg] != syn["textures"][parent]
+    L = _normalised(a)
+    ann = a.obs["annotation"].to_numpy()
+    genes = a.var_names.get_indexer(syn["region_genes"][parent])
+    m_reg, m_par = L[ann == reg][:, genes].mean(), L[ann == parent][:, genes].mean()
+    m_tum = L[ann == "tumour"][:, genes].mean()
+    assert abs(m_reg - m_par) < 0.25 * abs(m_par - m_tum)
+    # the expression-only region has its own planted genes, up in it and not in its parent
+    ereg = syn["expression_only"]
+    epar = syn["parents"][ereg]
+    assert syn["textures"][ereg] == syn["textures"][epar]
+    assert syn["texture_params"][syn["textures"][ereg]] == syn["texture_params"][syn["textures"][epar]]
+    eg = a.var_names.get_indexer(syn["region_genes"][ereg])
+    assert L[ann == ereg][:, eg].mean() > L[ann == epar][:, eg].mean() + 0.8
+
+
+def _patch_stats(a):
+    """Per-spot mean RGB and fraction of near-white pixels in the spot-diameter patch."""
+    img = a.uns["spatial"][LIB]["images"]["fullres"].astype(np.float32)
+    r = int(a.uns["spatial"][LIB]["scalefactors"]["spot_diameter_fullres"] / 2)
+    out = []
+    for x, y in np.rint(a.obsm["spatial"]).astype(int):
+        p = img[y - r:y + r, x - r:x + r]
+        out.append([*p.mean((0, 1)), (p.min(2) > 215).mean(), p.std()])
+    return np.array(out)
+
+
+def test_image_texture_by_region(eight):
+    a = eight
+    syn = a.uns["synthetic"]
+    assert len(syn["regions"]) == 8
+    s = _patch_stats(a)
+    ann = a.obs["annotation"].to_numpy()
+    reg, parent = syn["image_only"], syn["parents"][syn["image_only"]]
+    # vessels: lumens make the image-only region whiter than its parent
+    assert s[ann == reg, 3].mean() > s[ann == parent, 3].mean() + 0.03
+    # expression-only region: same texture as its parent (mean colour within noise)
+    ereg, epar = syn["expression_only"], syn["parents"][syn["expression_only"]]
+    diff = np.abs(s[ann == ereg, :3].mean(0) - s[ann == epar, :3].mean(0))
+    spread = s[ann == epar, :3].std(0)
+    assert (diff < 0.5 * spread + 2).all()
+    # nuclei-rich regions are darker than stroma; adipose is the whitest
+    mean_int = {r: s[ann == r, :3].mean() for r in syn["regions"] if (ann == r).any()}
+    assert mean_int["immune"] < mean_int["stroma"]
+    assert mean_int["tumour"] < mean_int["stroma"]
+    assert max(mean_int, key=mean_int.get) == "adipose"
+
+
+@pytest.mark.parametrize("positions", ["list", "csv", "parquet"])
+def test_write_visium(small, tmp_path, positions):
+    if positions == "parquet":
+        pytest.importorskip("pyarrow")
+    import h5py
+    import tifffile
+
+    out = write_visium(small, tmp_path / "outs", positions=positions)
+    assert out == tmp_path / "outs"
+    names = {"list": "tissue_positions_list.csv", "csv": "tissue_positions.csv", "parquet": "tissue_positions.parquet"}
+    for f in ("filtered_feature_bc_matrix.h5", "labels.tsv", "image.tif", f"spatial/{names[positions]}",
+              "spatial/scalefactors_json.json", "spatial/tissue_hires_image.png", "spatial/tissue_lowres_image.png"):
+        assert (out / f).is_file(), f
+    assert [p.name for p in tmp_path.iterdir()] == ["outs"]  # no temporary folder left behind
+    # 10x HDF5 v3: genes x barcodes CSC == spots x genes CSR
+    with h5py.File(out / "filtered_feature_bc_matrix.h5", "r") as f:
+        m = f["matrix"]
+        shape = tuple(m["shape"][()])
+        assert shape == (small.n_vars, small.n_obs)
+        X = sparse.csr_matrix((m["data"][()], m["indices"][()], m["indptr"][()]), shape=(shape[1], shape[0]))
+        assert [b.decode() for b in m["barcodes"][()]] == list(small.obs_names)
+        assert [b.decode() for b in m["features/name"][()]] == list(small.var_names)
+        assert set(m["features/feature_type"][()]) == {b"Gene Expression"}
+        assert m["features/id"].shape == (small.n_vars,) and m["features/genome"].shape == (small.n_vars,)
+    assert (X != small.X).nnz == 0
+    # positions: every in-tissue spot plus off-tissue grid positions
+    path = out / "spatial" / names[positions]
+    if positions == "list":
+        pos = pd.read_csv(path, header=None, names=["barcode", "in_tissue", "array_row", "array_col",
+                                                    "pxl_row_in_fullres", "pxl_col_in_fullres"])
+    elif positions == "csv":
+        pos = pd.read_csv(path)
+        assert list(pos.columns)[0] == "barcode"
+    else:
+        pos = pd.read_parquet(path)
+    pos = pos.set_index("barcode")
+    assert (pos["in_tissue"] == 0).sum() > 0
+    tis = pos.loc[small.obs_names]
+    assert (tis["in_tissue"] == 1).all()
+    np.testing.assert_array_equal(tis["pxl_col_in_fullres"], small.obsm["spatial"][:, 0])
+    np.testing.assert_array_equal(tis["pxl_row_in_fullres"], small.obsm["spatial"][:, 1])
+    np.testing.assert_array_equal(tis["array_row"], small.obs["array_row"])
+    sf = json.loads((out / "spatial" / "scalefactors_json.json").read_text())
+    assert sf == pytest.approx(small.uns["spatial"][LIB]["scalefactors"])
+    lab = pd.read_csv(out / "labels.tsv", sep="\t")
+    assert list(lab.columns) == ["barcode", "annotation"]
+    assert (lab.set_index("barcode").loc[small.obs_names, "annotation"] == small.obs["annotation"].astype(str).to_numpy()).all()
+    with tifffile.TiffFile(out / "image.tif") as tif:
+        page = tif.pages[0]
+        assert page.is_tiled
+        np.testing.assert_array_equal(page.asarray(), small.uns["spatial"][LIB]["images"]["fullres"])
+
+
+def test_write_visium_refuses_and_forces(small, tmp_path):
+    out = tmp_path / "outs"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(OutputExistsError):
+        write_visium(small, out)
+    assert (out / "keep.txt").exists()
+    write_visium(small, out, force=True, fullres=None, positions="csv")
+    assert not (out / "keep.txt").exists() and not (out / "image.tif").exists()
+    assert (out / "filtered_feature_bc_matrix.h5").exists()
+    with pytest.raises(InputError):
+        write_visium(small, tmp_path / "other", positions="xml")
+    # an empty existing folder is fine
+    (tmp_path / "empty").mkdir()
+    write_visium(small, tmp_path / "empty", fullres=None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "outs"]
