@@ -14,6 +14,8 @@ Use the *symbols* files with data whose ``var_names`` are gene symbols.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -78,7 +80,16 @@ def load_gene_sets(gene_sets) -> dict[str, list[str]]:
     raise InputError(msg)
 
 
-def _ranking(adata, groupby: str, domain: str, *, rank_by: str, markers_key: str | None, layer) -> pd.Series:
+def _detected_genes(adata, layer, min_spots: int) -> pd.Index:
+    from scipy import sparse
+
+    X = adata.layers[layer] if layer is not None else adata.X
+    n = np.asarray((X > 0).sum(axis=0)).ravel() if sparse.issparse(X) else (np.asarray(X) > 0).sum(axis=0)
+    return adata.var_names[n >= min_spots]
+
+
+def _ranking(adata, groupby: str, domain: str, *, rank_by: str, markers_key: str | None, layer,
+             min_spots: int = 3) -> pd.Series:
     from ._markers import markers
 
     res = adata.uns.get(markers_key) if markers_key else None
@@ -97,6 +108,9 @@ def _ranking(adata, groupby: str, domain: str, *, rank_by: str, markers_key: str
         names, vals = df["gene"].astype(str).reset_index(drop=True), df[col].to_numpy(dtype=float)
     rnk = pd.Series(vals, index=names.to_numpy())
     rnk = rnk[np.isfinite(rnk.to_numpy())]
+    if min_spots > 0:  # genes seen in almost no spot only add ties at the middle of the ranking
+        detected = _detected_genes(adata, layer, min_spots)
+        rnk = rnk[rnk.index.isin(detected)]
     # duplicated gene names: keep the most extreme value
     rnk = rnk.loc[rnk.abs().groupby(level=0).idxmax().to_numpy()] if rnk.index.has_duplicates else rnk
     if rnk.index.has_duplicates:
@@ -119,6 +133,7 @@ def gsea(
     random_state: int = 0,
     threads: int = 1,
     layer: str | None = None,
+    min_spots: int = 3,
 ) -> pd.DataFrame:
     """Pre-ranked GSEA of one or more domains against the rest.
 
@@ -143,6 +158,8 @@ def gsea(
         As in ``gseapy.prerank`` (gene-set permutations; set size limits after matching genes).
     random_state
         Seed of the permutations.
+    min_spots
+        Genes detected (count > 0) in fewer spots are left out of the ranking.
 
     Returns
     -------
@@ -174,7 +191,8 @@ def gsea(
         raise InputError(msg)
     frames = []
     for d in domains:
-        rnk = _ranking(adata, groupby, d, rank_by=rank_by, markers_key=markers_key, layer=layer)
+        rnk = _ranking(adata, groupby, d, rank_by=rank_by, markers_key=markers_key, layer=layer,
+                       min_spots=min_spots)
         genes = set(rnk.index)
         sizes = {k: sum(g in genes for g in v) for k, v in sets.items()}
         usable = {k: v for k, v in sets.items() if min_size <= sizes[k] <= max_size}
@@ -186,11 +204,13 @@ def gsea(
                 f"(e.g. {list(rnk.index[:3])}), or lower min_size."
             )
             raise InputError(msg)
-        res = gseapy.prerank(
-            rnk=rnk, gene_sets=usable, outdir=None, min_size=min_size, max_size=max_size,
-            permutation_num=int(permutation_num), seed=int(random_state), threads=int(threads),
-            no_plot=True, verbose=False,
-        )
+        # gseapy logs through handlers bound to sys.stderr at call time: keep its chatter out of our output
+        with contextlib.redirect_stderr(io.StringIO()):
+            res = gseapy.prerank(
+                rnk=rnk, gene_sets=usable, outdir=None, min_size=min_size, max_size=max_size,
+                permutation_num=int(permutation_num), seed=int(random_state), threads=int(threads),
+                no_plot=True, verbose=False,
+            )
         r = res.res2d.copy()
         out = pd.DataFrame({
             "domain": d,

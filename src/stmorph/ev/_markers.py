@@ -64,6 +64,7 @@ def markers(
     normalize: bool | str = "auto",
     n_genes: int | None = None,
     tie_correct: bool = True,
+    min_pct: float = 0.0,
     key_added: str = "rank_genes_groups",
 ) -> pd.DataFrame:
     """Marker genes of every domain (Wilcoxon rank-sum test, domain vs the rest).
@@ -82,6 +83,9 @@ def markers(
         Keep only the top ``n_genes`` per domain in the returned table (all genes are tested).
     tie_correct
         Tie correction of the Wilcoxon test.
+    min_pct
+        Drop from the table genes expressed in fewer than this fraction of spots both inside and outside the
+        domain (Seurat's ``min.pct``; e.g. 0.1). All genes stay in ``uns[key_added]``.
     key_added
         ``adata.uns`` key for scanpy's result.
 
@@ -142,6 +146,8 @@ def markers(
     order = {d: i for i, d in enumerate(tmp.obs[groupby].cat.categories)}
     df = df.assign(_o=df["domain"].map(order)).sort_values(["_o", "score"], ascending=[True, False])
     df = df.drop(columns="_o").reset_index(drop=True)
+    if min_pct > 0:
+        df = df[np.maximum(df["pct_in"].fillna(0), df["pct_out"].fillna(0)) >= min_pct].reset_index(drop=True)
     if n_genes is not None:
         df = df.groupby("domain", sort=False, group_keys=False).head(int(n_genes)).reset_index(drop=True)
     res = dict(tmp.uns[key_added])

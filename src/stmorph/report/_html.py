@@ -17,7 +17,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import pandas as pd
+import numpy as np
 
 from ..errors import InputError, OutputExistsError, StmorphError
 
@@ -182,7 +182,7 @@ def build_report(
     log("report: domain panels")
     parts.append('<h2 id="domains">Spatial domains</h2>')
     keys = (["annotation"] if has_ann else []) + methods
-    fig = pl.domains(adata, keys, ncols=min(len(keys), 3))
+    fig = pl.domains(adata, keys, ncols=2 if len(keys) == 4 else min(len(keys), 3))
     cap = "Domains over the H&E; colours matched between panels (Hungarian assignment on the contingency table"
     cap += " with the annotation)." if has_ann else " with the first panel)."
     parts.append(_figure(fig, cap))
@@ -212,7 +212,9 @@ def build_report(
     if mk is not None:
         parts.append('<p class="note">Wilcoxon rank-sum test of each domain against all other spots on '
                      "log-normalised expression (scanpy rank_genes_groups, as Seurat FindAllMarkers); "
-                     "p adjusted by Benjamini-Hochberg.</p>")
+                     "p adjusted by Benjamini-Hochberg; genes expressed in at least 10% of the spots inside or outside the "
+                     "domain (Seurat's min.pct).</p>")
+        mk = mk[np.maximum(mk["pct_in"], mk["pct_out"]) >= 0.1]  # Seurat's min.pct
         top = mk[mk["logfoldchange"] > 0].groupby("domain", sort=False, group_keys=False).head(n_markers)
         rows = [(r.domain, r.gene, r.logfoldchange, r.score, r.pval_adj, r.pct_in, r.pct_out)
                 for r in top.itertuples()]
