@@ -420,3 +420,17 @@ def test_inconsistent_h5(outs, tissue):
     text = read_err(InputError, outs)
     assert f"'matrix/barcodes' has {N_SPOTS - 1} entries but shape says {N_SPOTS} barcodes" in text
     assert str(h5) in text
+
+
+def test_command_line_prints_one_line_and_exits_non_zero(outs, tmp_path, capsys):
+    from stmorph.cli import main
+
+    df = read_list(outs)
+    pd.concat([df, df.iloc[:1]]).to_csv(positions_file(outs), header=False, index=False)
+    before = snapshot(outs)
+    rc = main(["run", str(outs), "--out", str(tmp_path / "result")])
+    err = capsys.readouterr().err
+    assert rc != 0
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert str(positions_file(outs)) in err and "duplicated" in err
+    assert snapshot(outs) == before and not (tmp_path / "result").exists()
