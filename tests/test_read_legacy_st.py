@@ -340,3 +340,10 @@ def test_her2st_b1_without_image():
     st.validate(adata)
     with pytest.raises(InputError, match="no full-resolution image"):
         st.validate(adata, require_image=True)
+
+
+def test_comma_separated_counts_named_tsv(section):
+    s = section
+    pd.read_csv(s["counts"], sep="\t", index_col=0).to_csv(s["counts"], sep=",")
+    text = read_err(InputError, s["counts"], s["spots"])
+    assert "single column" in text and "tab separated" in text and str(s["counts"]) in text
