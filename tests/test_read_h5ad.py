@@ -105,3 +105,12 @@ def test_dlpfc_roundtrip(tmp_path):
     assert back.shape == (3639, 5000)
     assert back.uns["spatial"]["151673"]["metadata"]["source_image_path"] is None
     assert (back.obs["annotation"].astype(str) == adata.obs["annotation"].astype(str)).all()
+
+
+def test_in_memory_anndata():
+    adata = scanpy_like()
+    out = st.read.h5ad(adata)
+    assert out is adata and sp.isspmatrix_csr(adata.X) and adata.obsm["spatial"].dtype == np.float64
+    del adata.obsm["spatial"]
+    with pytest.raises(InputError, match=r'obsm\["spatial"\] is missing'):
+        st.read.h5ad(adata)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from ..errors import InputError
@@ -36,13 +34,14 @@ def conform(adata):
     return adata
 
 
-def h5ad(path: str | os.PathLike, *, require_image: bool = False, library_id: str | None = None):
-    """Read an ``.h5ad`` file and check that it follows stmorph's data model.
+def h5ad(path, *, require_image: bool = False, library_id: str | None = None):
+    """Read an ``.h5ad`` file (or take an AnnData) and check that it follows stmorph's data model.
 
     Parameters
     ----------
     path
-        An ``.h5ad`` written by stmorph, ``scanpy`` (e.g. after ``sc.read_visium``) or ``squidpy``.
+        An ``.h5ad`` written by stmorph, ``scanpy`` (e.g. after ``sc.read_visium``) or ``squidpy``; or an
+        in-memory AnnData made by them, which is conformed in place and returned.
     require_image
         Also require a full-resolution image source (``metadata["source_image_path"]`` that exists, or an
         in-memory ``images["fullres"]``).
@@ -63,6 +62,12 @@ def h5ad(path: str | os.PathLike, *, require_image: bool = False, library_id: st
 
     from .._validate import message, problems
 
+    if isinstance(path, ad.AnnData):
+        conform(path)
+        found = problems(path, require_image=require_image, library_id=library_id)
+        if found:
+            raise InputError(message(found))
+        return path
     p = c.require_file(path, ".h5ad file")
     try:
         adata = ad.read_h5ad(p)
