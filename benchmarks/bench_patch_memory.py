@@ -57,8 +57,11 @@ def _he_tiles(tile: int, n: int, rng: np.random.Generator) -> list[np.ndarray]:
     return out
 
 
-def write_slide(path: str, side: int, tile: int, compression: str, seed: int = 0) -> None:
-    """Stream a side x side RGB tiled TIFF, tile by tile (row-major), to ``path``."""
+def write_slide(path: str, side: int, tile: int, compression: str, seed: int = 0, strips: int = 0) -> None:
+    """Stream a side x side RGB tiled TIFF, tile by tile (row-major), to ``path``.
+
+    With ``strips`` > 0 the file is stripped instead (``strips`` rows per strip, zlib), written band by band.
+    """
     import tifffile
 
     rng = np.random.default_rng(seed)
@@ -82,8 +85,35 @@ def write_slide(path: str, side: int, tile: int, compression: str, seed: int = 0
         kwargs["compressionargs"] = {"level": 90}
     elif compression == "none":
         kwargs = {}
+    if strips:  # zlib strips, encoded here (tifffile takes an iterator of encoded segments)
+        import imagecodecs
+
+        def bands():
+            gen = tiles()
+            for _ in range(n):
+                yield np.concatenate([next(gen) for _ in range(n)], axis=1)[:, :side]
+
+        encoded = (imagecodecs.zlib_encode(np.ascontiguousarray(s), level=1) for s in _rows(bands(), side, strips))
+        tifffile.imwrite(path, encoded, shape=(side, side, 3), dtype=np.uint8, rowsperstrip=strips,
+                         compression="zlib", photometric="rgb", bigtiff=True)
+        return
     tifffile.imwrite(path, tiles(), shape=(side, side, 3), dtype=np.uint8, tile=(tile, tile),
                      photometric="rgb", bigtiff=True, **kwargs)
+
+
+def _rows(bands, side: int, strips: int):
+    """Re-cut bands of rows into strips of ``strips`` rows (what tifffile expects from an iterator)."""
+    buf = None
+    done = 0
+    for band in bands:
+        buf = band if buf is None else np.concatenate([buf, band])
+        while len(buf) >= strips and done < side:
+            take = min(strips, side - done)
+            yield buf[:take]
+            buf = buf[take:]
+            done += take
+    if buf is not None and len(buf) and done < side:
+        yield buf[: side - done]
 
 
 def visium_grid(side: int, diameter: float) -> np.ndarray:
@@ -134,7 +164,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--side", type=int, default=30000, help="image side in pixels (default 30000)")
     p.add_argument("--tile", type=int, default=512)
-    p.add_argument("--compression", default="jpeg", choices=["jpeg", "zlib", "none"])
+    p.add_argument("--compression", default="jpeg", choices=["jpeg", "zlib", "none"],
+                   help="tile compression (default jpeg; --strips always writes zlib)")
+    p.add_argument("--strips", type=int, default=0, help="write a stripped zlib TIFF with this many rows per strip")
     p.add_argument("--diameter", type=float, default=200.0, help="spot diameter = patch side, px (default 200)")
     p.add_argument("--out-size", type=int, default=260, help="resize patches to this side; 0 = keep (default 260)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -155,13 +187,14 @@ def main(argv=None) -> int:
     try:
         path = os.path.join(tmp, "slide.tif")
         t0 = time.perf_counter()
-        write_slide(path, args.side, args.tile, args.compression)
+        write_slide(path, args.side, args.tile, args.compression, strips=args.strips)
         gen_s = time.perf_counter() - t0
         xy = visium_grid(args.side, args.diameter)
         np.save(os.path.join(tmp, "xy.npy"), xy)
         size = int(round(args.diameter))
         decoded_gb = args.side * args.side * 3 / 1e9
-        print(f"slide: {args.side} x {args.side} RGB, {args.tile} px tiles, {args.compression}; "
+        layout = f"{args.strips}-row strips, zlib" if args.strips else f"{args.tile} px tiles, {args.compression}"
+        print(f"slide: {args.side} x {args.side} RGB, {layout}; "
               f"{decoded_gb:.2f} GB decoded, {os.path.getsize(path) / 1e6:.0f} MB on disk; "
               f"written in {gen_s:.1f} s (writer peak RSS {peak_rss_mb():.0f} MB)")
 
@@ -171,11 +204,11 @@ def main(argv=None) -> int:
             return json.loads(out.stdout.strip().splitlines()[-1])
 
         r = run("crop", path, os.path.join(tmp, "xy.npy"), size, args.out_size, args.batch_size)
-        n_tiles = math.ceil(args.side / args.tile) ** 2
+        n_tiles = math.ceil(args.side / args.strips) if args.strips else math.ceil(args.side / args.tile) ** 2
         print(f"spots: {r['n']} (Visium-like hex grid, {r['n_border']} crossing the border); "
               f"patch {size} px -> {args.out_size or size} px; batch {args.batch_size}")
         print(f"crop every spot: {r['seconds']:.1f} s, {r['n'] / r['seconds']:.0f} patches/s; "
-              f"tiles decoded {r['tiles_decoded']} of {n_tiles}; cache budget {r['cache_max_mb']:.0f} MB")
+              f"tiles/strips decoded {r['tiles_decoded']} of {n_tiles}; cache budget {r['cache_max_mb']:.0f} MB")
         ok = r["peak_rss_mb"] < LIMIT_MB
         print(f"peak RSS while cropping: {r['peak_rss_mb']:.0f} MB (limit {LIMIT_MB} MB): {'OK' if ok else 'OVER'}")
         t = run("thumbnail", path, 2000)

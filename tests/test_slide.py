@@ -236,6 +236,12 @@ def test_png_jpeg(tmp_path):
     with open_slide(tmp_path / "g16.png") as s:
         r = s.read_region(0, 0, 170, 130)
     np.testing.assert_array_equal(r[..., 1], np.round(g16 / 65535 * 255).astype(np.uint8))
+    # 16-bit RGB PNG (Pillow would truncate it; read at full depth, scaled by 65535)
+    imagecodecs = pytest.importorskip("imagecodecs")
+    rgb16 = np.random.default_rng(3).integers(0, 65536, (20, 30, 3), dtype=np.uint16)
+    (tmp_path / "rgb16.png").write_bytes(imagecodecs.png_encode(rgb16))
+    with open_slide(tmp_path / "rgb16.png") as s:
+        np.testing.assert_array_equal(s.read_region(0, 0, 30, 20), np.round(rgb16 / 65535 * 255).astype(np.uint8))
     # palette PNG
     Image.fromarray(a).quantize(16).save(tmp_path / "p.png")
     with open_slide(tmp_path / "p.png") as s:
