@@ -433,3 +433,12 @@ def test_command_line_prints_one_line_and_exits_non_zero(outs, tmp_path, capsys)
     assert err.count("\n") == 1 and "Traceback" not in err
     assert str(positions_file(outs)) in err and "duplicated" in err
     assert snapshot(outs) == before and not (tmp_path / "result").exists()
+
+
+def test_scale_factors_that_do_not_fit_the_images(outs):
+    f = outs / "spatial" / "scalefactors_json.json"
+    sf = json.loads(f.read_text())
+    sf["tissue_lowres_scalef"] *= 5  # as if taken from another run
+    f.write_text(json.dumps(sf))
+    text = read_err(InputError, outs)
+    assert "outside tissue_lowres_image.png" in text and str(f) in text

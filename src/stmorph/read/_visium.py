@@ -355,6 +355,20 @@ def visium(
                 msg = f"tissue_{res}_image.png is present but '{key}' is missing or not positive."
                 raise InputError(msg, sf_path)
             images[res] = c.read_png(png, f"tissue_{res}_image.png")
+            # the scaled spots must fall on the image (one spot diameter of slack): catches scale factors
+            # or positions from another run
+            scalef, (h, w) = scalefactors[key], images[res].shape[:2]
+            pad = scalefactors["spot_diameter_fullres"] * scalef
+            sxy = xy * scalef
+            off = (sxy[:, 0] < -pad) | (sxy[:, 1] < -pad) | (sxy[:, 0] > w + pad) | (sxy[:, 1] > h + pad)
+            if off.any():
+                i = int(np.flatnonzero(off)[0])
+                msg = (
+                    f"{int(off.sum())} of {len(xy)} spots fall outside tissue_{res}_image.png ({w} x {h} px) once "
+                    f"scaled by {key}={scalef:g}, e.g. {obs.index[i]!r} at x={sxy[i, 0]:.1f}, y={sxy[i, 1]:.1f}; "
+                    "the scale factors and the positions must come from the same Space Ranger run."
+                )
+                raise InputError(msg, sf_path)
 
     source = None
     if image is not None:
