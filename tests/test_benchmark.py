@@ -83,6 +83,8 @@ def test_find_sections_layouts(tmp_path):
     (vis / "spatial").mkdir(parents=True)
     (vis / "filtered_feature_bc_matrix.h5").write_bytes(b"")
     (tmp_path / "visium" / "s1" / "labels.tsv").write_text("barcode\tlayer\n")
+    (tmp_path / "visium" / "s1" / "small.png").write_bytes(b"x" * 10)
+    (tmp_path / "visium" / "s1" / "fullres.tif").write_bytes(b"x" * 100)
     unl = tmp_path / "visium" / "s2"
     (unl / "spatial").mkdir(parents=True)
     (unl / "filtered_feature_bc_matrix.h5").write_bytes(b"")  # no labels: not a benchmark section
@@ -91,6 +93,7 @@ def test_find_sections_layouts(tmp_path):
     a1, b1, s1 = secs
     assert a1.image.name == "A1_HE.png" and a1.pixel_scale == pytest.approx(0.5)
     assert b1.image is None and s1.layout == "visium" and s1.path == vis
+    assert s1.image.name == "fullres.tif"  # the largest image file beside outs/
     with pytest.raises(InputError, match="not found"):
         bm.find_sections(tmp_path / "nope")
 
@@ -158,3 +161,17 @@ def test_shared_data_sections_found():
     for expected in ("her2st/A1", "her2st/B1", "her2st/C1", "her2st/D1", "dlpfc/151673", "dlpfc/151674"):
         assert expected in names
     assert "her2st/C2" not in names and "her2st/B4" not in names  # not annotated
+
+
+def test_run_benchmark_with_run_methods(tmp_path):
+    """The default runner (stmorph.tl.run_methods) end to end on a tiny HER2ST-layout section without image."""
+    _her2st(tmp_path / "d", "B1", n_side=12)
+    df = bm.run_benchmark(tmp_path / "d", ["expression", "image"], seeds=[0, 1], out=tmp_path / "o",
+                          log=lambda m: None)
+    expr = df[df["method"] == "expression"]
+    assert (expr["status"] == "ok").all()
+    assert (expr["ARI"] > 0.5).all() and (expr["n_clusters"] == 3).all()
+    img = df[df["method"] == "image"]
+    assert (img["status"] == "skipped").all() and img["reason"].str.contains("image").all()
+    md = (tmp_path / "o" / "benchmark.md").read_text()
+    assert "| B1 | 144 | 3 |" in md and "skipped [1]" in md

@@ -80,7 +80,7 @@ def main(args) -> int:
         sections = [s for s in sections if any(o in s.name for o in args.sections)]
     if args.list:
         for s in sections:
-            img = "image" if s.image or s.layout == "visium" else "no image"
+            img = f"image {s.image}" if s.image else "no full-resolution image"
             print(f"{s.name}\t{s.layout}\t{img}\t{s.path}")
         return 0
     methods = _methods(args.methods)

@@ -9,7 +9,11 @@ never seen:
   ``ST-imgs/<letter>/<S>/`` when present (with ``scalefactors.json``'s
   ``pixel_scale`` when the image is a rescaled rendering).
 * **Space Ranger** (Visium): any folder with ``filtered_feature_bc_matrix.h5``,
-  ``spatial/`` and ``labels.tsv`` (barcode, label).
+  ``spatial/`` and ``labels.tsv`` (barcode, label); a full-resolution H&E
+  (``.tif``/``.tiff``/``.jpg``/``.png``) lying next to the matrix (or in the
+  sample folder holding ``outs/``) is used as the section's image (the largest
+  such file). Without one, methods that need the full-resolution image are
+  recorded as skipped.
 
 For each section the number of clusters is the number of distinct scored labels
 (everything but missing labels and ``ignore``). Each method runs once per seed
@@ -108,6 +112,13 @@ def _rel(folder: Path, base: Path, leaf: str | None = None) -> str:
     return "/".join(parts) or folder.resolve().name
 
 
+def _visium_fullres(d: Path) -> Path | None:
+    """A full-resolution H&E next to the matrix (or in the sample folder holding outs/): the largest image file."""
+    folders = [d] + ([d.parent] if d.name == "outs" else [])
+    imgs = [p for f in folders for p in f.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXT]
+    return max(imgs, key=lambda p: p.stat().st_size) if imgs else None
+
+
 def find_sections(data_dir: str | os.PathLike) -> list[Section]:
     """Every annotated section under ``data_dir`` (searched recursively), sorted by name."""
     base = Path(data_dir)
@@ -126,8 +137,11 @@ def find_sections(data_dir: str | os.PathLike) -> list[Section]:
                 labels = d.parent / "labels.tsv"
             if labels.is_file():
                 name = _rel(d.parent if d.name == "outs" else d, base)
-                found.append(Section(name=name, layout="visium", path=d,
-                                     files={"h5": d / "filtered_feature_bc_matrix.h5", "labels": labels}))
+                files = {"h5": d / "filtered_feature_bc_matrix.h5", "labels": labels}
+                img = _visium_fullres(d)
+                if img is not None:
+                    files["image"] = img
+                found.append(Section(name=name, layout="visium", path=d, files=files))
     return sorted(found, key=lambda s: s.name)
 
 
@@ -140,7 +154,8 @@ def load_section(section: Section):
         return read.legacy_st(f["counts"], f["spots"], image=f.get("image"), pixel_scale=section.pixel_scale,
                               labels=f["labels"], library_id=section.name.replace("/", "_"))
     if section.layout == "visium":
-        return read.visium(section.path, labels=section.files["labels"], library_id=section.name.replace("/", "_"))
+        return read.visium(section.path, image=section.files.get("image"), labels=section.files["labels"],
+                           library_id=section.name.replace("/", "_"))
     msg = f"unknown section layout {section.layout!r}."
     raise InputError(msg, section.path)
 
@@ -231,7 +246,7 @@ def run_benchmark(
         out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     meta = {"methods": methods, "seeds": seed_list, "ignore": list(ignore), "command": command, "machine": machine,
-            "sections": [f"{s.name} ({s.layout}{', image' if s.image or s.layout == 'visium' else ', no image'})"
+            "sections": [f"{s.name} ({s.layout}, {'image ' + s.image.name if s.image else 'no full-resolution image'})"
                          for s in sections]}
     log(f"benchmark: {len(sections)} section(s): {', '.join(s.name for s in sections)}")
     for sec in sections:
