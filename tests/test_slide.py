@@ -307,6 +307,10 @@ def test_array_inputs_and_errors():
     f = a.astype(np.float32) / 255
     with open_slide(f) as s:
         np.testing.assert_array_equal(s.read_region(0, 0, 50, 40), a)
+    with pytest.raises(InputError):
+        open_slide(a).read_region(0, 0, 5, 5, fill=256)
+    with pytest.raises(InputError):
+        open_slide(a).read_region(0, 0, -1, 5)
     with pytest.raises(ImageError):
         open_slide(np.zeros((4, 4, 7), np.uint8))
     with pytest.raises(ImageError):
@@ -396,3 +400,16 @@ def test_gray_jpeg_ycbcr_tiff_and_main_series(tmp_path):
         w.write(a, photometric="rgb", tile=(32, 32))
     with open_slide(tmp_path / "two.tif") as s:
         assert (s.width, s.height) == (128, 96)
+
+
+def test_pil_pixel_limit(tmp_path, monkeypatch):
+    import stmorph.im._slide as slide_mod
+
+    before = Image.MAX_IMAGE_PIXELS
+    Image.fromarray(_rgb(100, 100)).save(tmp_path / "a.png")
+    with open_slide(tmp_path / "a.png") as s:
+        s.read_region(0, 0, 10, 10)
+    assert Image.MAX_IMAGE_PIXELS == before  # the global limit is restored
+    monkeypatch.setattr(slide_mod, "MAX_PIL_PIXELS", 5000)
+    with pytest.raises(ImageError, match="tiled pyramidal TIFF"):
+        open_slide(tmp_path / "a.png")

@@ -411,6 +411,14 @@ class _PilLevel(_ArrayLevel):
 
 
 # --------------------------------------------------------------------------- PIL helpers
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+def _too_big_msg() -> str:
+    return (f"image is larger than {MAX_PIL_PIXELS} pixels, too large to decode whole; convert it to a tiled "
+            "pyramidal TIFF (e.g. with tifffile or vips) so it can be read lazily.")
+
+
 class _pil_open:
     """``Image.open`` with the decompression-bomb limit raised deliberately and errors as ImageError."""
 
@@ -419,24 +427,32 @@ class _pil_open:
         self.im = None
 
     def __enter__(self):
+        import warnings
+
         from PIL import Image, UnidentifiedImageError
 
-        old = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = MAX_PIL_PIXELS
         try:
-            self.im = Image.open(self.path)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            msg = (f"image is larger than {MAX_PIL_PIXELS} pixels; convert it to a tiled pyramidal TIFF "
-                   "(e.g. with tifffile or vips) so it can be read lazily.")
-            raise ImageError(msg, self.path) from e
+            with _PIL_LIMIT_LOCK, warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                old = Image.MAX_IMAGE_PIXELS
+                Image.MAX_IMAGE_PIXELS = MAX_PIL_PIXELS
+                try:
+                    self.im = Image.open(self.path)
+                finally:
+                    Image.MAX_IMAGE_PIXELS = old
+        except Image.DecompressionBombError as e:
+            self.im = None
+            raise ImageError(_too_big_msg(), self.path) from e
         except UnidentifiedImageError as e:
             msg = "not a readable image (unknown format); expected TIFF, JPEG or PNG."
             raise ImageError(msg, self.path) from e
         except (OSError, SyntaxError, ValueError) as e:
             msg = f"cannot read image: {e}"
             raise ImageError(msg, self.path) from e
-        finally:
-            Image.MAX_IMAGE_PIXELS = old
+        w, h = self.im.size
+        if w * h > MAX_PIL_PIXELS:
+            self.im.close()
+            raise ImageError(_too_big_msg(), self.path)
         return self.im
 
     def __exit__(self, *exc):
@@ -735,6 +751,9 @@ class Slide:
         w, h = int(w), int(h)
         if w < 0 or h < 0:
             msg = f"region size must be non-negative, got w={w}, h={h}."
+            raise InputError(msg, self.path)
+        if not 0 <= int(fill) <= 255:
+            msg = f"fill must be within 0..255, got {fill}."
             raise InputError(msg, self.path)
         if level not in (0, -len(self._levels)):
             x = int(math.floor(x * lv.width / self.width + 0.5))
