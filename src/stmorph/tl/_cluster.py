@@ -55,8 +55,9 @@ def knn_graph(X: np.ndarray, n_neighbors: int = 39, *, weights: str = "jaccard")
     n = X.shape[0]
     idx = knn_indices(X, n_neighbors)
     k = idx.shape[1]
+    srt = np.sort(idx, axis=1).astype(np.int64)  # each spot's neighbour set, itself included
     rows = np.repeat(np.arange(n), k - 1)
-    cols = idx[:, 1:].ravel()
+    cols = srt[srt != np.arange(n)[:, None]]  # row-major: the same order as the kernel's edges
     if weights == "binary":
         w = np.ones(rows.size)
     elif weights == "gaussian":
@@ -64,17 +65,8 @@ def knn_graph(X: np.ndarray, n_neighbors: int = 39, *, weights: str = "jaccard")
         sig = np.linalg.norm(X - X[idx[:, -1]], axis=1) + 1e-12
         w = np.exp(-(d**2) / (sig[rows] * sig[cols]))
     else:
-        # |N(i) & N(j)| for every kNN edge, computed in chunks: sorted neighbour
-        # lists, membership by searchsorted.
-        srt = np.sort(idx, axis=1)
-        inter = np.empty(rows.size, dtype=np.int32)
-        chunk = max(1, 2_000_000 // k)
-        for s in range(0, rows.size, chunk):
-            r, c = rows[s : s + chunk], cols[s : s + chunk]
-            a, b = srt[r], srt[c]  # (m, k)
-            pos = np.minimum(_rowwise_searchsorted(b, a), k - 1)
-            inter[s : s + chunk] = (np.take_along_axis(b, pos, axis=1) == a).sum(axis=1)
-        w = inter / (2.0 * k - inter)
+        inter = _intersections(srt)
+        w = inter.ravel() / (2.0 * k - inter.ravel())
     A = sp.csr_matrix((w, (rows, cols)), shape=(n, n))
     # symmetrise: an edge present in either direction; Jaccard is symmetric already
     A = A.maximum(A.T).tocsr()
@@ -82,14 +74,53 @@ def knn_graph(X: np.ndarray, n_neighbors: int = 39, *, weights: str = "jaccard")
     return A
 
 
-def _rowwise_searchsorted(sorted_rows: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """``np.searchsorted`` per row of equal-length sorted rows (vectorised via offsets)."""
-    m, k = sorted_rows.shape
-    span = float(max(sorted_rows.max(initial=0), values.max(initial=0)) + 1)
-    off = (np.arange(m, dtype=np.float64) * span)[:, None]
-    flat = (sorted_rows + off).ravel()
-    pos = np.searchsorted(flat, (values + off).ravel()).reshape(m, -1)
-    return pos - (np.arange(m) * k)[:, None]
+def _intersections(srt: np.ndarray) -> np.ndarray:
+    """``|N(i) & N(j)|`` for every kNN edge i -> j (j = row i's neighbours but itself).
+
+    ``srt`` holds each spot's neighbour set (itself included) sorted; the
+    count is a merge of two sorted lists, compiled with numba.
+    """
+    return _intersections_kernel()(srt)
+
+
+_KERNEL = None
+
+
+def _intersections_kernel():
+    global _KERNEL
+    if _KERNEL is None:
+        import numba
+
+        @numba.njit(parallel=True, cache=True)
+        def kernel(srt):  # pragma: no cover - compiled
+            n, k = srt.shape
+            out = np.zeros((n, k - 1), dtype=np.int32)
+            for i in numba.prange(n):
+                e = 0
+                for t in range(k):
+                    j = srt[i, t]
+                    if j == i:
+                        continue
+                    a = 0
+                    b = 0
+                    c = 0
+                    while a < k and b < k:
+                        x = srt[i, a]
+                        y = srt[j, b]
+                        if x == y:
+                            c += 1
+                            a += 1
+                            b += 1
+                        elif x < y:
+                            a += 1
+                        else:
+                            b += 1
+                    out[i, e] = c
+                    e += 1
+            return out
+
+        _KERNEL = kernel
+    return _KERNEL
 
 
 @contextmanager
@@ -112,7 +143,7 @@ def _partition(graph, weights, method: str, resolution: float, seed: int) -> np.
 
         part = leidenalg.find_partition(
             graph, leidenalg.RBConfigurationVertexPartition, weights=weights,
-            resolution_parameter=resolution, seed=seed, n_iterations=-1,
+            resolution_parameter=resolution, seed=seed, n_iterations=2,
         )
     return np.asarray(part.membership)
 
@@ -147,7 +178,8 @@ def cluster_graph(
         msg = f"method={method!r} is not one of {_METHODS}."
         raise InputError(msg)
     upper = sp.triu(A, k=1).tocoo()
-    g = igraph.Graph(n=A.shape[0], edges=np.column_stack([upper.row, upper.col]).tolist(), directed=False)
+    g = igraph.Graph(n=A.shape[0], directed=False)
+    g.add_edges(np.column_stack([upper.row, upper.col]))  # much faster than Graph(edges=...)
     w = upper.data.tolist()
 
     def run(res: float) -> np.ndarray:
