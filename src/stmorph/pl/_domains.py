@@ -83,7 +83,8 @@ def domains(
     ext = xy_img.max(axis=0) - xy_img.min(axis=0)
     aspect = float(ext[1] / ext[0]) if ext[0] > 0 else 1.0
     panel_w = 4.6
-    legend_w = 1.9 if n_lab_max <= 12 else 3.2
+    longest = max((len(lab) for k in keys for lab in label_order(adata.obs[k])), default=1)
+    legend_w = (0.55 + 0.075 * max(longest, 3)) * (1 if n_lab_max <= 16 else 2)
     fig_ncols = min(len(keys), ncols or min(len(keys), 4))
     nrows = int(np.ceil(len(keys) / fig_ncols))
     fig, axes = plt.subplots(
