@@ -106,3 +106,22 @@ def test_spatial_dotplot_gsea_bars(tmp_path):
     import matplotlib.pyplot as plt
 
     plt.close("all")
+
+
+def test_background_falls_back_to_fullres_thumbnail():
+    from stmorph.pl import _utils
+
+    adata = toy_tissue(n_side=8)
+    lib = adata.uns["spatial"]["toy"]
+    hires = lib["images"].pop("hires")
+    full = np.repeat(np.repeat(hires, 2, axis=0), 2, axis=1)  # hires scale is 0.5
+    lib["images"]["fullres"] = full
+    img, scale = _utils.background(adata, max_side=200)
+    assert img is not None and max(img.shape[:2]) <= 200
+    assert scale == pytest.approx(img.shape[1] / full.shape[1], rel=0.02)
+    fig = pl.domains(adata, "annotation")
+    assert fig.axes[0].images
+    assert _utils.background(adata, image=False) == (None, 1.0)
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
