@@ -197,3 +197,46 @@ def test_attention_memory_is_not_quadratic(mode):
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["shape"] == [n, 32]
     assert out["delta_bytes"] < 0.25 * n * n * 4  # far below one N x N float matrix (400 MB bound)
+
+
+def _with_image(a, seed=0):
+    """Add an in-memory full-resolution image whose colour follows the regions."""
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 60, size=(1300, 1500, 3), dtype=np.uint8)
+    for r, col in enumerate(a.obs["annotation"].cat.categories):
+        xs = a.obsm["spatial"][a.obs["annotation"] == col, 0]
+        img[:, int(xs.min()) + 50:int(xs.max()) + 150, r] += 150
+    a.uns["spatial"] = {"lib": {"images": {"fullres": img},
+                                "scalefactors": {"spot_diameter_fullres": 50.0, "tissue_hires_scalef": 1.0,
+                                                 "tissue_lowres_scalef": 1.0},
+                                "metadata": {"technology": "synthetic", "spot_diameter_um": 55.0}}}
+    a.obsm["spatial"] = a.obsm["spatial"] + 100.0
+    del a.obsm["X_image_senca"]
+    return a
+
+
+def _tiny_encoder():
+    from stmorph.im.encoders import get_encoder
+
+    torch.manual_seed(0)
+    cnn = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten())
+    return get_encoder(cnn, input_size=16, name="tiny")
+
+
+def test_image_features_computed_with_three_spacing_patches():
+    a = _with_image(tissue())
+    senca(a, 3, progress=False, encoder=_tiny_encoder(), device="cpu", **FAST)
+    p = a.uns["senca"]["params"]
+    assert p["patch_size_px"] == 600  # radius 3 spacings of 100 px
+    assert a.obsm["X_image_senca"].shape == (a.n_obs, 8)
+    assert p["image"] == 'obsm["X_image_senca"]'
+
+
+def test_finetune_image_end_to_end():
+    a = _with_image(tissue(nx=8, ny=6))
+    enc = _tiny_encoder()
+    w0 = enc.model[0].weight.detach().clone()
+    senca(a, 3, progress=False, encoder=enc, finetune_image=True, device="cpu", epochs=2, steps_per_epoch=2)
+    assert "fine-tuned" in a.uns["senca"]["params"]["image"]
+    assert not torch.equal(w0, enc.model[0].weight.detach())  # the CNN was trained

@@ -232,7 +232,7 @@ def senca(
             "hierarchical": bool(hierarchical),
             "image": image_source,
             "image_key": image_key,
-            "encoder": encoder if feats is not None else "none",
+            "encoder": getattr(encoder, "name", str(encoder)) if feats is not None else "none",
             "finetune_image": bool(finetune_image),
             "patch_size_px": int(side),
             "spot_spacing_px": float(inp.spacing),

@@ -1,0 +1,156 @@
+"""SENCA-st benchmark: speed on synthetic sections and ARI on ../shared/data.
+
+Usage (from the repository root)::
+
+    .venv/bin/python benchmarks/bench_senca.py                 # everything
+    .venv/bin/python benchmarks/bench_senca.py --only speed    # the two timings
+    .venv/bin/python benchmarks/bench_senca.py --only ari --sections A1 B1
+    .venv/bin/python benchmarks/bench_senca.py --threads 1     # torch threads (default: torch's)
+
+Speed (image feature extraction excluded, as the bar says):
+  * 10 epochs (paper setting) on a 600-spot synthetic section (HER2ST size), bar: < 60 s;
+  * 10 epochs on a 4,992-spot synthetic Visium section, bar: < 5 min.
+  The synthetic sections carry stand-in image features (1,280-d, the
+  EfficientNet-Lite2 width, region signal + noise) so that only SENCA-st is timed.
+
+Accuracy: every annotated section found under --data (HER2ST A1 with its H&E,
+B1/C1/D1 without an image, the DLPFC sections without a full-resolution image).
+SENCA-st (and, where an image exists, its two Table 4 ablations) beside stMIC
+and the expression-only baseline, with the number of clusters set to the
+number of distinct scored labels and ``undetermined`` left out of scoring.
+Without an image SENCA-st runs its RNA branch alone and stMIC is not applicable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+
+PAPER = {
+    "SENCA-st HER2ST mean ARI over 8 sections (Table 1)": 0.304,
+    "SENCA-st HER2ST median ARI (Table 1)": 0.320,
+    "without cross-attention (Table 4)": 0.2218,
+    "without hierarchical learning (Table 4)": 0.2495,
+}
+
+
+def stand_in_features(adata, dim=1280, seed=0):
+    """Region-informative random features standing in for cached CNN features."""
+    rng = np.random.default_rng(seed)
+    codes = adata.obs["annotation"].astype("category").cat.codes.to_numpy()
+    centers = rng.normal(size=(codes.max() + 1, dim)).astype(np.float32)
+    return centers[codes] * 0.5 + rng.normal(size=(adata.n_obs, dim)).astype(np.float32)
+
+
+def bench_speed(threads):
+    import stmorph
+    from stmorph.tl.senca import senca
+
+    print("== speed (image feature extraction excluded) ==")
+    for n, bar in ((600, 60.0), (4992, 300.0)):
+        a = stmorph.datasets.synthetic(n, image=False, random_state=0)
+        a.obsm["X_image_senca"] = stand_in_features(a)
+        k = int(a.obs["annotation"].nunique())
+        t0, c0, load0 = time.perf_counter(), time.process_time(), os.getloadavg()[0]
+        senca(a, k, progress=False, device="cpu")
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+        p = a.uns["senca"]["params"]
+        ari = stmorph.ev.ari(a, "senca")
+        print(f"{n:>5} spots x {p['n_genes_used']} genes, {p['epochs']} epochs x {p['steps_per_epoch']} steps, "
+              f"attention={p['attention_resolved']}, threads={threads}: {dt:6.1f} s "
+              f"wall (train {p['seconds_train']:.1f} s), {cpu:6.1f} s CPU, load avg {load0:.1f}->{os.getloadavg()[0]:.1f}; "
+              f"bar < {bar:.0f} s: {'PASS' if dt < bar else 'FAIL'}  [ARI vs synthetic truth {ari:.3f}]", flush=True)
+
+
+def bench_ari(data, only):
+    import stmorph
+    from stmorph.tl.senca import senca
+    from stmorph.ev._benchmark import find_sections, load_section
+
+    print(f"\n== ARI on {data} ==", flush=True)
+    rows = []
+    for sec in find_sections(data):
+        short = sec.name.split("/")[-1]
+        if only and short not in only and sec.name not in only:
+            continue
+        a = load_section(sec)
+        k = int(stmorph.ev._metrics.scored_labels(a).nunique())
+        has_img = stmorph.tl._stmic.has_image(a)
+        res = {"section": short, "n_spots": a.n_obs, "k": k, "image": has_img}
+        t0 = time.perf_counter()
+        methods = ["expression", "stmic"] if has_img else ["expression"]
+        stmorph.tl.run_methods(a, methods, n_clusters=k, progress=False)
+        res["t_baselines"] = time.perf_counter() - t0
+        for m in methods:
+            res[m] = stmorph.ev.ari(a, m)
+        runs = [("senca", {})]
+        if has_img:
+            runs += [("senca_no_xattn", {"cross_attention": False}), ("senca_no_hier", {"hierarchical": False})]
+        for key, kw in runs:
+            t0 = time.perf_counter()
+            senca(a, k, key_added=key, progress=False, **kw)
+            res[f"t_{key}"] = time.perf_counter() - t0
+            res[key] = stmorph.ev.ari(a, key)
+            if key == "senca":
+                res["t_image_features"] = a.uns["senca"]["params"]["seconds_image_features"]
+        rows.append(res)
+        print("  " + "  ".join(f"{c}={_fmt(v)}" for c, v in res.items()), flush=True)
+    if not rows:
+        print("  no annotated sections found")
+        return
+    cols = ["senca", "senca_no_xattn", "senca_no_hier", "stmic", "expression"]
+    print("\n| section | spots | k | image | SENCA-st | SENCA-st w/o cross-attn | SENCA-st w/o hierarchical "
+          "| stMIC | expression-only | SENCA-st s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        vals = " | ".join(_fmt(r.get(c, float("nan"))) for c in cols)
+        print(f"| {r['section']} | {r['n_spots']} | {r['k']} | {'yes' if r['image'] else 'no'} | {vals} "
+              f"| {r['t_senca']:.0f} |")
+    her = [r for r in rows if r["section"][:1] in "ABCDEFGH" and len(r["section"]) == 2]
+    if her:
+        print(f"\nHER2ST sections here: mean SENCA-st ARI {np.mean([r['senca'] for r in her]):.3f} over "
+              f"{len(her)} ({', '.join(r['section'] for r in her)}); "
+              f"expression-only {np.mean([r['expression'] for r in her]):.3f}")
+    print("\nPaper (for reference; 8 HER2ST sections, all with images, GPU):")
+    for what, v in PAPER.items():
+        print(f"  {what}: {v}")
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return "n/a" if np.isnan(v) else f"{v:.3f}"
+    return str(v)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--only", choices=["speed", "ari"], default=None)
+    ap.add_argument("--sections", nargs="*", default=None, help="e.g. A1 B1 151673")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    args = ap.parse_args(argv)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    print(f"torch {torch.__version__}, {threads} threads, python {sys.version.split()[0]}")
+    if args.only in (None, "speed"):
+        bench_speed(threads)
+    if args.only in (None, "ari"):
+        if not args.data.exists():
+            print(f"{args.data} not found: ARI part skipped")
+        else:
+            bench_ari(args.data, set(args.sections or []))
+
+
+if __name__ == "__main__":
+    main()
