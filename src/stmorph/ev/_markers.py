@@ -7,6 +7,8 @@ tidy table.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 from scipy import sparse
@@ -127,10 +129,13 @@ def markers(
     if len(single):
         msg = f"domains {list(single.index)} of obs[{groupby!r}] have fewer than 2 spots; the Wilcoxon test needs more."
         raise InputError(msg)
-    sc.tl.rank_genes_groups(
-        tmp, groupby, groups=groups, method="wilcoxon", pts=True, tie_correct=tie_correct,
-        key_added=key_added, use_raw=False, n_genes=tmp.n_vars,
-    )
+    with warnings.catch_warnings():
+        # genes with no count anywhere give 0/0 in the tie correction: their score is NaN, which is right
+        warnings.filterwarnings("ignore", "invalid value encountered", RuntimeWarning)
+        sc.tl.rank_genes_groups(
+            tmp, groupby, groups=groups, method="wilcoxon", pts=True, tie_correct=tie_correct,
+            key_added=key_added, use_raw=False, n_genes=tmp.n_vars,
+        )
     df = sc.get.rank_genes_groups_df(tmp, group=None, key=key_added)
     if "group" not in df:  # a single tested group
         df.insert(0, "group", groups[0] if groups != "all" else counts.index[0])
