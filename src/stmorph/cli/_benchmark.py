@@ -72,6 +72,22 @@ def machine_description() -> str:
     return f"{platform.system()} {platform.machine()}, {cpu}, {n} CPU core(s){mem}, Python {platform.python_version()}"
 
 
+def code_description() -> str:
+    import subprocess
+
+    from .. import __version__
+
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."],
+                               cwd=here.parent, capture_output=True, text=True, timeout=10).stdout.strip()
+        return f"stmorph {__version__} (git {sha}{', with uncommitted changes' if dirty else ''})"
+    except (OSError, subprocess.SubprocessError):
+        return f"stmorph {__version__}"
+
+
 def main(args) -> int:
     from ..ev import _benchmark as bm
 
@@ -98,7 +114,7 @@ def main(args) -> int:
     command = "stmorph " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["benchmark"] else None
     df = bm.run_benchmark(sections=sections, methods=methods, seeds=args.seeds, out=args.out, ignore=args.ignore,
                           runner=runner, force=args.force, command=command, data_dir=args.data,
-                          machine=machine_description())
+                          machine=machine_description(), code=code_description())
     out = Path(args.out)
     print((out / "benchmark.md").read_text())
     print(f"wrote {out / 'benchmark.csv'} and {out / 'benchmark.md'}", file=sys.stderr)

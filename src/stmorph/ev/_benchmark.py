@@ -181,6 +181,7 @@ def run_benchmark(
     log: Callable[[str], None] | None = None,
     command: str | None = None,
     machine: str | None = None,
+    code: str | None = None,
 ) -> pd.DataFrame:
     """Run ``methods`` on every annotated section, ``seeds`` times, and score them.
 
@@ -207,8 +208,8 @@ def run_benchmark(
         ``loader(section) -> AnnData``; default :func:`load_section`.
     force
         Overwrite existing outputs in ``out``.
-    command, machine
-        Recorded at the top of ``benchmark.md``.
+    command, machine, code
+        Recorded at the top of ``benchmark.md`` (code: stmorph version / git commit).
 
     Returns
     -------
@@ -245,7 +246,7 @@ def run_benchmark(
                 raise OutputExistsError(msg if out_dir is None else f"{out_dir / f}: {msg}")
         out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
-    meta = {"methods": methods, "seeds": seed_list, "ignore": list(ignore), "command": command, "machine": machine,
+    meta = {"methods": methods, "seeds": seed_list, "ignore": list(ignore), "command": command, "machine": machine, "code": code,
             "sections": [f"{s.name} ({s.layout}, {'image ' + s.image.name if s.image else 'no full-resolution image'})"
                          for s in sections]}
     log(f"benchmark: {len(sections)} section(s): {', '.join(s.name for s in sections)}")
@@ -340,7 +341,7 @@ def summarize(df: pd.DataFrame, metric: str = "ARI") -> pd.DataFrame:
 
 
 def benchmark_markdown(df: pd.DataFrame, *, methods=None, seeds=None, ignore=None, command=None, sections=None,
-                       machine: str | None = None) -> str:
+                       machine: str | None = None, code: str | None = None) -> str:
     """The ``benchmark.md`` text: per-section tables (mean ± sd across seeds), per-method summary, skips."""
     methods = list(methods or dict.fromkeys(df["method"]))
     secs = list(dict.fromkeys(df["section"]))
@@ -350,6 +351,8 @@ def benchmark_markdown(df: pd.DataFrame, *, methods=None, seeds=None, ignore=Non
         lines += [f"Command: `{command}`", ""]
     if machine:
         lines += [f"Machine: {machine}", ""]
+    if code:
+        lines += [f"Code: {code}", ""]
     lines += [
         f"Seeds: {n_seeds} ({', '.join(map(str, seeds)) if seeds is not None else ''}); "
         f"cluster count per section = number of distinct scored labels; "
