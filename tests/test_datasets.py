@@ -80,6 +80,19 @@ def test_default_scale():
     assert counts.min() >= 0.04 * a.n_obs  # every region is a real part of the section
     lib = np.asarray(a.X.sum(1)).ravel()
     assert 1000 < np.median(lib) < 10000
+    # regions are spatially coherent: most hex neighbours share the region
+    from scipy.spatial import cKDTree
+
+    xy = a.obsm["spatial"]
+    pitch = 100 / a.uns["spatial"][LIB]["metadata"]["microns_per_pixel"]
+    pairs = cKDTree(xy).query_pairs(1.05 * pitch, output_type="ndarray")
+    ann = a.obs["annotation"].to_numpy()
+    assert len(pairs) > 2.5 * a.n_obs
+    assert (ann[pairs[:, 0]] == ann[pairs[:, 1]]).mean() > 0.8
+    # necrosis sits inside the tumour: its spots touch no stroma
+    nec = ann[pairs] == "necrosis"
+    other = np.where(nec[:, 0], ann[pairs[:, 1]], ann[pairs[:, 0]])[nec.any(1)]
+    assert "stroma" not in set(other)
 
 
 def test_deterministic(small):
@@ -166,7 +179,7 @@ def test_write_visium(small, tmp_path, positions):
     import h5py
     import tifffile
 
-    out = write_visium(small, tmp_path / "outs", positions=positions)
+    out = write_visium(small, tmp_path / "outs", positions=positions, compression="zlib")
     assert out == tmp_path / "outs"
     names = {"list": "tissue_positions_list.csv", "csv": "tissue_positions.csv", "parquet": "tissue_positions.parquet"}
     for f in ("filtered_feature_bc_matrix.h5", "labels.tsv", "image.tif", f"spatial/{names[positions]}",
@@ -210,6 +223,22 @@ def test_write_visium(small, tmp_path, positions):
         page = tif.pages[0]
         assert page.is_tiled
         np.testing.assert_array_equal(page.asarray(), small.uns["spatial"][LIB]["images"]["fullres"])
+
+
+def test_write_visium_jpeg_tiff_is_close(small, tmp_path):
+    import tifffile
+
+    out = write_visium(small, tmp_path / "outs")  # default: JPEG-compressed tiled pyramid
+    full = small.uns["spatial"][LIB]["images"]["fullres"]
+    with tifffile.TiffFile(out / "image.tif") as tif:
+        page = tif.pages[0]
+        assert page.is_tiled and page.compression == tifffile.COMPRESSION.JPEG
+        img = page.asarray()
+        assert img.shape == full.shape
+        # JPEG drops the pixel noise; 16 x 16 block means agree closely
+        h, w = (full.shape[0] // 16) * 16, (full.shape[1] // 16) * 16
+        blocks = lambda x: x[:h, :w].astype(float).reshape(h // 16, 16, w // 16, 16, 3).mean((1, 3))  # noqa: E731
+        assert np.abs(blocks(img) - blocks(full)).mean() < 1.5
 
 
 def test_write_visium_refuses_and_forces(small, tmp_path):

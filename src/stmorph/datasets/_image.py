@@ -83,7 +83,7 @@ class LumenKind:
 
 
 LUMENS: dict[str, LumenKind] = {
-    "vessel": LumenKind((6.0, 22.0), (0.45, 1.0), 2.5, 0.95, 0.08, (0.15, 0.85), "flat", 22.0, 0.5),
+    "vessel": LumenKind((8.0, 24.0), (0.45, 1.0), 2.5, 0.95, 0.08, (0.2, 0.9), "flat", 22.0, 0.5),
     "gland": LumenKind((18.0, 45.0), (0.55, 1.0), 13.0, 0.42, 0.28, (0.0, 0.0), "epi", 7.5, 0.45),
 }
 
@@ -95,7 +95,7 @@ TEXTURES: dict[str, dict] = {
     "stroma": dict(eosin=0.12, h_bg=0.015, grain=0.04, fibre=0.85, adipose=0.0,
                    nuclei={"spindle": 900.0, "lymph": 80.0}, lumens={"vessel": 6.0}),
     "vessel": dict(eosin=0.12, h_bg=0.015, grain=0.04, fibre=0.85, adipose=0.0,
-                   nuclei={"spindle": 900.0, "lymph": 80.0}, lumens={"vessel": 260.0}),
+                   nuclei={"spindle": 900.0, "lymph": 80.0}, lumens={"vessel": 350.0}),
     "immune": dict(eosin=0.22, h_bg=0.06, grain=0.06, fibre=0.15, adipose=0.0,
                    nuclei={"lymph": 9000.0, "spindle": 200.0}, lumens={}),
     "necrosis": dict(eosin=0.70, h_bg=0.07, grain=0.22, fibre=0.0, adipose=0.0,

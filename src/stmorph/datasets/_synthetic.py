@@ -39,7 +39,7 @@ SPOT_DIAMETER_UM = 55.0
 ROW_STEP_UM = PITCH_UM * math.sqrt(3.0) / 2.0  # vertical distance between array rows
 LABEL_CELL_UM = 5.0  # resolution of the region map
 FIELD_CELL_UM = 40.0  # resolution of smooth random fields
-MARGIN_UM = 250.0  # glass around the spot grid
+MARGIN_UM = 150.0  # glass around the spot grid
 LIBRARY_ID = "synthetic"
 
 
@@ -118,7 +118,7 @@ def _barcodes(n: int, offset: int = 0) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 # 1. spot grid and tissue outline
 # ----------------------------------------------------------------------------------------------
-def _spot_grid(n_spots: int, rng: np.random.Generator, tissue_fraction: float = 0.78):
+def _spot_grid(n_spots: int, rng: np.random.Generator, tissue_fraction: float = 0.68):
     """Visium hex grid covering ~n_spots/tissue_fraction positions; pick the n_spots inside a blob."""
     n_grid = n_spots / tissue_fraction
     # square physical extent: rows * ROW_STEP = cols * PITCH
@@ -140,10 +140,11 @@ def _spot_grid(n_spots: int, rng: np.random.Generator, tissue_fraction: float = 
     def shape_value(xu, yu):
         u = np.abs((xu - cx) / ax)
         v = np.abs((yu - cy) / ay)
-        r = (u**3 + v**3) ** (1 / 3)
+        r = (u**2.4 + v**2.4) ** (1 / 2.4)
         fi = np.clip((yu / FIELD_CELL_UM).astype(int), 0, fshape[0] - 1)
         fj = np.clip((xu / FIELD_CELL_UM).astype(int), 0, fshape[1] - 1)
-        return r + 0.12 * warp[fi, fj]
+        box = np.maximum(u, v)  # keep the tissue inside the spot grid (steep rise near its border)
+        return r + 0.09 * warp[fi, fj] + 20.0 * np.maximum(box - 0.96, 0.0)
 
     s = shape_value(x_um, y_um)
     order = np.argsort(s, kind="stable")
@@ -183,14 +184,28 @@ def _region_map(regions, grid, rng: np.random.Generator, scale_um: float):
     fields = np.stack([_zoom_to(_smooth_field(rng, fshape, sigma), (H, W), ratio) for _ in base])
     rough = _zoom_to(_smooth_field(rng, (H // 4 + 1, W // 4 + 1), 2.0), (H, W), 4.0)
     fields += 0.15 * rough[None]  # irregular borders
-    bias = np.zeros(len(base))
-    t = fields[:, tissue]
-    sub = t[:, :: max(t.shape[1] // 40000, 1)]  # tune the biases on a subsample of tissue cells
-    for it in range(60):
-        lab = np.argmax(sub + bias[:, None], axis=0)
-        frac = np.bincount(lab, minlength=len(base)) / lab.size
-        bias += (0.6 if it < 30 else 0.2) * (target - frac) / target.max()
-    lab_t = np.argmax(t + bias[:, None], axis=0)
+    def assign(fields):
+        """argmax of the fields plus per-region biases tuned so areas match the targets."""
+        bias = np.zeros(len(base))
+        t = fields[:, tissue]
+        sub = t[:, :: max(t.shape[1] // 40000, 1)]  # tune the biases on a subsample of tissue cells
+        for it in range(60):
+            lab = np.argmax(sub + bias[:, None], axis=0)
+            frac = np.bincount(lab, minlength=len(base)) / lab.size
+            bias += (0.6 if it < 30 else 0.2) * (target - frac) / target.max()
+        return np.argmax(t + bias[:, None], axis=0)
+
+    lab_t = assign(fields)
+    base_names = [r.name for r in base]
+    if "immune" in base_names:  # immune infiltrate gathers along the tumour margin
+        from scipy import ndimage
+
+        tum = np.zeros((H, W), bool)
+        tum[tissue] = lab_t == base_names.index("tumour")
+        if tum.any() and not tum[tissue].all():
+            d = (ndimage.distance_transform_edt(~tum) + ndimage.distance_transform_edt(tum)) * LABEL_CELL_UM
+            fields[base_names.index("immune")] += 1.2 * np.exp(-((d / 150.0) ** 2))
+            lab_t = assign(fields)
 
     index = {n: i + 1 for i, n in enumerate(names)}
     labels = np.zeros((H, W), np.uint8)
@@ -316,7 +331,7 @@ def synthetic(
     mixing: float = 0.2,
     library_size: float = 4000.0,
     dispersion: float = 4.0,
-    nuisance_strength: float = 0.6,
+    nuisance_strength: float = 0.3,
     n_nuisance: int = 3,
     image_strength: float = 1.0,
     image_noise: float = 1.0,
@@ -351,7 +366,7 @@ def synthetic(
     random_state
         Seed; the same seed gives the same data.
     region_scale_um
-        Length scale of the region blobs (default: a fifth of the section width).
+        Length scale of the region blobs (default: a sixth of the section width).
     n_program_genes, fold_change, expression_strength
         Genes per program, their fold-change range, and a multiplier on the log fold changes.
     mixing
@@ -405,7 +420,7 @@ def synthetic(
             raise InputError(msg)
         microns_per_pixel = max(grid["width_um"], grid["height_um"]) / int(image_size)
     mpp = float(microns_per_pixel)
-    scale = region_scale_um or max(grid["width_um"], grid["height_um"]) / 5.0
+    scale = region_scale_um or max(grid["width_um"], grid["height_um"]) / 6.0
     labels = _region_map(regions, grid, rng, scale)
 
     inside = grid["inside"]
