@@ -57,10 +57,26 @@ def add_parser(sub) -> None:
     g.add_argument("--spots", default=None, metavar="FILE", help="legacy ST: spot selection table (*_selection.tsv)")
     g.add_argument("--labels", default=None, metavar="FILE",
                    help="annotations: legacy ST *_labeled_coordinates.tsv, or a barcode<TAB>label file for Visium")
-    g.add_argument("--pixel-scale", type=float, default=1.0,
-                   help="legacy ST: factor from the spot table's pixels to the given image's pixels")
+    g.add_argument("--pixel-scale", type=_pixel_scale, default=1.0,
+                   help="legacy ST: factor from the spot table's pixels to the given image's pixels, "
+                        "or 'auto' (scalefactors.json beside the image)")
     add_common_options(p)
     p.set_defaults(func=main)
+
+
+def _pixel_scale(text: str):
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        import argparse
+
+        msg = f"expected a positive number or 'auto', got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
 
 
 def resolve_methods(chosen: list[str] | None) -> list[str]:
@@ -89,12 +105,26 @@ def read_input(path: str, *, image=None, spots=None, labels=None, pixel_scale: f
         return read.visium(folder, image=image, labels=labels if labels is not None else "auto")
     name = p.name.lower()
     if name.endswith(".h5ad"):
-        adata = read.h5ad(p)
-        if image is not None:
-            from .. import _spatial
+        import anndata
 
-            _spatial.library(adata).setdefault("metadata", {})["source_image_path"] = str(Path(image).resolve())
-        return adata
+        try:
+            adata = anndata.read_h5ad(p)
+        except Exception as exc:  # h5py/anndata raise many types for a bad file
+            raise InputError(f"cannot read as .h5ad ({type(exc).__name__}: {exc})", p) from exc
+        if image is not None:
+            from .. import _spatial, im
+
+            lib = _spatial.library(adata)
+            lib.setdefault("metadata", {})["source_image_path"] = str(Path(image).resolve())
+            with im.open_slide(image) as slide:  # spots must lie on the given image
+                xy = _spatial.coordinates(adata)
+                outside = (xy[:, 0] < 0) | (xy[:, 1] < 0) | (xy[:, 0] >= slide.width) | (xy[:, 1] >= slide.height)
+                if outside.any():
+                    msg = (f"{int(outside.sum())} of {len(xy)} spots fall outside the image "
+                           f"({slide.width} x {slide.height} px), e.g. {adata.obs_names[outside][0]}; "
+                           "is it the full-resolution image of this section?")
+                    raise InputError(msg, image)
+        return read.h5ad(adata)
     if name.endswith((".tsv", ".tsv.gz", ".csv", ".csv.gz", ".txt", ".txt.gz")):
         if spots is None:
             msg = "a counts table needs --spots (the *_selection.tsv of the same section)"
