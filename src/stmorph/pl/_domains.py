@@ -46,7 +46,7 @@ def domains(
         Match labels between panels (Hungarian assignment on the contingency table with ``obs[annotation]``
         when present, else with the first key) so the same region has the same colour.
     ncols
-        Panels per row (default: all in one row up to 4).
+        Panels per row (default: one row up to 4 panels, then 3 per row up to 6, then 4).
     spot_size
         Spot diameter in full-resolution pixels (default: ``spot_diameter_fullres``).
     title
@@ -85,7 +85,8 @@ def domains(
     panel_w = 4.6
     longest = max((len(lab) for k in keys for lab in label_order(adata.obs[k])), default=1)
     legend_w = (0.55 + 0.075 * max(longest, 3)) * (1 if n_lab_max <= 16 else 2)
-    fig_ncols = min(len(keys), ncols or min(len(keys), 4))
+    n = len(keys)
+    fig_ncols = min(n, ncols or (n if n <= 4 else 3 if n <= 6 else 4))
     nrows = int(np.ceil(len(keys) / fig_ncols))
     fig, axes = plt.subplots(
         nrows, fig_ncols, figsize=((panel_w + legend_w) * fig_ncols, max(panel_w * aspect, 3.0) * nrows + 0.6),
