@@ -459,8 +459,8 @@ def synthetic(
     # whole pixels, as Space Ranger writes them
     adata.obsm["spatial"] = np.rint(np.column_stack([x_um / mpp, y_um / mpp])).astype(np.float64)
 
-    width_px = int(math.ceil(grid["width_um"] / mpp))
-    height_px = int(math.ceil(grid["height_um"] / mpp))
+    width_px = int(math.ceil(grid["width_um"] / mpp - 1e-6))
+    height_px = int(math.ceil(grid["height_um"] / mpp - 1e-6))
     hires_s = min(1.0, 2000.0 / max(width_px, height_px))
     lowres_s = min(1.0, 600.0 / max(width_px, height_px))
     spot_px = SPOT_DIAMETER_UM / mpp

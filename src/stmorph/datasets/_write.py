@@ -32,7 +32,8 @@ def _write_h5(path: Path, adata, genome: str) -> None:
 
     X = adata.X
     X = sparse.csr_matrix(X) if not sparse.issparse(X) else X.tocsr()
-    X.sort_indices()
+    if not X.has_sorted_indices:
+        X = X.sorted_indices()  # a copy: the caller's matrix is left alone
     data = X.data
     if data.size and np.all(np.mod(data, 1) == 0):
         data = data.astype(np.int32)
