@@ -257,3 +257,35 @@ def test_write_visium_refuses_and_forces(small, tmp_path):
     (tmp_path / "empty").mkdir()
     write_visium(small, tmp_path / "empty", fullres=None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "outs"]
+
+
+def test_h5ad_and_reader_round_trip(small, tmp_path):
+    path = tmp_path / "s.h5ad"
+    small.write_h5ad(path)
+    b = stmorph.read.h5ad(path)
+    assert b.uns["synthetic"]["image_only"] == small.uns["synthetic"]["image_only"]
+    np.testing.assert_array_equal(b.uns["spatial"][LIB]["images"]["fullres"], small.uns["spatial"][LIB]["images"]["fullres"])
+    # the Space Ranger-like folder reads back through stmorph.read.visium with its labels
+    out = write_visium(small, tmp_path / "outs", positions="csv", compression="zlib")
+    c = stmorph.read.visium(out, image=out / "image.tif")
+    assert c.n_obs == small.n_obs  # off-tissue positions are dropped by the reader
+    c = c[small.obs_names]
+    assert (c.X != small.X).nnz == 0
+    np.testing.assert_array_equal(c.obsm["spatial"], small.obsm["spatial"])
+    assert (c.obs["annotation"].astype(str).to_numpy() == small.obs["annotation"].astype(str).to_numpy()).all()
+
+
+def test_strength_knobs():
+    a = synthetic(600, n_genes=400, image=False, random_state=6, expression_only_strength=0.0)
+    syn = a.uns["synthetic"]
+    ereg, epar = syn["expression_only"], syn["parents"][syn["expression_only"]]
+    L = _normalised(a)
+    ann = a.obs["annotation"].to_numpy()
+    for genes in (syn["region_genes"][ereg], syn["region_genes"][epar]):
+        g = a.var_names.get_indexer(genes)
+        assert abs(L[ann == ereg][:, g].mean() - L[ann == epar][:, g].mean()) < 0.15
+    b = synthetic(600, n_genes=400, image=False, random_state=6)
+    Lb = _normalised(b)
+    g = b.var_names.get_indexer(syn["region_genes"][ereg])
+    assert Lb[ann == ereg][:, g].mean() > Lb[ann == epar][:, g].mean() + 0.8
+    assert b.uns["synthetic"]["params"]["expression_only_strength"] == 1.0

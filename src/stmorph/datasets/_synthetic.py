@@ -22,7 +22,8 @@ Steps (each a small function below):
 Two regions are built to need both modalities: the *image-only* region
 ("vessel-rich") expresses exactly the stroma program but looks different
 (lumens, red blood cells, endothelium), and the *expression-only* region
-("hypoxic-tumour") has exactly the tumour texture but its own program.
+("hypoxic-tumour") has exactly the tumour texture and expresses the tumour program plus its own
+hypoxia genes (``expression_only_strength`` scales those; 0 makes it tumour again).
 """
 
 from __future__ import annotations
@@ -65,8 +66,14 @@ REGIONS: tuple[Region, ...] = (
 )
 IMAGE_ONLY = ("vessel-rich", "stroma")  # (region, parent it shares the expression program with)
 EXPRESSION_ONLY = ("hypoxic-tumour", "tumour")  # (region, parent it shares the texture with)
+#: Programs built on top of another one (log fold changes add up).
+PROGRAM_BASE = {"hypoxic": "tumour"}
 #: Library size factor per program (necrotic tissue yields fewer reads).
 LIBRARY_FACTOR = {"necrosis": 0.45, "immune": 1.15, "adipose": 0.6}
+
+
+def _region(name: str) -> Region:
+    return next(r for r in REGIONS if r.name == name)
 
 
 def _rng(random_state) -> np.random.Generator:
@@ -233,7 +240,8 @@ def _region_map(regions, grid, rng: np.random.Generator, scale_um: float):
 # 3. counts
 # ----------------------------------------------------------------------------------------------
 def _counts(regions, region_of_spot, xy_um, rng, *, n_genes, n_program_genes, fold_change,
-            expression_strength, mixing, library_size, dispersion, nuisance_strength, n_nuisance):
+            expression_strength, mixing, library_size, dispersion, nuisance_strength, n_nuisance,
+            program_strength=None):
     """Negative-binomial counts; returns (X dense int32, var names, program -> gene indices, programs)."""
     programs = []
     for r in regions:
@@ -271,10 +279,16 @@ def _counts(regions, region_of_spot, xy_um, rng, *, n_genes, n_program_genes, fo
         lo, hi = np.log(fold_change[0]), np.log(fold_change[1])
         lfc[k, prog_genes[p]] = rng.uniform(lo, hi, n_program_genes)
         # a few genes of other programs go down a little (mutual exclusivity, as in real tissue)
-        others = np.concatenate([prog_genes[q] for q in programs if q != p])
+        others = np.concatenate([prog_genes[q] for q in programs if q not in (p, PROGRAM_BASE.get(p))])
         down = rng.choice(others, size=min(len(others), n_program_genes // 3), replace=False)
         lfc[k, down] -= rng.uniform(0.2, 0.7, down.size)
     lfc *= expression_strength
+    for p, s in (program_strength or {}).items():
+        if p in programs:
+            lfc[programs.index(p)] *= s
+    for p, b in PROGRAM_BASE.items():  # e.g. hypoxic tumour = tumour program + hypoxia genes
+        if p in programs and b in programs:
+            lfc[programs.index(p)] += lfc[programs.index(b)]
 
     n = region_of_spot.size
     prog_index = np.array([programs.index(regions[i].program) for i in region_of_spot])
@@ -328,6 +342,7 @@ def synthetic(
     n_program_genes: int = 30,
     fold_change: tuple[float, float] = (3.0, 6.0),
     expression_strength: float = 1.0,
+    expression_only_strength: float = 1.0,
     mixing: float = 0.2,
     library_size: float = 4000.0,
     dispersion: float = 4.0,
@@ -369,6 +384,9 @@ def synthetic(
         Length scale of the region blobs (default: a sixth of the section width).
     n_program_genes, fold_change, expression_strength
         Genes per program, their fold-change range, and a multiplier on the log fold changes.
+    expression_only_strength
+        Extra multiplier on the log fold changes of the expression-only region's program (how far
+        "hypoxic-tumour" is from "tumour" in expression); the counterpart of ``image_strength``.
     mixing
         Fraction of a spot's expression program taken from its 6 neighbours.
     library_size, dispersion
@@ -391,7 +409,8 @@ def synthetic(
     - ``uns["spatial"]["synthetic"]``: ``images`` (``fullres`` in memory, ``hires``, ``lowres``),
       ``scalefactors``, ``metadata`` (technology "synthetic", spot_diameter_um 55, microns_per_pixel)
     - ``uns["synthetic"]``: ``regions``, ``region_genes`` (planted up-regulated genes of the program
-      each region expresses; the image-only region lists its parent's), ``programs``, ``textures``,
+      each region expresses; the image-only region lists its parent's; the expression-only region lists
+      its own, on top of its parent's program), ``programs``, ``textures``,
       ``image_only``, ``expression_only``, ``parents``, ``params``.
     """
     import anndata as ad
@@ -439,6 +458,7 @@ def synthetic(
     X, var_names, prog_genes, programs, lfc = _counts(
         regions, lab_spot, xy_um, rng, n_genes=int(n_genes), n_program_genes=int(n_program_genes),
         fold_change=fold_change, expression_strength=expression_strength, mixing=mixing,
+        program_strength={_region(EXPRESSION_ONLY[0]).program: float(expression_only_strength)},
         library_size=library_size, dispersion=dispersion, nuisance_strength=nuisance_strength,
         n_nuisance=int(n_nuisance),
     )
@@ -514,7 +534,8 @@ def synthetic(
             "random_state": -1 if not isinstance(random_state, (int, np.integer)) else int(random_state),
             "region_scale_um": float(scale), "n_program_genes": int(n_program_genes),
             "fold_change": [float(fold_change[0]), float(fold_change[1])],
-            "expression_strength": float(expression_strength), "mixing": float(mixing),
+            "expression_strength": float(expression_strength),
+            "expression_only_strength": float(expression_only_strength), "mixing": float(mixing),
             "library_size": float(library_size), "dispersion": float(dispersion),
             "nuisance_strength": float(nuisance_strength), "n_nuisance": int(n_nuisance),
             "image_strength": float(image_strength), "image_noise": float(image_noise),
