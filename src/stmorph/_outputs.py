@@ -28,6 +28,21 @@ _PACKAGES = ("stmorph", "numpy", "scipy", "pandas", "anndata", "scanpy", "scikit
              "leidenalg", "torch", "tifffile", "zarr", "pillow", "matplotlib", "gseapy")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _public_modes(root: Path) -> None:
+    """Give a finished output the permissions of a normally created one (mkdtemp/mkstemp use 0700/0600)."""
+    mask = _umask()
+    for dirpath, _, files in os.walk(root):
+        os.chmod(dirpath, 0o777 & ~mask)
+        for f in files:
+            os.chmod(os.path.join(dirpath, f), 0o666 & ~mask)
+
+
 def check_writable(path: str | os.PathLike, *, force: bool) -> Path:
     """Fail early, before any work, when ``path`` exists and ``force`` is not set."""
     path = Path(path)
@@ -54,6 +69,7 @@ def atomic_dir(path: str | os.PathLike, *, force: bool = False) -> Iterator[Path
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _public_modes(tmp)
     old = None
     if path.exists():
         check_writable(path, force=force)
@@ -71,6 +87,7 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -25,7 +25,7 @@ def add_parser(sub) -> None:
 
 
 def main(args) -> int:
-    from .. import __version__, _spatial, datasets, read
+    from .. import __version__, datasets, read
     from .._outputs import atomic_dir, check_writable
 
     out = Path(args.out)
@@ -43,15 +43,12 @@ def main(args) -> int:
         t0 = time.perf_counter()
         adata = read.visium(tmp / "input", image=tmp / "input" / "image.tif")
         timings["read"] = time.perf_counter() - t0
-        # record the image where it will live once the folder is renamed into place
-        meta = _spatial.library(adata).setdefault("metadata", {})
-        meta["source_image_path"] = str((out / "input" / "image.tif").resolve())
         info = {"command": "stmorph demo", "stmorph_version": __version__, "input": "synthetic",
                 "n_spots_requested": args.n_spots, "timings_s": timings}
-        # features are read from the temporary copy while the run is in progress
-        options = method_options(args)
-        options["image"] = str(tmp / "input" / "image.tif")
-        info = execute(adata, methods, tmp, options, info, plot=not args.no_plot, quiet=args.quiet)
+        # the input is read from the temporary folder while the run is in progress; the
+        # outputs record where it will live once the folder is renamed into place
+        info = execute(adata, methods, tmp, method_options(args), info, plot=not args.no_plot,
+                       quiet=args.quiet, rebase=(str(tmp), str(out.resolve())))
     if not args.quiet:
         print(summary(info, out))
     return 0

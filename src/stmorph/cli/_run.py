@@ -152,8 +152,24 @@ def method_options(args) -> dict:
     }
 
 
-def execute(adata, methods, out_tmp: Path, options: dict, run_info: dict, *, plot: bool, quiet: bool) -> dict:
-    """Run the methods on ``adata`` and write every output into ``out_tmp``; returns run.json's content."""
+def _rebase(obj, old: str, new: str):
+    """Replace the path prefix ``old`` by ``new`` in every string of a nested structure."""
+    if isinstance(obj, dict):
+        return {k: _rebase(v, old, new) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_rebase(v, old, new) for v in obj]
+    if isinstance(obj, str) and old in obj:
+        return obj.replace(old, new)
+    return obj
+
+
+def execute(adata, methods, out_tmp: Path, options: dict, run_info: dict, *, plot: bool, quiet: bool,
+            rebase: tuple[str, str] | None = None) -> dict:
+    """Run the methods on ``adata`` and write every output into ``out_tmp``; returns run.json's content.
+
+    ``rebase=(old, new)`` rewrites paths under ``old`` (inputs staged inside the
+    temporary output folder) to where they will live once the folder is in place.
+    """
     from .. import tl
     from .._outputs import write_run_outputs
 
@@ -181,6 +197,10 @@ def execute(adata, methods, out_tmp: Path, options: dict, run_info: dict, *, plo
 
         run_info["ari"] = {m: ev.ari(adata, m) for m in methods}
         run_info["nmi"] = {m: ev.nmi(adata, m) for m in methods}
+    if rebase is not None:
+        for key in list(adata.uns.keys()):
+            adata.uns[key] = _rebase(adata.uns[key], *rebase)
+        run_info = _rebase(run_info, *rebase)
     t2 = time.perf_counter()
     write_run_outputs(adata, out_tmp, methods, run_info, plot=plot)
     run_info["timings_s"]["write_outputs"] = time.perf_counter() - t2
