@@ -46,6 +46,11 @@ def test_lite2_classifies_cat_and_espresso(lite2):
     assert top[1] == 967, top  # espresso
     assert probs[0, 281:286].sum() > 0.8 and probs[1, 967] > 0.5
     assert lite2.dim == 1280 and lite2(x).shape == (2, 1280) and lite2(x).dtype == torch.float32
+    # features() uses bf16 autocast on CPUs with bf16 instructions: same classes there
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        feats = lite2(x)
+        assert feats.dtype == torch.float32  # pooled in float32
+        assert model._fc(feats).float().argmax(1).tolist() == top
 
 
 def test_lite2_weights_pinned(monkeypatch):

@@ -108,9 +108,11 @@ class Encoder:
 
     def __call__(self, x) -> torch.Tensor:
         """Features ``(B, dim)`` of a preprocessed batch."""
+        import torch
+
         y = self.model(x)
         if y.ndim == 4:
-            y = y.mean(dim=(2, 3))
+            y = y.mean(dim=(2, 3), dtype=torch.float32)
         return y.reshape(y.shape[0], -1)
 
     def params(self) -> dict[str, Any]:

@@ -122,7 +122,7 @@ class EfficientNetLite(nn.Module):
         for block in self._blocks:
             x = block(x)  # ... (B, 352, S/32, S/32)
         x = self.act(self._bn1(self._conv_head(x)))  # (B, 1280, S/32, S/32)
-        return x.mean(dim=(2, 3))  # (B, 1280)
+        return x.mean(dim=(2, 3), dtype=torch.float32)  # (B, 1280), pooled in float32 under autocast
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         """ImageNet logits ``(B, 1000)``."""

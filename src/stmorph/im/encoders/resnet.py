@@ -18,6 +18,14 @@ Weights are never downloaded. They are looked up, in order:
 A file named like torchvision's (``resnet50-<8 hex>.pth``) must have a SHA-256
 starting with those 8 hex digits, as torchvision itself checks.
 
+No pretrained ResNet-50 file ships with stmorph or its dependencies (the
+development machine had none either): the tests check the architecture and
+the loading of a torchvision-layout state dict made from a random
+initialisation, and ``benchmarks/bench_features.py`` times it with random
+weights (speed does not depend on the values). Until a weights file is
+provided, ``get_encoder("resnet50")`` raises a DependencyError saying where to
+put it.
+
 Preprocessing (``preprocessing=``):
 
 - ``"torchvision"`` (default): RGB, ImageNet mean/std, for torchvision weights;
@@ -97,7 +105,7 @@ class ResNet50(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (B, 64, S/4, S/4)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))  # (B, 2048, S/32, S/32)
-        return x.mean(dim=(2, 3))  # (B, 2048)
+        return x.mean(dim=(2, 3), dtype=torch.float32)  # (B, 2048), pooled in float32 under autocast
 
 
 def _torch_home() -> str:
