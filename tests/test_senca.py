@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 from stmorph.errors import InputError  # noqa: E402
 from stmorph.tl.senca import SencaConfig, senca  # noqa: E402
 
-FAST = {"epochs": 3, "steps_per_epoch": 4}
+FAST = {"epochs": 3, "steps_per_epoch": 4, "steps_per_epoch_rna_only": 4}
 
 
 def tissue(nx=14, ny=12, n_genes=80, n_regions=3, seed=0, image_dim=24):
@@ -140,6 +140,14 @@ def test_ablations_run(kw):
         assert (b.uns["senca"]["loss"]["ntxent_g"] == 0).all()
 
 
+def test_missing_image_rows_are_imputed():
+    a = tissue()
+    a.obsm["X_image_senca"][:5] = np.nan  # spots whose patch fell outside the image
+    senca(a, 3, progress=False, **FAST)
+    assert a.uns["senca"]["params"]["n_spots_without_image_features"] == 5
+    assert np.isfinite(a.obsm["X_senca"]).all()
+
+
 def test_rna_branch_alone_without_image():
     a = tissue()
     del a.obsm["X_image_senca"]
@@ -196,7 +204,7 @@ def test_attention_memory_is_not_quadratic(mode):
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["shape"] == [n, 32]
-    assert out["delta_bytes"] < 0.25 * n * n * 4  # far below one N x N float matrix (400 MB bound)
+    assert out["delta_bytes"] < 0.3 * n * n * 4  # far below one N x N float32 matrix (1.6 GB)
 
 
 def _with_image(a, seed=0):

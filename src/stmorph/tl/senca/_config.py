@@ -42,6 +42,8 @@ class SencaConfig:
     combine: str = "concat"  #: "concat" (text of 3.4) or "sum" (eq 2) of A^1_i and A^2_i
     shared_hidden_dim: int = 128  #: first layer of the dimension-reducing encoder e (*choice*)
     shared_dim: int = 64  #: dimension of the shared embedding S (*choice*)
+    mse_stop_gradient: bool = False  #: detach E_i as the MSE target (*choice*; the paper does not say)
+    rna_only_target: str = "expression"  #: without an image, D_i reconstructs "expression" V_i or "self" E_i
 
     # ---- hierarchical learning (paper 3.5, eq 1) ------------------------------------
     lam: float = 40.0  #: lambda, weight of the mean MSE (paper: 40)
@@ -52,7 +54,8 @@ class SencaConfig:
 
     # ---- training (paper 4.1.1) ------------------------------------------------------
     epochs: int = 10  #: paper: 10
-    steps_per_epoch: int = 10  #: full-section Adam steps per epoch (*choice*, see docs)
+    steps_per_epoch: int = 1  #: full-section Adam steps per epoch (1 = the literal reading; see docs)
+    steps_per_epoch_rna_only: int = 10  #: the same without an image (expression auto-encoder; see docs)
     lr: float = 5e-4  #: Adam learning rate (paper: 5e-4)
     weight_decay: float = 0.0
 
@@ -83,7 +86,9 @@ class SencaConfig:
             (self.activation in ("elu", "relu", "gelu"), "activation must be 'elu', 'relu' or 'gelu'"),
             (self.attention in ("auto", "global", "local"), "attention must be 'auto', 'global' or 'local'"),
             (self.combine in ("concat", "sum"), "combine must be 'concat' or 'sum'"),
-            (self.epochs >= 0 and self.steps_per_epoch >= 1, "epochs >= 0 and steps_per_epoch >= 1"),
+            (self.rna_only_target in ("expression", "self"), "rna_only_target must be 'expression' or 'self'"),
+            (self.epochs >= 0 and min(self.steps_per_epoch, self.steps_per_epoch_rna_only) >= 1,
+             "epochs >= 0, steps_per_epoch >= 1 and steps_per_epoch_rna_only >= 1"),
             (self.window_size > 0 and self.pool_size > 0, "window_size and pool_size must be > 0"),
             (self.temperature > 0, "temperature must be > 0"),
             (self.linkage in ("ward", "average", "complete", "single"), "linkage must be a sklearn linkage"),

@@ -27,7 +27,11 @@ Choices the paper leaves open (all in :class:`~._config.SencaConfig`, see
   concatenated (text of 3.4) or summed (eq 2) per ``combine``.
 - ``cross_attention=False`` (Table 4 ablation) removes the attention weights:
   A^1_i = R_i W^v1 and A^2_i = H_i W^v2 (each spot attends only to itself).
-- No image: the shared auto-encoder runs on R alone (E_i = R_i).
+- No image: the shared auto-encoder encodes R alone (E_i = R_i) and, by
+  default (``rna_only_target="expression"``), its decoder reconstructs the
+  spot's HVG expression V_i, which makes the RNA branch the denoising graph
+  auto-encoder that 3.2 describes (its dropout is the masking noise);
+  ``"self"`` keeps the MSE between E_i and D_i.
 """
 
 from __future__ import annotations
@@ -182,7 +186,7 @@ class CrossAttention(nn.Module):
 class SharedEncoder(nn.Module):
     """Cross-attention shared encoder (3.4): projections, two cross-attentions, encoder e, decoder."""
 
-    def __init__(self, cfg: SencaConfig, with_image: bool, cross_attention: bool = True):
+    def __init__(self, cfg: SencaConfig, with_image: bool, cross_attention: bool = True, n_genes: int = 0):
         super().__init__()
         e = cfg.embed_dim
         self.with_image = with_image
@@ -194,12 +198,13 @@ class SharedEncoder(nn.Module):
             self.attn1 = CrossAttention(cfg)  # eq 3: image queries RNA
             self.attn2 = CrossAttention(cfg)  # eq 4: RNA queries image
         d_in = (2 * e if cfg.combine == "concat" else e) if with_image else e
+        d_out = n_genes if (not with_image and cfg.rna_only_target == "expression") else d_in
         act = activation(cfg.activation)
         self.encoder = nn.Sequential(  # e: dimension reducing
             nn.Linear(d_in, cfg.shared_hidden_dim), act, nn.Linear(cfg.shared_hidden_dim, cfg.shared_dim))
         self.decoder = nn.Sequential(  # dimension growing
             nn.Linear(cfg.shared_dim, cfg.shared_hidden_dim), activation(cfg.activation),
-            nn.Linear(cfg.shared_hidden_dim, d_in))
+            nn.Linear(cfg.shared_hidden_dim, d_out))
 
     def forward(self, r, h, neighborhood):
         # r, h: (N, E); neighborhood: (N, K) with the spot itself first
@@ -214,7 +219,7 @@ class SharedEncoder(nn.Module):
                 a1, a2 = self.attn1.w_v(r), self.attn2.w_v(h)  # (N, E)
             e_in = torch.cat([a1, a2], dim=1) if self.combine == "concat" else a1 + a2  # E_i
         s = self.encoder(e_in)  # eq 2: S_i = e(...)  (N, shared_dim)
-        d = self.decoder(s)  # D_i, same shape as E_i
+        d = self.decoder(s)  # D_i (N, 2E), (N, E), or (N, G) for the RNA-only expression target
         return s, e_in, d
 
 
@@ -225,6 +230,7 @@ class SencaOutput:
     s: torch.Tensor  #: (N, shared_dim) shared embeddings S
     e_in: torch.Tensor  #: encoder input E_i
     d: torch.Tensor  #: decoder output D_i
+    target: torch.Tensor  #: what D_i is compared with: E_i, or V_i (RNA branch alone, expression target)
 
 
 class SENCA(nn.Module):
@@ -235,10 +241,12 @@ class SENCA(nn.Module):
         super().__init__()
         self.rna = GraphTransformer(cfg, n_genes)
         self.image = None if image_dim is None else ImageBranch(cfg, image_dim, cnn)
-        self.shared = SharedEncoder(cfg, with_image=image_dim is not None, cross_attention=cross_attention)
+        self.shared = SharedEncoder(cfg, with_image=image_dim is not None, cross_attention=cross_attention,
+                                    n_genes=n_genes)
+        self.expression_target = image_dim is None and cfg.rna_only_target == "expression"
 
     def forward(self, v, adj, neighborhood, image=None, attention_neighbors=None) -> SencaOutput:
         r = self.rna(v, adj, attention_neighbors)  # R = g(G)  (N, E)
         h = None if self.image is None else self.image(image)  # H  (N, E)
         s, e_in, d = self.shared(r, h, neighborhood)  # eqs 2-4
-        return SencaOutput(r=r, h=h, s=s, e_in=e_in, d=d)
+        return SencaOutput(r=r, h=h, s=s, e_in=e_in, d=d, target=v if self.expression_target else e_in)

@@ -175,7 +175,7 @@ def senca(
 
     # ---- image branch input (section 3.3) ----
     side = patch_side_px(inp.spacing, cfg)
-    feats, cnn, image_source, t_img = None, None, "none (RNA branch alone)", 0.0
+    feats, cnn, image_source, t_img, n_missing = None, None, "none (RNA branch alone)", 0.0, 0
     if finetune_image:
         if not _has_image_source(adata, image):
             msg = "finetune_image=True needs an image (image= or uns['spatial'] with a source image)."
@@ -197,10 +197,17 @@ def senca(
                         device=dev, progress=progress)
             t_img = time.perf_counter() - t1
         if image_key in adata.obsm:
-            feats = np.asarray(adata.obsm[image_key], dtype=np.float32)
-            if feats.ndim != 2 or feats.shape[0] != adata.n_obs or not np.isfinite(feats).all():
-                msg = f'obsm["{image_key}"] must be finite with shape (n_obs, d); got {feats.shape}.'
+            feats = np.array(adata.obsm[image_key], dtype=np.float32)
+            if feats.ndim != 2 or feats.shape[0] != adata.n_obs:
+                msg = f'obsm["{image_key}"] must have shape (n_obs, d); got {feats.shape}.'
                 raise InputError(msg)
+            bad = ~np.isfinite(feats).all(1)  # e.g. spots whose patch lies outside the image
+            n_missing = int(bad.sum())
+            if n_missing == adata.n_obs:
+                msg = f'obsm["{image_key}"] has no finite row; recompute the image features.'
+                raise InputError(msg)
+            if n_missing:
+                feats[bad] = feats[~bad].mean(0)  # mean feature: such spots carry no image signal
             if cfg.standardize_image:
                 feats = (feats - feats.mean(0)) / np.maximum(feats.std(0), 1e-6)
             image_source = f'obsm["{image_key}"]'
@@ -234,6 +241,7 @@ def senca(
             "image_key": image_key,
             "encoder": getattr(encoder, "name", str(encoder)) if feats is not None else "none",
             "finetune_image": bool(finetune_image),
+            "n_spots_without_image_features": n_missing,
             "patch_size_px": int(side),
             "spot_spacing_px": float(inp.spacing),
             "n_genes_used": int(inp.x.shape[1]),

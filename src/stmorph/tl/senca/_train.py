@@ -15,10 +15,10 @@
   (Loss = lambda * MSE), or keeps one spot-level NT-Xent(H, R) when
   ``contrastive_without_hierarchy`` is set.
 
-An *epoch* is ``steps_per_epoch`` full-section Adam steps (the paper does
-not describe its batches; with one step per epoch, 10 epochs would be 10
-updates at lr 5e-4, too few to leave the initialisation). Each step draws a
-new dropout (denoising) mask and new window offsets.
+An *epoch* is ``steps_per_epoch`` full-section Adam steps (default 1, the
+literal reading of "10 epochs": every step sees the whole section). Each step
+draws a new dropout (denoising) mask and new window offsets. Without an image
+an epoch is ``steps_per_epoch_rna_only`` (10) steps. Why: see docs/senca.md.
 """
 
 from __future__ import annotations
@@ -95,7 +95,8 @@ def forward(model: SENCA, t: Tensors) -> SencaOutput:
 def loss_terms(out: SencaOutput, inp: SencaInputs, cfg: SencaConfig, *, hierarchical: bool,
                rng: np.random.Generator) -> dict[str, torch.Tensor]:
     """The terms of eq 1 for one forward pass."""
-    mse = F.mse_loss(out.d, out.e_in)  # avg_i MSE(E_i, D_i)
+    target = out.target.detach() if cfg.mse_stop_gradient else out.target
+    mse = F.mse_loss(out.d, target)  # avg_i MSE(E_i, D_i)
     zero = mse * 0.0
     terms = {"mse": mse, "ntxent_w": zero, "ntxent_g": zero}
     if out.h is None:
@@ -117,6 +118,7 @@ def train(model: SENCA, inp: SencaInputs, t: Tensors, cfg: SencaConfig, *, hiera
     rng = np.random.default_rng(random_state)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     hist = History()
+    steps = cfg.steps_per_epoch if model.image is not None else cfg.steps_per_epoch_rna_only
     epochs = range(cfg.epochs)
     if progress:
         from tqdm.auto import tqdm
@@ -125,7 +127,7 @@ def train(model: SENCA, inp: SencaInputs, t: Tensors, cfg: SencaConfig, *, hiera
     model.train()
     for _ in epochs:
         acc = {"total": 0.0, "mse": 0.0, "ntxent_w": 0.0, "ntxent_g": 0.0}
-        for _ in range(cfg.steps_per_epoch):
+        for _ in range(steps):
             terms = loss_terms(forward(model, t), inp, cfg, hierarchical=hierarchical, rng=rng)
             loss = terms["ntxent_g"] + terms["ntxent_w"] + cfg.lam * terms["mse"]  # eq 1
             opt.zero_grad(set_to_none=True)
@@ -135,7 +137,7 @@ def train(model: SENCA, inp: SencaInputs, t: Tensors, cfg: SencaConfig, *, hiera
             for k in ("mse", "ntxent_w", "ntxent_g"):
                 acc[k] += float(terms[k].detach())
         for k, val in acc.items():
-            getattr(hist, k).append(val / cfg.steps_per_epoch)
+            getattr(hist, k).append(val / steps)
         if progress:
             epochs.set_postfix(loss=f"{hist.total[-1]:.4f}")
     return hist
