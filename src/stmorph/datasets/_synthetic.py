@@ -22,8 +22,8 @@ Steps (each a small function below):
 Two regions are built to need both modalities: the *image-only* region
 ("vessel-rich") expresses exactly the stroma program but looks different
 (lumens, red blood cells, endothelium), and the *expression-only* region
-("hypoxic-tumour") has exactly the tumour texture and expresses the tumour program plus its own
-hypoxia genes (``expression_only_strength`` scales those; 0 makes it tumour again).
+("hypoxic-tumour") has exactly the tumour texture but its own program (``expression_only_strength``
+blends it with the tumour program: 1 = its own, 0 = the tumour's).
 """
 
 from __future__ import annotations
@@ -66,8 +66,8 @@ REGIONS: tuple[Region, ...] = (
 )
 IMAGE_ONLY = ("vessel-rich", "stroma")  # (region, parent it shares the expression program with)
 EXPRESSION_ONLY = ("hypoxic-tumour", "tumour")  # (region, parent it shares the texture with)
-#: Programs built on top of another one (log fold changes add up).
-PROGRAM_BASE = {"hypoxic": "tumour"}
+#: Program of the expression-only region -> program of its parent (``expression_only_strength`` blends them).
+PROGRAM_PARENT = {"hypoxic": "tumour"}
 #: Library size factor per program (necrotic tissue yields fewer reads).
 LIBRARY_FACTOR = {"necrosis": 0.45, "immune": 1.15, "adipose": 0.6}
 
@@ -279,16 +279,14 @@ def _counts(regions, region_of_spot, xy_um, rng, *, n_genes, n_program_genes, fo
         lo, hi = np.log(fold_change[0]), np.log(fold_change[1])
         lfc[k, prog_genes[p]] = rng.uniform(lo, hi, n_program_genes)
         # a few genes of other programs go down a little (mutual exclusivity, as in real tissue)
-        others = np.concatenate([prog_genes[q] for q in programs if q not in (p, PROGRAM_BASE.get(p))])
+        others = np.concatenate([prog_genes[q] for q in programs if q != p])
         down = rng.choice(others, size=min(len(others), n_program_genes // 3), replace=False)
         lfc[k, down] -= rng.uniform(0.2, 0.7, down.size)
     lfc *= expression_strength
-    for p, s in (program_strength or {}).items():
-        if p in programs:
-            lfc[programs.index(p)] *= s
-    for p, b in PROGRAM_BASE.items():  # e.g. hypoxic tumour = tumour program + hypoxia genes
+    for p, s in (program_strength or {}).items():  # s = 1: own program; s = 0: its parent's program
+        b = PROGRAM_PARENT.get(p)
         if p in programs and b in programs:
-            lfc[programs.index(p)] += lfc[programs.index(b)]
+            lfc[programs.index(p)] = s * lfc[programs.index(p)] + (1.0 - s) * lfc[programs.index(b)]
 
     n = region_of_spot.size
     prog_index = np.array([programs.index(regions[i].program) for i in region_of_spot])
@@ -385,8 +383,9 @@ def synthetic(
     n_program_genes, fold_change, expression_strength
         Genes per program, their fold-change range, and a multiplier on the log fold changes.
     expression_only_strength
-        Extra multiplier on the log fold changes of the expression-only region's program (how far
-        "hypoxic-tumour" is from "tumour" in expression); the counterpart of ``image_strength``.
+        How far the expression-only region is from its parent in expression: its log fold changes are
+        ``s * own + (1 - s) * parent's`` (1: its own program, 0: exactly the tumour program). The
+        counterpart of ``image_strength``.
     mixing
         Fraction of a spot's expression program taken from its 6 neighbours.
     library_size, dispersion
@@ -409,8 +408,7 @@ def synthetic(
     - ``uns["spatial"]["synthetic"]``: ``images`` (``fullres`` in memory, ``hires``, ``lowres``),
       ``scalefactors``, ``metadata`` (technology "synthetic", spot_diameter_um 55, microns_per_pixel)
     - ``uns["synthetic"]``: ``regions``, ``region_genes`` (planted up-regulated genes of the program
-      each region expresses; the image-only region lists its parent's; the expression-only region lists
-      its own, on top of its parent's program), ``programs``, ``textures``,
+      each region expresses; the image-only region lists its parent's), ``programs``, ``textures``,
       ``image_only``, ``expression_only``, ``parents``, ``params``.
     """
     import anndata as ad

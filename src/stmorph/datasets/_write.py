@@ -96,7 +96,7 @@ def _positions_table(adata, off_tissue: bool):
             "pxl_row_in_fullres": oxy[:, 1],
             "pxl_col_in_fullres": oxy[:, 0],
         })], ignore_index=True)
-    return df.sort_values(["array_row", "array_col"], kind="stable").reset_index(drop=True)
+    return df.sort_values(["array_row", "array_col"], kind="stable").reset_index(drop=True)[POSITIONS_COLUMNS]
 
 
 def _write_tiff(path: Path, img: np.ndarray, compression: str, levels: int = 3) -> None:
