@@ -70,6 +70,28 @@ def bench_speed(threads):
               f"bar < {bar:.0f} s: {'PASS' if dt < bar else 'FAIL'}  [ARI vs synthetic truth {ari:.3f}]", flush=True)
 
 
+def bench_large(n=50_000):
+    """One run on a large synthetic section: local attention, kNN-restricted Ward; time and peak RSS."""
+    import resource
+
+    import stmorph
+    from stmorph.tl.senca import senca
+
+    print(f"\n== large section ({n} spots) ==", flush=True)
+    a = stmorph.datasets.synthetic(n, image=False, random_state=0)
+    a.obsm["X_image_senca"] = stand_in_features(a, dim=256)
+    k = int(a.obs["annotation"].nunique())
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    t0, c0 = time.perf_counter(), time.process_time()
+    senca(a, k, progress=False, device="cpu")
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    p = a.uns["senca"]["params"]
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"{n} spots: {dt:.1f} s wall ({cpu:.1f} s CPU; train {p['seconds_train']:.1f} s), "
+          f"attention={p['attention_resolved']}, knn-ward={p['cluster_knn_connectivity']}, "
+          f"peak RSS {rss:.2f} GB (before the call {rss0:.2f} GB), ARI {stmorph.ev.ari(a, 'senca'):.3f}", flush=True)
+
+
 def bench_ari(data, only):
     import stmorph
     from stmorph.tl.senca import senca
@@ -133,7 +155,7 @@ def _fmt(v):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DATA)
-    ap.add_argument("--only", choices=["speed", "ari"], default=None)
+    ap.add_argument("--only", choices=["speed", "ari", "large"], default=None)
     ap.add_argument("--sections", nargs="*", default=None, help="e.g. A1 B1 151673")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = ap.parse_args(argv)
@@ -145,6 +167,8 @@ def main(argv=None):
     print(f"torch {torch.__version__}, {threads} threads, python {sys.version.split()[0]}")
     if args.only in (None, "speed"):
         bench_speed(threads)
+    if args.only in (None, "large"):
+        bench_large()
     if args.only in (None, "ari"):
         if not args.data.exists():
             print(f"{args.data} not found: ARI part skipped")

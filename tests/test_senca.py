@@ -107,6 +107,10 @@ def test_shapes_through_every_block():
     # eq 2 variant: sum instead of concat
     m2 = SENCA(cfg.replace(combine="sum"), n_genes=50, image_dim=24)
     assert forward(m2, t).e_in.shape == (n, 32)
+    # RNA branch alone: E_i = R_i, the decoder reconstructs the expression V_i
+    m3 = SENCA(cfg, n_genes=50, image_dim=None)
+    o3 = forward(m3, Tensors.from_inputs(inp, None, "cpu"))
+    assert o3.h is None and o3.e_in.shape == (n, 32) and o3.d.shape == (n, 50) and o3.target.shape == (n, 50)
     # local (neighbourhood-restricted) self-attention equals global attention when every spot is a neighbour
     attn = model.rna.block.attn
     every = torch.arange(n).repeat(n, 1)
