@@ -1,0 +1,98 @@
+"""`stmorph run` and `stmorph demo` end to end on small synthetic tissue."""
+
+import json
+
+import anndata as ad
+import pandas as pd
+import pytest
+
+from conftest import DATA
+from stmorph import datasets
+from stmorph.cli import main
+
+
+@pytest.fixture(scope="module")
+def visium_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    tissue = datasets.synthetic(160, n_genes=300, random_state=1)
+    return datasets.write_visium(tissue, root / "outs")
+
+
+def test_run_writes_every_output_and_refuses_to_clobber(visium_folder, tmp_path, capsys):
+    out = tmp_path / "res"
+    argv = [str(visium_folder), "--image", str(visium_folder / "image.tif"), "--method", "stmic",
+            "--n-clusters", "4", "--out", str(out)]
+    assert main(["run", *argv]) == 0
+    assert {p.name for p in out.iterdir()} == {"result.h5ad", "domains.csv", "spatial_domains.png", "run.json"}
+    table = pd.read_csv(out / "domains.csv", index_col="barcode")
+    assert list(table.columns) == ["expression", "image", "stmic"]
+    assert all(table[c].nunique() == 4 for c in table.columns)
+    info = json.loads((out / "run.json").read_text())
+    assert info["parameters"]["n_clusters"] == 4 and info["parameters"]["n_neighbors"] == 39
+    assert len(info["encoder"]["weights_sha256"]) == 64 and info["encoder"]["patch_size_px"] > 0
+    assert {"read", "expression_embedding", "image_features", "cluster_stmic"} <= set(info["timings_s"])
+    assert "torch" in info["packages"] and set(info["ari"]) == {"expression", "image", "stmic"}
+    res = ad.read_h5ad(out / "result.h5ad")
+    assert {"X_expr_pca", "X_image", "X_image_pca", "X_stmic"} <= set(res.obsm)
+    assert list(res.obs_names) == list(table.index.astype(str))
+    summary = capsys.readouterr().out
+    assert "stmic" in summary and "ARI" in summary
+
+    before = (out / "domains.csv").read_bytes()
+    assert main(["run", *argv]) == 2  # exists, no --force
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--force" in err[0]
+    assert (out / "domains.csv").read_bytes() == before
+    assert main(["run", *argv, "--force", "--seed", "0", "--quiet"]) == 0
+    assert capsys.readouterr().out == ""
+    assert (out / "domains.csv").read_bytes() == before  # same input + seed = same labels
+
+
+def test_run_is_deterministic_across_seeds_and_leiden(visium_folder, tmp_path):
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"r{i}"
+        assert main(["run", str(visium_folder), "--method", "expression", "--cluster-method", "leiden",
+                     "--seed", "7", "--out", str(out), "--quiet", "--no-plot"]) == 0
+        outs.append((out / "domains.csv").read_text())
+    assert outs[0] == outs[1]
+
+
+def test_run_bad_input_is_one_line(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no such file" in err[0]
+    (tmp_path / "x.bin").write_text("junk")
+    assert main(["run", str(tmp_path / "x.bin"), "--out", str(tmp_path / "o")]) == 2
+    assert "unrecognised input" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_image_methods_need_an_image(visium_folder, tmp_path, capsys):
+    assert main(["run", str(visium_folder), "--method", "image", "--out", str(tmp_path / "o")]) == 2
+    assert "needs the H&E image" in capsys.readouterr().err
+
+
+def test_demo_runs_and_reports_ari(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--n-spots", "150", "--method", "stmic", "--n-clusters", "5"]) == 0
+    text = capsys.readouterr().out
+    assert "stmic" in text and "ARI" in text
+    info = json.loads((out / "run.json").read_text())
+    assert str(out.resolve()) in info["encoder"]["image"]  # final location, not the staging folder
+    assert (out / "input" / "filtered_feature_bc_matrix.h5").exists()
+
+
+@pytest.mark.realdata
+@pytest.mark.skipif(not (DATA / "her2st" / "ST-cnts" / "A1.tsv.gz").exists(), reason="../shared/data absent")
+def test_run_her2st_a1_produces_all_outputs(tmp_path):
+    h = DATA / "her2st"
+    out = tmp_path / "a1"
+    rc = main(["run", str(h / "ST-cnts/A1.tsv.gz"), "--spots", str(h / "ST-spotfiles/A1_selection.tsv"),
+               "--labels", str(h / "ST-pat/lbl/A1_labeled_coordinates.tsv"),
+               "--image", str(h / "ST-imgs/A/A1/A1_HE_2000px.png"), "--pixel-scale", "auto",
+               "--method", "stmic", "--n-clusters", "6", "--out", str(out), "--quiet"])
+    assert rc == 0
+    assert {p.name for p in out.iterdir()} == {"result.h5ad", "domains.csv", "spatial_domains.png", "run.json"}
+    info = json.loads((out / "run.json").read_text())
+    assert info["n_spots"] > 300 and set(info["ari"]) == {"expression", "image", "stmic"}
