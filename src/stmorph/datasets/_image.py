@@ -326,7 +326,7 @@ def render(labels: np.ndarray, textures: list[str], *, width_px: int, height_px:
 
     stain = np.stack([_smooth_field(rng, (fh, fw), 6.0), _smooth_field(rng, (fh, fw), 6.0)])
     stain = (1.0 + 0.10 * noise * stain).astype(np.float32)
-    o1, o2 = _smooth_field(rng, (fh, fw), 4.0), _smooth_field(rng, (fh, fw), 4.0)
+    o1, o2 = _smooth_field(rng, (fh, fw), 1.6), _smooth_field(rng, (fh, fw), 1.6)
     norm = np.sqrt(o1**2 + o2**2) + 1e-9
     orient = np.stack([o1 / norm, o2 / norm]).astype(np.float32)  # (cos 2t, sin 2t)
 
