@@ -1,12 +1,13 @@
 """Spot image features: a streaming patch -> encoder pipeline.
 
 Producer thread(s) run :func:`~stmorph.im.iter_patches` (decode, crop, resize
-to the encoder's input size, as uint8) into a small bounded queue; the calling
-thread converts each batch to float, normalises it in torch and runs the
-encoder under ``torch.inference_mode`` (BatchNorm folded into the
-convolutions, channels_last), writing rows into a preallocated float32 array by
-spot index. Decoding and cropping therefore overlap with inference, and memory
-is bounded by a few batches whatever the slide size.
+to the encoder's input size, as uint8) into a small bounded queue; inference
+stream thread(s) take whole batches, convert them to float, normalise in torch
+and run the encoder under ``torch.inference_mode`` (BatchNorm folded into the
+convolutions, channels_last, bf16 autocast where the hardware has it), writing
+rows into a preallocated float32 array by spot index. Decoding and cropping
+therefore overlap with inference, and memory is bounded by a few batches
+whatever the slide size.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def plan_threads(dev, cores: int | None = None) -> tuple[int, int]:
     each running whole batches, rather than one forward pass spread over all
     cores: a batch-parallel stream never waits at an intra-op barrier, which
     matters most when the machine is shared (measured in
-    ``benchmarks/bench_features.py``: 2 streams x 1 thread ran 2-3x faster than
+    ``benchmarks/bench_features.py``: 2 streams x 1 thread ran 1.5-2x faster than
     1 stream x 2 threads on a busy 2-core machine). CUDA: one stream.
     """
     if dev.type == "cuda":
