@@ -100,6 +100,8 @@ def test_shapes_through_every_block():
     assert out.e_in.shape == (n, 64) and out.d.shape == (n, 64)  # concat of A^1_i, A^2_i
     terms = loss_terms(out, inp, cfg, hierarchical=True, rng=np.random.default_rng(0))
     assert set(terms) == {"mse", "ntxent_w", "ntxent_g"} and all(v.ndim == 0 for v in terms.values())
+    capped = loss_terms(out, inp, cfg.replace(ntxent_max_windows=5), hierarchical=True, rng=np.random.default_rng(0))
+    assert torch.isfinite(capped["ntxent_w"]) and capped["ntxent_w"] != terms["ntxent_w"]  # 5 windows contrasted
     assert pool(r, torch.zeros(n, dtype=torch.long), 1).shape == (1, 32)
     # NT-Xent is low for matched pairs and high for shuffled ones
     x = torch.randn(50, 16)

@@ -50,6 +50,7 @@ class SencaConfig:
     temperature: float = 0.5  #: NT-Xent temperature (*choice*: SimCLR's usual value)
     window_size: float = 2.0  #: local windows, side in spot spacings (*choice*)
     pool_size: float = 6.0  #: global pooled regions, side in spot spacings (*choice*)
+    ntxent_max_windows: int = 2048  #: at most this many windows per NT-Xent (memory O(n^2)); random subset
     contrastive_without_hierarchy: bool = False  #: hierarchical=False keeps a spot-level NT-Xent
 
     # ---- training (paper 4.1.1) ------------------------------------------------------

@@ -10,7 +10,9 @@
   positive pair, every other window in the section is a negative.
 - The window grids are shifted by a random offset at every step (an
   augmentation; the windows are precomputed index maps, pooling is an
-  ``index_add``).
+  ``index_add``). NT-Xent costs O(n_windows^2) memory, so above
+  ``ntxent_max_windows`` (2,048) windows a random subset is contrasted per
+  step (only sections of more than ~8,000 spots reach that).
 - ``hierarchical=False`` (Table 4 ablation) drops both NT-Xent terms
   (Loss = lambda * MSE), or keeps one spot-level NT-Xent(H, R) when
   ``contrastive_without_hierarchy`` is set.
@@ -106,7 +108,12 @@ def loss_terms(out: SencaOutput, inp: SencaInputs, cfg: SencaConfig, *, hierarch
             side = size * inp.spacing
             idx, n = window_index(inp.xy, side, rng.uniform(0.0, side, size=2))
             idx_t = torch.as_tensor(idx, device=out.h.device)
-            terms[name] = nt_xent(pool(out.h, idx_t, n), pool(out.r, idx_t, n), cfg.temperature)
+            h_w, r_w = pool(out.h, idx_t, n), pool(out.r, idx_t, n)  # (n, E) each
+            if n > cfg.ntxent_max_windows:  # NT-Xent is O(n^2): a random subset of windows per step
+                keep = torch.as_tensor(np.sort(rng.choice(n, cfg.ntxent_max_windows, replace=False)),
+                                       device=out.h.device)
+                h_w, r_w = h_w[keep], r_w[keep]
+            terms[name] = nt_xent(h_w, r_w, cfg.temperature)
     elif cfg.contrastive_without_hierarchy:
         terms["ntxent_w"] = nt_xent(out.h, out.r, cfg.temperature)
     return terms
