@@ -31,7 +31,7 @@ def knn_indices(X: np.ndarray, n_neighbors: int) -> np.ndarray:
     n = X.shape[0]
     k = min(int(n_neighbors), n)
     algo = "kd_tree" if X.shape[1] <= 32 else "auto"
-    nn = NearestNeighbors(n_neighbors=k, algorithm=algo).fit(X)
+    nn = NearestNeighbors(n_neighbors=k, algorithm=algo, n_jobs=-1).fit(X)
     idx = nn.kneighbors(X, return_distance=False)
     # make sure the spot itself comes first even with duplicated coordinates
     self_pos = idx == np.arange(n)[:, None]
