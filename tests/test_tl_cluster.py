@@ -66,3 +66,14 @@ def test_cluster_rejects_bad_input():
     a.obsm["X_b"][0, 0] = np.nan
     with pytest.raises(InputError, match="NaN"):
         tl.cluster(a, "X_b")
+
+
+def test_approximate_knn_for_large_sections_agrees_with_exact():
+    # above EXACT_KNN_MAX spots the search switches to pynndescent; force it on a small set
+    X, _ = _blobs(n_per=200, k=3, sep=3.0)
+    exact = knn_indices(X, 15, exact=True)
+    approx = knn_indices(X, 15, exact=False, random_state=0)
+    assert (approx[:, 0] == np.arange(len(X))).all()  # itself first
+    recall = np.mean([len(set(a) & set(b)) / 15 for a, b in zip(exact, approx)])
+    assert recall > 0.95
+    np.testing.assert_array_equal(approx, knn_indices(X, 15, exact=False, random_state=0))

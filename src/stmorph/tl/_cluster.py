@@ -24,24 +24,40 @@ _METHODS = ("louvain", "leiden")
 _WEIGHTS = ("jaccard", "binary", "gaussian")
 
 
-def knn_indices(X: np.ndarray, n_neighbors: int) -> np.ndarray:
-    """Indices ``(n, n_neighbors)`` of each row's nearest neighbours, itself first (exact, Euclidean)."""
-    from sklearn.neighbors import NearestNeighbors
+#: Above this many spots the kNN search is approximate (pynndescent), below it exact.
+EXACT_KNN_MAX = 50_000
 
+
+def knn_indices(X: np.ndarray, n_neighbors: int, *, exact: bool | None = None, random_state: int = 0) -> np.ndarray:
+    """Indices ``(n, n_neighbors)`` of each row's nearest neighbours (Euclidean), itself first.
+
+    Exact (scikit-learn trees) up to :data:`EXACT_KNN_MAX` rows; above that,
+    nearest-neighbour descent (pynndescent, as scanpy/UMAP use), which is
+    approximate but scales to hundreds of thousands of spots. ``exact``
+    forces one or the other.
+    """
     n = X.shape[0]
     k = min(int(n_neighbors), n)
-    algo = "kd_tree" if X.shape[1] <= 32 else "auto"
-    nn = NearestNeighbors(n_neighbors=k, algorithm=algo, n_jobs=-1).fit(X)
-    idx = nn.kneighbors(X, return_distance=False)
+    if exact is None:
+        exact = n <= EXACT_KNN_MAX
+    if exact:
+        from sklearn.neighbors import NearestNeighbors
+
+        algo = "kd_tree" if X.shape[1] <= 32 else "auto"
+        idx = NearestNeighbors(n_neighbors=k, algorithm=algo, n_jobs=-1).fit(X).kneighbors(X, return_distance=False)
+    else:
+        from pynndescent import NNDescent
+
+        index = NNDescent(X.astype(np.float32), n_neighbors=k, random_state=random_state, low_memory=True)
+        idx = index.neighbor_graph[0].astype(np.int64)
     # make sure the spot itself comes first even with duplicated coordinates
-    self_pos = idx == np.arange(n)[:, None]
-    missing_self = ~self_pos.any(axis=1)
+    missing_self = ~(idx == np.arange(n)[:, None]).any(axis=1)
     idx[missing_self, -1] = np.flatnonzero(missing_self)
     order = np.argsort(~(idx == np.arange(n)[:, None]), axis=1, kind="stable")
     return np.take_along_axis(idx, order, axis=1)
 
 
-def knn_graph(X: np.ndarray, n_neighbors: int = 39, *, weights: str = "jaccard") -> sp.csr_matrix:
+def knn_graph(X: np.ndarray, n_neighbors: int = 39, *, weights: str = "jaccard", random_state: int = 0) -> sp.csr_matrix:
     """Symmetric weighted kNN graph (no self-loops) as a CSR adjacency matrix.
 
     ``weights="jaccard"`` weights the edge i-j by |N(i) & N(j)| / |N(i) | N(j)|,
@@ -53,7 +69,7 @@ def knn_graph(X: np.ndarray, n_neighbors: int = 39, *, weights: str = "jaccard")
         msg = f"weights={weights!r} is not one of {_WEIGHTS}."
         raise InputError(msg)
     n = X.shape[0]
-    idx = knn_indices(X, n_neighbors)
+    idx = knn_indices(X, n_neighbors, random_state=random_state)
     k = idx.shape[1]
     srt = np.sort(idx, axis=1).astype(np.int64)  # each spot's neighbour set, itself included
     rows = np.repeat(np.arange(n), k - 1)
@@ -235,6 +251,7 @@ def cluster(
         ``obsm`` key to cluster on (e.g. ``"X_stmic"``, ``"X_expr_pca"``).
     n_neighbors
         Neighbours per spot in the kNN graph, the spot itself included (stMIC: 39).
+        The search is exact up to 50,000 spots and approximate (pynndescent) above.
     method
         ``"louvain"`` (igraph's multilevel algorithm) or ``"leiden"`` (leidenalg).
     resolution
@@ -275,7 +292,7 @@ def cluster(
         msg = f"n_neighbors={n_neighbors} must be at least 2."
         raise InputError(msg)
     key_added = key_added or (use_rep[2:] if use_rep.startswith("X_") else use_rep)
-    A = knn_graph(X, n_neighbors, weights=weights)
+    A = knn_graph(X, n_neighbors, weights=weights, random_state=random_state)
     labels, res, matched = cluster_graph(
         A, method=method, resolution=resolution, n_clusters=n_clusters, random_state=random_state
     )
