@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .._outputs import atomic_write
 from ..errors import InputError, OutputExistsError, StmorphError
 from ._metrics import DEFAULT_IGNORE, ari, nmi, scored_labels
 
@@ -303,9 +304,7 @@ def _row(section, method, seed, *, status="", reason="", n_spots=np.nan, n_clust
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, lambda p: Path(p).write_text(text, encoding="utf-8"))
 
 
 def _write(rows: list[dict], out_dir: Path | None, meta: dict) -> None:

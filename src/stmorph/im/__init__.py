@@ -5,3 +5,8 @@ from ._slide import Slide, open_slide, slide_for  # noqa: E402
 from . import encoders  # noqa: E402
 from ._features import features  # noqa: E402
 from .encoders import get_encoder, list_encoders, register_encoder  # noqa: E402
+
+__all__ = [
+    "open_slide", "Slide", "slide_for", "patch_size_px", "iter_patches", "PatchBatch", "crop_patches",
+    "features", "encoders", "get_encoder", "list_encoders", "register_encoder",
+]

@@ -11,11 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .._outputs import atomic_write
 
 ENV_VAR = "STMORPH_CACHE_DIR"
 
@@ -89,13 +90,11 @@ def save(cache_dir: str | os.PathLike, key: str, arr: np.ndarray) -> Path:
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     path = cache_dir / f"{key}.npy"
-    fd, tmp = tempfile.mkstemp(prefix=f".{key[:16]}.", suffix=".npy.tmp", dir=cache_dir)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, np.ascontiguousarray(arr, dtype=np.float32), allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    data = np.ascontiguousarray(arr, dtype=np.float32)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.save(f, data, allow_pickle=False)
+
+    atomic_write(path, write)
     return path

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import _spatial
+from .._outputs import atomic_write
 from ..errors import InputError
 
 
@@ -135,13 +136,8 @@ def save_figure(fig, save, *, dpi: int = 120) -> None:
         return
     path = Path(save)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    try:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    fmt = path.suffix.lstrip(".") or None  # the temporary name keeps the suffix; say it explicitly anyway
+    atomic_write(path, lambda p: fig.savefig(p, dpi=dpi, bbox_inches="tight", format=fmt))
 
 
 def fig_to_png_bytes(fig, *, dpi: int = 110) -> bytes:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._outputs import atomic_write
 from ..errors import InputError, OutputExistsError, StmorphError
 
 __all__ = ["write_report", "build_report"]
@@ -324,12 +325,5 @@ def write_report(
     adata, info = _read(out_dir)
     text = build_report(adata, info, gene_sets=gene_sets, method=method, n_markers=n_markers, fdr=fdr,
                         permutation_num=permutation_num, random_state=random_state, log=log)
-    tmp = out_dir / f".report.html.tmp{os.getpid()}"
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return target
+    return atomic_write(target, lambda p: Path(p).write_text(text, encoding="utf-8"))
 
