@@ -114,3 +114,22 @@ def test_in_memory_anndata():
     del adata.obsm["spatial"]
     with pytest.raises(InputError, match=r'obsm\["spatial"\] is missing'):
         st.read.h5ad(adata)
+
+
+def test_h5ad_with_image_records_it_after_checking_spots(tmp_path):
+    from PIL import Image
+
+    from stmorph import datasets, read
+    from stmorph._outputs import write_h5ad
+    from stmorph.errors import InputError
+
+    tissue = datasets.synthetic(60, n_genes=300, random_state=2)
+    full = tissue.uns["spatial"]["synthetic"]["images"]["fullres"]
+    Image.fromarray(full).save(tmp_path / "he.png")
+    Image.fromarray(full[:20, :20]).save(tmp_path / "small.png")
+    write_h5ad(tissue, tmp_path / "s.h5ad")  # the in-memory full-resolution image is not stored
+
+    a = read.h5ad(tmp_path / "s.h5ad", image=tmp_path / "he.png", require_image=True)
+    assert a.uns["spatial"]["synthetic"]["metadata"]["source_image_path"] == str((tmp_path / "he.png").resolve())
+    with pytest.raises(InputError, match="small.png.*outside the 20 x 20 px image"):
+        read.h5ad(tmp_path / "s.h5ad", image=tmp_path / "small.png")

@@ -105,26 +105,7 @@ def read_input(path: str, *, image=None, spots=None, labels=None, pixel_scale: f
         return read.visium(folder, image=image, labels=labels if labels is not None else "auto")
     name = p.name.lower()
     if name.endswith(".h5ad"):
-        import anndata
-
-        try:
-            adata = anndata.read_h5ad(p)
-        except Exception as exc:  # h5py/anndata raise many types for a bad file
-            raise InputError(f"cannot read as .h5ad ({type(exc).__name__}: {exc})", p) from exc
-        if image is not None:
-            from .. import _spatial, im
-
-            lib = _spatial.library(adata)
-            lib.setdefault("metadata", {})["source_image_path"] = str(Path(image).resolve())
-            with im.open_slide(image) as slide:  # spots must lie on the given image
-                xy = _spatial.coordinates(adata)
-                outside = (xy[:, 0] < 0) | (xy[:, 1] < 0) | (xy[:, 0] >= slide.width) | (xy[:, 1] >= slide.height)
-                if outside.any():
-                    msg = (f"{int(outside.sum())} of {len(xy)} spots fall outside the image "
-                           f"({slide.width} x {slide.height} px), e.g. {adata.obs_names[outside][0]}; "
-                           "is it the full-resolution image of this section?")
-                    raise InputError(msg, image)
-        return read.h5ad(adata)
+        return read.h5ad(p, image=image)
     if name.endswith((".tsv", ".tsv.gz", ".csv", ".csv.gz", ".txt", ".txt.gz")):
         if spots is None:
             msg = "a counts table needs --spots (the *_selection.tsv of the same section)"

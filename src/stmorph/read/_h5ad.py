@@ -34,7 +34,20 @@ def conform(adata):
     return adata
 
 
-def h5ad(path, *, require_image: bool = False, library_id: str | None = None):
+def _attach_image(adata, image, library_id: str | None) -> None:
+    """Record ``image`` as the section's full-resolution image once its spots are checked to lie on it."""
+    from pathlib import Path
+
+    from .. import _spatial
+
+    lib = _spatial.library(adata, library_id)
+    width, height = c.image_size(image)
+    c.check_spots_in_image(_spatial.coordinates(adata), adata.obs_names, width, height, Path(image),
+                           hint="is it the full-resolution image of this section?")
+    lib.setdefault("metadata", {})["source_image_path"] = str(Path(image).resolve())
+
+
+def h5ad(path, *, image=None, require_image: bool = False, library_id: str | None = None):
     """Read an ``.h5ad`` file (or take an AnnData) and check that it follows stmorph's data model.
 
     Parameters
@@ -42,6 +55,10 @@ def h5ad(path, *, require_image: bool = False, library_id: str | None = None):
     path
         An ``.h5ad`` written by stmorph, ``scanpy`` (e.g. after ``sc.read_visium``) or ``squidpy``; or an
         in-memory AnnData made by them, which is conformed in place and returned.
+    image
+        Full-resolution H&E of the section (TIFF/BigTIFF, JPEG, PNG). Its path is recorded in
+        ``uns["spatial"][library_id]["metadata"]["source_image_path"]`` after checking that every spot
+        centre lies on it.
     require_image
         Also require a full-resolution image source (``metadata["source_image_path"]`` that exists, or an
         in-memory ``images["fullres"]``).
@@ -64,9 +81,11 @@ def h5ad(path, *, require_image: bool = False, library_id: str | None = None):
 
     if isinstance(path, ad.AnnData):
         conform(path)
-        found = problems(path, require_image=require_image, library_id=library_id)
+        found = problems(path, require_image=require_image and image is None, library_id=library_id)
         if found:
             raise InputError(message(found))
+        if image is not None:
+            _attach_image(path, image, library_id)
         return path
     p = c.require_file(path, ".h5ad file")
     try:
@@ -76,7 +95,9 @@ def h5ad(path, *, require_image: bool = False, library_id: str | None = None):
         msg = f"cannot be read as an .h5ad file; truncated or not written by anndata ({type(exc).__name__}: {text})."
         raise InputError(msg, p) from None
     conform(adata)
-    found = problems(adata, require_image=require_image, library_id=library_id)
+    found = problems(adata, require_image=require_image and image is None, library_id=library_id)
     if found:
         raise InputError(message(found), p)
+    if image is not None:
+        _attach_image(adata, image, library_id)
     return adata
