@@ -254,3 +254,14 @@ def test_finetune_image_end_to_end():
     senca(a, 3, progress=False, encoder=enc, finetune_image=True, device="cpu", epochs=2, steps_per_epoch=2)
     assert "fine-tuned" in a.uns["senca"]["params"]["image"]
     assert not torch.equal(w0, enc.model[0].weight.detach())  # the CNN was trained
+
+
+def test_encoder_weights_reach_the_image_features(tmp_path):
+    # a ResNet-50 weights file given to run_methods must be the one SENCA-st's features load
+    from stmorph import datasets, tl
+    from stmorph.errors import StmorphError
+
+    a = datasets.synthetic(60, n_genes=300, random_state=3)
+    missing = tmp_path / "my-resnet50.pth"
+    with pytest.raises(StmorphError, match="my-resnet50.pth"):
+        tl.run_methods(a, ["senca"], n_clusters=3, encoder="resnet50", encoder_weights=str(missing), progress=False)

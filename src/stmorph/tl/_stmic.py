@@ -171,7 +171,8 @@ def run_methods(
     if "senca" in methods:
         from .senca import senca
 
-        opts = {"random_state": random_state, "device": device, "progress": progress, "encoder": encoder}
+        opts = {"random_state": random_state, "device": device, "progress": progress, "encoder": encoder,
+                "encoder_weights": encoder_weights}
         if image is not None:
             opts["image"] = image
         opts.update(senca_options or {})

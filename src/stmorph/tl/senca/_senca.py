@@ -74,6 +74,7 @@ def senca(
     image=None,
     compute_image_features: bool = True,
     encoder: str = "efficientnet_lite2",
+    encoder_weights: str | None = None,
     finetune_image: bool = False,
     cross_attention: bool = True,
     hierarchical: bool = True,
@@ -110,6 +111,9 @@ def senca(
     image
         Image to crop patches from (path or array); default: the image recorded
         in ``uns["spatial"]``.
+    encoder, encoder_weights
+        Image encoder of :mod:`stmorph.im.encoders` and its weights file (e.g. a
+        torchvision ``resnet50-*.pth``); ``None`` = the encoder's default source.
     compute_image_features
         Compute missing features. When false and ``obsm[image_key]`` is
         missing, or when the section has no image at all, the RNA branch runs
@@ -183,7 +187,7 @@ def senca(
         from ... import im
 
         t1 = time.perf_counter()
-        enc = im.encoders.get_encoder(encoder).to(dev)
+        enc = im.encoders.get_encoder(encoder, weights=encoder_weights).to(dev)
         patches = im.crop_patches(adata, patch=side, image=image, out_size=enc.input_size)
         feats = enc.preprocess(patches).float()  # (N, 3, S, S)
         cnn, image_source = enc.model, f"{enc.name} fine-tuned end to end on {side}px patches"
@@ -193,8 +197,8 @@ def senca(
             from ... import im
 
             t1 = time.perf_counter()
-            im.features(adata, encoder=encoder, patch=side, image=image, key_added=image_key,
-                        device=dev, progress=progress)
+            im.features(adata, encoder=encoder, weights=encoder_weights, patch=side, image=image,
+                        key_added=image_key, device=dev, progress=progress)
             t_img = time.perf_counter() - t1
         if image_key in adata.obsm:
             feats = np.array(adata.obsm[image_key], dtype=np.float32)
