@@ -74,6 +74,12 @@ def read_json(path: Path, what: str) -> dict:
     return obj
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type name when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def read_table(path: Path, what: str, **kwargs) -> pd.DataFrame:
     """``pandas.read_csv`` with parse failures turned into InputError naming the file."""
     try:
@@ -83,7 +89,7 @@ def read_table(path: Path, what: str, **kwargs) -> pd.DataFrame:
         raise InputError(msg, path) from None
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError, EOFError, OSError) as exc:
         # OSError/EOFError: a truncated or corrupt .gz; ValueError: bad dtype conversions.
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = first_line(exc)
         msg = f"{what} cannot be parsed ({text})."
         raise InputError(msg, path) from None
     if df.shape[0] == 0:
@@ -101,7 +107,7 @@ def read_parquet(path: Path, what: str) -> pd.DataFrame:
     try:
         df = pq.read_table(path).to_pandas()
     except Exception as exc:  # noqa: BLE001 - pyarrow raises several unrelated types on corrupt files
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = first_line(exc)
         msg = f"{what} cannot be read as parquet ({text})."
         raise InputError(msg, path) from None
     if df.shape[0] == 0:
@@ -237,7 +243,7 @@ def open_image(path: str | os.PathLike):
     except (ImageError, InputError):
         raise
     except Exception as exc:  # noqa: BLE001 - any decoder failure means the file is unreadable
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = first_line(exc)
         msg = f"image cannot be read ({text})."
         raise ImageError(msg, p) from None
 
@@ -263,7 +269,7 @@ def read_png(path: Path, what: str) -> np.ndarray:
             else:
                 arr = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = first_line(exc)
         msg = f"{what} cannot be read or is truncated ({text})."
         raise ImageError(msg, path) from None
     return np.ascontiguousarray(arr, dtype=np.uint8)

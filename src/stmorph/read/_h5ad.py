@@ -91,7 +91,7 @@ def h5ad(path, *, image=None, require_image: bool = False, library_id: str | Non
     try:
         adata = ad.read_h5ad(p)
     except Exception as exc:  # noqa: BLE001 - h5py/anndata raise many types for corrupt or foreign files
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = c.first_line(exc)
         msg = f"cannot be read as an .h5ad file; truncated or not written by anndata ({type(exc).__name__}: {text})."
         raise InputError(msg, p) from None
     conform(adata)
