@@ -19,6 +19,15 @@ Built in (:func:`list_encoders`):
     ``resnet50-0676ba61.pth`` in ``~/.cache/torch/hub/checkpoints/``.
     ``preprocessing="torchvision"`` (default) or ``"caffe"`` (Keras, as in the paper).
 
+Pathology foundation models (:mod:`stmorph.im.encoders.vit`): ``"uni"``,
+``"uni2_h"``, ``"virchow2"``, ``"h_optimus_0"``, ``"phikon_v2"``, ``"gigapath"``,
+``"conch_vision"``: plain-PyTorch vision transformers with timm's state-dict
+keys and each model's published input size, normalisation and embedding.
+Weights are never downloaded: get the file from the model's page under its
+licence and pass ``weights=FILE``, set ``STMORPH_<NAME>_WEIGHTS``, or put it in
+``~/.cache/stmorph/weights/<name>/`` (``model.safetensors`` or
+``pytorch_model.bin``).
+
 Plugging in another model
 -------------------------
 Any ``torch.nn.Module`` mapping ``(B, 3, S, S)`` normalised float input to
@@ -63,7 +72,23 @@ def _resnet50(weights=None, **kwargs):
     return resnet50(weights, **kwargs)
 
 
+def _vit_factory(name: str):
+    def factory(weights=None, **kwargs):
+        from .vit import vit_encoder
+
+        return vit_encoder(name, weights, **kwargs)
+
+    factory.__name__ = f"_{name}"
+    factory.__doc__ = f"ViT preset {name!r} (see stmorph.im.encoders.vit)."
+    return factory
+
+
 register_encoder("efficientnet_lite2", _efficientnet_lite2)
 register_encoder("resnet50", _resnet50)
+# the names of stmorph.im.encoders.vit.PRESETS (listed here so nothing imports torch at import time)
+VIT_PRESETS = ("uni", "uni2_h", "virchow2", "h_optimus_0", "phikon_v2", "gigapath", "conch_vision")
+for _name in VIT_PRESETS:
+    register_encoder(_name, _vit_factory(_name))
+del _name
 
 __all__ = ["Encoder", "get_encoder", "list_encoders", "register_encoder"]
