@@ -24,7 +24,7 @@ import numpy as np
 from .. import _spatial
 from ..errors import InputError
 from . import _cache
-from ._patches import PatchBatch, iter_patches, patch_size_px
+from ._patches import MultiPatchBatch, iter_patches, iter_patches_multi, patch_size_px
 from ._slide import Slide, slide_for
 from .encoders import Encoder, get_encoder
 
@@ -126,7 +126,7 @@ def plan_threads(dev, cores: int | None = None) -> tuple[int, int]:
 def extract(
     slide: Slide,
     xy: np.ndarray,
-    size: int,
+    size,
     enc: Encoder,
     *,
     device="cpu",
@@ -137,6 +137,9 @@ def extract(
     amp_dtype=None,
 ) -> np.ndarray:
     """Features ``(N, enc.dim)`` float32 of the patches of side ``size`` centred on ``xy``.
+
+    ``size`` may be a list of sides: then a list of arrays comes back, one per
+    side, and every slide region is read once (:func:`iter_patches_multi`).
 
     ``num_workers`` producer threads crop patches into a bounded queue;
     ``streams`` consumer threads each run whole batches through the encoder
@@ -149,12 +152,15 @@ def extract(
 
     device = torch.device(device)
     n = len(xy)
-    out = np.full((n, enc.dim), np.nan, dtype=np.float32)
+    multi = isinstance(size, (list, tuple))
+    sizes = [int(z) for z in size] if multi else [int(size)]
+    outs = [np.full((n, enc.dim), np.nan, dtype=np.float32) for _ in sizes]
     q: queue.Queue = queue.Queue(maxsize=2 * (num_workers + streams))
     stop = threading.Event()
     errors: list[BaseException] = []
     lock = threading.Lock()
-    bar = tqdm(total=n, desc=f"features ({enc.name})", unit="patch", disable=not progress, smoothing=0.1)
+    bar = tqdm(total=n, desc=f"features ({enc.name}{', ' + ' + '.join(map(str, sizes)) + ' px' if multi else ''})",
+               unit="spot", disable=not progress, smoothing=0.1)
 
     def put(item) -> bool:
         while not stop.is_set():
@@ -167,8 +173,13 @@ def extract(
 
     def produce(rows: np.ndarray) -> None:
         try:
-            for b in iter_patches(slide, xy[rows], size, out_size=enc.input_size, batch_size=batch_size):
-                if not put(PatchBatch(rows[b.index], b.patches, b.inside)):
+            if multi:
+                it = iter_patches_multi(slide, xy[rows], sizes, out_size=enc.input_size, batch_size=batch_size)
+            else:
+                it = (MultiPatchBatch(b.index, (b.patches,), b.inside[None])
+                      for b in iter_patches(slide, xy[rows], sizes[0], out_size=enc.input_size, batch_size=batch_size))
+            for b in it:
+                if not put(MultiPatchBatch(rows[b.index], b.patches, b.inside)):
                     return
         except BaseException as e:
             errors.append(e)
@@ -187,10 +198,11 @@ def extract(
                         continue
                     if item is _DONE:
                         return
-                    keep = item.inside > 0  # entirely-outside patches are pure fill: leave their rows NaN
-                    if keep.any():
-                        x = enc.preprocess(item.patches if keep.all() else item.patches[keep])  # (B, 3, S, S)
-                        out[item.index[keep]] = enc(x).float().cpu().numpy()  # (B, dim)
+                    for out, patches, inside in zip(outs, item.patches, item.inside):
+                        keep = inside > 0  # entirely-outside patches are pure fill: leave their rows NaN
+                        if keep.any():
+                            x = enc.preprocess(patches if keep.all() else patches[keep])  # (B, 3, S, S)
+                            out[item.index[keep]] = enc(x).float().cpu().numpy()  # (B, dim)
                     with lock:
                         bar.update(len(item.index))
         except BaseException as e:
@@ -219,7 +231,7 @@ def extract(
         bar.close()
     if errors:
         raise errors[0]
-    return out
+    return outs if multi else outs[0]
 
 
 def features(
@@ -232,7 +244,7 @@ def features(
     device: str = "auto",
     batch_size: int | None = None,
     num_workers: int | None = None,
-    key_added: str = "X_image",
+    key_added: str | tuple[str, ...] = "X_image",
     cache: bool = True,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
@@ -258,9 +270,14 @@ def features(
         :class:`~stmorph.im.encoders.Encoder` (wrap a ``torch.nn.Module`` with
         :func:`stmorph.im.encoders.get_encoder`).
     patch
-        Patch side: ``"spot"`` (the spot diameter), ``"1.5spot"``, pixels
+        Patch side: ``"spot"`` (the spot diameter), ``"1.5spot"``, spot
+        spacings (``"6spacing"``: SENCA-st's patch of radius 3 spacings), pixels
         (``224`` or ``"224px"``) or micrometres (``"100um"``); see
-        :func:`stmorph.im.patch_size_px`.
+        :func:`stmorph.im.patch_size_px`. A tuple of them, e.g.
+        ``("spot", "6spacing")``, computes features at every size in one pass
+        over the slide: each spot's region is decoded and cropped once (the
+        largest square; the smaller patches are cut out of it), and each size
+        is stored under its own key of ``key_added``.
     image
         Full-resolution image (path, array or Slide); default: the source image
         path in ``uns["spatial"][library_id]["metadata"]``, else the in-memory
@@ -277,7 +294,9 @@ def features(
         Patch-producing threads; default 1 on CPU (inference needs the cores),
         up to 4 with CUDA.
     key_added
-        ``obsm`` key of the features and ``uns`` key of the parameters.
+        ``obsm`` key of the features and ``uns`` key of the parameters; with a
+        tuple of patches, a tuple of as many keys (e.g.
+        ``("X_image", "X_image_senca")``).
     cache
         Reuse/store features in ``cache_dir``, keyed by (image, coordinates,
         patch size, encoder, weights hash, input size, preprocessing); any change
@@ -309,7 +328,11 @@ def features(
     impute those rows (``tl.image_embedding`` does). Patches crossing the
     border are padded with white and computed; ``params["n_border"]`` counts them.
 
-    Sets the following fields
+    With several patch sizes each key gets its own cache entry, so a later
+    single-size call (e.g. SENCA-st's own) finds the features in the cache;
+    sizes already cached are not recomputed.
+
+    Sets the following fields (for each key of ``key_added``)
     -------------------------
     ``adata.obsm[key_added]``
         float32 ``(n_obs, dim)``, rows aligned to ``obs_names``.
@@ -323,9 +346,10 @@ def features(
     adata = adata.copy() if copy else adata
     if adata.n_obs == 0:
         raise InputError("adata has no spots (n_obs == 0); nothing to extract features for.")
+    patches, keys = _patch_list(patch, key_added)
     lib = _spatial.library_id(adata, library_id) if "spatial" in adata.uns or image is None else library_id
     xy = _spatial.coordinates(adata)
-    size = patch_size_px(adata, patch, library_id=lib)
+    sizes = [patch_size_px(adata, p, library_id=lib) for p in patches]
     if isinstance(encoder, torch.nn.Module):
         msg = ("a torch.nn.Module needs its input size and normalisation: pass "
                "encoder=stmorph.im.encoders.get_encoder(module, input_size=..., mean=..., std=...).")
@@ -345,50 +369,75 @@ def features(
     slide = slide_for(adata, image=image, library_id=lib)
     try:
         image_id = _image_identity(slide)
-        key = _cache.make_key(image=image_id, xy=xy, patch_size_px=size, encoder={**enc.params(), "dtype": dtype})
         cdir = cache_dir if cache_dir is not None else _cache.default_dir()
-        feats = _cache.load(cdir, key, (adata.n_obs, enc.dim)) if cache else None
-        from_cache = feats is not None
-        if feats is None:
+        unique = sorted(set(sizes))
+        ckeys = {z: _cache.make_key(image=image_id, xy=xy, patch_size_px=z, encoder={**enc.params(), "dtype": dtype})
+                 for z in unique}
+        found = {z: _cache.load(cdir, ckeys[z], (adata.n_obs, enc.dim)) if cache else None for z in unique}
+        todo = [z for z in unique if found[z] is None]
+        computed = {}
+        if todo:
             enc.to(dev)
             threads = torch.get_num_threads()
             streams, per_stream = plan_threads(dev)
             if dev.type == "cpu":
                 torch.set_num_threads(per_stream)
             try:
-                feats = extract(slide, xy, size, enc, device=dev, batch_size=batch_size, num_workers=num_workers,
-                                streams=streams, progress=progress, amp_dtype=amp)
+                feats = extract(slide, xy, todo if len(todo) > 1 else todo[0], enc, device=dev, batch_size=batch_size,
+                                num_workers=num_workers, streams=streams, progress=progress, amp_dtype=amp)
             finally:
                 torch.set_num_threads(threads)
+            computed = dict(zip(todo, feats if len(todo) > 1 else [feats]))
             if cache:
-                _cache.save(cdir, key, feats)
+                for z, f in computed.items():
+                    _cache.save(cdir, ckeys[z], f)
         width, height = slide.width, slide.height
     finally:
         if own:
             slide.close()
 
-    origin = np.ceil(xy - size / 2)
-    n_border = int(((origin < 0) | (origin + size > np.array([width, height]))).any(axis=1).sum())
-    n_outside = int(np.isnan(feats).all(axis=1).sum())
-    if n_outside:
-        msg = (f"{n_outside} of {adata.n_obs} spots have patches entirely outside the {width} x {height} image; "
-               f"their obsm[{key_added!r}] rows are NaN (check obsm['spatial'] is in full-resolution pixels).")
-        warnings.warn(msg, UserWarning, stacklevel=2)
-    adata.obsm[key_added] = feats
-    params = enc.params()
-    params.update(
-        patch_size_px=int(size),
-        patch=str(patch),
-        device=str(dev),
-        dtype=dtype,
-        batch_size=batch_size,
-        streams=list(plan_threads(dev)),
-        n_outside=n_outside,
-        n_border=n_border,
-        image=image_id.split("|")[0] if image_id.startswith("file:") else "in-memory",
-        library_id=str(lib) if lib is not None else "",
-        cache_key=key,
-        from_cache=bool(from_cache),
-    )
-    adata.uns[key_added] = {"params": params}
+    for p, z, key in zip(patches, sizes, keys):
+        feats = found[z] if found[z] is not None else computed[z]
+        origin = np.ceil(xy - z / 2)
+        n_border = int(((origin < 0) | (origin + z > np.array([width, height]))).any(axis=1).sum())
+        n_outside = int(np.isnan(feats).all(axis=1).sum())
+        if n_outside:
+            msg = (f"{n_outside} of {adata.n_obs} spots have patches entirely outside the {width} x {height} image "
+                   f"({z} px patches); their obsm[{key!r}] rows are NaN (check obsm['spatial'] is in full-resolution "
+                   "pixels).")
+            warnings.warn(msg, UserWarning, stacklevel=2)
+        adata.obsm[key] = feats if keys.count(key) == 1 and sizes.count(z) == 1 else feats.copy()
+        params = enc.params()
+        params.update(
+            patch_size_px=int(z),
+            patch=str(p),
+            device=str(dev),
+            dtype=dtype,
+            batch_size=batch_size,
+            streams=list(plan_threads(dev)),
+            n_outside=n_outside,
+            n_border=n_border,
+            image=image_id.split("|")[0] if image_id.startswith("file:") else "in-memory",
+            library_id=str(lib) if lib is not None else "",
+            cache_key=ckeys[z],
+            from_cache=found[z] is not None,
+            computed_with=[f"{t} px" for t in todo] if z in todo else [],
+        )
+        adata.uns[key] = {"params": params}
     return adata if copy else None
+
+
+def _patch_list(patch, key_added) -> tuple[list, list[str]]:
+    """``patch`` / ``key_added`` as equal-length lists (one patch: ``(55, "um")`` stays one)."""
+    single = not isinstance(patch, (list, tuple)) or (
+        isinstance(patch, tuple) and len(patch) == 2 and isinstance(patch[0], (int, float, np.number))
+        and isinstance(patch[1], str) and not any(c.isdigit() for c in patch[1]))
+    patches = [patch] if single else list(patch)
+    keys = [key_added] if isinstance(key_added, str) else list(key_added)
+    if not patches or len(keys) != len(patches) or not all(isinstance(k, str) and k for k in keys):
+        msg = (f"key_added needs one obsm key per patch size: got patch={patch!r}, key_added={key_added!r} "
+               "(e.g. patch=('spot', '6spacing'), key_added=('X_image', 'X_image_senca')).")
+        raise InputError(msg)
+    if len(set(keys)) != len(keys):
+        raise InputError(f"key_added has a repeated key: {key_added!r}.")
+    return patches, keys

@@ -29,11 +29,27 @@ from .. import _spatial
 from ..errors import InputError
 from ._slide import Slide, open_slide, slide_for
 
-__all__ = ["PatchBatch", "iter_patches", "crop_patches", "patch_size_px", "patch_origins"]
+__all__ = ["PatchBatch", "MultiPatchBatch", "iter_patches", "iter_patches_multi", "crop_patches", "patch_size_px",
+           "patch_origins", "spot_spacing"]
 
 _SIZE_RE = re.compile(
-    r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*(px|pixels?|um|µm|μm|microns?|micrometers?|micrometres?|spots?)?\s*$"
+    r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*"
+    r"(px|pixels?|um|µm|μm|microns?|micrometers?|micrometres?|spots?|spacings?)?\s*$"
 )
+
+
+def spot_spacing(xy: np.ndarray) -> float:
+    """Median distance from each spot to its nearest other spot (full-resolution px), as SENCA-st's."""
+    from scipy.spatial import cKDTree
+
+    xy = np.asarray(xy, np.float64)
+    if len(xy) < 2:
+        raise InputError("a patch in spot spacings needs at least two spots.")
+    d, _ = cKDTree(xy).query(xy, k=2)
+    d = d[:, 1][d[:, 1] > 0]
+    if d.size == 0:
+        raise InputError('all spots share one position in obsm["spatial"]; the spot spacing is undefined.')
+    return float(np.median(d))
 
 
 class PatchBatch(NamedTuple):
@@ -55,6 +71,24 @@ class PatchBatch(NamedTuple):
     inside: np.ndarray
 
 
+class MultiPatchBatch(NamedTuple):
+    """One batch of patches of several sizes around the same spots (:func:`iter_patches_multi`).
+
+    Attributes
+    ----------
+    index
+        int64 ``(B,)``: rows of ``xy``.
+    patches
+        One uint8 ``(B, s, s, 3)`` array per requested size, in the order of ``sizes``.
+    inside
+        float32 ``(k, B)``: fraction of each size's patch inside the image.
+    """
+
+    index: np.ndarray
+    patches: tuple
+    inside: np.ndarray
+
+
 def patch_size_px(adata, patch="spot", *, library_id: str | None = None) -> int:
     """Patch side in full-resolution pixels.
 
@@ -62,7 +96,9 @@ def patch_size_px(adata, patch="spot", *, library_id: str | None = None) -> int:
     ----------
     patch
         ``"spot"``: the spot diameter (``scalefactors["spot_diameter_fullres"]``);
-        ``"1.5spot"``: a multiple of it; an int (or float) or ``"224px"``: pixels;
+        ``"1.5spot"``: a multiple of it; ``"6spacing"``: a multiple of the spot
+        spacing (median distance to the nearest other spot; SENCA-st's image
+        patch of radius 3 spacings is ``"6spacing"``); an int (or float) or ``"224px"``: pixels;
         ``"55um"`` / ``"55µm"`` or ``(55, "um")``: micrometres, converted with the
         library's pixel size (:func:`stmorph._spatial.microns_per_pixel`).
 
@@ -75,6 +111,8 @@ def patch_size_px(adata, patch="spot", *, library_id: str | None = None) -> int:
         px = value
     elif unit == "spot":
         px = value * _spatial.spot_diameter_fullres(adata, library_id)
+    elif unit == "spacing":
+        px = value * spot_spacing(_spatial.coordinates(adata))
     else:  # um
         px = value / _spatial.microns_per_pixel(adata, library_id)
     size = int(round(px))
@@ -98,9 +136,10 @@ def _parse_patch(patch) -> tuple[float, str]:
         m = _SIZE_RE.match(patch.lower())
         if m:
             unit = m.group(2) or "px"
-            unit = "px" if unit.startswith("p") else "spot" if unit.startswith("spot") else "um"
+            unit = ("px" if unit.startswith("p") else "spacing" if unit.startswith("spacing")
+                    else "spot" if unit.startswith("spot") else "um")
             return float(m.group(1)), unit
-    msg = (f"patch={patch!r} is not understood; use 'spot', '1.5spot', an int (pixels), '224px', "
+    msg = (f"patch={patch!r} is not understood; use 'spot', '1.5spot', '6spacing', an int (pixels), '224px', "
            "'55um' or (55, 'um').")
     raise InputError(msg)
 
@@ -216,6 +255,68 @@ def _iter(slide: Slide, xy, size, out_size, batch_size, fill):
             im = Image.fromarray(crop).resize((out_size, out_size), resample)
             out[j] = np.asarray(im)
         yield PatchBatch(idx, out, inside[idx])
+
+
+def iter_patches_multi(slide: Slide, xy: np.ndarray, sizes, *, out_size: int | None = None, batch_size: int = 64,
+                       fill: int = 255) -> Iterator[MultiPatchBatch]:
+    """Patches of several sizes centred on the same spots, each slide region decoded once.
+
+    For every spot the square of the largest size is read once; the smaller
+    patches are cut out of it (they share the centre convention of
+    :func:`iter_patches`, so each equals what :func:`iter_patches` gives for
+    that size), then each is resized to ``out_size`` (None keeps its own size).
+    Spots come in storage order of the largest patch; every spot appears once.
+    """
+    sizes = [int(z) for z in sizes]
+    if not sizes or min(sizes) < 1:
+        raise InputError(f"patch sizes must be >= 1 pixel, got {sizes}.")
+    out_size = None if out_size is None else int(out_size)
+    if out_size is not None and out_size < 1:
+        raise InputError(f"out_size must be >= 1 pixel, got {out_size}.")
+    batch_size = int(batch_size)
+    if batch_size < 1:
+        raise InputError(f"batch_size must be >= 1, got {batch_size}.")
+    if not 0 <= int(fill) <= 255:
+        raise InputError(f"fill must be within 0..255, got {fill}.")
+    xy = _check_xy(xy)
+    own = not isinstance(slide, Slide)
+    if own:
+        slide = open_slide(slide)
+    try:
+        yield from _iter_multi(slide, xy, sizes, out_size, batch_size, int(fill))
+    finally:
+        if own:
+            slide.close()
+
+
+def _iter_multi(slide: Slide, xy, sizes, out_size, batch_size, fill):
+    from PIL import Image
+
+    lv = slide._level(0)
+    big = max(sizes)
+    origins = [patch_origins(xy, z) for z in sizes]  # each (N, 2)
+    o_big = patch_origins(xy, big)
+    inside = np.empty((len(sizes), len(xy)), np.float32)
+    for k, (z, o) in enumerate(zip(sizes, origins)):
+        ix = np.clip(o[:, 0] + z, 0, lv.width) - np.clip(o[:, 0], 0, lv.width)
+        iy = np.clip(o[:, 1] + z, 0, lv.height) - np.clip(o[:, 1], 0, lv.height)
+        inside[k] = ix * iy / float(z * z)
+    order = np.lexsort((o_big[:, 0], np.clip(o_big[:, 1], 0, None) // lv.tile[0]))
+    crop = np.empty((big, big, 3), np.uint8)
+    for start in range(0, len(xy), batch_size):
+        idx = order[start: start + batch_size].astype(np.int64)
+        outs = [np.empty((len(idx), out_size or z, out_size or z, 3), np.uint8) for z in sizes]
+        for j, i in enumerate(idx):
+            slide._read(lv, int(o_big[i, 0]), int(o_big[i, 1]), big, big, fill, out=crop)  # one read per spot
+            for k, z in enumerate(sizes):
+                dx, dy = int(origins[k][i, 0] - o_big[i, 0]), int(origins[k][i, 1] - o_big[i, 1])
+                sub = crop[dy: dy + z, dx: dx + z]
+                if out_size is None or out_size == z:
+                    outs[k][j] = sub
+                else:
+                    outs[k][j] = np.asarray(Image.fromarray(np.ascontiguousarray(sub)).resize((out_size, out_size),
+                                                                                           Image.BILINEAR))
+        yield MultiPatchBatch(idx, tuple(outs), inside[:, idx])
 
 
 def crop_patches(adata, patch="spot", *, image=None, out_size: int | None = None, library_id: str | None = None,
