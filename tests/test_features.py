@@ -207,7 +207,9 @@ def test_precision(tiny, tmp_path):
     assert cos.min() > 0.99
     assert len(list(tmp_path.glob("*.npy"))) == 2
     with pytest.raises(InputError, match="precision"):
-        stmorph.im.features(a, tiny, cache=False, progress=False, precision="int8")
+        stmorph.im.features(a, tiny, cache=False, progress=False, precision="int4")
+    with pytest.raises(InputError, match="int8"):  # int8 is ONNX Runtime's only
+        stmorph.im.features(a, tiny, cache=False, progress=False, precision="int8", backend="torch")
     with pytest.raises(InputError, match="CUDA"):
         stmorph.im.features(a, tiny, cache=False, progress=False, precision="float16", device="cpu")
 

@@ -25,13 +25,40 @@ class Conv2dSame(nn.Conv2d):
     def __init__(self, in_ch: int, out_ch: int, k: int, stride: int = 1, groups: int = 1, bias: bool = False):
         super().__init__(in_ch, out_ch, k, stride=stride, padding=0, groups=groups, bias=bias)
 
+    static_pad: tuple | None = None  #: fixed ((top, bottom), (left, right)) set by :func:`freeze_same_padding`
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         (kh, kw), (sh, sw) = self.kernel_size, self.stride
-        ph, pw = _same_pad(x.shape[-2], kh, sh), _same_pad(x.shape[-1], kw, sw)
+        if self.static_pad is not None:  # plain ints: an exported graph has no shape arithmetic
+            ph, pw = self.static_pad
+        else:
+            ph, pw = _same_pad(x.shape[-2], kh, sh), _same_pad(x.shape[-1], kw, sw)
         if ph[0] == ph[1] and pw[0] == pw[1]:
             return F.conv2d(x, self.weight, self.bias, self.stride, (ph[0], pw[0]), 1, self.groups)
         x = F.pad(x, (pw[0], pw[1], ph[0], ph[1]))
         return F.conv2d(x, self.weight, self.bias, self.stride, 0, 1, self.groups)
+
+
+@torch.no_grad()
+def freeze_same_padding(model: nn.Module, input_size: int) -> nn.Module:
+    """Fix every :class:`Conv2dSame`'s padding for square inputs of side ``input_size`` (in place).
+
+    For export (ONNX) and quantisation tools that trace the graph: the
+    paddings become constants instead of arithmetic on the input's shape.
+    """
+    sizes = {}
+    hooks = [m.register_forward_pre_hook(lambda m, a: sizes.__setitem__(m, tuple(a[0].shape[-2:])))
+             for m in model.modules() if isinstance(m, Conv2dSame)]
+    try:
+        p = next(iter(model.parameters()), None)
+        model(torch.zeros(1, 3, input_size, input_size, device=p.device if p is not None else "cpu"))
+    finally:
+        for h in hooks:
+            h.remove()
+    for m, (h, w) in sizes.items():
+        (kh, kw), (sh, sw) = m.kernel_size, m.stride
+        m.static_pad = (_same_pad(h, kh, sh), _same_pad(w, kw, sw))
+    return model
 
 
 @torch.no_grad()

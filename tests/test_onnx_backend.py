@@ -1,0 +1,105 @@
+"""ONNX Runtime backend: the same float32 features as PyTorch; the int8 path's agreement; option checks."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+torch = pytest.importorskip("torch")
+
+import stmorph  # noqa: E402
+from stmorph.errors import InputError  # noqa: E402
+from stmorph.im import _features, _onnx, encoders  # noqa: E402
+from stmorph.im.encoders import efficientnet_lite  # noqa: E402
+from stmorph.im.encoders._layers import freeze_same_padding  # noqa: E402
+from test_features import _adata  # noqa: E402
+
+needs_ort = pytest.mark.skipif(not _onnx.available(), reason="onnxruntime/onnx not installed")
+
+
+def _cos(a, b):
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return (a * b).sum(1)
+
+
+@pytest.fixture(scope="module")
+def lite2():
+    return encoders.get_encoder("efficientnet_lite2")
+
+
+def _tissue_adata(n_side=8):
+    """Spots on scikit-image's immunohistochemistry photograph (a real stained tissue section)."""
+    data = pytest.importorskip("skimage.data")
+    img = np.ascontiguousarray(data.immunohistochemistry())  # (512, 512, 3) uint8
+    gx, gy = np.meshgrid(np.linspace(40, 472, n_side), np.linspace(40, 472, n_side))
+    xy = np.c_[gx.ravel(), gy.ravel()]
+    a = ad.AnnData(sp.csr_matrix((len(xy), 2), dtype=np.float32))
+    a.obs_names = [f"t{i}" for i in range(len(xy))]
+    a.obsm["spatial"] = xy
+    a.uns["spatial"] = {"ihc": {"images": {"fullres": img},
+                                "scalefactors": {"spot_diameter_fullres": 64.0, "tissue_hires_scalef": 1.0,
+                                                 "tissue_lowres_scalef": 1.0},
+                                "metadata": {"technology": "synthetic", "spot_diameter_um": 55.0}}}
+    return a
+
+
+def test_frozen_same_padding_is_exact(lite2):
+    import copy
+
+    m = copy.deepcopy(lite2.model)
+    x = torch.rand(2, 3, 260, 260) * 2 - 1
+    with torch.inference_mode():
+        a = m(x)
+        freeze_same_padding(m, 260)
+        b = m(x)
+    assert torch.equal(a, b)
+    assert all(c.static_pad is not None for c in m.modules() if hasattr(c, "static_pad"))
+
+
+@needs_ort
+def test_onnxruntime_float32_equals_torch(lite2, tmp_path):
+    a = _adata()
+    kw = dict(cache=False, progress=False, precision="float32")
+    stmorph.im.features(a, lite2, backend="torch", key_added="X_t", **kw)
+    stmorph.im.features(a, lite2, backend="onnxruntime", key_added="X_o", **kw)
+    np.testing.assert_allclose(a.obsm["X_o"], a.obsm["X_t"], atol=2e-4, rtol=1e-4)
+    assert _cos(a.obsm["X_o"], a.obsm["X_t"]).min() > 0.99999
+    assert a.uns["X_o"]["params"]["backend"] == "onnxruntime" and a.uns["X_t"]["params"]["backend"] == "torch"
+    # auto picks ONNX Runtime on a CPU running float32
+    assert _features.resolve_backend(torch.device("cpu"), "auto", "float32") == "onnxruntime"
+
+
+@needs_ort
+@pytest.mark.slow
+def test_int8_agrees_with_float32_on_tissue(lite2):
+    """The quantised path: close to float32 features on a stained tissue image, and different (really int8)."""
+    a = _tissue_adata(n_side=6)
+    kw = dict(cache=False, progress=False)
+    stmorph.im.features(a, lite2, backend="torch", precision="float32", key_added="X_fp32", **kw)
+    stmorph.im.features(a, lite2, precision="int8", key_added="X_int8", **kw)
+    c = _cos(a.obsm["X_int8"], a.obsm["X_fp32"])
+    assert c.mean() > 0.97 and c.min() > 0.9, (c.mean(), c.min())
+    assert not np.allclose(a.obsm["X_int8"], a.obsm["X_fp32"], atol=1e-3)  # quantised, not a float32 run
+    assert a.uns["X_int8"]["params"]["dtype"] == "int8"
+    # the features still tell spots apart as float32 does: nearest neighbours mostly agree
+    def nn(f):
+        f = f / np.linalg.norm(f, axis=1, keepdims=True)
+        s = f @ f.T
+        np.fill_diagonal(s, -np.inf)
+        return s.argmax(1)
+    assert (nn(a.obsm["X_int8"]) == nn(a.obsm["X_fp32"])).mean() > 0.6
+
+
+def test_backend_options_checked():
+    cpu = torch.device("cpu")
+    with pytest.raises(InputError, match="backend must be one of"):
+        _features.resolve_backend(cpu, "tensorrt", "float32")
+    with pytest.raises(InputError, match="int8.*ONNX Runtime"):
+        _features.resolve_backend(cpu, "torch", "int8")
+    if _onnx.available():
+        with pytest.raises(InputError, match="float32 or int8"):
+            _features.resolve_backend(cpu, "onnxruntime", "bfloat16")
+    assert _features.resolve_backend(cpu, "torch", "float32") == "torch"
