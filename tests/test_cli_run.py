@@ -23,7 +23,8 @@ def test_run_writes_every_output_and_refuses_to_clobber(visium_folder, tmp_path,
     argv = [str(visium_folder), "--image", str(visium_folder / "image.tif"), "--method", "stmic",
             "--n-clusters", "4", "--out", str(out)]
     assert main(["run", *argv]) == 0
-    assert {p.name for p in out.iterdir()} == {"result.h5ad", "domains.csv", "spatial_domains.png", "run.json"}
+    assert {p.name for p in out.iterdir()} == {"result.h5ad", "domains.csv", "spatial_domains.png", "run.json",
+                                           ".stmorph"}
     table = pd.read_csv(out / "domains.csv", index_col="barcode")
     assert list(table.columns) == ["expression", "image", "stmic"]
     assert all(table[c].nunique() == 4 for c in table.columns)
@@ -93,6 +94,7 @@ def test_run_her2st_a1_produces_all_outputs(tmp_path):
                "--image", str(h / "ST-imgs/A/A1/A1_HE_2000px.png"), "--pixel-scale", "auto",
                "--method", "stmic", "--n-clusters", "6", "--out", str(out), "--quiet"])
     assert rc == 0
-    assert {p.name for p in out.iterdir()} == {"result.h5ad", "domains.csv", "spatial_domains.png", "run.json"}
+    assert {p.name for p in out.iterdir()} == {"result.h5ad", "domains.csv", "spatial_domains.png", "run.json",
+                                           ".stmorph"}
     info = json.loads((out / "run.json").read_text())
     assert info["n_spots"] > 300 and set(info["ari"]) == {"expression", "image", "stmic"}

@@ -43,36 +43,132 @@ def _public_modes(root: Path) -> None:
             os.chmod(os.path.join(dirpath, f), 0o666 & ~mask)
 
 
-def check_writable(path: str | os.PathLike, *, force: bool) -> Path:
-    """Fail early, before any work, when ``path`` exists and ``force`` is not set."""
+#: Written by :func:`atomic_dir` into every folder stmorph builds: what it wrote there. ``--force``
+#: replaces only a folder holding this marker (or the ``run.json`` of an older stmorph) and nothing else.
+MARKER = ".stmorph"
+#: What an older stmorph (before the marker) wrote into a ``run``/``demo`` folder besides run.json's outputs.
+_LEGACY_NAMES = ("result.h5ad", "domains.csv", "spatial_domains.png", "report.html", "run.json", "input")
+
+
+def stmorph_entries(folder: str | os.PathLike) -> set[str] | None:
+    """Names stmorph wrote into ``folder`` (from its marker), or None when stmorph did not write it."""
+    folder = Path(folder)
+    try:
+        info = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+        if isinstance(info, dict) and info.get("written_by") == "stmorph":
+            return {str(n) for n in info.get("entries", [])} | {MARKER}
+    except (OSError, ValueError, UnicodeDecodeError):
+        pass
+    try:  # an output folder of stmorph before the marker existed: its run.json
+        info = json.loads((folder / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    if isinstance(info, dict) and "stmorph_version" in info and isinstance(info.get("outputs"), list):
+        return {str(n) for n in info["outputs"]} | set(_LEGACY_NAMES)
+    return None
+
+
+def record_entries(folder: str | os.PathLike, names: Sequence[str] | None = None) -> Path:
+    """Write ``folder``'s marker: with ``names=None`` (a folder stmorph just built) everything in it,
+    else what the marker already lists plus ``names`` (files stmorph added to its own folder)."""
+    folder = Path(folder)
+    if names is None:
+        entries = {p.name for p in folder.iterdir()}
+    else:
+        entries = (stmorph_entries(folder) or set()) | set(names)
+    entries = sorted(entries - {MARKER})
+    from . import __version__
+
+    data = {"written_by": "stmorph", "version": __version__, "entries": entries}
+    return atomic_write(folder / MARKER, lambda p: Path(p).write_text(json.dumps(data, indent=1) + "\n"))
+
+
+def _is_within(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
+def _protected(path: Path, inputs: Sequence[str | os.PathLike | None]) -> str | None:
+    """Why ``path`` may never be replaced (the working directory, an ancestor of it, an input), or None."""
+    targets = {Path(os.path.abspath(path)), path.resolve()}
+    cwd = Path.cwd().resolve()
+    for t in targets:
+        if _is_within(cwd, t):
+            return "is the working directory or one of its parents"
+        if t == Path(t.anchor) or t == Path.home().resolve():
+            return "is the home or root folder"
+    for given in inputs:
+        if given is None or str(given) == "":
+            continue
+        real = Path(given).expanduser()
+        for i in {Path(os.path.abspath(real)), real.resolve()}:
+            for t in targets:
+                if _is_within(i, t):
+                    return f"is or contains the input {given}"
+    return None
+
+
+def check_writable(path: str | os.PathLike, *, force: bool, inputs: Sequence[str | os.PathLike | None] = ()) -> Path:
+    """Fail early, before any work, when ``path`` exists and may not be replaced.
+
+    An existing ``path`` is replaced only with ``force``, and only when stmorph wrote it (its marker)
+    and it holds nothing else; never the working directory or a parent of it, the home folder, or a
+    folder that is or contains one of ``inputs``.
+    """
+    if isinstance(path, str) and not path.strip():
+        msg = "the output folder is an empty string (that would be the working directory); give a new folder name."
+        raise OutputExistsError(msg)
     path = Path(path)
-    if path.exists() and not force:
+    if not (path.exists() or path.is_symlink()):
+        return path
+    if not force:
         msg = f"{path} already exists; choose another output or pass --force (force=True) to replace it."
         raise OutputExistsError(msg)
-    if path.exists() and not path.is_dir():
-        msg = f"{path} exists and is not a folder; refusing to replace a file with a folder."
+    if not path.is_dir() or path.is_symlink():
+        msg = f"{path} exists and is not a folder stmorph wrote; refusing to replace it, even with --force."
+        raise OutputExistsError(msg)
+    why = _protected(path, inputs)
+    if why is not None:
+        msg = f"{path} {why}; --force never replaces it: choose a new output folder."
+        raise OutputExistsError(msg)
+    entries = stmorph_entries(path)
+    if entries is None:
+        msg = (f"{path} was not written by stmorph (no {MARKER} marker or stmorph run.json); --force only replaces "
+               "stmorph's own output folders: choose a new output folder.")
+        raise OutputExistsError(msg)
+    try:
+        foreign = sorted(p.name for p in path.iterdir() if p.name not in entries)
+    except OSError as exc:
+        msg = f"{path} cannot be listed ({exc.strerror}); refusing to replace it."
+        raise OutputExistsError(msg) from None
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        msg = (f"{path} holds files stmorph did not write ({shown}); --force does not delete them: move them "
+               "out or choose a new output folder.")
         raise OutputExistsError(msg)
     return path
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, *, force: bool = False,
+               inputs: Sequence[str | os.PathLike | None] = ()) -> Iterator[Path]:
     """Build a folder under a temporary name beside ``path``; rename it into place on success.
 
-    On error the temporary folder is removed and ``path`` is left as it was.
+    On error the temporary folder is removed and ``path`` is left as it was. The finished folder
+    gets stmorph's marker (:data:`MARKER`), which is what a later ``force=True`` checks for.
     """
-    path = check_writable(path, force=force).resolve()
+    path = check_writable(path, force=force, inputs=inputs).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         yield tmp
+        record_entries(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _public_modes(tmp)
     old = None
     if path.exists():
-        check_writable(path, force=force)
+        check_writable(path, force=force, inputs=inputs)
         old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
         os.replace(path, old / "previous")
     os.replace(tmp, path)

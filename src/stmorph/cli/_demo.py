@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ._run import add_common_options, execute, method_options, resolve_methods, summary
+from ._run import add_common_options, execute, input_paths, method_options, resolve_methods, summary
 
 
 def add_parser(sub) -> None:
@@ -29,10 +29,11 @@ def main(args) -> int:
     from .._outputs import atomic_dir, check_writable
 
     out = Path(args.out)
-    check_writable(out, force=args.force)
+    inputs = input_paths(args)
+    check_writable(args.out, force=args.force, inputs=inputs)
     methods = resolve_methods(args.method or ["all"])
     timings = {}
-    with atomic_dir(out, force=args.force) as tmp:
+    with atomic_dir(out, force=args.force, inputs=inputs) as tmp:
         t0 = time.perf_counter()
         tissue = datasets.synthetic(args.n_spots, random_state=args.seed)
         timings["synthetic"] = time.perf_counter() - t0

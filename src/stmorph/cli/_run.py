@@ -188,6 +188,12 @@ def execute(adata, methods, out_tmp: Path, options: dict, run_info: dict, *, plo
     return run_info
 
 
+def input_paths(args) -> list:
+    """Every file or folder the command reads: ``--force`` never replaces a folder that is or holds one."""
+    names = ("input", "image", "spots", "labels", "weights", "gene_sets")
+    return [v for v in (getattr(args, n, None) for n in names) if isinstance(v, str) and v and v != "auto"]
+
+
 def summary(info: dict, out: Path) -> str:
     lines = [f"stmorph: {info['n_spots']} spots x {info['n_genes']} genes -> {out}"]
     for m in info["methods"]:
@@ -203,7 +209,8 @@ def main(args) -> int:
     from .._outputs import atomic_dir, check_writable
 
     out = Path(args.out)
-    check_writable(out, force=args.force)  # before any work
+    inputs = input_paths(args)
+    check_writable(args.out, force=args.force, inputs=inputs)  # before any work
     methods = resolve_methods(args.method)
     t0 = time.perf_counter()
     adata = read_input(args.input, image=args.image, spots=args.spots, labels=args.labels,
@@ -214,7 +221,7 @@ def main(args) -> int:
 
     info["stmorph_version"] = __version__
     options = method_options(args)
-    with atomic_dir(out, force=args.force) as tmp:
+    with atomic_dir(out, force=args.force, inputs=inputs) as tmp:
         info = execute(adata, methods, tmp, options, info, plot=not args.no_plot, quiet=args.quiet)
     if not args.quiet:
         print(summary(info, out))

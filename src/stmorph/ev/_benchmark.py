@@ -245,6 +245,9 @@ def run_benchmark(
             if (out_dir / f).exists() and not force:
                 msg = f"{f} already exists; pass --force to overwrite."
                 raise OutputExistsError(msg if out_dir is None else f"{out_dir / f}: {msg}")
+            if (out_dir / f).exists() and not _written_by_stmorph(out_dir / f):
+                msg = f"{f} was not written by stmorph benchmark; --force only replaces its own tables."
+                raise OutputExistsError(f"{out_dir / f}: {msg}")
         out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     meta = {"methods": methods, "seeds": seed_list, "ignore": list(ignore), "command": command, "machine": machine, "code": code,
@@ -291,6 +294,16 @@ def run_benchmark(
                 rows.append(row)
                 _write(rows, out_dir, meta)
     return pd.DataFrame(rows, columns=CSV_COLUMNS)
+
+
+def _written_by_stmorph(path: Path) -> bool:
+    """Whether ``path`` is a benchmark.csv/benchmark.md this module wrote (its header line)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = f.readline().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return first == (",".join(CSV_COLUMNS) if path.suffix == ".csv" else "# stmorph benchmark")
 
 
 def _one_line(exc: BaseException) -> str:

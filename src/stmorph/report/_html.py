@@ -9,6 +9,7 @@ and, when gene sets are given, pre-ranked GSEA per domain.
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as _dt
 import html
 import json
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._outputs import atomic_write
+from .._outputs import atomic_write, record_entries, stmorph_entries
 from ..errors import InputError, OutputExistsError, StmorphError
 
 __all__ = ["write_report", "build_report"]
@@ -318,6 +319,9 @@ def write_report(
     if target.exists() and not force:
         msg = "report.html already exists; pass force=True (--force) to replace it."
         raise OutputExistsError(f"{target}: {msg}")
+    if target.exists() and "report.html" not in (stmorph_entries(out_dir) or ()):
+        msg = "report.html was not written by stmorph (not in the folder's .stmorph marker); --force does not replace it."
+        raise OutputExistsError(f"{target}: {msg}")
     if gene_sets is not None:
         from ..ev import load_gene_sets
 
@@ -325,5 +329,8 @@ def write_report(
     adata, info = _read(out_dir)
     text = build_report(adata, info, gene_sets=gene_sets, method=method, n_markers=n_markers, fdr=fdr,
                         permutation_num=permutation_num, random_state=random_state, log=log)
-    return atomic_write(target, lambda p: Path(p).write_text(text, encoding="utf-8"))
+    atomic_write(target, lambda p: Path(p).write_text(text, encoding="utf-8"))
+    with contextlib.suppress(OSError):  # a later --force recognises it as stmorph's
+        record_entries(out_dir, ["report.html"])
+    return target
 
