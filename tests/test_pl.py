@@ -61,7 +61,7 @@ def test_domains_panel_over_image(tmp_path):
     assert titles[1] == "stmic (ARI 1.00)"
     ax = fig.axes[1]
     assert ax.images, "background image missing"
-    coll = [c for c in ax.collections if len(c.get_offsets()) == adata.n_obs]
+    coll = [c for c in ax.collections if len(c.get_paths()) == adata.n_obs]
     assert coll, "spots missing"
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
     assert legend == ["0", "1", "2"]
@@ -80,9 +80,119 @@ def test_domains_panel_over_image(tmp_path):
 
 def test_spot_size_is_true_diameter():
     adata = toy_tissue(n_side=6)
-    fig = pl.domains(adata, "annotation", image=False)
+    fig = pl.domains(adata, "annotation", image=False, spot_shape="circle")
     coll = [c for c in fig.axes[0].collections if len(c.get_offsets()) == adata.n_obs][0]
     assert np.allclose(coll._widths * 2, 25.0) or np.allclose(coll._widths, 25.0)
+    # default on a square grid (legacy ST, HD bins): squares as wide as the spacing (40 px), touching
+    fig = pl.domains(adata, "annotation", image=False)
+    coll = [c for c in fig.axes[0].collections if len(c.get_paths()) == adata.n_obs][0]
+    v = coll.get_paths()[0].vertices[:4]
+    assert np.ptp(v[:, 0]) == pytest.approx(40.0) and np.ptp(v[:, 1]) == pytest.approx(40.0)
+    with pytest.raises(InputError, match="spot_shape"):
+        pl.domains(adata, "annotation", spot_shape="star")
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+
+
+def _visium_grid(n=12, spacing=100.0, angle_deg=0.0):
+    """Spot centres of a Visium-like hexagonal grid (rows offset by half a spacing), rotated."""
+    rows, cols = np.meshgrid(np.arange(n), np.arange(2 * n), indexing="ij")
+    keep = (rows + cols) % 2 == 0
+    xy = np.c_[cols[keep] * spacing / 2, rows[keep] * spacing * np.sqrt(3) / 2]
+    t = np.deg2rad(angle_deg)
+    return xy @ np.array([[np.cos(t), np.sin(t)], [-np.sin(t), np.cos(t)]])
+
+
+def test_hexagons_tile_a_visium_grid():
+    from stmorph.pl import _utils
+
+    for angle in (0.0, 12.0):
+        xy = _visium_grid(angle_deg=angle)
+        kind, spacing, theta = _utils.spot_lattice(xy)
+        assert kind == "hex" and spacing == pytest.approx(100.0)
+        assert (np.rad2deg(theta) - angle + 30) % 60 - 30 == pytest.approx(0.0, abs=1e-6)
+        v = _utils.tile_vertices(xy, kind, spacing, theta)
+        # neighbouring hexagons share an edge: two corners of each coincide, and they do not overlap
+        i, j = 30, int(np.argsort(((xy - xy[30]) ** 2).sum(axis=1))[1])
+        d = np.linalg.norm(v[i][:, None, :] - v[j][None, :, :], axis=2)
+        assert (d < 1e-6).sum() == 2
+    kind, spacing, _ = _utils.spot_lattice(np.random.default_rng(0).uniform(0, 1000, size=(300, 2)))
+    assert kind == "irregular"
+
+
+def test_palette_is_colour_blind_safe():
+    """The first 11 colours (and the grey of unlabelled spots) stay >= 15 Delta-E (CIE76) apart under normal
+    vision and simulated protanopia, deuteranopia and tritanopia (Machado et al. 2009, severity 1)."""
+    machado = [
+        np.eye(3),
+        [[0.152286, 1.052583, -0.204868], [0.114503, 0.786281, 0.099216], [-0.003882, -0.048116, 1.051998]],
+        [[0.367322, 0.860646, -0.227968], [0.280085, 0.672501, 0.047413], [-0.011820, 0.042940, 0.968881]],
+        [[1.255528, -0.076749, -0.178779], [-0.078411, 0.930809, 0.147602], [0.004733, 0.691367, 0.303900]],
+    ]
+    from matplotlib.colors import to_rgb
+
+    from stmorph.pl._colors import MISSING_COLOR
+
+    srgb = np.array([to_rgb(c) for c in [*pl.PALETTE[:11], MISSING_COLOR]])
+    lin = np.where(srgb <= 0.04045, srgb / 12.92, ((srgb + 0.055) / 1.055) ** 2.4)
+    xyz_m = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]])
+    worst = np.inf
+    for m in machado:
+        xyz = np.clip(lin @ np.asarray(m).T, 0, 1) @ xyz_m.T / [0.95047, 1.0, 1.08883]
+        f = np.where(xyz > 0.008856, np.cbrt(xyz), 7.787 * xyz + 16 / 116)
+        lab = np.c_[116 * f[:, 1] - 16, 500 * (f[:, 0] - f[:, 1]), 200 * (f[:, 1] - f[:, 2])]
+        d = np.linalg.norm(lab[:, None] - lab[None], axis=2)
+        worst = min(worst, d[np.triu_indices(len(lab), 1)].min())
+    assert worst >= 15.0
+    # scanpy's default_20, the former palette, fails the same check
+    assert pl.palette(3) == pl.PALETTE[:3] and len(set(pl.palette(40))) == 40
+
+
+def test_legend_names_domains_by_markers():
+    adata = toy_tissue(n_side=12)
+    _permuted(adata, "stmic", {"tumour": 2, "stroma": 0, "immune": 1})
+    planted = adata.uns["toy"]["planted"]
+    names = pl.domain_names(adata, "stmic")
+    assert set(names) == {"0", "1", "2"} and "rank_genes_groups" not in adata.uns
+    for lab, region in (("2", "tumour"), ("0", "stroma"), ("1", "immune")):
+        head, genes = names[lab].split(": ")
+        assert head == lab and set(genes.split(", ")) <= set(planted[region])
+    fig = pl.domains(adata, ["annotation", "stmic"], labels="markers")
+    legend = [t.get_text() for t in fig.axes[1].get_legend().get_texts()]
+    assert legend == [names["0"], names["1"], names["2"]]
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["immune", "stroma", "tumour"]
+    fig = pl.domains(adata, "stmic", labels={"stmic": {"0": "zero"}})
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["zero", "1", "2"]
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+
+
+def test_outputs_writes_figures_without_importing_pl(tmp_path):
+    """Drawing lives in pl, writing in _outputs: importing the writer does not import pl (no cycle)."""
+    import ast
+    import inspect
+
+    import stmorph._outputs
+
+    tree = ast.parse(inspect.getsource(stmorph._outputs))
+    imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module is None for a in n.names]
+    assert not [m for m in imported if m in ("pl", "stmorph.pl", "report", "stmorph.report") or m.startswith("pl.")]
+    from stmorph._outputs import write_run_outputs
+
+    adata = toy_tissue(n_side=6)
+    del adata.uns["toy"]
+    fig = pl.domains(adata, "annotation")
+    files = write_run_outputs(adata, tmp_path, ["annotation"], {"command": "x"}, figures={"domains.png": fig},
+                              pages={"report.html": "<p>r</p>"})
+    assert _decode(files["domains"] if files["domains"].suffix == ".png" else tmp_path / "domains.png").std() > 5
+    assert (tmp_path / "report.html").read_text() == "<p>r</p>"
+    import json
+
+    assert {"domains.png", "report.html", "run.json"} <= set(json.loads((tmp_path / "run.json").read_text())["outputs"])
 
 
 def test_spatial_dotplot_gsea_bars(tmp_path):

@@ -1,9 +1,16 @@
-"""Tests of stmorph.report / `stmorph report`: a self-contained report.html parsed back."""
+"""Tests of stmorph.report / `stmorph report`: a self-contained report.html parsed back.
+
+Results come first, one card per domain, a zoomable view whose data is embedded, nothing fetched from
+the network. An optional check renders the page in headless Chromium (skipped when it is absent).
+"""
 
 from __future__ import annotations
 
 import base64
 import json
+import re
+import shutil
+import subprocess
 from html.parser import HTMLParser
 
 import numpy as np
@@ -14,25 +21,41 @@ from test_ev import REGIONS, _write_gmt, no_network, toy_tissue  # noqa: F401 - 
 from stmorph import report
 from stmorph.errors import InputError, OutputExistsError
 
+MAGIC = {"png": b"\x89PNG\r\n\x1a\n", "jpeg": b"\xff\xd8\xff"}
+
 
 class _Page(HTMLParser):
     def __init__(self):
         super().__init__()
-        self.imgs, self.links, self.scripts, self.ids = [], [], [], []
-        self.tables, self._in_cell, self.cells, self.text = 0, False, [], []
+        self.imgs, self.links, self.scripts, self.ids, self.sections = [], [], [], [], []
+        self.attrs_with_urls, self.details = [], []
+        self._in_cell, self.cells, self.text, self._script_id, self.json = False, [], [], None, {}
+        self.cards, self._card = [], None
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
+        for k, v in attrs:
+            if k in ("src", "href", "action", "poster", "srcset") and v is not None:
+                self.attrs_with_urls.append(v)
         if tag == "img":
             self.imgs.append(a.get("src", ""))
-        if tag in ("link", "script", "iframe"):
+            if self._card is not None:
+                self._card["imgs"].append(a.get("src", ""))
+        if tag in ("link", "script", "iframe", "object", "embed"):
             self.scripts.append((tag, a))
+        if tag == "script":
+            self._script_id = a.get("id", "")
         if tag == "a" and a.get("href"):
             self.links.append(a["href"])
         if "id" in a:
             self.ids.append(a["id"])
-        if tag == "table":
-            self.tables += 1
+        if tag == "section":
+            self.sections.append(a.get("id"))
+        if tag == "details":
+            self.details.append((self.sections[-1] if self.sections else None, "open" in a))
+        if tag == "article" and "card" in a.get("class", ""):
+            self._card = {"id": a.get("id"), "imgs": [], "text": []}
+            self.cards.append(self._card)
         if tag in ("td", "th"):
             self._in_cell = True
             self.cells.append("")
@@ -40,14 +63,25 @@ class _Page(HTMLParser):
     def handle_endtag(self, tag):
         if tag in ("td", "th"):
             self._in_cell = False
+        if tag == "script":
+            self._script_id = None
+        if tag == "article":
+            self._card = None
 
     def handle_data(self, data):
+        if self._script_id:
+            self.json[self._script_id] = self.json.get(self._script_id, "") + data
+            return
+        if self._script_id is not None:  # inline viewer code
+            return
         self.text.append(data)
+        if self._card is not None:
+            self._card["text"].append(data)
         if self._in_cell:
             self.cells[-1] += data
 
 
-def _run_dir(tmp_path, *, annotation=True):
+def _toy(*, fullres: bool = False, annotation: bool = True):
     adata = toy_tissue(n_side=16)
     rng = np.random.default_rng(0)
     codes = {"tumour": "1", "stroma": "2", "immune": "0"}
@@ -55,14 +89,27 @@ def _run_dir(tmp_path, *, annotation=True):
     e = adata.obs["stmic"].astype(str).to_numpy().copy()
     e[rng.random(adata.n_obs) < 0.25] = "3"
     adata.obs["expression"] = pd.Categorical(e)
+    # the representation stmic clustered: one cluster per band, a spread inside each
+    centre = adata.obs["stmic"].astype(int).to_numpy()[:, None] * 10.0
+    adata.obsm["X_stmic"] = centre + rng.normal(size=(adata.n_obs, 3))
+    adata.uns["stmic"] = {"params": {"use_rep": "X_stmic"}}
+    lib = adata.uns["spatial"]["toy"]
+    if fullres:
+        lib["images"]["fullres"] = np.repeat(np.repeat(lib["images"]["hires"], 2, axis=0), 2, axis=1)
+        lib["metadata"]["microns_per_pixel"] = 55.0 / 25.0
     if not annotation:
         del adata.obs["annotation"]
     del adata.uns["toy"]
+    return adata
+
+
+def _run_dir(tmp_path, *, annotation=True, fullres=False, adata=None, methods=("expression", "stmic")):
+    adata = _toy(fullres=fullres, annotation=annotation) if adata is None else adata
     out = tmp_path / "out"
     out.mkdir()
     adata.write_h5ad(out / "result.h5ad")
     info = {"stmorph_version": "0.1.0", "command": "stmorph run toy --out out <&>", "input": "/data/toy",
-            "methods": ["expression", "stmic"], "parameters": {"n_clusters": 3, "resolution": 1.7},
+            "methods": list(methods), "parameters": {"n_clusters": 3, "resolution": 1.7},
             "timings_s": {"read": 0.5}, "packages": {"numpy": np.__version__}, "encoder": {"name": "efficientnet_lite2"}}
     (out / "run.json").write_text(json.dumps(info))
     return out
@@ -74,47 +121,146 @@ def _parse(path):
     return p
 
 
-def test_report_self_contained_with_gsea(tmp_path, no_network):  # noqa: F811
-    out = _run_dir(tmp_path)
-    gmt = _write_gmt(tmp_path / "sets.gmt", _toy_planted())
+def _check_data_uri(src: str, kinds=("png", "jpeg")) -> None:
+    m = re.fullmatch(r"data:image/(png|jpeg);base64,([A-Za-z0-9+/=]+)", src)
+    assert m and m.group(1) in kinds, src[:60]
+    assert base64.b64decode(m.group(2))[:len(MAGIC[m.group(1)])] == MAGIC[m.group(1)]
+
+
+def _assert_offline(path, page):
+    """No external resource: every URL attribute is a fragment or a data URI, no http(s) anywhere."""
+    raw = path.read_text(encoding="utf-8")
+    assert all(u.startswith(("#", "data:")) for u in page.attrs_with_urls)
+    assert "http:" not in raw and "https:" not in raw and "@import" not in raw and "url(" not in raw
+    assert [t for t, a in page.scripts if t != "script" or "src" in a] == []  # inline scripts only
+
+
+def test_report_results_first_cards_viewer_offline(tmp_path, no_network):  # noqa: F811
+    out = _run_dir(tmp_path, fullres=True)
+    gmt = _write_gmt(tmp_path / "sets.gmt", toy_tissue(n_side=16))
     path = report.write_report(out, gene_sets=gmt, permutation_num=100)
     assert path == out / "report.html"
     page = _parse(path)
-    # self-contained: every image is an embedded PNG, no external resource or script
-    assert len(page.imgs) >= 4
+    _assert_offline(path, page)
+    # results first, run details last and collapsed
+    assert page.sections == ["summary", "domains", "viewer", "cards", "markers", "gsea", "run"]
+    assert ("run", False) in page.details
+    assert "agreement" in page.ids
     for src in page.imgs:
-        assert src.startswith("data:image/png;base64,")
-        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
-    assert page.scripts == []
-    assert all(h.startswith("#") for h in page.links)
-    assert {"run", "domains", "agreement", "markers", "gsea"} <= set(page.ids)
+        _check_data_uri(src)
     text = " ".join(page.text)
     assert "stmorph run toy --out out <&>" in text  # escaped in the file, intact once parsed
     assert "resolution" in text and "efficientnet_lite2" in text
-    # ARI table: stmic is a relabelled copy of the truth
     cells = page.cells
     i = cells.index("stmic", cells.index("ARI"))
-    assert cells[i + 1] == "1"
-    # top markers of each domain are planted genes; planted tumour set is significant
-    planted = _toy_planted().uns["toy"]["planted"]
-    assert planted["tumour"][0] in text or any(g in cells for g in planted["tumour"])
-    assert "HALLMARK_TUMOUR" in cells
+    assert cells[i + 1] == "1"  # stmic is a relabelled copy of the truth
+    assert text.index("Agreement with the annotation") < text.index("Parameters")
+    # a card per stmic domain: named by its top markers, a map and an H&E strip, planted genes, GSEA term
+    planted = toy_tissue(n_side=16).uns["toy"]["planted"]
+    region_of = {"0": "immune", "1": "tumour", "2": "stroma"}
+    assert [c["id"] for c in page.cards] == ["domain-0", "domain-1", "domain-2"]
+    for card in page.cards:
+        lab = card["id"].split("-", 1)[1]
+        ctext = " ".join(card["text"])
+        assert len(card["imgs"]) == 2
+        _check_data_uri(card["imgs"][0], ("png",))
+        _check_data_uri(card["imgs"][1], ("jpeg",))
+        shown = re.findall(r"G\d{3}", ctext)
+        assert shown and set(shown[:3]) <= set(planted[region_of[lab]])
+        assert "31.2%" in ctext or "37.5%" in ctext
+        assert f"100% {region_of[lab]}" in ctext
+    tumour_card = " ".join(page.cards[1]["text"])
+    assert "HALLMARK_TUMOUR" in tumour_card
+    # the viewer's data: JPEG tiles, every method as a layer, stmic by default, spot ids for hover
+    data = json.loads(page.json["stmorph-viewer-data"])
+    assert data["default"] == "stmic" and data["image"] == "full-resolution"
+    assert [lay["key"] for lay in data["layers"]] == ["annotation", "stmic", "expression"]
+    assert data["spots"]["id"][:2] == ["0x0", "0x1"] and len(data["layers"][1]["codes"]) == 256
+    tiles = [t for lv in data["levels"] for t in lv["tiles"] if t]
+    assert tiles
+    for t in tiles:
+        _check_data_uri(t, ("jpeg",))
+    assert data["shape"] == "square" and data["levels"][-1]["cols"] == data["levels"][-1]["rows"] == 1
     with pytest.raises(OutputExistsError):
         report.write_report(out)
     report.write_report(out, force=True)  # no gene sets: no GSEA section
-    assert "gsea" not in _parse(out / "report.html").ids
+    assert "gsea" not in _parse(out / "report.html").sections
     assert not [p for p in out.iterdir() if p.name.startswith(".report")]
 
 
-def _toy_planted():
-    return toy_tissue(n_side=16)
+def test_report_chosen_method_is_not_hard_coded(tmp_path):
+    adata = _toy()
+    adata.obs["stmorph"] = adata.obs["expression"].copy()
+    adata.obsm["X_stmorph"] = adata.obsm["X_stmic"].copy()
+    adata.obs["newmethod"] = adata.obs["stmic"].copy()
+    adata.uns["newmethod"] = {"params": {"use_rep": "X_stmic"}}
+    assert report.chosen_method(adata, ["stmic", "stmorph"]) == "stmorph"
+    assert report.chosen_method(adata, ["expression", "stmic"]) == "stmic"
+    assert report.chosen_method(adata, ["newmethod"]) == "newmethod"
+    adata.uns["stmorph"] = {"primary": "newmethod", "steps_s": {"read": 1.0}}
+    assert report.chosen_method(adata, ["stmic", "stmorph", "newmethod"]) == "newmethod"
+    # without run.json, methods come from obs: known names and columns a clustering tool wrote
+    assert report.report_methods(adata) == ["stmic", "expression", "stmorph", "newmethod"]
+    assert report.report_methods(adata, {"methods": ["newmethod", "missing"]}) == ["newmethod"]
+    out = _run_dir(tmp_path, adata=adata, methods=("expression", "stmic", "stmorph", "newmethod"))
+    page = _parse(report.write_report(out, viewer=False))
+    assert "viewer" not in page.sections
+    text = " ".join(page.text)
+    assert "The newmethod domains, one by one" in text
+    assert page.cells[page.cells.index("ARI") + 3] == "newmethod"  # chosen method first in the table
+
+
+def test_representative_spots_nearest_the_centre():
+    from stmorph.report import _cards
+
+    adata = _toy()
+    rows = _cards.representative_spots(adata, "stmic", "1", 4, rep="X_stmic")
+    X = adata.obsm["X_stmic"]
+    member = np.flatnonzero(adata.obs["stmic"].astype(str) == "1")
+    d = ((X[member] - X[member].mean(axis=0)) ** 2).sum(axis=1)
+    assert rows == member[np.argsort(d)[:4]].tolist()
+    assert set(adata.obs["stmic"].iloc[rows].astype(str)) == {"1"}
+    assert _cards.embedding_key(adata, "stmic") == "X_stmic"
+    assert _cards.embedding_key(adata, "expression") is None
+    spatial = _cards.representative_spots(adata, "stmic", "0", 1, rep=None)
+    xy = adata.obsm["spatial"][member := np.flatnonzero(adata.obs["stmic"].astype(str) == "0")]
+    assert spatial == [member[np.argmin(((xy - xy.mean(axis=0)) ** 2).sum(axis=1))]]
+
+
+def test_viewer_bounded_resolution_and_tiles_near_spots():
+    from stmorph.report import _viewer
+
+    adata = _toy(fullres=True)
+    lay = [{"key": "stmic", "labels": ["0", "1", "2"], "names": ["a", "b", "c"], "colors": ["#000000"] * 3}]
+    full = _viewer.viewer_data(adata, lay, default="stmic")
+    assert full["um_per_px"] == pytest.approx(2.2)  # the image's own resolution (coarser than 1 um/px)
+    small = _viewer.viewer_data(adata, lay, default="stmic", max_pixels=50_000)
+    assert small["width"] * small["height"] <= 50_000 * 1.02
+    assert small["um_per_px"] > full["um_per_px"]
+    coarse = _viewer.viewer_data(adata, lay, default="stmic", min_um_per_px=4.4)
+    assert coarse["um_per_px"] == pytest.approx(4.4, rel=0.02)
+    # spots in two opposite corners: tiles far from every spot are left out
+    rows, cols = adata.obs["array_row"].to_numpy(), adata.obs["array_col"].to_numpy()
+    sub = adata[((rows < 3) & (cols < 3)) | ((rows > 12) & (cols > 12))].copy()
+    sub.obsm["spatial"] = sub.obsm["spatial"] * 6.0
+    sub.uns["spatial"]["toy"]["images"]["fullres"] = np.full((4000, 4000, 3), 200, np.uint8)
+    sub.uns["spatial"]["toy"]["metadata"]["microns_per_pixel"] = 0.5
+    sub.uns["spatial"]["toy"]["scalefactors"]["spot_diameter_fullres"] = 110.0
+    data = _viewer.viewer_data(sub, lay, default="stmic")
+    finest = data["levels"][0]
+    assert finest["cols"] * finest["rows"] > 1 and "" in finest["tiles"]
+    assert all(lv["tiles"][0] for lv in data["levels"])  # the corner with the first spot is kept
+    # no image at all: spots only, no tiles
+    del adata.uns["spatial"]["toy"]["images"]["fullres"], adata.uns["spatial"]["toy"]["images"]["hires"]
+    assert _viewer.viewer_data(adata, lay, default="stmic")["levels"] == []
 
 
 def test_report_without_annotation_and_errors(tmp_path):
     out = _run_dir(tmp_path, annotation=False)
     (out / "run.json").unlink()
     page = _parse(report.write_report(out, method="expression"))
-    assert "agreement" not in page.ids and "domains" in page.ids
+    assert "agreement" not in page.ids and "domains" in page.sections
+    assert [c["id"] for c in page.cards] == ["domain-0", "domain-1", "domain-2", "domain-3"]
     assert "run.json not found" in " ".join(page.text)
     with pytest.raises(InputError, match="result.h5ad not found"):
         report.write_report(tmp_path)
@@ -133,3 +279,45 @@ def test_cli_report(tmp_path, capsys):
     assert main(["report", str(out), "--quiet"]) == 2
     assert "already exists" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "missing")]) == 2
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+PROBE = """<script>
+window.addEventListener("load", function () {
+  setTimeout(function () {
+    var top = function (id) { return document.getElementById(id).getBoundingClientRect().top; };
+    var cv = document.querySelector("#viewer canvas"), c = cv.getContext("2d");
+    var px = c.getImageData(0, 0, cv.width, cv.height).data, painted = 0;
+    for (var i = 0; i < px.length; i += 4) { if (px[i + 3] > 0) { painted++; } }
+    var v = window.stmorphViewer, hit = v.nearest(v.data.spots.x[5], v.data.spots.y[5]);
+    document.title = JSON.stringify({agreement: top("agreement"), run: top("run"), height: window.innerHeight,
+      painted: painted / (px.length / 4), hover: hit});
+  }, 500);
+});
+</script>"""
+
+
+@pytest.mark.skipif(_chromium() is None, reason="headless Chromium (Debian package `chromium`) not installed")
+def test_report_renders_in_headless_chromium(tmp_path):
+    """At desktop width the agreement table is on the first screen, the run details far below it, and
+    the viewer has painted its canvas."""
+    out = _run_dir(tmp_path, fullres=True)
+    path = report.write_report(out)
+    probe = tmp_path / "probe.html"
+    probe.write_text(path.read_text(encoding="utf-8").replace("</body>", PROBE + "</body>"), encoding="utf-8")
+    profile = tmp_path / "profile"
+    cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={profile}", "--window-size=1440,900", "--virtual-time-budget=4000", "--dump-dom",
+           probe.as_uri()]
+    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
+    m = re.search(r"<title>(\{.*?\})</title>", dom)
+    assert m, dom[:500]
+    res = json.loads(m.group(1).replace("&quot;", '"'))
+    assert 0 <= res["agreement"] < res["height"] - 150
+    assert res["run"] > res["agreement"] + 2 * res["height"]
+    assert res["painted"] > 0.2  # the square section fills about a third of the wide canvas
+    assert res["hover"] == 5

@@ -260,36 +260,41 @@ def write_json(data: Mapping, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda p: Path(p).write_text(text + "\n"))
 
 
+def write_figure(fig, path: str | os.PathLike, *, dpi: int = 150) -> Path:
+    """Write a matplotlib figure atomically (format from the suffix) and close it."""
+    path = Path(path)
+    fmt = path.suffix.lstrip(".") or "png"
+    try:
+        return atomic_write(path, lambda p: fig.savefig(p, dpi=dpi, bbox_inches="tight", format=fmt))
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+
+
 def write_run_outputs(
     adata,
     out: str | os.PathLike,
     methods: Sequence[str],
     run_info: Mapping[str, Any],
     *,
-    plot: bool = True,
+    figures: Mapping[str, Any] | None = None,
+    pages: Mapping[str, str] | None = None,
 ) -> dict[str, Path]:
     """Write a run's outputs into the (temporary) folder ``out``.
 
-    ``result.h5ad``, ``domains.csv`` (barcode + one column per method),
-    ``spatial_domains.png`` (the methods side by side over the H&E) and
-    ``run.json`` (``run_info`` plus package versions).
+    ``result.h5ad``, ``domains.csv`` (barcode + one column per method), each of ``figures``
+    (``{file name: matplotlib figure}``, drawn by the caller with :mod:`stmorph.pl`, e.g.
+    ``spatial_domains.png``), each of ``pages`` (``{file name: text}``, e.g. ``report.html``) and
+    ``run.json`` (``run_info`` plus package versions and the list of files).
     """
     out = Path(out)
     files = {"result": write_h5ad(adata, out / "result.h5ad"),
              "domains": write_domains_csv(adata, methods, out / "domains.csv")}
-    if plot and methods:
-        from . import pl
-
-        keys = list(methods)
-        if "annotation" in adata.obs and adata.obs["annotation"].notna().any():
-            keys = ["annotation", *keys]
-        fig = pl.domains(adata, keys)
-        files["spatial_domains"] = atomic_write(
-            out / "spatial_domains.png", lambda p: fig.savefig(p, dpi=150, bbox_inches="tight", format="png")
-        )
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
+    for name, fig in (figures or {}).items():
+        files[Path(name).stem] = write_figure(fig, out / name)
+    for name, text in (pages or {}).items():
+        files[Path(name).stem] = atomic_write(out / name, lambda p, t=text: Path(p).write_text(t, encoding="utf-8"))
     info = dict(run_info)
     info["packages"] = package_versions()
     info["outputs"] = sorted(p.name for p in files.values()) + ["run.json"]

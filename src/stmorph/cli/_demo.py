@@ -11,7 +11,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ._run import add_common_options, execute, input_paths, method_options, resolve_methods, summary
+from ._run import (add_common_options, check_report_options, execute, input_paths, method_options, resolve_methods,
+                   summary)
 
 
 def add_parser(sub) -> None:
@@ -31,6 +32,7 @@ def main(args) -> int:
     out = Path(args.out)
     inputs = input_paths(args)
     check_writable(args.out, force=args.force, inputs=inputs)
+    check_report_options(args)
     methods = resolve_methods(args.method or ["all"])
     timings = {}
     with atomic_dir(out, force=args.force, inputs=inputs) as tmp:
@@ -49,7 +51,8 @@ def main(args) -> int:
         # the input is read from the temporary folder while the run is in progress; the
         # outputs record where it will live once the folder is renamed into place
         info = execute(adata, methods, tmp, method_options(args), info, plot=not args.no_plot,
-                       quiet=args.quiet, rebase=(str(tmp), str(out.resolve())))
+                       quiet=args.quiet, rebase=(str(tmp), str(out.resolve())), report=args.report,
+                       gene_sets=args.gene_sets)
     if not args.quiet:
         print(summary(info, out))
     return 0

@@ -39,6 +39,11 @@ def add_common_options(p) -> None:
     g.add_argument("--force", action="store_true", help="replace an existing output folder")
     g.add_argument("--quiet", action="store_true", help="no progress bars or summary")
     g.add_argument("--no-plot", action="store_true", help="skip spatial_domains.png")
+    g.add_argument("--report", action="store_true",
+                   help="also write report.html (results first, a card per domain, zoomable H&E; opens offline)")
+    g.add_argument("--gene-sets", default=None, metavar="GMT",
+                   help="with --report: local GMT file for pre-ranked GSEA per domain")
+
 
 
 def add_parser(sub) -> None:
@@ -145,14 +150,16 @@ def _rebase(obj, old: str, new: str):
 
 
 def execute(adata, methods, out_tmp: Path, options: dict, run_info: dict, *, plot: bool, quiet: bool,
-            rebase: tuple[str, str] | None = None) -> dict:
+            rebase: tuple[str, str] | None = None, report: bool = False, gene_sets=None) -> dict:
     """Run the methods on ``adata`` and write every output into ``out_tmp``; returns run.json's content.
 
     ``rebase=(old, new)`` rewrites paths under ``old`` (inputs staged inside the
     temporary output folder) to where they will live once the folder is in place.
+    The figure is drawn by :mod:`stmorph.pl` and the report built by :mod:`stmorph.report`
+    here; :func:`stmorph._outputs.write_run_outputs` only writes them.
     """
     from .. import tl
-    from .._outputs import write_run_outputs
+    from .._outputs import package_versions, write_run_outputs
 
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
@@ -178,12 +185,27 @@ def execute(adata, methods, out_tmp: Path, options: dict, run_info: dict, *, plo
 
         run_info["ari"] = {m: ev.ari(adata, m) for m in methods}
         run_info["nmi"] = {m: ev.nmi(adata, m) for m in methods}
+    figures, pages = {}, {}
+    if plot and methods:
+        from .. import pl
+
+        keys = (["annotation"] if "annotation" in adata.obs and adata.obs["annotation"].notna().any() else [])
+        figures["spatial_domains.png"] = pl.domains(adata, [*keys, *methods])
+    if report:  # built before the rebase: the staged input image is still where the paths say
+        from ..report import build_report
+
+        t2 = time.perf_counter()
+        shown = _rebase(run_info, *rebase) if rebase is not None else run_info
+        log = None if quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+        pages["report.html"] = build_report(adata, {**shown, "packages": package_versions()}, gene_sets=gene_sets,
+                                            log=log)
+        run_info["timings_s"]["report"] = time.perf_counter() - t2
     if rebase is not None:
         for key in list(adata.uns.keys()):
             adata.uns[key] = _rebase(adata.uns[key], *rebase)
         run_info = _rebase(run_info, *rebase)
     t2 = time.perf_counter()
-    write_run_outputs(adata, out_tmp, methods, run_info, plot=plot)
+    write_run_outputs(adata, out_tmp, methods, run_info, figures=figures, pages=pages)
     run_info["timings_s"]["write_outputs"] = time.perf_counter() - t2
     return run_info
 
@@ -192,6 +214,17 @@ def input_paths(args) -> list:
     """Every file or folder the command reads: ``--force`` never replaces a folder that is or holds one."""
     names = ("input", "image", "spots", "labels", "weights", "gene_sets")
     return [v for v in (getattr(args, n, None) for n in names) if isinstance(v, str) and v and v != "auto"]
+
+
+def check_report_options(args) -> None:
+    """``--gene-sets`` needs ``--report``; a bad GMT file fails before any work."""
+    if args.gene_sets is None:
+        return
+    if not args.report:
+        raise InputError("--gene-sets is used by the report: add --report", Path(args.gene_sets))
+    from ..ev import load_gene_sets
+
+    load_gene_sets(args.gene_sets)
 
 
 def summary(info: dict, out: Path) -> str:
@@ -211,6 +244,7 @@ def main(args) -> int:
     out = Path(args.out)
     inputs = input_paths(args)
     check_writable(args.out, force=args.force, inputs=inputs)  # before any work
+    check_report_options(args)
     methods = resolve_methods(args.method)
     t0 = time.perf_counter()
     adata = read_input(args.input, image=args.image, spots=args.spots, labels=args.labels,
@@ -222,7 +256,8 @@ def main(args) -> int:
     info["stmorph_version"] = __version__
     options = method_options(args)
     with atomic_dir(out, force=args.force, inputs=inputs) as tmp:
-        info = execute(adata, methods, tmp, options, info, plot=not args.no_plot, quiet=args.quiet)
+        info = execute(adata, methods, tmp, options, info, plot=not args.no_plot, quiet=args.quiet,
+                       report=args.report, gene_sets=args.gene_sets)
     if not args.quiet:
         print(summary(info, out))
     return 0

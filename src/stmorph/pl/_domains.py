@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 
 from .. import _spatial
 from ..errors import InputError
@@ -26,7 +27,10 @@ def domains(
     annotation: str | None = "annotation",
     show_scores: bool = True,
     ignore: Sequence[str] = ("undetermined",),
-    alpha: float = 0.9,
+    alpha: float = 0.6,
+    spot_shape: str = "auto",
+    labels: str | Mapping[str, Mapping[str, str]] | None = None,
+    markers: Mapping[str, pd.DataFrame] | None = None,
     dpi: int = 120,
 ):
     """Spatial domains of one or more ``obs`` keys side by side over the H&E image.
@@ -48,7 +52,8 @@ def domains(
     ncols
         Panels per row (default: one row up to 4 panels, then 3 per row up to 6, then 4).
     spot_size
-        Spot diameter in full-resolution pixels (default: ``spot_diameter_fullres``).
+        Spot size in full-resolution pixels (default: the grid spacing for tiles, ``spot_diameter_fullres``
+        for circles).
     title
         Figure title (str) or one title per panel (list).
     save
@@ -57,6 +62,18 @@ def domains(
         Ground-truth column used for colour matching and, with ``show_scores``, ARI in panel titles.
     ignore
         Labels drawn grey and left out of matching and scoring.
+    alpha
+        Opacity of the spots over the H&E (0 = H&E only, 1 = opaque spots); spots without an image are opaque.
+    spot_shape
+        ``"auto"``: hexagons on a hexagonal grid (Visium) and squares on a square grid (legacy ST, Visium HD
+        bins), as wide as the grid spacing so that neighbours touch; circles of the true spot diameter when
+        the spots lie on no regular grid. ``"circle"``: circles of the true diameter (gaps between spots).
+    labels
+        ``"markers"``: name each domain in the legend by its top two marker genes (``"3: KRT19, EPCAM"``;
+        Wilcoxon test, see :func:`stmorph.pl.domain_names`); a mapping ``{key: {label: name}}``: those names
+        (keys and labels left out keep their label); ``None``: the bare labels.
+    markers
+        Precomputed marker tables ``{key: stmorph.ev.markers(adata, key)}`` used by ``labels="markers"``.
 
     Returns
     -------
@@ -71,19 +88,34 @@ def domains(
     if missing:
         msg = f"obs keys {missing} not found (obs columns: {list(adata.obs.columns)})."
         raise InputError(msg)
+    if not (labels is None or labels == "markers" or isinstance(labels, Mapping)):
+        msg = f"labels must be None, 'markers' or a mapping {{key: {{label: name}}}}; got {labels!r}."
+        raise InputError(msg)
     xy = _spatial.coordinates(adata)
     img, scale = _utils.background(adata, library_id=library_id, image=image)
-    diameter = _utils.spot_diameter(adata, library_id=library_id, spot_size=spot_size) * scale
+    shape, size, angle = _utils.spot_shape(adata, xy, shape=spot_shape, library_id=library_id, spot_size=spot_size)
+    diameter = size * scale
     xy_img = xy * scale
     has_ann = annotation is not None and annotation in adata.obs
     ref = annotation if has_ann else keys[0]
     cmaps = domain_colors(adata, keys, reference=ref if match_colors else None, match=match_colors, ignore=ignore)
+    names: dict[str, dict[str, str]] = {}
+    if isinstance(labels, Mapping):
+        names = {str(k): {str(a): str(b) for a, b in v.items()} for k, v in labels.items()}
+    elif labels == "markers":
+        from ._names import domain_names
+
+        markers = markers or {}
+        for k in keys:
+            if k != annotation:
+                names[k] = domain_names(adata, k, markers=markers.get(k))
 
     n_lab_max = max(len(label_order(adata.obs[k])) for k in keys)
     ext = xy_img.max(axis=0) - xy_img.min(axis=0)
     aspect = float(ext[1] / ext[0]) if ext[0] > 0 else 1.0
     panel_w = 4.6
-    longest = max((len(lab) for k in keys for lab in label_order(adata.obs[k])), default=1)
+    longest = max((len(names.get(k, {}).get(lab, lab)) for k in keys for lab in label_order(adata.obs[k])),
+                  default=1)
     legend_w = (0.55 + 0.075 * max(longest, 3)) * (1 if n_lab_max <= 16 else 2)
     n = len(keys)
     fig_ncols = min(n, ncols or (n if n <= 4 else 3 if n <= 6 else 4))
@@ -101,11 +133,14 @@ def domains(
         raise InputError(msg)
     from matplotlib.lines import Line2D
 
+    mark = {"hex": "h", "square": "s"}.get(shape, "o")
+
     for ax, key, t in zip(flat, keys, titles, strict=False):
         series = adata.obs[key]
         _utils.setup_axis(ax, img, xy_img, diameter)
         cols = colors_array(series, cmaps[key])
-        _utils.draw_spots(ax, xy_img, diameter, cols, alpha=alpha if img is not None else 1.0)
+        _utils.draw_spots(ax, xy_img, diameter, cols, shape=shape, angle=angle,
+                          alpha=alpha if img is not None else 1.0)
         if t is None:
             t = key
             if show_scores and has_ann and key != annotation:
@@ -116,14 +151,13 @@ def domains(
                 except InputError:
                     pass
         ax.set_title(t, fontsize=12)
-        labels = label_order(series)
         handles = [
-            Line2D([], [], marker="o", linestyle="", markersize=8, markerfacecolor=cmaps[key].get(lab, MISSING_COLOR),
-                   markeredgewidth=0, label=lab)
-            for lab in labels
+            Line2D([], [], marker=mark, linestyle="", markersize=8, markerfacecolor=cmaps[key].get(lab, MISSING_COLOR),
+                   markeredgewidth=0, label=names.get(key, {}).get(lab, lab))
+            for lab in label_order(series)
         ]
         if series.isna().any() and key == annotation:
-            handles.append(Line2D([], [], marker="o", linestyle="", markersize=8, markerfacecolor=MISSING_COLOR,
+            handles.append(Line2D([], [], marker=mark, linestyle="", markersize=8, markerfacecolor=MISSING_COLOR,
                                   markeredgewidth=0, label="unlabelled"))
         ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False, fontsize=9,
                   ncol=1 if len(handles) <= 16 else 2, handletextpad=0.2, borderaxespad=0.0)

@@ -45,7 +45,8 @@ def spatial(
     ncols: int | None = None,
     spot_size: float | None = None,
     vmax: str | float | None = "p99",
-    alpha: float = 0.9,
+    alpha: float = 0.8,
+    spot_shape: str = "auto",
     save=None,
     dpi: int = 120,
 ):
@@ -66,7 +67,8 @@ def spatial(
     vals = gene_values(adata, genes, layer=layer, normalize=normalize)
     xy = _spatial.coordinates(adata)
     img, scale = _utils.background(adata, library_id=library_id, image=image)
-    diameter = _utils.spot_diameter(adata, library_id=library_id, spot_size=spot_size) * scale
+    shape, size, angle = _utils.spot_shape(adata, xy, shape=spot_shape, library_id=library_id, spot_size=spot_size)
+    diameter = size * scale
     xy_img = xy * scale
     fig, axes = _utils.grid(len(genes), ncols, panel=(4.6, 4.2))
     import matplotlib as mpl
@@ -79,7 +81,8 @@ def spatial(
         norm = mpl.colors.Normalize(vmin=0.0, vmax=hi)
         _utils.setup_axis(ax, img, xy_img, diameter)
         order = np.argsort(v)  # high values drawn last
-        _utils.draw_spots(ax, xy_img[order], diameter, cm(norm(v[order])), alpha=alpha if img is not None else 1.0)
+        _utils.draw_spots(ax, xy_img[order], diameter, cm(norm(v[order])), shape=shape, angle=angle,
+                          alpha=alpha if img is not None else 1.0)
         ax.set_title(g, fontsize=12, style="italic")
         sm = mpl.cm.ScalarMappable(norm=norm, cmap=cm)
         fig.colorbar(sm, ax=ax, fraction=0.04, pad=0.02, label="log1p(norm.)")

@@ -88,15 +88,88 @@ def spot_diameter(adata, *, library_id: str | None = None, spot_size: float | No
     return float(0.8 * np.median(d[:, 1]))
 
 
-def draw_spots(ax, xy: np.ndarray, diameter: float, colors, *, zorder: float = 2, alpha: float = 1.0, **kw):
-    """Filled circles of the true spot size (data units) centred on ``xy``."""
-    from matplotlib.collections import EllipseCollection
+def spot_lattice(xy: np.ndarray) -> tuple[str, float, float]:
+    """The grid the spots sit on: ``(kind, spacing, angle)``.
 
+    ``kind`` is ``"hex"`` (Visium: six neighbours at one distance), ``"square"`` (legacy ST, Visium HD bins:
+    four) or ``"irregular"``; ``spacing`` is the median centre-to-centre distance of nearest neighbours
+    (full-resolution pixels, or the units of ``xy``) and ``angle`` the direction of the grid's rows (radians).
+    """
+    xy = np.asarray(xy, dtype=np.float64)
+    if len(xy) < 8:
+        return "irregular", 0.0, 0.0
+    from scipy.spatial import cKDTree
+
+    d, idx = cKDTree(xy).query(xy, k=7)
+    spacing = float(np.median(d[:, 1]))
+    if not spacing > 0:
+        return "irregular", 0.0, 0.0
+    near = (d[:, 1:] < 1.15 * spacing) & (d[:, 1:] > 0.85 * spacing)
+    n_near = np.median(near.sum(axis=1))
+    kind = "hex" if n_near >= 5 else "square" if n_near >= 3 else "irregular"
+    if kind == "irregular":
+        return kind, spacing, 0.0
+    vec = xy[idx[:, 1:]] - xy[:, None, :]
+    ang = np.arctan2(vec[..., 1], vec[..., 0])[near]
+    fold = 6 if kind == "hex" else 4  # rows repeat every 60 (hex) or 90 (square) degrees
+    angle = float(np.angle(np.exp(1j * fold * ang).mean()) / fold)
+    return kind, spacing, angle
+
+
+def spot_shape(adata, xy: np.ndarray | None = None, *, shape: str = "auto", library_id: str | None = None,
+               spot_size: float | None = None) -> tuple[str, float, float]:
+    """The shape to draw spots with: ``(shape, size, angle)`` in full-resolution pixels.
+
+    ``shape="auto"``: hexagons tiling a hexagonal grid (Visium), squares tiling a square grid (legacy ST,
+    Visium HD bins), each as wide as the grid spacing so that neighbours touch; circles of the true spot
+    diameter when the spots lie on no regular grid. ``"circle"`` forces circles of the true diameter;
+    ``"hex"``/``"square"`` force that tile. ``spot_size`` (full-resolution pixels) overrides the size.
+    """
+    allowed = ("auto", "circle", "hex", "square")
+    if shape not in allowed:
+        msg = f"spot_shape must be one of {allowed}; got {shape!r}."
+        raise InputError(msg)
+    def true_diameter() -> float:
+        return spot_diameter(adata, library_id=library_id, spot_size=spot_size)
+
+    if shape == "circle":
+        return "circle", true_diameter(), 0.0
+    xy = _spatial.coordinates(adata) if xy is None else xy
+    kind, spacing, angle = spot_lattice(xy)
+    if shape == "auto":
+        if kind == "irregular":
+            return "circle", true_diameter(), 0.0
+        return kind, spot_size or spacing, angle
+    return shape, spot_size or (spacing if spacing > 0 else true_diameter()), angle if kind == shape else 0.0
+
+
+def tile_vertices(xy: np.ndarray, shape: str, size: float, angle: float = 0.0) -> np.ndarray:
+    """Polygon corners ``(n, k, 2)`` of hexagon or square tiles of width ``size`` (flat side to flat side)
+    centred on ``xy``, their flat sides facing the grid's neighbours along ``angle``."""
+    k = 6 if shape == "hex" else 4
+    radius = size / 2 / np.cos(np.pi / k)  # centre-to-corner for an inscribed width of size / 2
+    theta = angle + np.pi / k + 2 * np.pi * np.arange(k) / k
+    corners = radius * np.c_[np.cos(theta), np.sin(theta)]  # (k, 2)
+    return np.asarray(xy, dtype=np.float64)[:, None, :] + corners[None]
+
+
+def draw_spots(ax, xy: np.ndarray, diameter: float, colors, *, shape: str = "circle", angle: float = 0.0,
+               zorder: float = 2, alpha: float = 1.0, **kw):
+    """Spots in data units centred on ``xy``: filled circles of diameter ``diameter``, or hexagon/square tiles
+    of that width (``shape="hex"``/``"square"``, rotated by ``angle``) that touch on their grid."""
     n = len(xy)
-    coll = EllipseCollection(
-        widths=np.full(n, diameter), heights=np.full(n, diameter), angles=np.zeros(n), units="xy",
-        offsets=xy, offset_transform=ax.transData, zorder=zorder, alpha=alpha, linewidths=0, **kw,
-    )
+    if shape in ("hex", "square"):
+        from matplotlib.collections import PolyCollection
+
+        coll = PolyCollection(tile_vertices(xy, shape, diameter, angle), zorder=zorder, alpha=alpha,
+                              linewidths=0, antialiaseds=False, **kw)
+    else:
+        from matplotlib.collections import EllipseCollection
+
+        coll = EllipseCollection(
+            widths=np.full(n, diameter), heights=np.full(n, diameter), angles=np.zeros(n), units="xy",
+            offsets=xy, offset_transform=ax.transData, zorder=zorder, alpha=alpha, linewidths=0, **kw,
+        )
     if colors is not None:
         coll.set_facecolor(colors)
     ax.add_collection(coll)

@@ -1,5 +1,9 @@
-"""Self-contained HTML report of a run (``report.html``: figures embedded as PNG, opens from disk)."""
+"""The report of a run (``report.html``): results first, a card per domain, a zoomable view over the H&E.
 
-from ._html import build_report, write_report
+One self-contained file: figures and image tiles are embedded, the viewer is inline JavaScript, nothing
+is fetched from the network.
+"""
 
-__all__ = ["write_report", "build_report"]
+from ._html import build_report, chosen_method, report_methods, write_report
+
+__all__ = ["write_report", "build_report", "chosen_method", "report_methods"]

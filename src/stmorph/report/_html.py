@@ -1,9 +1,13 @@
-"""``report.html``: one self-contained page per run (figures embedded, no server, no network).
+"""``report.html``: the page a pathologist reads, self-contained (no server, no network, opens from disk).
 
-It reads ``OUT/result.h5ad`` and ``OUT/run.json`` written by ``stmorph run`` and
-shows the run parameters, the domains over the H&E, the agreement with the
-annotation (when ``obs["annotation"]`` exists), the top marker genes per domain
-and, when gene sets are given, pre-ranked GSEA per domain.
+Results come first: what was run on which section and, when the spots are annotated, how well each
+method agrees with the annotation; then the domains over the H&E, a zoomable view of the full H&E with
+every method's domains as a toggleable overlay, and one card per domain of the chosen method (size,
+where it lies, top marker genes with their Wilcoxon statistics, GSEA terms, representative H&E
+patches). Run parameters, timings, versions and hashes close the page, collapsed.
+
+Figures are drawn by :mod:`stmorph.pl` (matplotlib) and Pillow; every image is a data URI and the viewer
+is inline JavaScript written here, so the one file works offline.
 """
 
 from __future__ import annotations
@@ -15,37 +19,53 @@ import html
 import json
 import os
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from .._outputs import atomic_write, record_entries, stmorph_entries
 from ..errors import InputError, OutputExistsError, StmorphError
+from . import _cards, _viewer
+from ._image import SectionImage
 
-__all__ = ["write_report", "build_report"]
+__all__ = ["write_report", "build_report", "chosen_method", "report_methods"]
 
-METHOD_PREFERENCE = ("stmic", "senca", "expression", "image")
-KNOWN_METHODS = ("stmic", "expression", "image", "senca")
+#: Which method's domains get the cards when ``uns["stmorph"]["primary"]`` does not say: the first present.
+METHOD_PREFERENCE = ("stmorph", "senca", "stmic", "expression", "image")
 
 CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:0;color:#222;background:#fafafa}
-main{max-width:1300px;margin:0 auto;padding:18px 28px 60px}
-h1{font-size:1.6em;margin:.3em 0 .1em}h2{font-size:1.25em;border-bottom:2px solid #ddd;padding-bottom:4px;margin-top:1.8em}
-h3{font-size:1.05em;margin:1.2em 0 .4em}
-.sub{color:#666;margin:0 0 1em}
+main{max-width:1320px;margin:0 auto;padding:14px 28px 60px}
+h1{font-size:1.55em;margin:.2em 0 .1em}h2{font-size:1.22em;border-bottom:2px solid #ddd;padding-bottom:4px;margin-top:1.6em}
+h3{font-size:1.02em;margin:.2em 0 .4em}
+.sub{color:#555;margin:0 0 .6em}
 table{border-collapse:collapse;margin:.4em 0 1em;font-size:.9em;background:#fff}
-th,td{border:1px solid #ddd;padding:4px 9px;text-align:left;vertical-align:top}
+th,td{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}
 th{background:#f0f0f0}td.num{text-align:right;font-variant-numeric:tabular-nums}
-figure{margin:.6em 0 1.4em;background:#fff;border:1px solid #e3e3e3;padding:8px;display:inline-block;max-width:100%}
+tr.chosen td{font-weight:600;background:#f3f8ff}
+figure{margin:.6em 0 1.2em;background:#fff;border:1px solid #e3e3e3;padding:8px;display:inline-block;max-width:100%}
 figure img{max-width:100%;height:auto;display:block}figcaption{color:#555;font-size:.85em;margin-top:6px}
 code{background:#eee;padding:1px 4px;border-radius:3px;font-size:.9em;word-break:break-all}
 .note{color:#555;font-size:.9em}.warn{color:#a33}
-details{margin:.4em 0}summary{cursor:pointer;color:#246}
+details{margin:.4em 0}summary{cursor:pointer;color:#246;font-weight:600}
 .grid{display:flex;flex-wrap:wrap;gap:18px;align-items:flex-start}
-nav a{margin-right:14px;color:#246;text-decoration:none}
+nav{position:sticky;top:0;background:#fafafa;padding:6px 0;border-bottom:1px solid #e5e5e5;z-index:5}
+nav a{margin-right:16px;color:#246;text-decoration:none}
+.facts{display:flex;flex-wrap:wrap;gap:10px;margin:.6em 0}
+.fact{background:#fff;border:1px solid #e0e0e0;border-radius:6px;padding:6px 12px}
+.fact b{display:block;font-size:1.25em}
+.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(600px,1fr));gap:16px}
+.card{background:#fff;border:1px solid #ddd;border-radius:6px;padding:10px 12px}
+.card .stat{margin:.1em 0 .5em;font-size:.92em}
+.cardrow{display:flex;gap:12px;align-items:flex-start}
+.cardrow img.map{width:220px;height:auto;border:1px solid #eee;flex:none}
+.cardtables table{margin:0 0 .5em;font-size:.82em}
+.card figure.patches{margin:.5em 0 0;padding:0;border:0}
+i.sw{display:inline-block;width:.95em;height:.95em;border-radius:2px;margin-right:6px;vertical-align:-2px}
 """
-
 
 def _esc(x) -> str:
     return html.escape("" if x is None else str(x), quote=True)
@@ -61,15 +81,17 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def _table(rows: Sequence[Sequence], header: Sequence[str], *, numeric: set[int] | None = None) -> str:
+def _table(rows: Sequence[Sequence], header: Sequence[str], *, numeric: set[int] | None = None,
+           highlight: int | None = None) -> str:
     numeric = numeric or set()
     out = ["<table>", "<tr>" + "".join(f"<th>{_esc(h)}</th>" for h in header) + "</tr>"]
-    for r in rows:
+    for j, r in enumerate(rows):
         cells = []
         for i, v in enumerate(r):
             cls = ' class="num"' if i in numeric else ""
             cells.append(f"<td{cls}>{_esc(_fmt(v))}</td>")
-        out.append("<tr>" + "".join(cells) + "</tr>")
+        tr = '<tr class="chosen">' if j == highlight else "<tr>"
+        out.append(tr + "".join(cells) + "</tr>")
     out.append("</table>")
     return "\n".join(out)
 
@@ -110,11 +132,30 @@ def _read(out_dir: Path):
     return adata, info
 
 
-def _methods(adata, info: Mapping) -> list[str]:
-    ms = [m for m in info.get("methods", []) if m in adata.obs]
-    if not ms:
-        ms = [m for m in KNOWN_METHODS if m in adata.obs]
-    return ms
+def report_methods(adata, info: Mapping | None = None) -> list[str]:
+    """The domain columns to show, never from a fixed list: run.json's ``methods`` present in ``obs``; without
+    run.json, every ``obs`` column a clustering tool wrote (``uns[column]["params"]["use_rep"]``) or named as
+    a known method."""
+    ms = [m for m in (info or {}).get("methods", []) if m in adata.obs and m != "annotation"]
+    if ms:
+        return list(dict.fromkeys(ms))
+    found = []
+    for c in adata.obs.columns:
+        u = adata.uns.get(c)
+        params = u.get("params") if isinstance(u, Mapping) else None
+        if c != "annotation" and (c in METHOD_PREFERENCE or (isinstance(params, Mapping) and "use_rep" in params)):
+            found.append(str(c))
+    return found
+
+
+def chosen_method(adata, methods: Sequence[str]) -> str:
+    """``uns["stmorph"]["primary"]`` when it names a shown method, else the first of
+    :data:`METHOD_PREFERENCE` present, else the first method."""
+    st = adata.uns.get("stmorph")
+    primary = st.get("primary") if isinstance(st, Mapping) else None
+    if isinstance(primary, str) and primary in methods:
+        return primary
+    return next((m for m in METHOD_PREFERENCE if m in methods), methods[0])
 
 
 def build_report(
@@ -124,38 +165,234 @@ def build_report(
     gene_sets=None,
     method: str | None = None,
     n_markers: int = 5,
+    n_patches: int = 6,
     fdr: float = 0.05,
     permutation_num: int = 1000,
     random_state: int = 0,
+    viewer: bool = True,
+    viewer_max_pixels: float = 40e6,
+    viewer_um_per_px: float = 1.0,
+    library_id: str | None = None,
     log=None,
 ) -> str:
-    """The HTML text of the report for a run (``adata`` = result.h5ad, ``info`` = run.json)."""
+    """The HTML text of the report of a run (``adata`` = result.h5ad, ``info`` = run.json).
+
+    ``adata`` is left as it was (marker tables computed here are removed again). See :func:`write_report`
+    for the parameters; ``viewer_max_pixels`` and ``viewer_um_per_px`` bound the zoomable view's finest
+    image level (pixels, micrometres per pixel).
+    """
     from .. import ev, pl
+    from ..pl._colors import MISSING_COLOR, label_order
 
     log = log or (lambda m: None)
+    t_start = time.perf_counter()
     info = dict(info or {})
-    methods = _methods(adata, info)
+    methods = report_methods(adata, info)
     if not methods:
-        msg = (f"no domain column found in result.h5ad (looked for {list(KNOWN_METHODS)} and run.json's methods); "
-               "was it written by `stmorph run`?")
+        msg = ("no domain column found in result.h5ad (run.json's methods, or obs columns written by a clustering "
+               "tool); was it written by `stmorph run`?")
         raise InputError(msg)
     if method is None:
-        method = next((m for m in METHOD_PREFERENCE if m in methods), methods[0])
+        method = chosen_method(adata, methods)
     elif method not in adata.obs:
         msg = f"method {method!r} has no domains in result.h5ad (have {methods})."
         raise InputError(msg)
+    elif method not in methods:
+        methods = [method, *methods]
     has_ann = "annotation" in adata.obs and adata.obs["annotation"].notna().any()
-    title_input = Path(str(info.get("input", ""))).name or "section"
+    ordered = [method, *[m for m in methods if m != method]]
+    keys = (["annotation"] if has_ann else []) + ordered
+    colors = pl.domain_colors(adata, keys, reference="annotation" if has_ann else method)
+    section = Path(str(info.get("input", ""))).name or _library_name(adata) or "section"
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    parts: list[str] = []
-    nav = ["run", "domains"] + (["agreement"] if has_ann else []) + ["markers"] + (["gsea"] if gene_sets else [])
-    parts.append(f"<h1>stmorph report: {_esc(title_input)}</h1>")
-    parts.append(f'<p class="sub">{adata.n_obs} spots × {adata.n_vars} genes · methods: {_esc(", ".join(methods))}'
-                 f" · generated {_esc(now)}</p>")
-    parts.append("<nav>" + "".join(f'<a href="#{n}">{n}</a>' for n in nav) + "</nav>")
+    labels = label_order(adata.obs[method])
 
-    # ---------------------------------------------------------------- run
-    parts.append('<h2 id="run">Run</h2>')
+    # ------------------------------------------------------------ analyses of the chosen method
+    log(f"report: marker genes of {method}")
+    mk_key = "_stmorph_report_markers"
+    mk, mk_error, gsea_res, gsea_error = None, None, None, None
+    try:
+        try:
+            mk = ev.markers(adata, method, key_added=mk_key)
+        except StmorphError as exc:
+            mk_error = str(exc)
+        if gene_sets is not None and mk is not None:
+            log("report: GSEA")
+            try:
+                gsea_res = ev.gsea(adata, method, None, gene_sets, fdr=fdr, markers_key=mk_key,
+                                   permutation_num=permutation_num, random_state=random_state)
+            except StmorphError as exc:
+                gsea_error = str(exc)
+    finally:
+        adata.uns.pop(mk_key, None)
+    names = pl.domain_names(adata, method, markers=mk) if mk is not None else {lab: lab for lab in labels}
+    top = None
+    if mk is not None:
+        mk = mk[np.maximum(mk["pct_in"], mk["pct_out"]) >= 0.1]  # Seurat's min.pct
+        top = mk[mk["logfoldchange"] > 0].groupby("domain", sort=False, group_keys=False).head(n_markers)
+
+    parts: list[str] = []
+    nav = ["summary", "domains"] + (["viewer"] if viewer else []) + ["cards", "markers"]
+    nav += (["gsea"] if gene_sets is not None else []) + ["run"]
+    titles = {"summary": "results", "domains": "domain maps", "viewer": "zoomable H&E", "cards": "domain cards",
+              "markers": "markers", "gsea": "gene sets", "run": "run details"}
+    parts.append("<nav>" + "".join(f'<a href="#{n}">{titles[n]}</a>' for n in nav) + "</nav>")
+
+    # ------------------------------------------------------------ results first
+    parts.append('<section id="summary">')
+    parts.append(f"<h1>Spatial domains: {_esc(section)}</h1>")
+    parts.append(f'<p class="sub">{adata.n_obs:,} spots × {adata.n_vars:,} genes · methods: '
+                 f"{_esc(', '.join(ordered))} · cards and markers for <b>{_esc(method)}</b> · generated {_esc(now)}</p>")
+    facts = [(f"{adata.n_obs:,}", "spots"), (str(len(labels)), f"{method} domains")]
+    if has_ann:
+        facts.append((str(ev.scored_labels(adata).nunique()), "annotated regions"))
+    for m in ordered[1:]:
+        facts.append((str(len(label_order(adata.obs[m]))), f"{m} domains"))
+    parts.append('<div class="facts">' + "".join(f'<div class="fact"><b>{_esc(a)}</b>{_esc(b)}</div>'
+                                                 for a, b in facts) + "</div>")
+    if has_ann:
+        scored = ev.scored_labels(adata)
+        rows = []
+        for m in ordered:
+            try:
+                rows.append((m, ev.ari(adata, m), ev.nmi(adata, m), int(adata.obs[m].nunique())))
+            except StmorphError as exc:
+                rows.append((m, float("nan"), float("nan"), str(exc)))
+        parts.append('<h2 id="agreement">Agreement with the annotation</h2>')
+        parts.append(_table(rows, ["method", "ARI", "NMI", "domains"], numeric={1, 2, 3}, highlight=0))
+        parts.append(f'<p class="note">Adjusted Rand index and normalised mutual information against '
+                     f"<code>obs[\"annotation\"]</code>, on the {len(scored):,} of {adata.n_obs:,} spots with a label "
+                     f"other than &quot;undetermined&quot; ({scored.nunique()} labels); 1 = identical partitions, "
+                     "0 = chance.</p>")
+    if info.get("warnings"):
+        parts.append(f'<p class="warn">{len(info["warnings"])} warning(s) during the run: see '
+                     '<a href="#run">run details</a>.</p>')
+    parts.append("</section>")
+
+    # ------------------------------------------------------------ domain maps
+    log("report: domain maps")
+    parts.append('<section id="domains"><h2>Domains over the H&amp;E</h2>')
+    fig = pl.domains(adata, keys, ncols=2 if len(keys) == 4 else min(len(keys), 3), labels={method: names})
+    cap = ("Colours matched between panels (Hungarian assignment on the contingency table with "
+           + ("the annotation" if has_ann else f"the {method} domains") + f"); {method} domains named by their "
+           "top two marker genes.")
+    parts.append(_figure(fig, cap, dpi=90))
+    parts.append("</section>")
+
+    image = SectionImage(adata, library_id=library_id)
+    try:
+        # -------------------------------------------------------- zoomable view
+        if viewer:
+            log("report: zoomable view")
+            layers = []
+            for k in keys:
+                labs = label_order(adata.obs[k])
+                layers.append({"key": k, "labels": labs, "colors": [colors[k].get(x, MISSING_COLOR) for x in labs],
+                               "names": [names.get(x, x) if k == method else x for x in labs],
+                               "title": k + (" (cards)" if k == method else "")})
+            data = _viewer.viewer_data(adata, layers, default=method, library_id=library_id,
+                                       max_pixels=viewer_max_pixels, min_um_per_px=viewer_um_per_px, image=image)
+            parts.append('<section id="viewer"><h2>Zoomable H&amp;E</h2>')
+            res = f"{data['um_per_px']:.2g} µm per pixel at full zoom" if data["um_per_px"] else "bounded resolution"
+            kind = data["image"]
+            img = ("no image (spots only)" if kind is None else
+                   f"the {'full-resolution H&amp;E' if kind == 'full-resolution' else _esc(kind) + ' image'} ({res})")
+            parts.append('<p class="note">Scroll to zoom, drag to pan, hover a spot for its id and domains; '
+                         f"click a legend entry to show that domain alone. Image: {img}.</p>")
+            parts.append(_viewer.viewer_html(data))
+            parts.append("</section>")
+
+        # -------------------------------------------------------- cards
+        log("report: domain cards")
+        parts.append(f'<section id="cards"><h2>The {_esc(method)} domains, one by one</h2>')
+        rep = _cards.embedding_key(adata, method)
+        note = (f"The {n_patches} spots nearest the domain's centre in <code>obsm[\"{_esc(rep)}\"]</code> "
+                f"(the representation {_esc(method)} clustered)" if rep else
+                f"The {n_patches} spots nearest the domain's centre on the slide")
+        parts.append(f'<p class="note">Markers: Wilcoxon rank-sum test of the domain against all other spots on '
+                     "log-normalised expression (scanpy rank_genes_groups, as Seurat FindAllMarkers); z = rank-sum "
+                     "z score, p adjusted by Benjamini-Hochberg; genes expressed in at least 10% of the spots inside "
+                     f"or outside the domain. H&amp;E strip: {note}, each patch centred on the spot (outlined).</p>")
+        painter = _cards.MapPainter(adata, image, library_id=library_id)
+        lab_arr = adata.obs[method].astype(str).to_numpy()
+        valid = adata.obs[method].notna().to_numpy()
+        ann = ev.scored_labels(adata) if has_ann else None
+        cards = []
+        for lab in labels:
+            mask = (lab_arr == lab) & valid
+            color = colors[method].get(lab, MISSING_COLOR)
+            comp = None
+            if ann is not None:
+                sub = ann.reindex(adata.obs_names[mask]).dropna()
+                if len(sub):
+                    vc = sub.value_counts(normalize=True)
+                    comp = [(str(a), float(f)) for a, f in vc.head(2).items()]
+            g = None
+            if gsea_res is not None:
+                gd = gsea_res[gsea_res["domain"].astype(str) == lab]
+                g = gd[gd["significant"]].head(3) if gd["significant"].any() else gd.head(0)
+            patches = None
+            if image:
+                rows = _cards.representative_spots(adata, method, lab, n_patches, rep=rep)
+                patches = _cards.patch_strip(adata, image, rows, color, library_id=library_id)
+            cards.append(_cards.card_html(
+                label=lab, name=f"Domain {names.get(lab, lab)}", color=color, n_spots=int(mask.sum()),
+                n_total=int(valid.sum()), map_png=painter.draw(mask, color),
+                markers=top[top["domain"].astype(str) == lab] if top is not None else None,
+                gsea=g, patches=patches, composition=comp, method=method))
+        parts.append('<div class="cards">' + "".join(cards) + "</div>")
+        if mk_error:
+            parts.append(f'<p class="warn">Marker genes could not be computed: {_esc(mk_error)}</p>')
+        parts.append("</section>")
+    finally:
+        image.close()
+
+    # ------------------------------------------------------------ markers overview
+    log("report: marker overview")
+    parts.append(f'<section id="markers"><h2>Marker genes across the {_esc(method)} domains</h2>')
+    if top is not None and len(top):
+        figs = [_figure(pl.dotplot(adata, method, top, n_genes=min(3, n_markers)),
+                        f"Top markers per {method} domain: dot size = fraction of spots expressing, "
+                        "colour = mean expression scaled per gene.", dpi=90)]
+        first = top.groupby("domain", sort=False).head(1)["gene"].tolist()[:8]
+        if first:
+            figs.append(_figure(pl.spatial(adata, list(dict.fromkeys(first)), ncols=4),
+                                "Spatial expression (log-normalised) of the top marker of each domain.", dpi=80))
+        parts.append('<div class="grid">' + "".join(figs) + "</div>")
+        rows = [(r.domain, r.gene, r.logfoldchange, r.score, r.pval_adj, r.pct_in, r.pct_out) for r in top.itertuples()]
+        parts.append("<details><summary>All listed markers as a table</summary>"
+                     + _table(rows, ["domain", "gene", "log2 FC", "z", "adj. p", "frac. in", "frac. out"],
+                              numeric={2, 3, 4, 5, 6}) + "</details>")
+    else:
+        parts.append(f'<p class="warn">No marker gene to show{": " + _esc(mk_error) if mk_error else ""}.</p>')
+    parts.append("</section>")
+
+    # ------------------------------------------------------------ GSEA
+    if gene_sets is not None:
+        parts.append(f'<section id="gsea"><h2>Gene set enrichment ({_esc(method)} domains)</h2>')
+        src = os.fspath(gene_sets) if isinstance(gene_sets, str | os.PathLike) else f"{len(gene_sets)} gene sets (dict)"
+        parts.append(f'<p class="note">Pre-ranked GSEA (gseapy) of each domain against the rest, genes ranked by '
+                     f"the Wilcoxon score; gene sets: <code>{_esc(src)}</code>; {permutation_num} permutations, "
+                     f"seed {random_state}; significant: FDR &lt; {fdr:g}.</p>")
+        if gsea_error or gsea_res is None:
+            parts.append(f'<p class="warn">GSEA could not be run: {_esc(gsea_error or mk_error)}</p>')
+        else:
+            sig = gsea_res[gsea_res["significant"]]
+            shown = sig if len(sig) else gsea_res.reindex(gsea_res["nes"].abs().sort_values(ascending=False).index
+                                                         ).groupby("domain", sort=False).head(3)
+            parts.append(f"<h3>Significant gene sets ({len(sig)})</h3>" if len(sig) else
+                         f'<p class="note">No gene set reached FDR &lt; {fdr:g}; the strongest per domain:</p>')
+            rows = [(r.domain, r.term, r.nes, r.pval, r.fdr, r.size, _short(r.lead_genes)) for r in shown.itertuples()]
+            parts.append(_table(rows, ["domain", "gene set", "NES", "p", "FDR", "size", "leading edge"],
+                                numeric={2, 3, 4, 5}))
+            parts.append(_figure(pl.gsea_bars(gsea_res, top=8, fdr=fdr),
+                                 "NES of the gene sets with the largest |NES| per domain (grey: not significant).",
+                                 dpi=90))
+        parts.append("</section>")
+
+    # ------------------------------------------------------------ run details, last and collapsed
+    parts.append('<section id="run"><h2>Run details</h2><details><summary>Parameters, timings, image encoder, '
+                 "versions</summary>")
     run_rows = [("stmorph version", info.get("stmorph_version", "-")), ("command", info.get("command", "-")),
                 ("input", info.get("input", "-")), ("methods", ", ".join(methods))]
     if not info:
@@ -171,105 +408,26 @@ def build_report(
                                                             ["step", "seconds"], numeric={1}))
     if info.get("encoder"):
         parts.append("<h3>Image encoder</h3>" + _kv_table(info["encoder"]))
-    if info.get("n_domains"):
-        parts.append("<h3>Domains per method</h3>" + _table(list(info["n_domains"].items()), ["method", "domains"],
-                                                             numeric={1}))
     if info.get("warnings"):
         parts.append("<h3>Warnings</h3><ul>" + "".join(f'<li class="warn">{_esc(w)}</li>' for w in info["warnings"])
                      + "</ul>")
     if info.get("packages"):
-        parts.append("<details><summary>Package versions</summary>" + _kv_table(info["packages"]) + "</details>")
-
-    # ---------------------------------------------------------------- domains
-    log("report: domain panels")
-    parts.append('<h2 id="domains">Spatial domains</h2>')
-    keys = (["annotation"] if has_ann else []) + methods
-    fig = pl.domains(adata, keys, ncols=2 if len(keys) == 4 else min(len(keys), 3))
-    cap = "Domains over the H&E; colours matched between panels (Hungarian assignment on the contingency table"
-    cap += " with the annotation)." if has_ann else " with the first panel)."
-    parts.append(_figure(fig, cap))
-
-    # ---------------------------------------------------------------- agreement
-    if has_ann:
-        parts.append('<h2 id="agreement">Agreement with the annotation</h2>')
-        scored = ev.scored_labels(adata)
-        rows = []
-        for m in methods:
-            try:
-                rows.append((m, ev.ari(adata, m), ev.nmi(adata, m), int(adata.obs[m].nunique())))
-            except StmorphError as exc:
-                rows.append((m, float("nan"), float("nan"), str(exc)))
-        parts.append(_table(rows, ["method", "ARI", "NMI", "domains"], numeric={1, 2, 3}))
-        parts.append(f'<p class="note">Scored on {len(scored)} of {adata.n_obs} spots with a label other than '
-                     f"&quot;undetermined&quot;; {scored.nunique()} distinct labels.</p>")
-
-    # ---------------------------------------------------------------- markers
-    log(f"report: marker genes of {method}")
-    parts.append(f'<h2 id="markers">Marker genes ({_esc(method)} domains)</h2>')
-    try:
-        mk = ev.markers(adata, method, key_added=f"markers_{method}")
-    except StmorphError as exc:
-        mk = None
-        parts.append(f'<p class="warn">Marker genes could not be computed: {_esc(exc)}</p>')
-    if mk is not None:
-        parts.append('<p class="note">Wilcoxon rank-sum test of each domain against all other spots on '
-                     "log-normalised expression (scanpy rank_genes_groups, as Seurat FindAllMarkers); "
-                     "p adjusted by Benjamini-Hochberg; genes expressed in at least 10% of the spots inside or outside the "
-                     "domain (Seurat's min.pct).</p>")
-        mk = mk[np.maximum(mk["pct_in"], mk["pct_out"]) >= 0.1]  # Seurat's min.pct
-        top = mk[mk["logfoldchange"] > 0].groupby("domain", sort=False, group_keys=False).head(n_markers)
-        rows = [(r.domain, r.gene, r.logfoldchange, r.score, r.pval_adj, r.pct_in, r.pct_out)
-                for r in top.itertuples()]
-        parts.append(_table(rows, ["domain", "gene", "log2 FC", "score", "adj. p", "frac. in", "frac. out"],
-                            numeric={2, 3, 4, 5, 6}))
-        figs = []
-        fig = pl.dotplot(adata, method, top, n_genes=min(3, n_markers))
-        figs.append(_figure(fig, f"Top markers per {method} domain: dot size = fraction of spots expressing, "
-                                 "colour = mean expression scaled per gene."))
-        first = top.groupby("domain", sort=False).head(1)["gene"].tolist()[:8]
-        if first:
-            fig = pl.spatial(adata, first, ncols=4)
-            figs.append(_figure(fig, "Spatial expression (log-normalised) of the top marker of each domain."))
-        parts.append('<div class="grid">' + "".join(figs) + "</div>")
-
-    # ---------------------------------------------------------------- GSEA
-    if gene_sets is not None:
-        log("report: GSEA")
-        parts.append(f'<h2 id="gsea">Gene set enrichment ({_esc(method)} domains)</h2>')
-        src = os.fspath(gene_sets) if isinstance(gene_sets, str | os.PathLike) else f"{len(gene_sets)} gene sets (dict)"
-        parts.append(f'<p class="note">Pre-ranked GSEA (gseapy) of each domain against the rest, genes ranked by '
-                     f"the Wilcoxon score; gene sets: <code>{_esc(src)}</code>; {permutation_num} permutations, "
-                     f"seed {random_state}; significant: FDR &lt; {fdr:g}.</p>")
-        try:
-            res = ev.gsea(adata, method, None, gene_sets, fdr=fdr, markers_key=f"markers_{method}",
-                          permutation_num=permutation_num, random_state=random_state)
-        except StmorphError as exc:
-            res = None
-            parts.append(f'<p class="warn">GSEA could not be run: {_esc(exc)}</p>')
-        if res is not None:
-            sig = res[res["significant"]]
-            if len(sig):
-                rows = [(r.domain, r.term, r.nes, r.pval, r.fdr, r.size, _short(r.lead_genes)) for r in sig.itertuples()]
-                parts.append(f"<h3>Significant gene sets ({len(sig)})</h3>")
-                parts.append(_table(rows, ["domain", "gene set", "NES", "p", "FDR", "size", "leading edge"],
-                                    numeric={2, 3, 4, 5}))
-            else:
-                parts.append(f'<p class="note">No gene set reached FDR &lt; {fdr:g}; the strongest per domain:</p>')
-                best = res.reindex(res["nes"].abs().sort_values(ascending=False).index)
-                best = best.groupby("domain", sort=False).head(3)
-                rows = [(r.domain, r.term, r.nes, r.pval, r.fdr, r.size, _short(r.lead_genes))
-                        for r in best.itertuples()]
-                parts.append(_table(rows, ["domain", "gene set", "NES", "p", "FDR", "size", "leading edge"],
-                                    numeric={2, 3, 4, 5}))
-            fig = pl.gsea_bars(res, top=8, fdr=fdr)
-            parts.append(_figure(fig, "NES of the gene sets with the largest |NES| per domain (grey: not significant)."))
+        parts.append("<h3>Package versions</h3>" + _kv_table(info["packages"]))
+    parts.append(f'<p class="note">Report built in {time.perf_counter() - t_start:.1f} s.</p>')
+    parts.append("</details></section>")
 
     body = "\n".join(parts)
     footer = (f'<p class="note" style="margin-top:3em">stmorph {_esc(info.get("stmorph_version", ""))} · '
               f"Python {_esc(sys.version.split()[0])} · this file is self-contained (no server, no network).</p>")
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-            f"<title>stmorph report: {_esc(title_input)}</title>\n<style>{CSS}</style>\n</head>\n"
+            '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+            f"<title>stmorph report: {_esc(section)}</title>\n<style>{CSS}{_viewer.VIEWER_CSS}</style>\n</head>\n"
             f"<body>\n<main>\n{body}\n{footer}\n</main>\n</body>\n</html>\n")
+
+
+def _library_name(adata) -> str | None:
+    sp = adata.uns.get("spatial")
+    return str(next(iter(sp))) if isinstance(sp, Mapping) and len(sp) == 1 else None
 
 
 def _short(genes: str, n: int = 12) -> str:
@@ -284,9 +442,11 @@ def write_report(
     force: bool = False,
     method: str | None = None,
     n_markers: int = 5,
+    n_patches: int = 6,
     fdr: float = 0.05,
     permutation_num: int = 1000,
     random_state: int = 0,
+    viewer: bool = True,
     log=None,
 ) -> Path:
     """Write ``out_dir/report.html`` for a ``stmorph run`` output folder.
@@ -301,11 +461,16 @@ def write_report(
     force
         Replace an existing ``report.html``.
     method
-        Domains used for markers and GSEA (default: stmic, else senca, expression, image).
+        Domains that get the cards, markers and GSEA (default: ``uns["stmorph"]["primary"]``, else the first of
+        stmorph, senca, stmic, expression, image present). Every method in run.json is shown in the maps.
     n_markers
         Marker genes listed per domain.
+    n_patches
+        Representative H&E patches per domain card.
     fdr, permutation_num, random_state
         GSEA threshold, permutations and seed.
+    viewer
+        Include the zoomable view (the largest part of the file).
 
     Returns
     -------
@@ -327,8 +492,8 @@ def write_report(
 
         load_gene_sets(gene_sets)  # fail fast on a bad GMT before any work
     adata, info = _read(out_dir)
-    text = build_report(adata, info, gene_sets=gene_sets, method=method, n_markers=n_markers, fdr=fdr,
-                        permutation_num=permutation_num, random_state=random_state, log=log)
+    text = build_report(adata, info, gene_sets=gene_sets, method=method, n_markers=n_markers, n_patches=n_patches,
+                        fdr=fdr, permutation_num=permutation_num, random_state=random_state, viewer=viewer, log=log)
     atomic_write(target, lambda p: Path(p).write_text(text, encoding="utf-8"))
     with contextlib.suppress(OSError):  # a later --force recognises it as stmorph's
         record_entries(out_dir, ["report.html"])
