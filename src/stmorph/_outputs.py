@@ -12,8 +12,12 @@ import contextlib
 import json
 import os
 import platform
+import re
 import shutil
+import socket
 import tempfile
+import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -148,17 +152,108 @@ def check_writable(path: str | os.PathLike, *, force: bool, inputs: Sequence[str
     return path
 
 
+def _proc_start(pid: int) -> str:
+    """Start time of process ``pid`` in clock ticks since boot (Linux), "" when unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2:].split()[19]
+    except (OSError, ValueError, IndexError):
+        return ""
+
+
+_HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:24] or "host"
+#: Wall-clock time this process started (Linux: from /proc; else when stmorph was imported).
+_STARTED = time.time()
+with contextlib.suppress(OSError, ValueError, IndexError, StopIteration):
+    _btime = int(next(x for x in Path("/proc/stat").read_text().splitlines() if x.startswith("btime")).split()[1])
+    _STARTED = _btime + int(_proc_start(os.getpid())) / os.sysconf("SC_CLK_TCK")
+_OWNER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?:(?P<host>[A-Za-z0-9]+)_(?P<pid>\d+)_(?P<ticks>\d+)-)?[^/]+$")
+
+
+def _owner_tag() -> str:
+    return f"{_HOST}_{os.getpid()}_{_proc_start(os.getpid()) or 0}-"
+
+
+def _owner_alive(host: str, pid: str, ticks: str) -> bool:
+    if host != _HOST:
+        return True  # another machine's run (shared file system): cannot tell, so never touched
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        pass
+    now = _proc_start(int(pid))
+    return ticks == "0" or not now or now == ticks
+
+
+def clean_stale(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporary folders that interrupted runs (SIGKILL, power loss) left beside ``path``.
+
+    Only hidden ``.<name>.tmp-*`` folders whose run is over: its process has exited, or (folders of an
+    older stmorph, which carry no process id) last changed before this process started. A leftover
+    ``.<name>.old-*`` (the previous output while being replaced) is removed only when ``path`` exists
+    again; otherwise it holds the only copy and is left where it is, with a warning.
+    """
+    path = Path(path)
+    removed: list[Path] = []
+    try:
+        siblings = list(path.parent.iterdir())
+    except OSError:
+        return removed
+    for d in siblings:
+        m = _OWNER.match(d.name)
+        if m is None or m["name"] != path.name or d.is_symlink() or not d.is_dir():
+            continue
+        try:
+            if m["pid"] is not None:
+                stale = not _owner_alive(m["host"], m["pid"], m["ticks"])
+            else:
+                stale = d.stat().st_mtime < _STARTED
+        except OSError:
+            continue
+        if not stale:
+            continue
+        if m["kind"] == "old" and not path.exists():
+            warnings.warn(f"{d}/previous may hold the previous {path.name} of an interrupted run; left in place.",
+                          stacklevel=3)
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        if not d.exists():
+            removed.append(d)
+    return removed
+
+
+def _strand(tmp: Path, path: Path, why: str) -> OutputExistsError:
+    """Give a finished result that cannot be put in place a visible name and say where it is."""
+    kept = tmp  # a name clean_stale would take for an interrupted run's: renamed when at all possible
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for i in range(100):
+        cand = path.with_name(f"{path.name}.stmorph-{stamp}" + (f"-{i}" if i else ""))
+        if cand.exists() or cand.is_symlink():
+            continue
+        with contextlib.suppress(OSError):
+            os.rename(tmp, cand)
+            kept = cand
+        break
+    return OutputExistsError(f"{path} {why}; the finished results are kept in {kept}: move them where you want them.")
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, *, force: bool = False,
                inputs: Sequence[str | os.PathLike | None] = ()) -> Iterator[Path]:
     """Build a folder under a temporary name beside ``path``; rename it into place on success.
 
-    On error the temporary folder is removed and ``path`` is left as it was. The finished folder
-    gets stmorph's marker (:data:`MARKER`), which is what a later ``force=True`` checks for.
+    On error (SIGINT, and SIGTERM under the command line) the temporary folder is removed and ``path``
+    is left as it was; temporary folders of earlier interrupted runs are removed first
+    (:func:`clean_stale`). The finished folder gets stmorph's marker (:data:`MARKER`), which is what
+    a later ``force=True`` checks for. When ``path`` cannot take the finished folder (another process
+    created it meanwhile) the results are kept under a visible name that the error gives.
     """
     path = check_writable(path, force=force, inputs=inputs).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    clean_stale(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{_owner_tag()}", dir=path.parent))
     try:
         yield tmp
         record_entries(tmp)
@@ -167,11 +262,24 @@ def atomic_dir(path: str | os.PathLike, *, force: bool = False,
         raise
     _public_modes(tmp)
     old = None
-    if path.exists():
-        check_writable(path, force=force, inputs=inputs)
-        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-        os.replace(path, old / "previous")
-    os.replace(tmp, path)
+    if path.exists() or path.is_symlink():
+        try:
+            check_writable(path, force=force, inputs=inputs)
+        except OutputExistsError:
+            raise _strand(tmp, path, "was created or changed by another process during this run") from None
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-{_owner_tag()}", dir=path.parent))
+        try:
+            os.replace(path, old / "previous")
+        except OSError as exc:
+            shutil.rmtree(old, ignore_errors=True)
+            raise _strand(tmp, path, f"could not be moved aside ({exc.strerror})") from None
+    try:
+        os.replace(tmp, path)
+    except OSError as exc:
+        if old is not None and not path.exists():
+            with contextlib.suppress(OSError):
+                os.replace(old / "previous", path)
+        raise _strand(tmp, path, f"could not take the finished folder ({exc.strerror})") from None
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
