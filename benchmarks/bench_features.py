@@ -1,21 +1,26 @@
 """Speed and memory of stmorph.im.features on a real whole-slide JPEG.
 
-Measures, in one run (ratios in one run are what count on a shared machine):
+Measures, in one run (ratios within one run are what count on a shared machine),
+each figure printed beside the CPU's relevant instruction sets and the
+float32 matmul peak measured in the same run:
 
-- features() throughput (patches/s, whole call: decode + crop + resize +
-  normalise + encoder) against the bare encoder forward on pre-made tensors of
-  the same batch size, measured before and after features() (the compute bound);
-- the ratio against a naive loop like the stMIC notebook's (crop, write each patch
-  to a JPEG file, read it back, resize, predict one image at a time);
-- achieved GFLOP/s of the encoder against a large float32 matrix multiply
-  (the machine's practical peak), and the inference options tried to raise it;
-- patches/s for efficientnet_lite2 and resnet50 (random weights: no pretrained
-  ResNet-50 file is available offline, and speed does not depend on the values);
-- peak RSS of each phase.
+- today's path kept as the baseline -- PyTorch eager float32 (BatchNorm folded,
+  channels_last, 2 streams x 1 thread: ``features(backend="torch",
+  precision="float32")``) -- against the default path on this CPU
+  (``backend="auto"``: ONNX Runtime float32 where installed and the CPU runs
+  float32), whole ``features()`` calls in interleaved rounds, with the cosine
+  between their features; and the opt-in ``precision="int8"``;
+- the default path's ``features()`` against its bare forward on pre-made
+  batches (the compute bound; bar >= 0.85);
+- bare-forward throughput of each inference option on the same batch;
+- a naive loop like the stMIC notebook's (crop -> JPEG file -> read back ->
+  resize -> predict one image at a time);
+- resnet50 and ViT-L/16 (UNI's layout) with random weights (speed does not
+  depend on the values), peak RSS.
 
 Usage (from the repository root)::
 
-    .venv/bin/python benchmarks/bench_features.py            # full run, >= 2000 spots
+    .venv/bin/python benchmarks/bench_features.py            # full run, 2025 spots
     .venv/bin/python benchmarks/bench_features.py --quick    # smoke test
 """
 
@@ -183,16 +188,34 @@ def naive_loop(image: Path, xy: np.ndarray, size: int, model, input_size: int, m
         return len(xy) / (time.perf_counter() - t)
 
 
+CPU_FLAGS = ("sse4_2", "fma", "avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8",
+             "avx512_fp16")
+
+
+def cpu_summary() -> tuple[str, list[str]]:
+    """CPU model name and which of the instruction sets that matter for inference it has."""
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = re.search(r"model name\s*:\s*(.+)", text)
+    flags = set(re.search(r"^flags\s*:\s*(.+)$", text, re.M).group(1).split()) if "flags" in text else set()
+    return (model.group(1).strip() if model else "unknown CPU"), [f for f in CPU_FLAGS if f in flags]
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return (a * b).sum(1)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--image", type=Path, default=IMAGE)
     ap.add_argument("--n-spots", type=int, default=2025)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--reps", type=int, default=4, help="batches timed per bare-forward measurement")
-    ap.add_argument("--trial-reps", type=int, default=1, help="batches timed per option and round")
-    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the inference-option trials")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of baseline/default features() calls")
     ap.add_argument("--naive-spots", type=int, default=48)
     ap.add_argument("--resnet-spots", type=int, default=256)
+    ap.add_argument("--vit-batch", type=int, default=8)
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
     ap.add_argument("--json", type=Path, help="also write the figures as JSON")
     args = ap.parse_args(argv)
@@ -205,31 +228,32 @@ def main(argv=None) -> int:
     import torch
 
     import stmorph
-    from stmorph.im import _features
-    from stmorph.im.encoders import efficientnet_lite, resnet
-    from stmorph.im.encoders._layers import prepare_for_inference
+    from stmorph.im import _features, _onnx
+    from stmorph.im.encoders import efficientnet_lite, resnet, vit
 
     cores = _features.n_cores()
     torch.set_num_threads(cores)
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    has_bf16 = bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
-    fig: dict = {"load_avg_start": os.getloadavg()[0], "cores": cores, "torch": torch.__version__, "cpu_bf16": has_bf16, "batch_size": args.batch_size}
-    print(f"# stmorph features benchmark: {args.image.name}, {cores} cores, torch {torch.__version__}, "
-          f"CPU bf16 instructions: {has_bf16}, load average {os.getloadavg()[0]:.1f}")
+    cpu, flags = cpu_summary()
+    has_bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
+    mm = 1024 if args.quick else 4096
+    peaks = [matmul_gflops(mm)]
+
+    def tag() -> str:  # printed beside every figure
+        return f"  [CPU: {' '.join(flags) or 'none of ' + '/'.join(CPU_FLAGS)}; fp32 matmul peak {max(peaks):.0f} GFLOP/s]"
+
+    ort_version = __import__("onnxruntime").__version__ if _onnx.available() else "not installed"
+    fig: dict = {"cpu": cpu, "cpu_flags": flags, "cores": cores, "torch": torch.__version__, "onnxruntime": ort_version,
+                 "load_avg_start": os.getloadavg()[0], "batch_size": args.batch_size}
+    print(f"# stmorph features benchmark: {args.image.name}; {cpu}, {cores} cores; torch {torch.__version__}, "
+          f"onnxruntime {ort_version}; load average {os.getloadavg()[0]:.1f}")
+    print(f"# CPU instruction sets: {', '.join(flags)}; bf16 instructions: {has_bf16}")
+    print(f"# float32 matmul {mm}^3 (all cores): {peaks[0]:.1f} GFLOP/s (re-measured during the run; best = peak)")
 
     adata, (w, h), pitch = make_adata(args.n_spots, args.image)
     size = stmorph.im.patch_size_px(adata, "spot")
     print(f"image {w} x {h}, {adata.n_obs} spots on a dense grid (pitch {pitch:.0f} px), patch {size} px")
     fig.update(n_spots=adata.n_obs, image_wh=[w, h], patch_px=size)
 
-    # -- practical peak: best of measurements spread over the run (shared machine) --
-    mm = 1024 if args.quick else 4096
-    torch.set_num_threads(cores)
-    peaks = [matmul_gflops(mm)]
-    peak = peaks[0]
-    print(f"float32 matmul {mm}^3: {peak:.1f} GFLOP/s (re-measured later; the best is the practical peak)")
-
-    # -- real patches for the bare forward ---------------------------------
     enc = stmorph.im.get_encoder("efficientnet_lite2")
     gflop = encoder_flops(enc.model, enc.input_size) / 1e9
     fig["lite2_gflop_per_image"] = gflop
@@ -238,94 +262,110 @@ def main(argv=None) -> int:
                                                out_size=enc.input_size, batch_size=args.batch_size)))
     slide.close()
     x = enc.preprocess(first.patches)  # (B, 3, 260, 260) channels_last
-
-    # -- inference options tried (bare forward, same batch) ----------------
-    # interleaved rounds, best round kept per option: the machine may be shared
-    print(f"\nefficientnet_lite2: {gflop:.2f} GFLOP/image at {enc.input_size} px; bare forward, batch {args.batch_size} "
-          f"(best of {args.rounds} interleaved rounds):")
-    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
-    plain = efficientnet_lite.load_efficientnet_lite2(fuse=False).to(memory_format=torch.contiguous_format)
-    plain_cl = efficientnet_lite.load_efficientnet_lite2(fuse=False)
-    fused_nchw = prepare_for_inference(efficientnet_lite.load_efficientnet_lite2(fuse=False), channels_last=False)
-    x_nchw = x.contiguous()
-    with torch.inference_mode(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        frozen = torch.jit.freeze(torch.jit.trace(enc.model, x))
-    streams, per_stream = _features.plan_threads(torch.device("cpu"))
+    cpu_dev = torch.device("cpu")
+    streams, per_stream = _features.plan_threads(cpu_dev)
+    default_backend = _features.resolve_backend(cpu_dev, "auto", "auto")
+    amp = _features._amp_dtype(cpu_dev, "auto")
+    default_dtype = str(amp or "float32").replace("torch.", "")
     st = f"{streams} streams x {per_stream} thread"
-    one = f"1 stream x {cores} threads"
-    options = [  # name, model, input, (streams, threads per stream), autocast
-        (f"eval, BatchNorm separate, NCHW, {one}", plain, x_nchw, (1, cores), None),
-        (f"eval, BatchNorm separate, channels_last, {one}", plain_cl, x, (1, cores), None),
-        (f"BatchNorm folded, NCHW, {one}", fused_nchw, x_nchw, (1, cores), None),
-        (f"BatchNorm folded, channels_last, {one}", enc, x, (1, cores), None),
-        (f"BatchNorm folded, channels_last, jit.trace+freeze, {one}", frozen, x, (1, cores), None),
-        ("BatchNorm folded, channels_last, 1 stream x 1 thread", enc, x, (1, 1), None),
-        (f"BatchNorm folded, channels_last, {st}", enc, x, (streams, per_stream), None),
-    ]
-    if has_bf16:
-        options += [
-            (f"BatchNorm folded, channels_last, bf16, {one}", enc, x, (1, cores), bf16),
-            ("BatchNorm folded, channels_last, bf16, 1 stream x 1 thread", enc, x, (1, 1), bf16),
-            (f"BatchNorm folded, channels_last, bf16, {st}", enc, x, (streams, per_stream), bf16),
-        ]
-    trials = {name: 0.0 for name, *_ in options}
-    for _ in range(args.rounds):
-        for name, fn, xin, (k, threads), ctx in options:
-            torch.set_num_threads(threads)
-            rate = bare_forward_streams(fn, xin, args.trial_reps, k, ctx=ctx or contextlib.nullcontext)
-            trials[name] = max(trials[name], rate)
-    torch.set_num_threads(per_stream)
-    fig["lite2_trials_patches_per_s"] = trials
-    peaks.append(matmul_gflops(mm))
-    peak = max(peaks)
-    for k, v in trials.items():
-        print(f"  {k:<58s} {v:7.2f} patches/s  {v * gflop:6.1f} GFLOP/s  ({100 * v * gflop / peak:5.1f}% of matmul)")
-    del plain, plain_cl, fused_nchw, frozen
-    amp = _features._amp_dtype(torch.device("cpu"), "auto")
-    used = (lambda: torch.autocast("cpu", dtype=amp)) if amp is not None else contextlib.nullcontext
-    fig["features_dtype"] = str(amp or "float32").replace("torch.", "")
-    print(f"features() default on this CPU: BatchNorm folded, channels_last, {st}, {fig['features_dtype']}")
+    print(f"features() default on this CPU: backend={default_backend}, {default_dtype}, {st}")
+    fig.update(default_backend=default_backend, default_dtype=default_dtype, streams=[streams, per_stream])
 
-    # -- features() against the bare forward before and after -------------
-    bare_before = bare_forward_streams(enc, x, args.reps, streams, ctx=used)
+    # -- bare forward of each inference option, same batch, interleaved rounds --
+    torch.set_num_threads(per_stream)
+    with torch.inference_mode():
+        ref_batch = enc(x).numpy()
+    options = {f"torch eager float32, {st} (today's path)": (enc, contextlib.nullcontext)}
+    if has_bf16:
+        options[f"torch eager bf16 autocast, {st}"] = (enc, lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    if _onnx.available():
+        options[f"onnxruntime float32, {st}"] = (_onnx.OrtRunner(enc, threads=per_stream), contextlib.nullcontext)
+        calib = _features._calibration(stmorph.im.slide_for(adata), adata.obsm["spatial"], size, enc)
+        options[f"onnxruntime int8 (static, per-channel), {st}"] = (
+            _onnx.OrtRunner(enc, threads=per_stream, precision="int8", calib=calib), contextlib.nullcontext)
+    trials = {k: 0.0 for k in options}
+    agree = {}
+    for _ in range(args.rounds):
+        for name, (fn, ctx) in options.items():
+            trials[name] = max(trials[name], bare_forward_streams(fn, x, max(1, args.reps // 2), streams, ctx=ctx))
+    for name, (fn, ctx) in options.items():
+        with torch.inference_mode(), ctx():
+            agree[name] = float(cosine_rows(fn(x).float().numpy(), ref_batch).min())
+    peaks.append(matmul_gflops(mm))
+    print(f"\nefficientnet_lite2 ({gflop:.2f} GFLOP/image at {enc.input_size} px), bare forward on one batch of "
+          f"{args.batch_size} real patches (best of {args.rounds} interleaved rounds):")
+    for k, v in trials.items():
+        print(f"  {k:<52s} {v:7.2f} patches/s = {v * gflop:6.1f} GFLOP/s ({100 * v * gflop / max(peaks):5.1f}% of "
+              f"matmul); min cosine to float32 {agree[k]:.4f}{tag()}")
+    fig.update(lite2_bare_options_patches_per_s=trials, lite2_bare_options_min_cosine=agree)
+
+    # -- features(): today's path (baseline) vs the default, interleaved, whole calls --
+    runs = {"baseline": dict(backend="torch", precision="float32"), "default": dict(backend="auto", precision="auto")}
+    rates: dict[str, list[float]] = {k: [] for k in runs}
+    feats: dict[str, np.ndarray] = {}
     reset_peak_rss()
     rss0 = peak_rss_mb()
-    t = time.perf_counter()
-    stmorph.im.features(adata, "efficientnet_lite2", cache=False, progress=True, batch_size=args.batch_size)
-    t_feat = time.perf_counter() - t
+    for _ in range(args.rounds):
+        for k, kw in runs.items():
+            t = time.perf_counter()
+            stmorph.im.features(adata, "efficientnet_lite2", cache=False, progress=False, batch_size=args.batch_size,
+                                key_added=f"X_{k}", **kw)
+            rates[k].append(adata.n_obs / (time.perf_counter() - t))
+            feats[k] = adata.obsm[f"X_{k}"]
     rss_feat = peak_rss_mb()
-    bare_after = bare_forward_streams(enc, x, args.reps, streams, ctx=used)
     peaks.append(matmul_gflops(mm))
-    peak = max(peaks)
-    f = adata.obsm["X_image"]
-    assert f.shape == (adata.n_obs, 1280) and np.isfinite(f).all()
-    feat_rate = adata.n_obs / t_feat
-    bare = (bare_before + bare_after) / 2
-    fig.update(lite2_features_patches_per_s=feat_rate, lite2_features_seconds=t_feat, lite2_bare_before=bare_before,
-               lite2_bare_after=bare_after, lite2_features_over_bare=feat_rate / bare,
-               lite2_gflops=bare * gflop, lite2_gflops_frac_of_matmul=bare * gflop / peak, peak_rss_mb_features=rss_feat,
-               rss_mb_before_features=rss0)
-    print(f"\nfeatures(efficientnet_lite2) on {adata.n_obs} spots: {t_feat:.1f} s = {feat_rate:.2f} patches/s "
-          f"(whole call: JPEG decode, crop, resize, normalise, forward); peak RSS {rss_feat:.0f} MB "
-          f"(+{rss_feat - rss0:.0f} MB over the {rss0:.0f} MB before the call)")
-    print(f"bare forward on pre-made tensors ({st}, same batch and dtype): {bare_before:.2f} (before) / "
-          f"{bare_after:.2f} (after) patches/s")
-    print(f"BAR features / bare forward = {feat_rate / bare:.3f}  (target >= 0.85)")
-    print(f"BAR encoder {bare * gflop:.1f} GFLOP/s = {100 * bare * gflop / peak:.1f}% of the float32 matmul peak "
-          f"{peak:.1f} GFLOP/s")
+    base, new = max(rates["baseline"]), max(rates["default"])
+    cos = cosine_rows(feats["default"], feats["baseline"])
+    assert feats["default"].shape == (adata.n_obs, 1280) and np.isfinite(feats["default"]).all()
+    print(f"\nfeatures(efficientnet_lite2) on {adata.n_obs} spots, whole call (JPEG decode, crop, resize, normalise, "
+          f"forward), best of {args.rounds} interleaved rounds:")
+    print(f"  baseline (today's path: torch float32, {st}): {base:.2f} patches/s "
+          f"(rounds: {', '.join(f'{r:.1f}' for r in rates['baseline'])}){tag()}")
+    print(f"  default ({default_backend}, {default_dtype}, {st}): {new:.2f} patches/s "
+          f"(rounds: {', '.join(f'{r:.1f}' for r in rates['default'])}){tag()}")
+    print(f"BAR default / baseline = {new / base:.2f}x (target >= 2) at cosine min {cos.min():.6f} "
+          f"mean {cos.mean():.6f} (target >= 0.99){tag()}")
+    fig.update(features_baseline_patches_per_s=rates["baseline"], features_default_patches_per_s=rates["default"],
+               features_speedup=new / base, features_cosine_min=float(cos.min()), features_cosine_mean=float(cos.mean()),
+               peak_rss_mb_features=rss_feat, rss_mb_before_features=rss0)
+
+    # the default path's compute bound: its bare forward on pre-made batches, before and after
+    if default_backend == "onnxruntime":
+        fn, ctx = _onnx.OrtRunner(enc, threads=per_stream), contextlib.nullcontext
+    else:
+        fn, ctx = enc, ((lambda: torch.autocast("cpu", dtype=amp)) if amp is not None else contextlib.nullcontext)
+    bare = bare_forward_streams(fn, x, args.reps, streams, ctx=ctx)
+    t = time.perf_counter()
+    stmorph.im.features(adata, "efficientnet_lite2", cache=False, progress=False, batch_size=args.batch_size,
+                        key_added="X_default2")
+    feat_rate = adata.n_obs / (time.perf_counter() - t)
+    bare = (bare + bare_forward_streams(fn, x, args.reps, streams, ctx=ctx)) / 2
+    print(f"BAR default features / its bare forward = {feat_rate:.2f} / {bare:.2f} = {feat_rate / bare:.3f} "
+          f"(target >= 0.85){tag()}")
+    fig.update(default_features_patches_per_s=feat_rate, default_bare_patches_per_s=bare,
+               default_features_over_bare=feat_rate / bare)
+
+    if _onnx.available():  # opt-in int8: whole call including its calibration
+        t = time.perf_counter()
+        stmorph.im.features(adata, "efficientnet_lite2", cache=False, progress=False, batch_size=args.batch_size,
+                            key_added="X_int8", precision="int8")
+        q_rate = adata.n_obs / (time.perf_counter() - t)
+        qc = cosine_rows(adata.obsm["X_int8"], feats["baseline"])
+        print(f"  precision='int8' (opt-in; includes calibration on 64 patches): {q_rate:.2f} patches/s = "
+              f"{q_rate / base:.2f}x baseline, cosine to float32 min {qc.min():.4f} mean {qc.mean():.4f}{tag()}")
+        fig.update(int8_features_patches_per_s=q_rate, int8_cosine_min=float(qc.min()), int8_cosine_mean=float(qc.mean()))
 
     # -- naive loop ----------------------------------------------------------
     naive_model = efficientnet_lite.load_efficientnet_lite2(fuse=False).to(memory_format=torch.contiguous_format)
     torch.set_num_threads(cores)  # a naive script runs torch's defaults: all cores, float32
     naive = naive_loop(args.image, adata.obsm["spatial"][: args.naive_spots], size, naive_model, 260, 127.0, 128.0)
     torch.set_num_threads(per_stream)
-    fig.update(naive_patches_per_s=naive, features_over_naive=feat_rate / naive)
-    print(f"BAR naive loop (JPEG file per patch, one image per predict, {args.naive_spots} spots): {naive:.2f} patches/s;"
-          f" features() is {feat_rate / naive:.2f}x faster")
+    fig.update(naive_patches_per_s=naive, features_over_naive=new / naive)
+    print(f"\nnaive loop (JPEG file per patch, one image per predict, {args.naive_spots} spots): {naive:.2f} patches/s; "
+          f"features() default is {new / naive:.2f}x faster{tag()}")
     del naive_model
 
-    # -- resnet50 --------------------------------------------------------------
+    # -- resnet50 (random weights) --------------------------------------------------
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
         wpath = Path(tmp) / "resnet50_random.pth"
@@ -333,36 +373,41 @@ def main(argv=None) -> int:
         renc = stmorph.im.get_encoder("resnet50", weights=wpath)
         rgflop = encoder_flops(renc.model, renc.input_size) / 1e9
         sub = adata[: args.resnet_spots].copy()
-        reset_peak_rss()
-        rss0_r = peak_rss_mb()
         t = time.perf_counter()
-        stmorph.im.features(sub, renc, cache=False, progress=True, batch_size=args.batch_size)
+        stmorph.im.features(sub, renc, cache=False, progress=False, batch_size=args.batch_size)
         r_rate = sub.n_obs / (time.perf_counter() - t)
-        rss_r = peak_rss_mb()
-        slide = stmorph.im.slide_for(sub)
-        rb = next(iter(stmorph.im.iter_patches(slide, sub.obsm["spatial"][: args.batch_size], size,
-                                                out_size=renc.input_size, batch_size=args.batch_size)))
-        slide.close()
-        r_bare = bare_forward_streams(renc, renc.preprocess(rb.patches), max(1, args.reps // 2), streams, ctx=used)
     assert sub.obsm["X_image"].shape == (sub.n_obs, 2048)
-    fig.update(resnet50_gflop_per_image=rgflop, resnet50_features_patches_per_s=r_rate, resnet50_bare=r_bare,
-               resnet50_gflops=r_bare * rgflop, peak_rss_mb_resnet50=rss_r)
-    print(f"\nresnet50 ({rgflop:.2f} GFLOP/image at 224 px): features() {r_rate:.2f} patches/s on {sub.n_obs} spots, "
-          f"bare {r_bare:.2f} patches/s = {r_bare * rgflop:.1f} GFLOP/s ({100 * r_bare * rgflop / peak:.1f}% of matmul); "
-          f"peak RSS {rss_r:.0f} MB (+{rss_r - rss0_r:.0f} MB)")
-    peaks.append(matmul_gflops(mm))
-    bf16_peak = matmul_gflops(mm, dtype=torch.bfloat16) if has_bf16 else float("nan")
-    fig.update(matmul_gflops_all=peaks, matmul_gflops=max(peaks), matmul_bf16_gflops=bf16_peak,
-               load_avg_end=os.getloadavg()[0])
+    fig.update(resnet50_gflop_per_image=rgflop, resnet50_features_patches_per_s=r_rate)
+    print(f"resnet50 ({rgflop:.2f} GFLOP/image at 224 px), features() default: {r_rate:.2f} patches/s on "
+          f"{sub.n_obs} spots = {r_rate * rgflop:.1f} GFLOP/s{tag()}")
+
+    # -- ViT-L/16 (UNI's layout, random weights): bare forward ------------------------
+    torch.manual_seed(0)
+    vcfg = vit.PRESETS["uni"].cfg
+    vmodel = vit.VisionTransformer(vcfg).eval()
+    vgflop = encoder_flops(vmodel, vcfg.img_size) / 1e9
+    xv = torch.randn(args.vit_batch, 3, vcfg.img_size, vcfg.img_size)
+    torch.set_num_threads(cores)
+    v_rate = bare_forward(vmodel, xv, max(1, args.reps // 2))
+    line = (f"ViT-L/16 (uni layout, {vgflop:.1f} GFLOP/image in linear layers at 224 px), bare forward batch "
+            f"{args.vit_batch}, torch float32, 1 stream x {cores} threads: {v_rate:.2f} patches/s = "
+            f"{v_rate * vgflop:.0f} GFLOP/s ({100 * v_rate * vgflop / max(peaks):.0f}% of matmul)")
+    fig.update(vit_l16_gflop_per_image=vgflop, vit_l16_torch_fp32_patches_per_s=v_rate)
     if has_bf16:
-        print(f"bf16 matmul {mm}^3 (the bf16 peak the bf16 encoder runs against): {bf16_peak:.1f} GFLOP/s; "
-              f"efficientnet_lite2 reaches {100 * bare * gflop / bf16_peak:.1f}% of it, "
-              f"resnet50 {100 * r_bare * rgflop / bf16_peak:.1f}%")
-    print(f"float32 matmul measurements over the run: {', '.join(f'{p:.1f}' for p in peaks)} GFLOP/s; "
-          f"load average at the end {os.getloadavg()[0]:.1f} on {cores} cores")
-    fig["peak_rss_mb_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"\nSUMMARY patches/s: efficientnet_lite2 {feat_rate:.2f}, resnet50 {r_rate:.2f}; "
-          f"process peak RSS {fig['peak_rss_mb_process']:.0f} MB")
+        v_bf = bare_forward(vmodel, xv, max(1, args.reps // 2), ctx=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+        line += f"; bf16 autocast {v_bf:.2f} patches/s"
+        fig["vit_l16_torch_bf16_patches_per_s"] = v_bf
+    print(line + tag())
+    torch.set_num_threads(per_stream)
+    del vmodel
+
+    peaks.append(matmul_gflops(mm))
+    fig.update(matmul_gflops_all=peaks, matmul_gflops=max(peaks), load_avg_end=os.getloadavg()[0],
+               peak_rss_mb_process=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(f"\nfloat32 matmul over the run: {', '.join(f'{p:.1f}' for p in peaks)} GFLOP/s; load average at the end "
+          f"{os.getloadavg()[0]:.1f} on {cores} cores; process peak RSS {fig['peak_rss_mb_process']:.0f} MB")
+    print(f"SUMMARY patches/s: efficientnet_lite2 baseline {base:.2f}, default {new:.2f} ({new / base:.2f}x, cosine "
+          f"min {cos.min():.4f}); resnet50 {r_rate:.2f}; ViT-L/16 bare {v_rate:.2f}{tag()}")
     print("JSON " + json.dumps(fig, default=float))
     if args.json:
         args.json.write_text(json.dumps(fig, indent=2, default=float))
