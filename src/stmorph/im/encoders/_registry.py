@@ -102,6 +102,8 @@ class Encoder:
             raise InputError(msg)
         if self.bgr:
             x = x.flip(-1)
+        if self.device.startswith("cuda"):  # pinned host memory: the copy overlaps with GPU work
+            x = x.pin_memory()
         x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # (B, 3, S, S), channels_last
         scale, shift = self._scale_shift()
         return x.to(torch.float32).mul_(scale).add_(shift)
