@@ -3,14 +3,18 @@
 One ``<key>.npy`` file per (image, coordinates, patch size, encoder, weights,
 input size, preprocessing); the key is the SHA-256 of those parts, so any
 change to one of them is a cache miss, never a stale hit. Files are written
-atomically (temporary file in the same folder, then ``os.replace``).
+atomically (temporary file in the same folder, then ``os.replace``). A cache
+that cannot be written, or a damaged entry, gives a warning, never an error:
+the features are computed (again) and the run goes on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -71,24 +75,46 @@ def make_key(*, image: str, xy: np.ndarray, patch_size_px: int, encoder: dict[st
     return h.hexdigest()
 
 
+def _discard(path: Path, why: str) -> None:
+    warnings.warn(f"feature cache entry {path} {why}; discarded, the features are computed again.", stacklevel=3)
+    with contextlib.suppress(OSError):
+        if path.is_file() and not path.is_symlink():
+            path.unlink()
+
+
 def load(cache_dir: str | os.PathLike, key: str, shape: tuple[int, int]) -> np.ndarray | None:
-    """The cached float32 features, or None when absent, unreadable or of the wrong shape."""
+    """The cached float32 features, or None when absent.
+
+    An entry that cannot be read, is truncated, has the wrong shape or dtype, or holds non-finite
+    values is discarded with a warning (None: the caller recomputes); a cache never stops a run.
+    """
     path = Path(cache_dir) / f"{key}.npy"
-    if not path.is_file():
-        return None
     try:
+        if not path.exists():
+            return None
+        if not path.is_file():
+            warnings.warn(f"feature cache entry {path} is not a file; ignored.", stacklevel=2)
+            return None
         arr = np.load(path, allow_pickle=False)
-    except (OSError, ValueError):
+    except Exception as exc:  # noqa: BLE001 - a damaged cache file must never stop a run
+        _discard(path, f"cannot be read ({type(exc).__name__}: {' '.join(str(exc).split()) or 'empty'})")
         return None
-    if arr.dtype != np.float32 or arr.shape != tuple(shape):
+    if not isinstance(arr, np.ndarray) or arr.dtype != np.float32 or arr.shape != tuple(shape):
+        _discard(path, f"holds {getattr(arr, 'dtype', '?')} {getattr(arr, 'shape', '?')}, not float32 {tuple(shape)}")
+        return None
+    if not np.isfinite(arr).all():
+        _discard(path, f"holds {int(np.count_nonzero(~np.isfinite(arr)))} non-finite value(s)")
         return None
     return arr
 
 
-def save(cache_dir: str | os.PathLike, key: str, arr: np.ndarray) -> Path:
-    """Write ``arr`` as ``<cache_dir>/<key>.npy`` atomically; returns the path."""
+def save(cache_dir: str | os.PathLike, key: str, arr: np.ndarray) -> Path | None:
+    """Write ``arr`` as ``<cache_dir>/<key>.npy`` atomically; returns the path.
+
+    A cache that cannot be written (read-only, full, not a folder) gives a warning and None: the
+    features already computed are used all the same.
+    """
     cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
     path = cache_dir / f"{key}.npy"
     data = np.ascontiguousarray(arr, dtype=np.float32)
 
@@ -96,5 +122,11 @@ def save(cache_dir: str | os.PathLike, key: str, arr: np.ndarray) -> Path:
         with open(tmp, "wb") as f:
             np.save(f, data, allow_pickle=False)
 
-    atomic_write(path, write)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, write)
+    except OSError as exc:
+        warnings.warn(f"feature cache {cache_dir} cannot be written ({exc.strerror or exc}); the features are not "
+                      f"cached (set ${ENV_VAR} to a writable folder).", stacklevel=2)
+        return None
     return path
