@@ -154,6 +154,13 @@ def read_labels(path: str | os.PathLike) -> pd.Series:
     df = c.read_table(path, what, sep="\t" if ".csv" not in path.suffixes else ",", keep_default_na=False)
     df.columns = [str(col).strip() for col in df.columns]
     c.require_columns(df, LABEL_COLUMNS, path, what)
+    # published HER2ST label files have rows with NA coordinates: unusable, so dropped (and counted)
+    na = np.zeros(len(df), dtype=bool)
+    for col in ("x", "y"):
+        na |= df[col].astype(str).str.strip().str.upper().isin(("NA", "NAN", ""))
+    if na.any():
+        warnings.warn(f"{path.name}: dropped {int(na.sum())} label row(s) with NA coordinates.", stacklevel=3)
+        df = df.loc[~na].reset_index(drop=True)
     x = np.round(c.numeric_column(df, "x", path, what)).astype(np.int64)
     y = np.round(c.numeric_column(df, "y", path, what)).astype(np.int64)
     index = _spot_key(x, y)

@@ -1,8 +1,16 @@
-"""Tools: embeddings, clustering, stMIC and SENCA-st."""
+"""Tools: embeddings, clustering, the methods (stmorph, stMIC, SENCA-st) and their registry."""
 
-from ._cluster import cluster
+from ._cluster import choose_n_clusters, cluster
 from ._embedding import expression_embedding, image_embedding, integrate
-from ._stmic import METHODS, run_methods, stmic
+from ._methods import available_methods, register_method, run_methods
+from ._neighbors import refine_labels
+from ._stmic import stmic
+from ._stmorph import image_context_embedding, spatial_expression_embedding, stmorph
 from .senca import SencaConfig, senca
 
-__all__ = ["expression_embedding", "image_embedding", "integrate", "cluster", "stmic", "senca", "SencaConfig", "run_methods", "METHODS"]
+#: The built-in methods, in the order :func:`run_methods` runs them (see :func:`available_methods`).
+METHODS = available_methods()
+
+__all__ = ["expression_embedding", "image_embedding", "integrate", "spatial_expression_embedding",
+           "image_context_embedding", "cluster", "choose_n_clusters", "refine_labels", "stmic", "stmorph", "senca",
+           "SencaConfig", "run_methods", "register_method", "available_methods", "METHODS"]

@@ -1,4 +1,4 @@
-"""Graph-based clustering of a representation: kNN graph, then Louvain or Leiden.
+"""Clustering a representation into domains: kNN graph + Louvain/Leiden, or a Gaussian mixture.
 
 stMIC clustered in Orange Data Mining: a k-nearest-neighbour graph (k = 39,
 Euclidean) whose edges are weighted by the Jaccard index of the two spots'
@@ -6,6 +6,14 @@ neighbour sets, then Louvain modularity optimisation at resolution 1.5-1.9.
 :func:`cluster` reproduces that graph (``weights="jaccard"``) and runs igraph's
 multilevel Louvain or leidenalg's Leiden on it. With ``n_clusters`` it searches
 the resolution by bisection until the number of clusters matches.
+
+``method="gmm"`` fits a Gaussian mixture with one covariance shared by all
+components (``covariance_type="tied"``: the role mclust's EEE model plays for
+GraphST), seeded and restarted ``n_init`` times, which gives exactly
+``n_clusters`` domains; without ``n_clusters`` the count is chosen by
+:func:`choose_n_clusters`. Any method's labels can then be refined by a
+majority vote over spatial neighbours (``refine=True``, see
+:func:`stmorph.tl._neighbors.refine_labels`).
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ import scipy.sparse as sp
 
 from ..errors import InputError
 
-_METHODS = ("louvain", "leiden")
+_METHODS = ("louvain", "leiden", "gmm")
 _WEIGHTS = ("jaccard", "binary", "gaussian")
 
 
@@ -228,6 +236,108 @@ def cluster_graph(
     return best[2], best[1], False
 
 
+def robust_clip(X: np.ndarray, n_mad: float = 5.0) -> np.ndarray:
+    """Each column clipped to its median +- ``n_mad`` robust standard deviations (1.4826 MAD)."""
+    med = np.median(X, axis=0)
+    mad = 1.4826 * np.median(np.abs(X - med), axis=0)
+    mad[mad <= 0] = np.abs(X - med).max(axis=0)[mad <= 0] + 1e-12
+    return np.clip(X, med - n_mad * mad, med + n_mad * mad)
+
+
+def gaussian_mixture(
+    X: np.ndarray,
+    n_clusters: int,
+    *,
+    covariance_type: str = "tied",
+    n_init: int = 10,
+    random_state: int = 0,
+    clip: float | None = 5.0,
+    min_size: float = 0.01,
+    max_iter: int = 300,
+) -> tuple[np.ndarray, float]:
+    """Seeded Gaussian mixture with ``n_init`` restarts. Returns ``(labels, bic)`` of the chosen restart.
+
+    ``covariance_type="tied"`` (one full covariance shared by all components)
+    plays the role of mclust's EEE model. Two guards keep the mixture on tissue
+    regions rather than on a few odd spots, which a tied mixture otherwise
+    rewards with a higher likelihood:
+
+    - ``clip``: each dimension is clipped to its median +- ``clip`` robust standard
+      deviations before fitting (outlier spots: damaged tissue, edge artefacts);
+    - ``min_size``: of the restarts, the best-likelihood one whose smallest
+      component holds at least ``max(5, min_size * n)`` spots is kept (the best
+      overall when no restart does).
+    """
+    from sklearn.mixture import GaussianMixture
+
+    X = np.asarray(X, dtype=np.float64)
+    if clip is not None:
+        X = robust_clip(X, clip)
+    n = X.shape[0]
+    k = int(n_clusters)
+    floor = max(5.0, min_size * n) if k * 5 <= n else 1.0
+    scale = float(np.mean(np.var(X, axis=0))) if n > 1 else 1.0
+    rng = np.random.default_rng(random_state)
+    best = None
+    for _ in range(max(1, int(n_init))):
+        gm = GaussianMixture(n_components=k, covariance_type=covariance_type, random_state=int(rng.integers(2**31)),
+                             max_iter=max_iter, reg_covar=1e-6 * max(scale, 1e-12))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*did not converge.*")
+            gm.fit(X)
+        labels = gm.predict(X)
+        sizes = np.bincount(labels, minlength=k)
+        key = (bool(sizes.min() >= floor), float(gm.lower_bound_))
+        if best is None or key > best[0]:
+            best = (key, labels, gm)
+    return best[1], float(best[2].bic(X))
+
+
+#: Criteria :func:`choose_n_clusters` knows.
+K_CRITERIA = ("bic",)
+
+
+def choose_n_clusters(
+    X: np.ndarray,
+    k_range: tuple[int, int] = (2, 12),
+    *,
+    criterion: str = "bic",
+    covariance_type: str = "tied",
+    n_init: int = 3,
+    random_state: int = 0,
+) -> tuple[int, dict[int, float]]:
+    """Choose the number of mixture components. Returns ``(k, {k: score})``.
+
+    ``criterion="bic"``: the Bayesian information criterion of the tied-covariance
+    mixture (what mclust uses to pick a model), evaluated for every k in
+    ``k_range`` (inclusive); the chosen k is the *elbow*: the smallest k whose
+    BIC gain over k - 1 falls below a tenth of the largest gain seen (BIC keeps
+    falling slowly on thousands of spots, so its plain minimum overshoots).
+    """
+    if criterion not in K_CRITERIA:
+        msg = f"criterion={criterion!r} is not one of {K_CRITERIA}."
+        raise InputError(msg)
+    lo, hi = int(k_range[0]), int(k_range[1])
+    hi = min(hi, X.shape[0] - 1)
+    if lo < 1 or hi < lo:
+        msg = f"k_range={k_range} is not a valid range of cluster counts for {X.shape[0]} spots."
+        raise InputError(msg)
+    scores = {}
+    for k in range(max(lo - 1, 1), hi + 1):
+        _, scores[k] = gaussian_mixture(X, k, covariance_type=covariance_type, n_init=n_init,
+                                        random_state=random_state)
+    ks = sorted(scores)
+    gains = {k: scores[k - 1] - scores[k] for k in ks if k - 1 in scores}
+    top = max(gains.values()) if gains else 0.0
+    chosen = hi
+    for k in range(lo, hi + 1):
+        nxt = gains.get(k + 1)
+        if nxt is None or nxt < 0.1 * top:
+            chosen = k
+            break
+    return int(chosen), {k: scores[k] for k in ks if k >= lo}
+
+
 def cluster(
     adata,
     use_rep: str,
@@ -237,11 +347,15 @@ def cluster(
     resolution: float = 1.0,
     n_clusters: int | None = None,
     weights: str = "jaccard",
+    n_init: int = 10,
+    k_range: tuple[int, int] = (2, 12),
+    refine: bool = False,
+    refine_radius_um: float | None = None,
     key_added: str | None = None,
     random_state: int = 0,
     copy: bool = False,
 ):
-    """Cluster spots on a representation: kNN graph, then Louvain or Leiden.
+    """Cluster spots on a representation: kNN graph + Louvain/Leiden, or a Gaussian mixture.
 
     Parameters
     ----------
@@ -252,22 +366,37 @@ def cluster(
     n_neighbors
         Neighbours per spot in the kNN graph, the spot itself included (stMIC: 39).
         The search is exact up to 50,000 spots and approximate (pynndescent) above.
+        Larger than the number of spots is clamped, with a warning.
     method
-        ``"louvain"`` (igraph's multilevel algorithm) or ``"leiden"`` (leidenalg).
+        ``"louvain"`` (igraph's multilevel algorithm), ``"leiden"`` (leidenalg) or
+        ``"gmm"`` (tied-covariance Gaussian mixture, see :func:`gaussian_mixture`).
     resolution
         Modularity resolution (stMIC: 1.5-1.9). With ``n_clusters`` it is the
-        starting point of the search.
+        starting point of the search. Not used by ``"gmm"``.
     n_clusters
-        Search the resolution until exactly this many clusters are found; if
-        no resolution gives that count, a warning says so and the closest
-        count is kept (``uns[key_added]["n_clusters_matched"]`` is False).
+        Louvain/Leiden: search the resolution until exactly this many clusters
+        are found; if no resolution gives that count, a warning says so and the
+        closest count is kept (``uns[key_added]["n_clusters_matched"]`` is False).
+        ``"gmm"``: the number of components; ``None`` chooses it by
+        :func:`choose_n_clusters` within ``k_range``.
     weights
         Edge weights of the kNN graph: ``"jaccard"`` (Orange, as stMIC),
         ``"binary"`` or ``"gaussian"``.
+    n_init
+        Restarts of the Gaussian mixture (the best likelihood is kept).
+    k_range
+        Smallest and largest count ``"gmm"`` considers when ``n_clusters`` is None.
+    refine
+        Relabel each spot by the majority of its spatial neighbours when its own
+        label holds less than half of them (SpaGCN/GraphST); off by default.
+    refine_radius_um
+        Neighbourhood radius of the refinement in micrometres; default 1.5 times the
+        spot spacing (the first ring of neighbours on any platform). Needs
+        ``obsm["spatial"]`` and ``uns["spatial"]``.
     key_added
         ``obs`` key of the labels; defaults to ``use_rep`` without ``X_``.
     random_state
-        Seed of the community detection.
+        Seed of the community detection or the mixture.
     copy
         Return a modified copy instead of writing into ``adata``.
 
@@ -276,45 +405,103 @@ def cluster(
     ``adata.obs[key_added]``
         Categorical cluster labels ``"0"``, ``"1"``, ... by decreasing size.
     ``adata.uns[key_added]["params"]``
-        Parameters, including the resolution finally used.
+        Parameters, including the resolution, neighbour count and refinement finally used.
     ``adata.uns[key_added]["n_clusters_matched"]``
         Whether ``n_clusters`` was reached exactly (when given).
+    ``adata.uns[key_added]["n_clusters_scores"]``
+        ``"gmm"`` without ``n_clusters``: the criterion for each count tried.
     """
     adata = adata.copy() if copy else adata
+    if method not in _METHODS:
+        msg = f"method={method!r} is not one of {_METHODS}."
+        raise InputError(msg)
     if use_rep not in adata.obsm:
         msg = f"adata.obsm[{use_rep!r}] is missing (have {list(adata.obsm)})."
         raise InputError(msg)
     X = np.asarray(adata.obsm[use_rep], dtype=np.float64)
+    if X.ndim != 2 or X.shape[0] == 0:
+        msg = f"adata.obsm[{use_rep!r}] must be a non-empty (n_obs, n_dims) array; got shape {X.shape}."
+        raise InputError(msg)
     if not np.all(np.isfinite(X)):
         msg = f"adata.obsm[{use_rep!r}] has NaN or infinite values; clustering needs finite coordinates."
         raise InputError(msg)
-    if int(n_neighbors) < 2:
-        msg = f"n_neighbors={n_neighbors} must be at least 2."
+    n = X.shape[0]
+    if n < 3:
+        msg = f"{n} spot(s): at least 3 spots are needed to find domains."
         raise InputError(msg)
+    if n_clusters is not None:
+        if isinstance(n_clusters, bool) or not float(n_clusters).is_integer() or not 2 <= int(n_clusters) < n:
+            msg = (f"n_clusters={n_clusters} must be a whole number between 2 and the number of spots minus one "
+                   f"({n - 1}); one spot per domain is not a result.")
+            raise InputError(msg)
+        n_clusters = int(n_clusters)
     key_added = key_added or (use_rep[2:] if use_rep.startswith("X_") else use_rep)
-    A = knn_graph(X, n_neighbors, weights=weights, random_state=random_state)
-    labels, res, matched = cluster_graph(
-        A, method=method, resolution=resolution, n_clusters=n_clusters, random_state=random_state
-    )
-    if not matched:
-        k = int(labels.max()) + 1
-        warnings.warn(
-            f"cluster({use_rep!r}): no resolution gave exactly n_clusters={n_clusters}; "
-            f"kept {k} clusters at resolution {res:.4g}. Try method='leiden' or another n_neighbors.",
-            stacklevel=2,
+    extra: dict = {}
+    params: dict = {"use_rep": use_rep, "method": method, "n_clusters": n_clusters, "random_state": random_state}
+    if method == "gmm":
+        if n_clusters is None:
+            n_clusters, scores = choose_n_clusters(X, k_range, random_state=random_state)
+            extra["n_clusters_scores"] = {str(k): v for k, v in scores.items()}
+            params.update(n_clusters_chosen_by="bic", k_range=[int(k_range[0]), int(k_range[1])])
+        labels, _ = gaussian_mixture(X, n_clusters, n_init=n_init, random_state=random_state)
+        labels = _relabel(labels)
+        matched = int(labels.max()) + 1 == n_clusters
+        params.update(n_clusters=int(n_clusters), covariance_type="tied", n_init=int(n_init), clip_mad=5.0,
+                      min_size=0.01)
+    else:
+        res_ok = isinstance(resolution, int | float) and np.isfinite(resolution) and resolution > 0
+        if not res_ok:
+            msg = f"resolution={resolution} must be a positive number (stMIC: 1.5-1.9)."
+            raise InputError(msg)
+        if int(n_neighbors) < 2:
+            msg = f"n_neighbors={n_neighbors} must be at least 2."
+            raise InputError(msg)
+        k_used = int(n_neighbors)
+        if k_used >= n:
+            k_used = max(2, min(n - 1, int(np.ceil(np.sqrt(n)))))
+            warnings.warn(
+                f"cluster({use_rep!r}): n_neighbors={n_neighbors} is not below the number of spots ({n}): "
+                f"a kNN graph that links every spot to every other has no communities; using {k_used}.",
+                stacklevel=2,
+            )
+        A = knn_graph(X, k_used, weights=weights, random_state=random_state)
+        labels, res, matched = cluster_graph(
+            A, method=method, resolution=resolution, n_clusters=n_clusters, random_state=random_state
         )
-    cats = [str(i) for i in range(int(labels.max()) + 1)]
+        params.update(n_neighbors=k_used, resolution=float(res), weights=weights)
+        if k_used != int(n_neighbors):
+            params["n_neighbors_requested"] = int(n_neighbors)
+        if not matched:
+            k = int(labels.max()) + 1
+            warnings.warn(
+                f"cluster({use_rep!r}): no resolution gave exactly n_clusters={n_clusters}; "
+                f"kept {k} clusters at resolution {res:.4g}. Try method='leiden' or another n_neighbors.",
+                stacklevel=2,
+            )
+    if refine:
+        from ._neighbors import coordinates_um, refine_labels, spot_spacing
+
+        xy = coordinates_um(adata)
+        radius = float(refine_radius_um) if refine_radius_um is not None else 1.5 * spot_spacing(xy)
+        if not np.isfinite(radius) or radius <= 0:
+            msg = f"refine_radius_um={refine_radius_um} must be a positive number of micrometres."
+            raise InputError(msg)
+        labels, n_changed = refine_labels(labels, xy, radius)
+        labels = _relabel(labels)
+        params["refine"] = {"method": "majority", "radius_um": radius, "n_changed": int(n_changed)}
+    else:
+        params["refine"] = None
+    n_found = int(labels.max()) + 1
+    if n_clusters is not None:
+        matched = matched and n_found == n_clusters
+    sizes = np.bincount(labels)
+    if n_found >= n:
+        msg = f"cluster({use_rep!r}) put every spot in a domain of its own ({n_found} domains); not a result."
+        raise InputError(msg)
+    if (sizes == 1).sum() > n_found / 2:
+        warnings.warn(f"cluster({use_rep!r}): {int((sizes == 1).sum())} of {n_found} domains hold a single spot; "
+                      "try fewer clusters or a lower resolution.", stacklevel=2)
+    cats = [str(i) for i in range(n_found)]
     adata.obs[key_added] = pd.Categorical([str(v) for v in labels], categories=cats)
-    adata.uns[key_added] = {
-        "params": {
-            "use_rep": use_rep,
-            "n_neighbors": int(n_neighbors),
-            "method": method,
-            "resolution": float(res),
-            "n_clusters": None if n_clusters is None else int(n_clusters),
-            "weights": weights,
-            "random_state": random_state,
-        },
-        "n_clusters_matched": bool(matched),
-    }
+    adata.uns[key_added] = {"params": params, "n_clusters_matched": bool(matched), **extra}
     return adata if copy else None

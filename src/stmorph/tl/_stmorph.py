@@ -1,0 +1,380 @@
+"""stmorph's own method: spatial-context expression + image context, a Gaussian mixture, spatial refinement.
+
+What the founding papers and the strongest peers teach, as one chain of named steps::
+
+    spatial_expression_embedding   counts -> CPM 1e4 -> log1p -> HVG -> scale -> PCA (denoise)
+                                   -> [own | Gaussian neighbourhood mean at each radius (um)] -> PCA   obsm["X_stmorph_expr"]
+    im.features (x2)               spot patch + context patch (SENCA-st's 3-spacing radius)          obsm["X_image"], ["X_image_context"]
+    image_context_embedding        standardise -> PCA per patch size -> neighbourhood mean -> PCA     obsm["X_stmorph_image"]
+    integrate (balanced)           each modality scaled to unit total variance, image x weight        obsm["X_stmorph"]
+    cluster                        tied-covariance Gaussian mixture (mclust EEE's role), exactly k
+                                   or k chosen by BIC elbow; majority refinement over the first ring  obs["stmorph"]
+
+Why each step:
+
+- *Spatial context* (BANKSY, GraphST, SENCA-st's neighbourhood attention): a domain is a
+  neighbourhood-level state, so each spot is described by its own expression *and* the mean
+  of its neighbourhood. Radii are in micrometres, so the same default describes the same
+  piece of tissue on legacy ST (200 um pitch), Visium (100 um) and Visium HD bins. The
+  kernel is sparse and the smoothing is applied to principal components, so the cost is
+  linear in the number of spots.
+- *Image context* (SENCA-st, stMIC): the spot patch says what lies under the spot, a larger
+  patch what surrounds it; each is reduced on its own and smoothed like expression.
+- *Balance*: blocks of different widths and scales would let one modality drown the other;
+  each is scaled to unit total variance before the image weight is applied.
+- *Model-based clustering to exactly k* (GraphST's mclust EEE): one covariance shared by all
+  domains suits embeddings where domains differ in their means; seeded, several restarts.
+- *Refinement* (SpaGCN, GraphST): a spot whose label is a minority among its first ring of
+  neighbours takes the majority's.
+
+Without an image (or image features) the chain runs on expression alone and records so in
+``uns["stmorph"]["params"]["modalities"]``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import scipy.sparse as sp
+
+from ..errors import InputError
+from ._cluster import cluster
+from ._embedding import _counts, _pca
+from ._methods import register_method, run_methods
+from ._neighbors import coordinates_um, gaussian_smoother
+
+#: Default neighbourhood radii (Gaussian sigma, micrometres).
+SIGMAS_UM = (100.0,)
+#: Context patch: radius 3 spot spacings (SENCA-st: the third-degree neighbour), i.e. side 6 spacings.
+CONTEXT_PATCH = "6spacing"
+
+
+def _check_sigmas(sigmas_um) -> list[float]:
+    sig = [float(s) for s in (sigmas_um if isinstance(sigmas_um, Sequence) else [sigmas_um])]
+    if not sig or any(not np.isfinite(s) or s <= 0 for s in sig):
+        msg = f"sigmas_um={sigmas_um} must be one or more positive radii in micrometres."
+        raise InputError(msg)
+    return sig
+
+
+def _with_context(P: np.ndarray, xy_um: np.ndarray, sigmas_um: list[float]) -> np.ndarray:
+    """``[P | W_s P for each sigma]``: own coordinates plus neighbourhood means."""
+    blocks = [P]
+    for s in sigmas_um:
+        blocks.append(np.asarray(gaussian_smoother(xy_um, s) @ P))
+    return np.hstack(blocks)
+
+
+def _log_hvg(X: sp.csr_matrix, n_top_genes: int | None, target_sum: float) -> tuple[sp.csr_matrix, np.ndarray]:
+    """Log-normalised counts restricted to the most variable genes (scanpy's 'seurat' dispersion ranking)."""
+    totals = np.asarray(X.sum(axis=1)).ravel()
+    L = sp.csr_matrix(sp.diags(target_sum / totals) @ X)
+    L.data = np.log1p(L.data)
+    genes = np.arange(L.shape[1])
+    if n_top_genes is not None and n_top_genes < L.shape[1]:
+        import anndata as ad
+        import scanpy as sc
+
+        tmp = ad.AnnData(L)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sc.pp.highly_variable_genes(tmp, n_top_genes=int(n_top_genes), flavor="seurat")
+        genes = np.flatnonzero(tmp.var["highly_variable"].to_numpy())
+        L = L[:, genes]
+    return sp.csr_matrix(L), genes
+
+
+def _randomized_pca(X, n_comps: int, random_state: int, *, n_iter: int = 6, oversample: int = 20) -> np.ndarray:
+    """Top principal components of a sparse matrix without densifying it (implicit centring).
+
+    Halko et al.'s randomized range finder with power iterations: a few sparse
+    products with ``n_comps + oversample`` columns, so cost is linear in the
+    number of non-zeros; signs fixed so the output does not depend on the seed's sign flips.
+    """
+    n, d = X.shape
+    mu = np.asarray(X.mean(axis=0)).ravel()
+    ones = np.ones(n)
+
+    def right(B):  # (X - 1 mu^T) @ B
+        return np.asarray(X @ B) - np.outer(ones, mu @ B)
+
+    def left(A):  # (X - 1 mu^T)^T @ A
+        return np.asarray(X.T @ A) - np.outer(mu, A.sum(axis=0))
+
+    rng = np.random.default_rng(random_state)
+    q = min(n_comps + oversample, min(n, d))
+    Q, _ = np.linalg.qr(right(rng.standard_normal((d, q))))
+    for _ in range(n_iter):
+        Q, _ = np.linalg.qr(left(Q))
+        Q, _ = np.linalg.qr(right(Q))
+    B = left(Q).T  # (q, d)
+    Ub, sv, _ = np.linalg.svd(B, full_matrices=False)
+    Z = (Q @ Ub[:, :n_comps]) * sv[:n_comps]
+    signs = np.sign(Z[np.argmax(np.abs(Z), axis=0), np.arange(Z.shape[1])])
+    signs[signs == 0] = 1
+    return Z * signs
+
+
+def spatial_expression_embedding(
+    adata,
+    *,
+    sigmas_um: float | Sequence[float] = SIGMAS_UM,
+    n_top_genes: int | None = 3000,
+    n_pcs: int = 50,
+    n_comps: int = 20,
+    target_sum: float = 1e4,
+    layer: str | None = None,
+    key_added: str = "X_stmorph_expr",
+    random_state: int = 0,
+    copy: bool = False,
+):
+    """Expression with its spatial context: own profile plus neighbourhood means, reduced by PCA.
+
+    Parameters
+    ----------
+    adata
+        Raw counts in ``X`` (or ``layers[layer]``), ``obsm["spatial"]`` and ``uns["spatial"]``.
+    sigmas_um
+        One or more neighbourhood radii (Gaussian sigma, micrometres; truncated at 2.5 sigma).
+    n_top_genes
+        Most variable genes kept (scanpy's ``flavor="seurat"``); ``None`` keeps every gene.
+    n_pcs
+        Principal components of the scaled expression that carry it into the context step.
+    n_comps
+        Components of the final embedding.
+    target_sum, layer
+        Library-size target and the layer holding counts.
+    key_added
+        ``obsm`` key of the embedding.
+    random_state
+        Seed of the PCA solvers.
+    copy
+        Return a modified copy instead of writing into ``adata``.
+
+    Sets the following fields:
+
+    ``adata.obsm[key_added]``
+        ``float32 (n_obs, n_comps)``.
+    ``adata.uns[key_added]["params"]``
+        Parameters and the number of genes used.
+    """
+    adata = adata.copy() if copy else adata
+    sig = _check_sigmas(sigmas_um)
+    X, _ = _counts(adata, layer)
+    totals = np.asarray(X.sum(axis=1)).ravel()
+    if np.any(totals <= 0):
+        msg = f"{int(np.sum(totals <= 0))} spot(s) have zero total counts; filter them out before embedding."
+        raise InputError(msg)
+    L, genes = _log_hvg(X, n_top_genes, target_sum)
+    # scale each gene to unit variance, centring left implicit so the matrix stays sparse
+    mean = np.asarray(L.mean(axis=0)).ravel()
+    var = np.asarray(L.multiply(L).mean(axis=0)).ravel() - mean**2
+    keep = var > 1e-12
+    L = sp.csr_matrix(L[:, keep] @ sp.diags(1.0 / np.sqrt(var[keep])))
+    n_pre = int(min(n_pcs, min(L.shape) - 1))
+    n_out = int(min(n_comps, n_pre * (1 + len(sig)) - 1, adata.n_obs - 1))
+    if n_pre < 1 or n_out < 1:
+        msg = f"{adata.n_obs} spot(s) x {L.shape[1]} variable gene(s) are too few for an expression embedding."
+        raise InputError(msg)
+    P = _randomized_pca(L, n_pre, random_state)
+    xy = coordinates_um(adata)
+    Z, evr = _pca(_with_context(P.astype(np.float64), xy, sig), n_out, random_state)
+    adata.obsm[key_added] = Z
+    adata.uns[key_added] = {
+        "params": {"sigmas_um": sig, "n_top_genes": n_top_genes, "n_genes_used": int(keep.sum()), "n_pcs": n_pre,
+                   "n_comps": n_out, "target_sum": float(target_sum), "layer": layer, "random_state": random_state},
+        "variance_ratio": evr,
+    }
+    return adata if copy else None
+
+
+def image_context_embedding(
+    adata,
+    *,
+    use_reps: Sequence[str] = ("X_image", "X_image_context"),
+    sigmas_um: float | Sequence[float] = SIGMAS_UM,
+    n_comps: int = 10,
+    key_added: str = "X_stmorph_image",
+    random_state: int = 0,
+    copy: bool = False,
+):
+    """Image features of the spot and its context, each standardised and reduced, with spatial context.
+
+    Spots without image features (patch outside the image) are placed at the mean image.
+
+    Sets the following fields:
+
+    ``adata.obsm[key_added]``
+        ``float32 (n_obs, n_comps)``.
+    ``adata.uns[key_added]["params"]``
+        The feature keys, radii and components used.
+    """
+    adata = adata.copy() if copy else adata
+    sig = _check_sigmas(sigmas_um)
+    blocks = []
+    for rep in use_reps:
+        if rep not in adata.obsm:
+            msg = f"adata.obsm[{rep!r}] is missing: compute image features first (stmorph.im.features)."
+            raise InputError(msg)
+        F = np.asarray(adata.obsm[rep], dtype=np.float64)
+        ok = np.all(np.isfinite(F), axis=1)
+        if ok.sum() < 3:
+            msg = f"adata.obsm[{rep!r}] has fewer than three spots with finite features."
+            raise InputError(msg)
+        mu, sd = F[ok].mean(axis=0), F[ok].std(axis=0)
+        sd[sd < 1e-12] = 1.0
+        S = np.zeros_like(F)
+        S[ok] = (F[ok] - mu) / sd
+        P, _ = _pca(S, int(min(n_comps, min(S.shape) - 1)), random_state)
+        blocks.append(P / np.sqrt(P.var(axis=0).sum() + 1e-12))
+    xy = coordinates_um(adata)
+    C = _with_context(np.hstack(blocks).astype(np.float64), xy, sig)
+    Z, evr = _pca(C, int(min(n_comps, min(C.shape) - 1)), random_state)
+    adata.obsm[key_added] = Z
+    adata.uns[key_added] = {
+        "params": {"use_reps": list(use_reps), "sigmas_um": sig, "n_comps": int(Z.shape[1]),
+                   "random_state": random_state},
+        "variance_ratio": evr,
+    }
+    return adata if copy else None
+
+
+def balanced_integrate(adata, reps: Sequence[str], weights: Sequence[float], *, key_added: str = "X_stmorph"):
+    """Concatenate embeddings, each scaled to unit total variance and multiplied by its weight.
+
+    Sets ``adata.obsm[key_added]`` and ``adata.uns[key_added]["params"]``.
+    """
+    blocks = []
+    for rep, w in zip(reps, weights):
+        E = np.asarray(adata.obsm[rep], dtype=np.float64)
+        E = E - E.mean(axis=0)
+        blocks.append(float(w) * E / np.sqrt(E.var(axis=0).sum() + 1e-12))
+    adata.obsm[key_added] = np.hstack(blocks).astype(np.float32)
+    adata.uns[key_added] = {"params": {"reps": list(reps), "weights": [float(w) for w in weights],
+                                       "scaling": "unit total variance per block"}}
+
+
+def _run_stmorph(adata, run) -> None:
+    """The ``stmorph`` method inside :func:`run_methods` (options from ``stmorph_options``)."""
+    o = dict(run.stmorph_options)
+    use_image = o.pop("use_image", None)
+    image_weight = float(o.pop("image_weight", 0.5))
+    sigmas = o.pop("sigmas_um", SIGMAS_UM)
+    n_top_genes = o.pop("n_top_genes", 3000)
+    n_comps = int(o.pop("n_comps", 20))
+    refine = bool(o.pop("refine", True if run.refine is None else run.refine))
+    refine_radius_um = o.pop("refine_radius_um", None)
+    method = o.pop("cluster_method", "gmm")
+    n_init = int(o.pop("n_init", 10))
+    k_range = tuple(o.pop("k_range", (2, 12)))
+    if o:
+        msg = f"unknown stmorph option(s) {sorted(o)}."
+        raise InputError(msg)
+    if use_image is None:
+        use_image = run.has_image
+    elif use_image and not run.has_image:
+        msg = "stmorph: use_image=True but there is no full-resolution image and no image features."
+        raise InputError(msg)
+    rs = run.random_state
+    run.step("stmorph_expression", spatial_expression_embedding, adata, sigmas_um=sigmas, n_top_genes=n_top_genes,
+             n_comps=n_comps, random_state=rs)
+    reps, weights = ["X_stmorph_expr"], [1.0]
+    if use_image:
+        spot, context = run.image_features((run.feature_key, "X_image_context"), (run.patch, CONTEXT_PATCH))
+        run.step("stmorph_image", image_context_embedding, adata, use_reps=(spot, context), sigmas_um=sigmas,
+                 random_state=rs)
+        reps.append("X_stmorph_image")
+        weights.append(image_weight)
+    else:
+        warnings.warn("stmorph: no H&E image or image features; domains come from expression alone.", stacklevel=3)
+    run.step("stmorph_integrate", balanced_integrate, adata, reps, weights)
+    k = run.n_clusters
+    ckw = {"n_neighbors": run.n_neighbors, "resolution": run.resolution} if method != "gmm" else {}
+    run.step("cluster_stmorph", cluster, adata, "X_stmorph", key_added="stmorph", method=method, n_clusters=k,
+             n_init=n_init, k_range=k_range, refine=refine, refine_radius_um=refine_radius_um, random_state=rs, **ckw)
+    adata.uns["stmorph"]["params"].update(
+        modalities=["expression", "image"] if use_image else ["expression"],
+        image_weight=image_weight if use_image else 0.0, sigmas_um=list(_check_sigmas(sigmas)),
+        n_top_genes=n_top_genes,
+    )
+
+
+register_method("stmorph", _run_stmorph, image="optional",
+                summary="stmorph: expression with spatial context (+ image spot and context patches), "
+                        "tied Gaussian mixture, spatial refinement")
+
+
+def stmorph(
+    adata,
+    *,
+    n_clusters: int | None = None,
+    use_image: bool | None = None,
+    image_weight: float = 0.5,
+    sigmas_um: float | Sequence[float] = SIGMAS_UM,
+    n_top_genes: int | None = 3000,
+    n_comps: int = 20,
+    cluster_method: str = "gmm",
+    n_init: int = 10,
+    k_range: tuple[int, int] = (2, 12),
+    refine: bool = True,
+    refine_radius_um: float | None = None,
+    image=None,
+    encoder: str = "efficientnet_lite2",
+    encoder_weights: str | None = None,
+    device: str = "auto",
+    random_state: int = 0,
+    progress: bool = True,
+    copy: bool = False,
+):
+    """stmorph's recommended domains: spatial-context expression (+ H&E context), Gaussian mixture, refinement.
+
+    Parameters
+    ----------
+    adata
+        A section in stmorph's data model (counts, ``obsm["spatial"]``, ``uns["spatial"]``).
+    n_clusters
+        Number of domains; ``None`` chooses it by the BIC elbow of the mixture
+        (:func:`stmorph.tl.cluster`'s ``k_range``), recorded in ``uns["stmorph"]``.
+    use_image
+        ``None``: use the H&E when there is one (or image features in ``obsm``);
+        ``False``: expression only; ``True``: refuse to run without one.
+    image_weight
+        Weight of the image block after both are scaled to unit total variance.
+    sigmas_um
+        Neighbourhood radii (Gaussian sigma, micrometres).
+    n_top_genes, n_comps
+        Variable genes and components of the expression embedding.
+    cluster_method
+        ``"gmm"`` (default), ``"louvain"`` or ``"leiden"``.
+    n_init, k_range
+        Mixture restarts and the counts considered without ``n_clusters``.
+    refine, refine_radius_um
+        Majority refinement over spatial neighbours (default radius 1.5 spot spacings).
+    image, encoder, encoder_weights, device
+        Image features, as :func:`stmorph.im.features`.
+    random_state
+        Seed of every random step.
+    progress
+        Progress bars for image features.
+    copy
+        Return a modified copy instead of writing into ``adata``.
+
+    Sets the following fields:
+
+    ``adata.obs["stmorph"]``
+        Domain labels.
+    ``adata.obsm["X_stmorph_expr"]``, ``["X_stmorph_image"]``, ``["X_stmorph"]``, ``["X_image"]``, ``["X_image_context"]``
+        Embeddings and image features (image ones only with an image).
+    ``adata.uns["stmorph"]["params"]``
+        Every parameter used, the modalities and the refinement.
+    """
+    adata = adata.copy() if copy else adata
+    opts = {"use_image": use_image, "image_weight": image_weight, "sigmas_um": sigmas_um,
+            "n_top_genes": n_top_genes, "n_comps": n_comps, "cluster_method": cluster_method, "n_init": n_init,
+            "k_range": k_range, "refine": refine, "refine_radius_um": refine_radius_um}
+    run_methods(adata, ["stmorph"], n_clusters=n_clusters, image=image, encoder=encoder,
+                encoder_weights=encoder_weights, device=device, random_state=random_state, progress=progress,
+                stmorph_options=opts)
+    return adata if copy else None

@@ -1,0 +1,22 @@
+"""SENCA-st as a method of :func:`stmorph.tl.run_methods` (``obs["senca"]``)."""
+
+from __future__ import annotations
+
+from .._methods import register_method
+
+
+def _run_senca(adata, run) -> None:
+    from ._senca import senca
+
+    k = run.expression_count()  # SENCA-st needs a count: given, or the expression baseline's
+    opts = {"random_state": run.random_state, "device": run.device, "progress": run.progress,
+            "encoder": run.encoder, "encoder_weights": run.encoder_weights}
+    if run.image is not None:
+        opts["image"] = run.image
+    opts.update(run.senca_options)
+    run.step("senca", senca, adata, k, **opts)
+
+
+register_method("senca", _run_senca, image="optional",
+                summary="SENCA-st (Liyanaarachchi et al.): graph transformer + CNN, neighbourhood cross-attention, "
+                        "agglomerative clustering")

@@ -1,0 +1,186 @@
+"""The `stmorph` method, spatial neighbourhoods, Gaussian-mixture clustering, refinement and the method registry."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from stmorph import datasets, ev, tl
+from stmorph.errors import InputError
+from stmorph.tl._neighbors import gaussian_smoother, radius_graph, refine_labels, spot_spacing
+
+
+def _grid(n_side=20, pitch=100.0):
+    g = np.arange(n_side) * pitch
+    return np.array([(x, y) for y in g for x in g], dtype=float)
+
+
+def test_radius_graph_matches_brute_force():
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 1000, size=(300, 2))
+    xy[5] = xy[4]  # duplicated coordinates stay neighbours
+    G = radius_graph(xy, 120.0)
+    D = np.linalg.norm(xy[:, None] - xy[None], axis=2)
+    want = (D < 120.0) & ~np.eye(len(xy), dtype=bool)
+    assert (G.toarray() > 0).sum() == want.sum()
+    np.testing.assert_array_equal(G.toarray() > 0, want)
+    assert G[4, 5] > 0
+
+
+def test_gaussian_smoother_is_row_stochastic_and_local():
+    xy = _grid(10)
+    W = gaussian_smoother(xy, 100.0)
+    np.testing.assert_allclose(np.asarray(W.sum(axis=1)).ravel(), 1.0)
+    # nothing beyond 2.5 sigma; the spot itself weighs most
+    i, j = W.nonzero()
+    assert np.linalg.norm(xy[i] - xy[j], axis=1).max() <= 250.0
+    assert all(W[r].toarray().argmax() == r for r in range(0, 100, 17))
+    with pytest.raises(InputError, match="sigma_um"):
+        gaussian_smoother(xy, -1.0)
+
+
+def test_refine_labels_removes_speckles_and_keeps_regions():
+    xy = _grid(20)
+    labels = np.where(xy[:, 0] < 1000, "a", "b").astype(object)
+    noisy = labels.copy()
+    flip = [45, 123, 250, 333]
+    for f in flip:
+        noisy[f] = "a" if noisy[f] == "b" else "b"
+    out, changed = refine_labels(noisy, xy, 150.0)  # first ring incl. diagonals
+    assert changed == len(flip)
+    np.testing.assert_array_equal(out, labels)
+    # a clean border is left alone
+    same, n0 = refine_labels(labels, xy, 150.0)
+    assert n0 == 0 and (same == labels).all()
+    assert spot_spacing(xy) == pytest.approx(100.0)
+
+
+def _blobs(n_per=80, k=4, dim=6, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(scale=8.0, size=(k, dim))
+    X = np.vstack([c + rng.normal(size=(n_per, dim)) for c in centres])
+    truth = np.repeat(np.arange(k), n_per)
+    return X, truth
+
+
+def _adata_from(X, truth, seed=0):
+    import anndata as ad
+
+    a = ad.AnnData(sp.csr_matrix(np.ones((X.shape[0], 3), dtype=np.float32)))
+    a.obsm["X_rep"] = X.astype(np.float32)
+    # each cluster a band of a grid so spatial refinement has neighbours
+    n_side = int(np.ceil(np.sqrt(X.shape[0])))
+    order = np.argsort(truth, kind="stable")
+    xy = np.zeros((X.shape[0], 2))
+    xy[order] = np.array([(i % n_side, i // n_side) for i in range(X.shape[0])], dtype=float) * 100.0
+    a.obsm["spatial"] = xy
+    a.uns["spatial"] = {"lib": {"scalefactors": {"spot_diameter_fullres": 55.0},
+                                "metadata": {"technology": "visium", "spot_diameter_um": 55.0}}}
+    a.obs["annotation"] = pd.Categorical(truth.astype(str))
+    return a
+
+
+def test_cluster_gmm_exact_k_refine_and_params():
+    X, truth = _blobs()
+    a = _adata_from(X, truth)
+    tl.cluster(a, "X_rep", method="gmm", n_clusters=4, key_added="g", refine=True)
+    assert a.obs["g"].nunique() == 4
+    assert ev.ari(a, "g") > 0.95
+    p = a.uns["g"]["params"]
+    assert p["method"] == "gmm" and p["covariance_type"] == "tied" and p["n_clusters"] == 4
+    assert p["refine"]["method"] == "majority" and p["refine"]["radius_um"] == pytest.approx(150.0)
+    tl.cluster(a, "X_rep", method="louvain", n_clusters=4, key_added="l")
+    assert a.uns["l"]["params"]["refine"] is None  # off unless asked, for every method
+    b = _adata_from(X, truth)
+    tl.cluster(b, "X_rep", method="gmm", n_clusters=4, key_added="g", refine=True)
+    assert (a.obs["g"] == b.obs["g"]).all()  # seeded
+
+
+def test_choose_n_clusters_finds_planted_count():
+    for k in (3, 5):
+        X, truth = _blobs(k=k, seed=k)
+        a = _adata_from(X, truth)
+        tl.cluster(a, "X_rep", method="gmm", key_added="auto")
+        assert a.obs["auto"].nunique() == k
+        assert a.uns["auto"]["params"]["n_clusters_chosen_by"] == "bic"
+        assert len(a.uns["auto"]["n_clusters_scores"]) >= 10
+
+
+def test_cluster_refuses_or_clamps_impossible_parameters():
+    X, truth = _blobs(n_per=10, k=3)
+    a = _adata_from(X, truth)
+    with pytest.warns(UserWarning, match="n_neighbors=1000 is not below the number of spots"):
+        tl.cluster(a, "X_rep", n_neighbors=1000, key_added="c")
+    assert a.uns["c"]["params"]["n_neighbors"] < a.n_obs
+    assert a.uns["c"]["params"]["n_neighbors_requested"] == 1000
+    assert a.obs["c"].nunique() < a.n_obs
+    for bad in (float("nan"), -1.0, 0.0):
+        with pytest.raises(InputError, match="resolution"):
+            tl.cluster(a, "X_rep", resolution=bad)
+    for bad in (a.n_obs, a.n_obs + 5, 1, 0):
+        with pytest.raises(InputError, match="n_clusters"):
+            tl.cluster(a, "X_rep", method="gmm", n_clusters=bad)
+    with pytest.raises(InputError, match="method"):
+        tl.cluster(a, "X_rep", method="kmeans")
+
+
+def test_registry_runs_a_new_method_in_one_place():
+    def run_first_gene(adata, run):
+        x = np.asarray(adata.X[:, 0].todense()).ravel()
+        adata.obs["first_gene"] = pd.Categorical((x > np.median(x)).astype(int).astype(str))
+        adata.uns["first_gene"] = {"params": {"seed": run.random_state}}
+
+    tl.register_method("first_gene", run_first_gene, summary="test method")
+    try:
+        assert "first_gene" in tl.available_methods()
+        a = datasets.synthetic(200, random_state=0, image=False)
+        secs = tl.run_methods(a, ["first_gene"], random_state=3)
+        assert "first_gene" in a.obs and a.uns["first_gene"]["params"]["seed"] == 3
+        assert set(secs) == {"first_gene"}
+        assert a.uns["stmorph_run"]["primary"] == "first_gene"
+    finally:
+        from stmorph.tl import _methods
+
+        _methods._REGISTRY.pop("first_gene", None)
+
+
+@pytest.fixture(scope="module")
+def section():
+    return datasets.synthetic(600, random_state=1)
+
+
+def test_stmorph_expression_only_when_no_image(section):
+    a = section.copy()
+    lib = a.uns["spatial"][next(iter(a.uns["spatial"]))]
+    lib["images"].pop("fullres", None)
+    lib["metadata"].pop("source_image_path", None)
+    k = a.obs["annotation"].nunique()
+    with pytest.warns(UserWarning, match="expression alone"):
+        tl.stmorph(a, n_clusters=k)
+    p = a.uns["stmorph"]["params"]
+    assert p["modalities"] == ["expression"] and p["refine"]["method"] == "majority"
+    assert a.obs["stmorph"].nunique() == k
+    assert "X_image" not in a.obsm and a.obsm["X_stmorph"].shape == (a.n_obs, 20)
+    with pytest.raises(InputError, match="use_image=True"):
+        tl.stmorph(a, n_clusters=k, use_image=True)
+
+
+def test_stmorph_image_beats_its_expression_only_variant(section):
+    """The synthetic section has a region visible only in the H&E: the image must help (3 seeds)."""
+    k = section.obs["annotation"].nunique()
+    with_img, expr_only = [], []
+    a = section.copy()
+    for seed in range(3):
+        tl.stmorph(a, n_clusters=k, random_state=seed, progress=False)
+        with_img.append(ev.ari(a, "stmorph"))
+        tl.stmorph(a, n_clusters=k, use_image=False, random_state=seed, progress=False)
+        expr_only.append(ev.ari(a, "stmorph"))
+    assert {"X_image", "X_image_context"} <= set(a.obsm)
+    assert np.mean(with_img) > np.mean(expr_only) + 0.02, (with_img, expr_only)
+
+
+def test_stmorph_chooses_k_without_n_clusters(section):
+    a = section.copy()
+    tl.stmorph(a, use_image=False)
+    k = a.obs["stmorph"].nunique()
+    assert 2 <= k <= 12 and a.uns["stmorph"]["params"]["n_clusters_chosen_by"] == "bic"
