@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -248,8 +249,20 @@ def load_state_dict(path: str | os.PathLike) -> dict:
     try:
         sd = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
     except Exception as e:
-        msg = f"cannot read weights file ({type(e).__name__}: {e})."
-        raise DependencyError(f"{path}: {msg}") from e
+        # torch's refusal runs to many lines and suggests weights_only=False: never pass that on
+        if "Unsupported global" in str(e):
+            m = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+            what = f" ({m.group(1)})" if m else ""
+            msg = (f"refused: the file holds Python objects besides tensors{what}, which could run code when "
+                   "loaded; stmorph loads tensors only: save the model's state_dict() or convert it to .safetensors.")
+            raise DependencyError(f"{path}: {msg}") from None
+        text = str(e)
+        if "WeightsUnpickler error:" in text:
+            text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0]
+        first = " ".join(text.split())
+        first = "" if "weights_only" in first else first
+        msg = f"cannot read weights file ({type(e).__name__}: {first[:200]})."
+        raise DependencyError(f"{path}: {msg}") from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict):
