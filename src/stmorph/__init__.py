@@ -13,9 +13,9 @@ __version__ = "0.1.0"
 
 from . import datasets, ev, im, pl, read, tl  # noqa: E402
 from ._validate import validate  # noqa: E402
-from .errors import DependencyError, ImageError, InputError, OutputExistsError, StmorphError  # noqa: E402
+from .errors import DependencyError, ImageError, InputError, OutputError, OutputExistsError, StmorphError  # noqa: E402
 
 __all__ = [
     "read", "im", "tl", "pl", "ev", "datasets", "validate",
-    "StmorphError", "InputError", "ImageError", "DependencyError", "OutputExistsError",
+    "StmorphError", "InputError", "ImageError", "DependencyError", "OutputExistsError", "OutputError",
 ]

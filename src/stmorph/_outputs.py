@@ -9,6 +9,7 @@ then only after the new one is complete.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import platform
@@ -26,7 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .errors import OutputExistsError
+from .errors import OutputError, OutputExistsError, StmorphError
 
 _PACKAGES = ("stmorph", "numpy", "scipy", "pandas", "anndata", "scanpy", "scikit-learn", "igraph",
              "leidenalg", "torch", "tifffile", "zarr", "pillow", "matplotlib", "gseapy")
@@ -111,6 +112,24 @@ def _protected(path: Path, inputs: Sequence[str | os.PathLike | None]) -> str | 
     return None
 
 
+def _check_creatable(path: Path) -> None:
+    """``path`` (absent) can be created: its first existing parent is a folder this user may write in."""
+    parent = Path(os.path.abspath(path)).parent
+    while not (parent.exists() or parent.is_symlink()) and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        msg = f"cannot create {path}: {parent} is a file, not a folder."
+        raise OutputError(msg)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        msg = f"cannot create {path}: no permission to write in {parent}."
+        raise OutputError(msg)
+
+
+def _output_error(exc: OSError, path: Path) -> OutputError:
+    where = f" ({exc.filename})" if exc.filename else ""
+    return OutputError(f"cannot write {path}: {exc.strerror or exc}{where}.")
+
+
 def check_writable(path: str | os.PathLike, *, force: bool, inputs: Sequence[str | os.PathLike | None] = ()) -> Path:
     """Fail early, before any work, when ``path`` exists and may not be replaced.
 
@@ -123,6 +142,7 @@ def check_writable(path: str | os.PathLike, *, force: bool, inputs: Sequence[str
         raise OutputExistsError(msg)
     path = Path(path)
     if not (path.exists() or path.is_symlink()):
+        _check_creatable(path)
         return path
     if not force:
         msg = f"{path} already exists; choose another output or pass --force (force=True) to replace it."
@@ -251,12 +271,21 @@ def atomic_dir(path: str | os.PathLike, *, force: bool = False,
     created it meanwhile) the results are kept under a visible name that the error gives.
     """
     path = check_writable(path, force=force, inputs=inputs).resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{_owner_tag()}", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale(path)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{_owner_tag()}", dir=path.parent))
+    except OSError as exc:
+        raise _output_error(exc, path) from None
     try:
         yield tmp
         record_entries(tmp)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        ours = str(exc.filename or "").startswith(str(tmp)) or exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+        if isinstance(exc, StmorphError) or not ours:
+            raise
+        raise _output_error(exc, path) from exc  # disk full, quota: while writing the outputs
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["StmorphError", "InputError", "ImageError", "DependencyError", "OutputExistsError"]
+__all__ = ["StmorphError", "InputError", "ImageError", "DependencyError", "OutputExistsError", "OutputError"]
 
 
 class StmorphError(Exception):
@@ -42,3 +42,7 @@ class DependencyError(StmorphError, ImportError):
 
 class OutputExistsError(StmorphError, FileExistsError):
     """An output already exists and overwriting was not requested."""
+
+
+class OutputError(StmorphError, OSError):
+    """An output cannot be written: its folder is a file, not writable, or the disk is full."""

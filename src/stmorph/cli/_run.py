@@ -7,6 +7,7 @@ optionally ``--labels``).
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 import warnings
@@ -17,12 +18,23 @@ from ..errors import InputError
 METHOD_CHOICES = ("stmic", "expression", "image", "senca", "all")
 
 
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not (v > 0 and v != float("inf")):
+        msg = f"must be a positive number; got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return v
+
+
 def add_common_options(p) -> None:
     """Options shared by ``run`` and ``demo``."""
     g = p.add_argument_group("clustering")
     g.add_argument("--n-clusters", type=int, default=None, metavar="K",
                    help="number of domains for every method (default: the expression baseline's count at --resolution)")
-    g.add_argument("--resolution", type=float, default=1.7,
+    g.add_argument("--resolution", type=_positive_float, default=1.7,
                    help="Louvain resolution when no --n-clusters is set (stMIC paper: 1.5-1.9; default 1.7)")
     g.add_argument("--cluster-method", choices=("louvain", "leiden"), default="louvain")
     g.add_argument("--n-neighbors", type=int, default=39, help="kNN graph size (stMIC paper: 39)")
