@@ -103,3 +103,28 @@ def test_backend_options_checked():
         with pytest.raises(InputError, match="float32 or int8"):
             _features.resolve_backend(cpu, "onnxruntime", "bfloat16")
     assert _features.resolve_backend(cpu, "torch", "float32") == "torch"
+
+
+class _LeavesTorch(torch.nn.Module):
+    """A forward that goes through numpy: an ONNX trace would bake its first output in as a constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.conv(x).mean(dim=(2, 3))
+        return torch.from_numpy(np.tanh(y.detach().numpy()))
+
+
+@needs_ort
+def test_unfaithful_export_falls_back_to_torch():
+    torch.manual_seed(0)
+    enc = encoders.get_encoder(_LeavesTorch(), input_size=16, name="numpy_inside")
+    a = _adata()
+    stmorph.im.features(a, enc, cache=False, progress=False, precision="float32", key_added="X_auto")
+    assert a.uns["X_auto"]["params"]["backend"] == "torch"  # auto: checked, refused, PyTorch ran it
+    stmorph.im.features(a, enc, cache=False, progress=False, precision="float32", backend="torch", key_added="X_t")
+    np.testing.assert_allclose(a.obsm["X_auto"], a.obsm["X_t"], rtol=1e-6)
+    with pytest.raises(InputError, match="could not run encoder .numpy_inside."):
+        stmorph.im.features(a, enc, cache=False, progress=False, precision="float32", backend="onnxruntime")

@@ -411,7 +411,7 @@ def features(
     if enc.weights_sha256 is None:
         enc.weights_sha256 = "module:" + _cache.module_sha256(enc.model)
     amp = _amp_dtype(dev, precision)
-    backend = resolve_backend(dev, backend, precision)
+    requested, backend = backend, resolve_backend(dev, backend, precision)
     dtype = "int8" if precision == "int8" else str(amp).replace("torch.", "") if amp is not None else "float32"
     batch_size = int(batch_size or (128 if dev.type == "cuda" else 32))
     num_workers = int(num_workers or (min(4, n_cores()) if dev.type == "cuda" else 1))
@@ -441,7 +441,13 @@ def features(
                     from ._onnx import OrtRunner
 
                     calib = _calibration(slide, xy, todo[0], enc) if precision == "int8" else None
-                    runner = OrtRunner(enc, threads=per_stream, precision=dtype, calib=calib)
+                    try:
+                        runner = OrtRunner(enc, threads=per_stream, precision=dtype, calib=calib)
+                    except Exception as e:  # a module ONNX cannot export: PyTorch runs it (auto only)
+                        if requested != "auto" or precision == "int8":
+                            msg = f"backend='onnxruntime' could not run encoder {enc.name!r}: {type(e).__name__}: {e}"
+                            raise InputError(msg.splitlines()[0]) from e
+                        backend = "torch"
                 feats = extract(slide, xy, todo if len(todo) > 1 else todo[0], enc, device=dev, batch_size=batch_size,
                                 num_workers=num_workers, streams=streams, progress=progress, amp_dtype=amp,
                                 runner=runner)

@@ -134,6 +134,24 @@ class OrtRunner:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3  # errors only
         self.session = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+        if precision == "float32":
+            self._check()
+
+    def _check(self) -> None:
+        """The export must compute what the module computes (a forward that leaves torch would be baked in)."""
+        import torch
+
+        rng = np.random.default_rng(0)
+        s = self.enc.input_size
+        x = self.enc.preprocess(rng.integers(0, 256, (2, s, s, 3), dtype=np.uint8)).cpu()
+        with torch.inference_mode():
+            want = self.enc(x.to(self.enc.device)).float().cpu().numpy()
+        got = self(x).numpy()
+        scale = float(np.abs(want).max()) or 1.0
+        if got.shape != want.shape or not np.allclose(got, want, rtol=1e-3, atol=1e-3 * scale):
+            err = float(np.abs(got - want).max()) if got.shape == want.shape else float("nan")
+            msg = f"the ONNX export of encoder {self.enc.name!r} differs from the module (max abs error {err:.3g})"
+            raise RuntimeError(msg)
 
     def __call__(self, x):
         import torch
