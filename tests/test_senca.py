@@ -91,13 +91,13 @@ def test_shapes_through_every_block():
     assert model.rna.block.attn(z).shape == (n, 32)
     assert model.rna.block(z).shape == (n, 32)
     r = model.rna(t.v, t.adj)
-    h = model.image(t.image)
-    assert r.shape == (n, 32) and h.shape == (n, 32)
+    h, f = model.image(t.image)
+    assert r.shape == (n, 32) and h.shape == (n, 32) and f.shape == (n, 24)
     a1 = model.shared.attn1(q=h, k=r, v=r, neighborhood=t.neighborhood)
     assert a1.shape == (n, 32) and t.neighborhood.shape == (n, k)
     out = forward(model, t)
     assert out.s.shape == (n, 8)
-    assert out.e_in.shape == (n, 64) and out.d.shape == (n, 64)  # concat of A^1_i, A^2_i
+    assert out.e_in.shape == (n, 64) and out.d.shape == (n, 50)  # concat of A^1_i, A^2_i; D_i ~ V_i
     terms = loss_terms(out, inp, cfg, hierarchical=True, rng=np.random.default_rng(0))
     assert set(terms) == {"mse", "ntxent_w", "ntxent_g"} and all(v.ndim == 0 for v in terms.values())
     capped = loss_terms(out, inp, cfg.replace(ntxent_max_windows=5), hierarchical=True, rng=np.random.default_rng(0))
@@ -265,3 +265,81 @@ def test_encoder_weights_reach_the_image_features(tmp_path):
     missing = tmp_path / "my-resnet50.pth"
     with pytest.raises(StmorphError, match="my-resnet50.pth"):
         tl.run_methods(a, ["senca"], n_clusters=3, encoder="resnet50", encoder_weights=str(missing), progress=False)
+
+
+def test_presets_and_literal_reading():
+    lit = SencaConfig.preset("literal")
+    assert lit.recon_target == "encoder_input" and lit.batch_spots is None and not lit.scale
+    assert lit.steps_per_epoch == 1 and lit.steps_per_epoch_rna_only == 10 and lit.lr_schedule == "constant"
+    assert SencaConfig.preset("default") == SencaConfig()
+    assert SencaConfig.preset("literal", epochs=3).epochs == 3
+    with pytest.raises(InputError, match="preset"):
+        SencaConfig.preset("paper2")
+    a = tissue()
+    senca(a, 3, progress=False, preset="literal", epochs=2)
+    p = a.uns["senca"]["params"]
+    assert p["preset"] == "literal" and p["recon_target"] == "encoder_input"
+    assert a.uns["senca"]["loss"]["total"].shape == (2,)
+
+
+def test_spatial_batches_cover_every_spot_once_and_subgraphs():
+    from stmorph.tl.senca._preprocess import prepare
+    from stmorph.tl.senca._train import Tensors, forward, spatial_batches
+
+    a = tissue()  # 14 x 12 grid, 168 spots
+    inp = prepare(a, SencaConfig(n_top_genes=40))
+    rng = np.random.default_rng(0)
+    for bs in (16, 32, 60):
+        batches = spatial_batches(inp.xy, inp.spacing, bs, rng)
+        allidx = np.concatenate(batches)
+        assert np.array_equal(np.sort(allidx), np.arange(a.n_obs))  # a pass: every spot once
+        assert min(len(b) for b in batches) >= bs // 2 and len(batches) >= a.n_obs // (2 * bs)
+    assert len(spatial_batches(inp.xy, inp.spacing, None, rng)) == 1
+    assert len(spatial_batches(inp.xy, inp.spacing, 200, rng)) == 1  # smaller than 1.5 batches
+    t = Tensors.from_inputs(inp, a.obsm["X_image_senca"], "cpu")
+    idx = spatial_batches(inp.xy, inp.spacing, 32, rng)[0]
+    sub = t.subgraph(inp, idx)
+    assert sub.v.shape == (len(idx), 40) and sub.image.shape == (len(idx), 24)
+    nb = sub.neighborhood.numpy()
+    assert nb.min() >= 0 and nb.max() < len(idx) and (nb[:, 0] == np.arange(len(idx))).all()
+    # a neighbour inside the batch keeps its identity
+    glob = idx[nb]
+    inside = np.isin(inp.neighborhood[idx], idx)
+    assert np.array_equal(glob[inside], inp.neighborhood[idx][inside])
+    from stmorph.tl.senca._model import SENCA
+
+    m = SENCA(SencaConfig(n_top_genes=40), n_genes=40, image_dim=24)
+    assert forward(m, sub).s.shape == (len(idx), 64)
+
+
+def test_reconstruction_targets():
+    from stmorph.tl.senca._model import SENCA
+    from stmorph.tl.senca._preprocess import prepare
+    from stmorph.tl.senca._train import Tensors, forward, loss_terms
+
+    a = tissue()
+    cfg = SencaConfig(n_top_genes=50, embed_dim=32, hidden_dim=48)
+    inp = prepare(a, cfg)
+    t = Tensors.from_inputs(inp, a.obsm["X_image_senca"], "cpu")
+    n = a.n_obs
+    expected = {"expression": 50, "features": 50 + 24, "encoder_input": 64}
+    for target, width in expected.items():
+        out = forward(SENCA(cfg.replace(recon_target=target), n_genes=50, image_dim=24), t)
+        assert out.d.shape == (n, width) and out.target.shape == (n, width)
+        assert (out.split == 50) if target == "features" else out.split is None
+        terms = loss_terms(out, inp, cfg, hierarchical=True, rng=np.random.default_rng(0))
+        assert torch.isfinite(terms["mse"])
+    out = forward(SENCA(cfg, n_genes=50, image_dim=24), t)
+    assert torch.equal(out.target, t.v)  # default: D_i reconstructs the expression V_i
+
+
+def test_training_moves_the_embedding_towards_the_truth():
+    """Training helps: ARI after 10 epochs beats the untrained model's on a section with clear regions."""
+    from sklearn.metrics import adjusted_rand_score
+
+    a, b = tissue(seed=1), tissue(seed=1)
+    senca(a, 3, progress=False, epochs=0, n_top_genes=60)
+    senca(b, 3, progress=False, n_top_genes=60)
+    ari0 = adjusted_rand_score(a.obs["annotation"], a.obs["senca"])
+    ari1 = adjusted_rand_score(b.obs["annotation"], b.obs["senca"])
+    assert ari1 > 0.8 and ari1 >= ari0

@@ -20,8 +20,10 @@ class SencaConfig:
     min_gene_counts: int = 10  #: drop genes whose total count is below this (paper: 10)
     target_sum: float | None = 1e4  #: normalize_total target (*choice*; None = median library size)
     n_top_genes: int = 500  #: highly variable genes by normalised dispersion (paper: 500)
+    hvg_flavor: str = "variance"  #: rank genes by "variance" of the log data or scanpy "seurat"/"cell_ranger"
+    #: normalised dispersion (*choice*; "literal": "seurat", as ConGcR. See docs/senca.md)
     n_neighbors: int = 4  #: spatial neighbours from a ball tree (paper: 4; Table 5 tries 8, 16)
-    scale: bool = False  #: z-score the HVG matrix (*choice*: the paper does not scale)
+    scale: bool = True  #: z-score the HVG matrix (*choice*; "literal": False. See docs/senca.md, study)
 
     # ---- RNA branch: graph transformer g (paper 3.2) --------------------------------
     embed_dim: int = 128  #: E, dimension of R and H (paper: 128)
@@ -42,7 +44,9 @@ class SencaConfig:
     combine: str = "concat"  #: "concat" (text of 3.4) or "sum" (eq 2) of A^1_i and A^2_i
     shared_hidden_dim: int = 128  #: first layer of the dimension-reducing encoder e (*choice*)
     shared_dim: int = 64  #: dimension of the shared embedding S (*choice*)
-    mse_stop_gradient: bool = False  #: detach E_i as the MSE target (*choice*; the paper does not say)
+    recon_target: str = "expression"  #: with an image, D_i reconstructs "expression" V_i, "features"
+    #: [V_i, image features] or "encoder_input" E_i (the literal eq 1, which collapses; see docs)
+    mse_stop_gradient: bool = False  #: detach E_i when recon_target="encoder_input" (*choice*)
     rna_only_target: str = "expression"  #: without an image, D_i reconstructs "expression" V_i or "self" E_i
 
     # ---- hierarchical learning (paper 3.5, eq 1) ------------------------------------
@@ -55,14 +59,35 @@ class SencaConfig:
 
     # ---- training (paper 4.1.1) ------------------------------------------------------
     epochs: int = 10  #: paper: 10
-    steps_per_epoch: int = 1  #: full-section Adam steps per epoch (1 = the literal reading; see docs)
-    steps_per_epoch_rna_only: int = 10  #: the same without an image (expression auto-encoder; see docs)
+    batch_spots: int | None = 32  #: an epoch is a pass over spatial subgraphs of about this many spots
+    #: (*choice*; None = every step uses the whole section, the "literal" reading)
+    steps_per_epoch: int = 1  #: passes (batch_spots) or full-section steps (None) per epoch, with an image
+    steps_per_epoch_rna_only: int = 1  #: the same without an image ("literal": 10)
     lr: float = 5e-4  #: Adam learning rate (paper: 5e-4)
+    lr_schedule: str = "constant"  #: "constant" (paper, "literal") or "cosine" decay to 0 over all steps
     weight_decay: float = 0.0
+    train_threads: int | None = 1  #: torch CPU threads while training (*choice*: ops on ~32-spot subgraphs
+    #: are too small to split, and extra threads only spin on a busy machine); None = torch's setting
 
     # ---- clustering (paper 3.5: agglomerative) ---------------------------------------
     linkage: str = "ward"
     cluster_connectivity_above: int = 20_000  #: above this many spots, ward uses a kNN connectivity
+
+    @classmethod
+    def preset(cls, name: str, **changes: Any) -> SencaConfig:
+        """A named configuration: ``"default"`` (the fields' defaults) or ``"literal"``.
+
+        ``"literal"`` is the first reading of the paper kept for comparison: the
+        MSE compares D_i with the encoder input E_i, genes are not scaled, an
+        epoch is one full-section Adam step with an image (10 without), at a
+        constant learning rate.
+        """
+        if name not in PRESETS:
+            from ...errors import InputError
+
+            msg = f"unknown SencaConfig preset {name!r}; choose from {sorted(PRESETS)}."
+            raise InputError(msg)
+        return cls().replace(**PRESETS[name]).replace(**changes)
 
     def replace(self, **changes: Any) -> SencaConfig:
         """A copy with ``changes`` applied; unknown names raise ``TypeError`` naming them."""
@@ -88,6 +113,13 @@ class SencaConfig:
             (self.attention in ("auto", "global", "local"), "attention must be 'auto', 'global' or 'local'"),
             (self.combine in ("concat", "sum"), "combine must be 'concat' or 'sum'"),
             (self.rna_only_target in ("expression", "self"), "rna_only_target must be 'expression' or 'self'"),
+            (self.hvg_flavor in ("variance", "seurat", "cell_ranger"),
+             "hvg_flavor must be 'variance', 'seurat' or 'cell_ranger'"),
+            (self.recon_target in ("expression", "features", "encoder_input"),
+             "recon_target must be 'expression', 'features' or 'encoder_input'"),
+            (self.batch_spots is None or self.batch_spots >= 4, "batch_spots must be None or >= 4"),
+            (self.train_threads is None or self.train_threads >= 1, "train_threads must be None or >= 1"),
+            (self.lr_schedule in ("cosine", "constant"), "lr_schedule must be 'cosine' or 'constant'"),
             (self.epochs >= 0 and min(self.steps_per_epoch, self.steps_per_epoch_rna_only) >= 1,
              "epochs >= 0, steps_per_epoch >= 1 and steps_per_epoch_rna_only >= 1"),
             (self.window_size > 0 and self.pool_size > 0, "window_size and pool_size must be > 0"),
@@ -98,3 +130,11 @@ class SencaConfig:
         if bad:
             msg = "invalid SencaConfig: " + "; ".join(bad) + f" (got {self})"
             raise InputError(msg)
+
+
+#: Named configurations for :meth:`SencaConfig.preset` (changes from the defaults).
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "literal": {"recon_target": "encoder_input", "scale": False, "hvg_flavor": "seurat", "batch_spots": None, "steps_per_epoch": 1,
+                "steps_per_epoch_rna_only": 10, "lr_schedule": "constant"},
+}

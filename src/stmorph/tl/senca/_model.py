@@ -27,6 +27,10 @@ Choices the paper leaves open (all in :class:`~._config.SencaConfig`, see
   concatenated (text of 3.4) or summed (eq 2) per ``combine``.
 - ``cross_attention=False`` (Table 4 ablation) removes the attention weights:
   A^1_i = R_i W^v1 and A^2_i = H_i W^v2 (each spot attends only to itself).
+- Decoder target (``recon_target``): by default D_i reconstructs the spot's
+  HVG expression V_i ("expression"); "features" reconstructs V_i and the
+  spot's image features; "encoder_input" is the literal eq 1 (D_i vs E_i),
+  whose target is learned with the encoder and collapses (docs/senca.md).
 - No image: the shared auto-encoder encodes R alone (E_i = R_i) and, by
   default (``rna_only_target="expression"``), its decoder reconstructs the
   spot's HVG expression V_i, which makes the RNA branch the denoising graph
@@ -155,7 +159,7 @@ class ImageBranch(nn.Module):
         f = x if self.cnn is None else self.cnn(x)  # (N, F)
         if f.ndim == 4:
             f = f.mean(dim=(2, 3))
-        return self.fc(f)  # H (N, E)
+        return self.fc(f), f  # H (N, E) and the features it came from (N, F)
 
 
 class CrossAttention(nn.Module):
@@ -186,7 +190,8 @@ class CrossAttention(nn.Module):
 class SharedEncoder(nn.Module):
     """Cross-attention shared encoder (3.4): projections, two cross-attentions, encoder e, decoder."""
 
-    def __init__(self, cfg: SencaConfig, with_image: bool, cross_attention: bool = True, n_genes: int = 0):
+    def __init__(self, cfg: SencaConfig, with_image: bool, cross_attention: bool = True, n_genes: int = 0,
+                 image_dim: int = 0):
         super().__init__()
         e = cfg.embed_dim
         self.with_image = with_image
@@ -198,7 +203,8 @@ class SharedEncoder(nn.Module):
             self.attn1 = CrossAttention(cfg)  # eq 3: image queries RNA
             self.attn2 = CrossAttention(cfg)  # eq 4: RNA queries image
         d_in = (2 * e if cfg.combine == "concat" else e) if with_image else e
-        d_out = n_genes if (not with_image and cfg.rna_only_target == "expression") else d_in
+        d_out = {"expression": n_genes, "self": d_in, "encoder_input": d_in,
+                 "features": n_genes + image_dim}[target_kind(cfg, with_image)]
         act = activation(cfg.activation)
         self.encoder = nn.Sequential(  # e: dimension reducing
             nn.Linear(d_in, cfg.shared_hidden_dim), act, nn.Linear(cfg.shared_hidden_dim, cfg.shared_dim))
@@ -230,7 +236,13 @@ class SencaOutput:
     s: torch.Tensor  #: (N, shared_dim) shared embeddings S
     e_in: torch.Tensor  #: encoder input E_i
     d: torch.Tensor  #: decoder output D_i
-    target: torch.Tensor  #: what D_i is compared with: E_i, or V_i (RNA branch alone, expression target)
+    target: torch.Tensor  #: what D_i is compared with: V_i, [V_i, image features] or E_i
+    split: int | None = None  #: "features": columns < split are V_i, the rest image features (two MSE blocks)
+
+
+def target_kind(cfg: SencaConfig, with_image: bool) -> str:
+    """What the decoder reconstructs: "expression", "features", "encoder_input" or "self" (no image)."""
+    return cfg.recon_target if with_image else cfg.rna_only_target
 
 
 class SENCA(nn.Module):
@@ -241,12 +253,15 @@ class SENCA(nn.Module):
         super().__init__()
         self.rna = GraphTransformer(cfg, n_genes)
         self.image = None if image_dim is None else ImageBranch(cfg, image_dim, cnn)
+        self.target_kind = target_kind(cfg, image_dim is not None)
         self.shared = SharedEncoder(cfg, with_image=image_dim is not None, cross_attention=cross_attention,
-                                    n_genes=n_genes)
-        self.expression_target = image_dim is None and cfg.rna_only_target == "expression"
+                                    n_genes=n_genes, image_dim=image_dim or 0)
 
     def forward(self, v, adj, neighborhood, image=None, attention_neighbors=None) -> SencaOutput:
         r = self.rna(v, adj, attention_neighbors)  # R = g(G)  (N, E)
-        h = None if self.image is None else self.image(image)  # H  (N, E)
+        h, f = (None, None) if self.image is None else self.image(image)  # H (N, E), image features (N, F)
         s, e_in, d = self.shared(r, h, neighborhood)  # eqs 2-4
-        return SencaOutput(r=r, h=h, s=s, e_in=e_in, d=d, target=v if self.expression_target else e_in)
+        kind = self.target_kind
+        target = {"expression": v, "features": None if f is None else torch.cat([v, f.detach()], 1)}.get(kind, e_in)
+        return SencaOutput(r=r, h=h, s=s, e_in=e_in, d=d, target=target,
+                           split=v.shape[1] if kind == "features" else None)

@@ -2,8 +2,9 @@
 
 Genes: drop genes with a total count below ``min_gene_counts`` (10), normalise
 each spot to ``target_sum`` counts, ``log1p``, keep the ``n_top_genes`` (500)
-most highly variable genes ranked by *normalised dispersion* (scanpy's
-``flavor="seurat"``, as ConGcR does). The log-normalised values of those genes
+most highly variable genes, by default ranked by the variance of the
+log-normalised values (``hvg_flavor="variance"``); ``"seurat"`` ranks by
+*normalised dispersion* as ConGcR does (the "literal" preset). The log-normalised values of those genes
 are the node features ``V_i``.
 
 Graph: the ``n_neighbors`` (4) nearest spots of every spot by physical
@@ -67,8 +68,13 @@ def select_genes(adata, cfg: SencaConfig, *, layer: str | None = None) -> tuple[
     sc.pp.normalize_total(tmp, target_sum=cfg.target_sum)
     sc.pp.log1p(tmp)
     n_top = min(cfg.n_top_genes, tmp.n_vars)
-    if n_top < tmp.n_vars:
-        sc.pp.highly_variable_genes(tmp, n_top_genes=n_top, flavor="seurat", subset=True)
+    if n_top < tmp.n_vars and cfg.hvg_flavor == "variance":  # variance of the log data, ties by gene order
+        xl = tmp.X
+        mean = np.asarray(xl.mean(axis=0)).ravel()
+        var = np.asarray(xl.multiply(xl).mean(axis=0)).ravel() - mean**2 if sp.issparse(xl) else xl.var(0)
+        tmp = tmp[:, np.sort(np.argsort(-var, kind="stable")[:n_top])].copy()
+    elif n_top < tmp.n_vars:
+        sc.pp.highly_variable_genes(tmp, n_top_genes=n_top, flavor=cfg.hvg_flavor, subset=True)
     x = tmp.X.toarray() if sp.issparse(tmp.X) else np.asarray(tmp.X)
     x = x.astype(np.float32)
     if cfg.scale:

@@ -70,6 +70,7 @@ def senca(
     n_clusters: int,
     *,
     config: SencaConfig | None = None,
+    preset: str = "default",
     image_key: str = "X_image_senca",
     image=None,
     compute_image_features: bool = True,
@@ -102,7 +103,11 @@ def senca(
     n_clusters
         Number of domains.
     config
-        :class:`SencaConfig`; paper defaults when ``None``.
+        :class:`SencaConfig`; ``SencaConfig.preset(preset)`` when ``None``.
+    preset
+        ``"default"`` or ``"literal"`` (the first literal reading of the paper,
+        whose training collapses; see ``docs/senca.md``). Ignored when
+        ``config`` is given.
     image_key
         ``obsm`` key of per-spot CNN features. Used as is when present;
         otherwise computed with :func:`stmorph.im.features` on patches of radius
@@ -165,7 +170,7 @@ def senca(
     from ._preprocess import prepare, use_global_attention
     from ._train import Tensors, embed, train
 
-    cfg = (config or SencaConfig()).replace(**overrides) if overrides else (config or SencaConfig())
+    cfg = (config or SencaConfig.preset(preset)).replace(**overrides)
     cfg.validate()
     if not isinstance(n_clusters, (int, np.integer)) or n_clusters < 1 or n_clusters > adata.n_obs:
         msg = f"n_clusters must be an integer in [1, n_obs={adata.n_obs}]; got {n_clusters!r}."
@@ -238,6 +243,7 @@ def senca(
         "params": {
             **{k: ("none" if v is None else v) for k, v in cfg.to_dict().items()},
             "method": "SENCA-st",
+            "preset": "custom config" if config is not None else preset,
             "n_clusters": int(n_clusters),
             "cross_attention": bool(cross_attention),
             "hierarchical": bool(hierarchical),

@@ -17,15 +17,27 @@
   (Loss = lambda * MSE), or keeps one spot-level NT-Xent(H, R) when
   ``contrastive_without_hierarchy`` is set.
 
-An *epoch* is ``steps_per_epoch`` full-section Adam steps (default 1, the
-literal reading of "10 epochs": every step sees the whole section). Each step
-draws a new dropout (denoising) mask and new window offsets. Without an image
-an epoch is ``steps_per_epoch_rna_only`` (10) steps. Why: see docs/senca.md.
+An *epoch* is a pass over the section in spatial mini-batches (default): the
+spots are cut into square tiles of about ``batch_spots`` (32) spots on a grid
+with a new random offset every epoch, consecutive tiles are merged until a
+batch holds at least half that many spots, and each batch is one Adam step on
+the subgraph it induces (its block of the normalised adjacency, self-attention
+among its spots, cross-attention neighbourhoods cut to it: a missing neighbour
+is replaced by the spot itself). So 10 epochs on a 346-spot section are about
+110 steps, on a 3,600-spot section about 1,100 cheap ones. Embedding (``embed``)
+always runs on the whole section. ``batch_spots=None`` is the literal reading:
+every step is the whole section and an epoch is ``steps_per_epoch`` steps
+(``steps_per_epoch_rna_only`` without an image). The learning rate is the
+paper's constant 5e-4 (``lr_schedule="cosine"`` decays it to 0; it was
+measured to under-train, see docs). Each step draws a new dropout (denoising) mask and window offsets.
+Why: see the study in docs/senca.md.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+import math
 
 import numpy as np
 import torch
@@ -78,6 +90,20 @@ class Tensors:
                    neighborhood=torch.as_tensor(inp.neighborhood, device=device), image=img,
                    attention_neighbors=nb)
 
+    def subgraph(self, inp: SencaInputs, idx: np.ndarray) -> Tensors:
+        """The tensors of the subgraph induced by spots ``idx`` (global self-attention among them)."""
+        dev = self.v.device
+        a = inp.adjacency[idx][:, idx].tocoo()
+        adj = torch.sparse_coo_tensor(np.vstack([a.row, a.col]).astype(np.int64), a.data.astype(np.float32),
+                                      (len(idx), len(idx)), check_invariants=False).coalesce().to(dev)
+        local = np.full(inp.x.shape[0], -1, dtype=np.int64)
+        local[idx] = np.arange(len(idx))
+        nb = local[inp.neighborhood[idx]]  # (B, K); neighbours outside the batch are -1
+        nb = np.where(nb < 0, nb[:, :1], nb)  # ... and become the spot itself
+        it = torch.as_tensor(idx, device=dev)
+        return Tensors(v=self.v[it], adj=adj, neighborhood=torch.as_tensor(nb, device=dev),
+                       image=None if self.image is None else self.image[it], attention_neighbors=None)
+
 
 @dataclass
 class History:
@@ -94,11 +120,44 @@ def forward(model: SENCA, t: Tensors) -> SencaOutput:
     return model(t.v, t.adj, t.neighborhood, t.image, t.attention_neighbors)
 
 
+def spatial_batches(xy: np.ndarray, spacing: float, batch_spots: int | None,
+                    rng: np.random.Generator) -> list[np.ndarray]:
+    """Spot indices of the mini-batches of one epoch: merged square tiles of ~``batch_spots`` spots.
+
+    The tile grid gets a random offset; tiles are taken in grid order and
+    merged until a batch holds at least ``batch_spots // 2`` spots (a short
+    last batch joins the one before); the batches come back shuffled. One
+    batch (every spot) when ``batch_spots`` is None or the section is smaller
+    than 1.5 batches.
+    """
+    n = len(xy)
+    if batch_spots is None or n < 1.5 * batch_spots:
+        return [np.arange(n)]
+    side = spacing * math.sqrt(batch_spots)
+    tile, n_tiles = window_index(xy, side, rng.uniform(0.0, side, size=2))
+    order = np.argsort(tile, kind="stable")
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(tile, minlength=n_tiles))])
+    batches, start = [], 0
+    for t in range(1, n_tiles + 1):
+        if bounds[t] - bounds[start] >= batch_spots // 2:
+            batches.append(order[bounds[start]:bounds[t]])
+            start = t
+    if start < n_tiles:  # leftover tiles join the last batch
+        tail = order[bounds[start]:]
+        batches[-1:] = [np.concatenate([batches[-1], tail])] if batches else [tail]
+    return [np.sort(batches[i]) for i in rng.permutation(len(batches))]
+
+
 def loss_terms(out: SencaOutput, inp: SencaInputs, cfg: SencaConfig, *, hierarchical: bool,
-               rng: np.random.Generator) -> dict[str, torch.Tensor]:
-    """The terms of eq 1 for one forward pass."""
+               rng: np.random.Generator, xy: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+    """The terms of eq 1 for one forward pass (``xy``: the coordinates of its spots; default all)."""
+    xy = inp.xy if xy is None else xy
     target = out.target.detach() if cfg.mse_stop_gradient else out.target
-    mse = F.mse_loss(out.d, target)  # avg_i MSE(E_i, D_i)
+    if out.split is None:
+        mse = F.mse_loss(out.d, target)  # avg_i MSE(target_i, D_i)
+    else:  # "features": expression and image blocks weighted equally
+        mse = F.mse_loss(out.d[:, :out.split], target[:, :out.split]) + F.mse_loss(
+            out.d[:, out.split:], target[:, out.split:])
     zero = mse * 0.0
     terms = {"mse": mse, "ntxent_w": zero, "ntxent_g": zero}
     if out.h is None:
@@ -106,7 +165,7 @@ def loss_terms(out: SencaOutput, inp: SencaInputs, cfg: SencaConfig, *, hierarch
     if hierarchical:
         for name, size in (("ntxent_w", cfg.window_size), ("ntxent_g", cfg.pool_size)):
             side = size * inp.spacing
-            idx, n = window_index(inp.xy, side, rng.uniform(0.0, side, size=2))
+            idx, n = window_index(xy, side, rng.uniform(0.0, side, size=2))
             idx_t = torch.as_tensor(idx, device=out.h.device)
             h_w, r_w = pool(out.h, idx_t, n), pool(out.r, idx_t, n)  # (n, E) each
             if n > cfg.ntxent_max_windows:  # NT-Xent is O(n^2): a random subset of windows per step
@@ -122,20 +181,37 @@ def loss_terms(out: SencaOutput, inp: SencaInputs, cfg: SencaConfig, *, hierarch
 def train(model: SENCA, inp: SencaInputs, t: Tensors, cfg: SencaConfig, *, hierarchical: bool = True,
           random_state: int = 0, progress: bool = False) -> History:
     """Adam on eq 1 for ``cfg.epochs`` epochs; returns the per-epoch mean of each term."""
+    threads = torch.get_num_threads()
+    if cfg.train_threads and t.v.device.type == "cpu":
+        torch.set_num_threads(cfg.train_threads)
+    try:
+        return _train(model, inp, t, cfg, hierarchical=hierarchical, random_state=random_state, progress=progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(model, inp, t, cfg, *, hierarchical, random_state, progress) -> History:
     rng = np.random.default_rng(random_state)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     hist = History()
-    steps = cfg.steps_per_epoch if model.image is not None else cfg.steps_per_epoch_rna_only
+    passes = cfg.steps_per_epoch if model.image is not None else cfg.steps_per_epoch_rna_only
     epochs = range(cfg.epochs)
     if progress:
         from tqdm.auto import tqdm
 
         epochs = tqdm(epochs, desc="SENCA-st", unit="epoch")
     model.train()
-    for _ in epochs:
+    for ep in epochs:
         acc = {"total": 0.0, "mse": 0.0, "ntxent_w": 0.0, "ntxent_g": 0.0}
-        for _ in range(steps):
-            terms = loss_terms(forward(model, t), inp, cfg, hierarchical=hierarchical, rng=rng)
+        plan = [b for _ in range(passes) for b in spatial_batches(inp.xy, inp.spacing, cfg.batch_spots, rng)]
+        for i, idx in enumerate(plan):
+            if cfg.lr_schedule == "cosine":
+                for g in opt.param_groups:
+                    g["lr"] = cfg.lr * 0.5 * (1.0 + math.cos(math.pi * (ep + i / len(plan)) / cfg.epochs))
+            whole = len(idx) == inp.x.shape[0]
+            tb = t if whole else t.subgraph(inp, idx)
+            terms = loss_terms(forward(model, tb), inp, cfg, hierarchical=hierarchical, rng=rng,
+                               xy=None if whole else inp.xy[idx])
             loss = terms["ntxent_g"] + terms["ntxent_w"] + cfg.lam * terms["mse"]  # eq 1
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -144,7 +220,7 @@ def train(model: SENCA, inp: SencaInputs, t: Tensors, cfg: SencaConfig, *, hiera
             for k in ("mse", "ntxent_w", "ntxent_g"):
                 acc[k] += float(terms[k].detach())
         for k, val in acc.items():
-            getattr(hist, k).append(val / steps)
+            getattr(hist, k).append(val / len(plan))
         if progress:
             epochs.set_postfix(loss=f"{hist.total[-1]:.4f}")
     return hist
