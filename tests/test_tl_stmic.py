@@ -30,7 +30,7 @@ def test_stmic_beats_expression_and_image_baselines(tissue):
     assert scores["stmic"] > scores["image"] + 0.02, scores
     assert a.obsm["X_stmic"].shape == (a.n_obs, 20)
     assert a.uns["stmic"]["params"]["use_rep"] == "X_stmic"
-    assert set(a.uns["stmorph"]["methods_s"]) == {"expression", "image", "stmic"}
+    assert set(a.uns["stmorph_run"]["methods_s"]) == {"expression", "image", "stmic"}
 
 
 def test_stmic_matches_expression_cluster_count_by_default(tissue):
@@ -48,7 +48,7 @@ def test_run_methods_reuses_features_and_skips_or_refuses_without_image(tissue):
     feats = a.obsm["X_image"].copy()
     secs = tl.run_methods(a, ["image"], n_clusters=5, progress=False)
     np.testing.assert_array_equal(a.obsm["X_image"], feats)  # not recomputed
-    assert a.uns["stmorph"]["steps_s"]["image_features"] == 0.0 and "image" in secs
+    assert a.uns["stmorph_run"]["steps_s"]["image_features"] == 0.0 and "image" in secs
     b = tissue.copy()
     del b.obsm["X_image"]
     lib = b.uns["spatial"]["synthetic"]
@@ -58,6 +58,6 @@ def test_run_methods_reuses_features_and_skips_or_refuses_without_image(tissue):
         tl.run_methods(b, ["stmic"], n_clusters=5)
     with pytest.warns(UserWarning, match="skipped 'stmic'"):
         secs = tl.run_methods(b, ["expression", "stmic"], n_clusters=5, skip_unavailable=True)
-    assert set(secs) == {"expression"} and "stmic" in b.uns["stmorph"]["skipped"]
+    assert set(secs) == {"expression"} and "stmic" in b.uns["stmorph_run"]["skipped"]
     with pytest.raises(InputError, match="unknown method"):
         tl.run_methods(b, ["kmeans"])

@@ -21,8 +21,12 @@ def add_parser(sub) -> None:
     p = sub.add_parser("benchmark", help="ARI/NMI of every method on every annotated section under a folder",
                        description=__doc__)
     p.add_argument("--data", required=True, metavar="DIR", help="folder searched recursively for annotated sections")
-    p.add_argument("--methods", nargs="+", default=["stmic", "expression", "image", "senca"], metavar="METHOD",
-                   help="methods to run (space or comma separated; default: stmic expression image senca)")
+    p.add_argument("--methods", nargs="+", default=["stmorph", "stmic", "expression", "image", "senca"],
+                   metavar="METHOD",
+                   help="methods to run (space or comma separated; default: stmorph stmic expression image senca)")
+    p.add_argument("--peers", default=None, metavar="FILE",
+                   help="markdown table of peers' ARIs per section (e.g. ../shared/docs/peers.md): "
+                        "benchmark.md then shows stmorph's methods beside them")
     p.add_argument("--seeds", type=int, default=3, metavar="N", help="seeds 0..N-1 per method (default 3)")
     p.add_argument("--out", required=True, metavar="OUT", help="folder for benchmark.csv and benchmark.md")
     p.add_argument("--sections", nargs="+", default=None, metavar="NAME",
@@ -114,7 +118,7 @@ def main(args) -> int:
     command = "stmorph " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["benchmark"] else None
     df = bm.run_benchmark(sections=sections, methods=methods, seeds=args.seeds, out=args.out, ignore=args.ignore,
                           runner=runner, force=args.force, command=command, data_dir=args.data,
-                          machine=machine_description(), code=code_description())
+                          machine=machine_description(), code=code_description(), peers=args.peers)
     out = Path(args.out)
     print((out / "benchmark.md").read_text())
     print(f"wrote {out / 'benchmark.csv'} and {out / 'benchmark.md'}", file=sys.stderr)

@@ -15,7 +15,9 @@ from pathlib import Path
 
 from ..errors import InputError
 
-METHOD_CHOICES = ("stmic", "expression", "image", "senca", "all")
+METHOD_CHOICES = ("stmorph", "stmic", "expression", "image", "senca", "all")
+#: What ``stmorph run`` runs without ``--method``.
+DEFAULT_METHODS = ["stmorph"]
 
 
 def _positive_float(text: str) -> float:
@@ -38,6 +40,9 @@ def add_common_options(p) -> None:
                    help="Louvain resolution when no --n-clusters is set (stMIC paper: 1.5-1.9; default 1.7)")
     g.add_argument("--cluster-method", choices=("louvain", "leiden"), default="louvain")
     g.add_argument("--n-neighbors", type=int, default=39, help="kNN graph size (stMIC paper: 39)")
+    g.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None,
+                   help="majority refinement over spatial neighbours for every method "
+                        "(default: on for stmorph, off for the papers' methods)")
     g = p.add_argument_group("image features")
     g.add_argument("--encoder", default="efficientnet_lite2",
                    help="image encoder: efficientnet_lite2 (embedded, default) or resnet50 (needs --weights)")
@@ -57,7 +62,6 @@ def add_common_options(p) -> None:
                    help="with --report: local GMT file for pre-ranked GSEA per domain")
 
 
-
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "run",
@@ -66,7 +70,8 @@ def add_parser(sub) -> None:
     )
     p.add_argument("input", help="Space Ranger outs/ folder, .h5ad file, or legacy ST counts (.tsv[.gz])")
     p.add_argument("--method", "-m", action="append", choices=METHOD_CHOICES, default=None,
-                   help="method(s) to run; repeat for several (default: stmic, which includes both baselines)")
+                   help="method(s) to run; repeat for several (default: stmorph; stmic includes both of its "
+                        "baselines)")
     p.add_argument("--out", "-o", required=True, help="output folder (must not exist unless --force)")
     g = p.add_argument_group("input")
     g.add_argument("--image", default=None, metavar="FILE",
@@ -99,7 +104,7 @@ def _pixel_scale(text: str):
 def resolve_methods(chosen: list[str] | None) -> list[str]:
     from ..tl import METHODS
 
-    chosen = chosen or ["stmic"]
+    chosen = chosen or DEFAULT_METHODS
     if "all" in chosen:
         return list(METHODS)
     out = []
@@ -146,6 +151,7 @@ def method_options(args) -> dict:
         "patch": int(args.patch) if str(args.patch).isdigit() else args.patch,
         "device": args.device,
         "random_state": args.seed,
+        "refine": args.refine,
         "senca_options": senca,
     }
 
@@ -188,7 +194,7 @@ def execute(adata, methods, out_tmp: Path, options: dict, run_info: dict, *, plo
         "n_genes": int(adata.n_vars),
         "n_domains": {m: int(adata.obs[m].nunique()) for m in methods},
         "encoder": image_params,
-        "timings_s": {**run_info.get("timings_s", {}), **adata.uns["stmorph"]["steps_s"], "methods_total": t1 - t0},
+        "timings_s": {**run_info.get("timings_s", {}), **adata.uns["stmorph_run"]["steps_s"], "methods_total": t1 - t0},
         "methods_s": seconds,
         "warnings": sorted({str(w.message) for w in caught}),
     }

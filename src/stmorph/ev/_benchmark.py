@@ -42,9 +42,9 @@ from ..errors import InputError, OutputExistsError, StmorphError
 from ._metrics import DEFAULT_IGNORE, ari, nmi, scored_labels
 
 __all__ = ["Section", "find_sections", "load_section", "run_benchmark", "summarize", "benchmark_markdown",
-           "DEFAULT_METHODS"]
+           "read_peers", "peers_markdown", "DEFAULT_METHODS"]
 
-DEFAULT_METHODS = ("stmic", "expression", "image", "senca")
+DEFAULT_METHODS = ("stmorph", "stmic", "expression", "image", "senca")
 IMAGE_EXT = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".svs", ".btf")
 CSV_COLUMNS = ["section", "method", "seed", "ARI", "NMI", "seconds", "status", "n_spots", "n_clusters", "reason"]
 
@@ -183,6 +183,7 @@ def run_benchmark(
     command: str | None = None,
     machine: str | None = None,
     code: str | None = None,
+    peers: str | os.PathLike | None = None,
 ) -> pd.DataFrame:
     """Run ``methods`` on every annotated section, ``seeds`` times, and score them.
 
@@ -211,6 +212,9 @@ def run_benchmark(
         Overwrite existing outputs in ``out``.
     command, machine, code
         Recorded at the top of ``benchmark.md`` (code: stmorph version / git commit).
+    peers
+        A markdown file of peers' ARIs (:func:`read_peers`, e.g. ``../shared/docs/peers.md``): ``benchmark.md``
+        then ends with a table of stmorph's methods beside them.
 
     Returns
     -------
@@ -250,7 +254,9 @@ def run_benchmark(
                 raise OutputExistsError(f"{out_dir / f}: {msg}")
         out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
+    peer_table = read_peers(peers) if peers is not None else None
     meta = {"methods": methods, "seeds": seed_list, "ignore": list(ignore), "command": command, "machine": machine, "code": code,
+            "peers": peer_table, "peers_source": str(peers) if peers is not None else None,
             "sections": [f"{s.name} ({s.layout}, {'image ' + s.image.name if s.image else 'no full-resolution image'})"
                          for s in sections]}
     log(f"benchmark: {len(sections)} section(s): {', '.join(s.name for s in sections)}")
@@ -353,7 +359,8 @@ def summarize(df: pd.DataFrame, metric: str = "ARI") -> pd.DataFrame:
 
 
 def benchmark_markdown(df: pd.DataFrame, *, methods=None, seeds=None, ignore=None, command=None, sections=None,
-                       machine: str | None = None, code: str | None = None) -> str:
+                       machine: str | None = None, code: str | None = None, peers: pd.DataFrame | None = None,
+                       peers_source: str | None = None) -> str:
     """The ``benchmark.md`` text: per-section tables (mean ± sd across seeds), per-method summary, skips."""
     methods = list(methods or dict.fromkeys(df["method"]))
     secs = list(dict.fromkeys(df["section"]))
@@ -420,6 +427,10 @@ def benchmark_markdown(df: pd.DataFrame, *, methods=None, seeds=None, ignore=Non
         lines.append(f"| {m} | {a['sections']} | {_num(a['mean ARI'])} | {_num(a['median ARI'])} | "
                      f"{_num(n['mean NMI'])} | {_num(n['median NMI'])} | {_num(a['mean seconds'], 1)} |")
     lines.append("")
+    if peers is not None:
+        table = peers_markdown(df, peers, methods, source=peers_source or "peers")
+        if table:
+            lines += [table]
     if notes:
         lines += ["## Notes", ""] + [f"[{i}] {k}" for k, i in notes.items()] + [""]
     return "\n".join(lines)
@@ -427,3 +438,85 @@ def benchmark_markdown(df: pd.DataFrame, *, methods=None, seeds=None, ignore=Non
 
 def _num(x, nd: int = 3) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
+
+
+def read_peers(path: str | os.PathLike) -> pd.DataFrame:
+    """Peers' ARIs from a markdown table such as ``../shared/docs/peers.md``.
+
+    The first table whose header starts with ``section`` is read: a row label like
+    ``HER2ST A1 (5)`` or ``DLPFC 151673 (7)`` becomes the section name ``her2st/A1`` /
+    ``dlpfc/151673`` (rows that name no single section, e.g. means, are left out);
+    each cell's first number is the peer's ARI (bold marks and notes are ignored).
+    Returns columns ``section, peer, ARI``.
+    """
+    import re
+
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        msg = f"cannot read the peers file ({exc.strerror or exc})."
+        raise InputError(msg, path) from exc
+    rows: list[dict] = []
+    header = None
+    for line in lines:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.strip().startswith("|") else None
+        if cells is None:
+            if header is not None and rows:
+                break
+            header = None if header is None or not line.strip() else header
+            continue
+        if header is None:
+            if cells[0].lower().startswith("section"):
+                header = cells
+            continue
+        if set(cells[0]) <= set("-: "):
+            continue
+        m = re.match(r"^\*?\*?([A-Za-z0-9]+)\s+([A-Za-z0-9]+)\s*\(\d+\)", cells[0])
+        if not m:
+            continue
+        section = f"{m.group(1).lower()}/{m.group(2)}"
+        for peer, cell in zip(header[1:], cells[1:]):
+            num = re.search(r"-?\d+\.\d+", cell)
+            if num:
+                rows.append({"section": section, "peer": peer, "ARI": float(num.group())})
+    if not rows:
+        msg = "no table with a 'section' column and per-section rows such as 'HER2ST A1 (5)' found."
+        raise InputError(msg, path)
+    return pd.DataFrame(rows, columns=["section", "peer", "ARI"])
+
+
+def peers_markdown(df: pd.DataFrame, peers: pd.DataFrame, methods: Sequence[str] | None = None,
+                   source: str = "peers") -> str:
+    """A table of stmorph's methods (mean ARI over seeds) beside the peers' ARI on the same sections,
+    with the best peer per section and a mean over the sections both cover."""
+    ok = df[df["status"] == "ok"]
+    ours = ok.groupby(["section", "method"])["ARI"].mean().unstack("method")
+    methods = [m for m in (methods or list(dict.fromkeys(df["method"]))) if m in ours.columns]
+    theirs = peers.pivot_table(index="section", columns="peer", values="ARI", aggfunc="first")
+    sections = [s for s in ours.index if s in theirs.index]
+    if not sections or not methods:
+        return ""
+    names = list(dict.fromkeys(peers["peer"]))
+    lines = [f"## Beside the peers ({source})", "",
+             "ARI, mean over seeds for stmorph's methods; the peers' figures are quoted from the file named above "
+             "(their protocol: same sections, k = number of scored labels). Best of each row in bold.", "",
+             "| section | " + " | ".join(methods) + " | " + " | ".join(names) + " |",
+             "|---|" + "---:|" * (len(methods) + len(names))]
+    for sec in sections:
+        vals = [ours.loc[sec].get(m, np.nan) for m in methods] + [theirs.loc[sec].get(p, np.nan) for p in names]
+        best = np.nanmax(vals) if np.isfinite(vals).any() else np.nan
+        cells = [("**" + _num(v) + "**") if np.isfinite(v) and v == best else _num(v) for v in vals]
+        lines.append(f"| {sec} | " + " | ".join(cells) + " |")
+    groups: dict[str, list[str]] = {}
+    for sec in sections:
+        groups.setdefault(sec.split("/")[0], []).append(sec)
+    for g, secs in groups.items():
+        vals = [float(ours.loc[secs, m].mean()) if m in ours.columns and ours.loc[secs, m].notna().all() else np.nan
+                for m in methods]
+        vals += [float(theirs.loc[secs, p].mean()) if p in theirs.columns and theirs.loc[secs, p].notna().all()
+                 else np.nan for p in names]
+        best = np.nanmax(vals) if np.isfinite(vals).any() else np.nan
+        cells = [("**" + _num(v) + "**") if np.isfinite(v) and v == best else _num(v) for v in vals]
+        lines.append(f"| mean of {g} ({len(secs)}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines + [""])

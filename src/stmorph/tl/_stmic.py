@@ -105,7 +105,7 @@ def stmic(
     ``adata.obsm["X_expr_pca"]``, ``["X_image"]``, ``["X_image_pca"]``, ``["X_stmic"]``
         Embeddings.
     ``adata.uns["stmic"]["params"]`` (and the baselines')
-        Clustering parameters; ``uns["stmorph"]`` holds step timings.
+        Clustering parameters; ``uns["stmorph_run"]`` holds step timings.
     """
     adata = adata.copy() if copy else adata
     methods = ["expression", "image", "stmic"] if baselines else ["stmic"]

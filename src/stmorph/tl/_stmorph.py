@@ -2,7 +2,7 @@
 
 What the founding papers and the strongest peers teach, as one chain of named steps::
 
-    spatial_expression_embedding   counts -> CPM 1e4 -> log1p -> HVG -> scale -> PCA (denoise)
+    spatial_expression_embedding   counts -> CPM 1e4 -> log1p -> HVG -> scale
                                    -> [own | Gaussian neighbourhood mean at each radius (um)] -> PCA   obsm["X_stmorph_expr"]
     im.features (x2)               spot patch + context patch (SENCA-st's 3-spacing radius)          obsm["X_image"], ["X_image_context"]
     image_context_embedding        standardise -> PCA per patch size -> neighbourhood mean -> PCA     obsm["X_stmorph_image"]
@@ -15,9 +15,10 @@ Why each step:
 - *Spatial context* (BANKSY, GraphST, SENCA-st's neighbourhood attention): a domain is a
   neighbourhood-level state, so each spot is described by its own expression *and* the mean
   of its neighbourhood. Radii are in micrometres, so the same default describes the same
-  piece of tissue on legacy ST (200 um pitch), Visium (100 um) and Visium HD bins. The
-  kernel is sparse and the smoothing is applied to principal components, so the cost is
-  linear in the number of spots.
+  piece of tissue on legacy ST (200 um pitch), Visium (100 um) and Visium HD bins.
+  Smoothing comes before the reduction (spatially coherent directions gain over noise);
+  the kernel is sparse and the PCA of the concatenation is computed implicitly with
+  sparse products, so the cost is linear in the number of spots.
 - *Image context* (SENCA-st, stMIC): the spot patch says what lies under the spot, a larger
   patch what surrounds it; each is reduced on its own and smoothed like expression.
 - *Balance*: blocks of different widths and scales would let one modality drown the other;
@@ -86,35 +87,54 @@ def _log_hvg(X: sp.csr_matrix, n_top_genes: int | None, target_sum: float) -> tu
     return sp.csr_matrix(L), genes
 
 
-def _randomized_pca(X, n_comps: int, random_state: int, *, n_iter: int = 6, oversample: int = 20) -> np.ndarray:
-    """Top principal components of a sparse matrix without densifying it (implicit centring).
+def _context_pca(L: sp.csr_matrix, smoothers: list, n_comps: int, random_state: int, *, n_iter: int = 6,
+                 oversample: int = 20) -> np.ndarray:
+    """Top principal components of ``[Lc | W_1 Lc | W_2 Lc ...]`` without forming it (``Lc``: centred ``L``).
 
-    Halko et al.'s randomized range finder with power iterations: a few sparse
-    products with ``n_comps + oversample`` columns, so cost is linear in the
-    number of non-zeros; signs fixed so the output does not depend on the seed's sign flips.
+    Smoothing comes before the reduction, so directions that are spatially coherent
+    (domains) gain over spot-level noise, while every product stays sparse: Halko et
+    al.'s randomized range finder with power iterations, linear in the non-zeros of
+    ``L`` and of the smoothers. Signs are fixed so the output does not depend on the
+    seed's sign flips.
     """
-    n, d = X.shape
-    mu = np.asarray(X.mean(axis=0)).ravel()
-    ones = np.ones(n)
+    n, d = L.shape
+    mu = np.asarray(L.mean(axis=0)).ravel()
+    blocks = [None, *smoothers]  # None = identity
+    nb = len(blocks)
 
-    def right(B):  # (X - 1 mu^T) @ B
-        return np.asarray(X @ B) - np.outer(ones, mu @ B)
+    def lc(B):  # Lc @ B
+        return np.asarray(L @ B) - np.outer(np.ones(n), mu @ B)
 
-    def left(A):  # (X - 1 mu^T)^T @ A
-        return np.asarray(X.T @ A) - np.outer(mu, A.sum(axis=0))
+    def lct(A):  # Lc^T @ A
+        return np.asarray(L.T @ A) - np.outer(mu, A.sum(axis=0))
+
+    # column means of each block W Lc: (1^T W Lc) / n
+    means = [np.zeros(d) if W is None else lct(np.asarray(W.sum(axis=0)).reshape(-1, 1)).ravel() / n for W in blocks]
+    m = np.concatenate(means)
+
+    def right(B):  # Mc @ B
+        out = np.zeros((n, B.shape[1]))
+        for b, W in enumerate(blocks):
+            part = lc(B[b * d:(b + 1) * d])
+            out += part if W is None else np.asarray(W @ part)
+        return out - np.outer(np.ones(n), m @ B)
+
+    def left(A):  # Mc^T @ A
+        parts = [lct(A if W is None else np.asarray(W.T @ A)) for W in blocks]
+        return np.vstack(parts) - np.outer(m, A.sum(axis=0))
 
     rng = np.random.default_rng(random_state)
-    q = min(n_comps + oversample, min(n, d))
-    Q, _ = np.linalg.qr(right(rng.standard_normal((d, q))))
+    q = min(n_comps + oversample, n, d * nb)
+    Q, _ = np.linalg.qr(right(rng.standard_normal((d * nb, q))))
     for _ in range(n_iter):
         Q, _ = np.linalg.qr(left(Q))
         Q, _ = np.linalg.qr(right(Q))
-    B = left(Q).T  # (q, d)
+    B = left(Q).T  # (q, d * nb)
     Ub, sv, _ = np.linalg.svd(B, full_matrices=False)
     Z = (Q @ Ub[:, :n_comps]) * sv[:n_comps]
     signs = np.sign(Z[np.argmax(np.abs(Z), axis=0), np.arange(Z.shape[1])])
     signs[signs == 0] = 1
-    return Z * signs
+    return (Z * signs).astype(np.float32), sv[:n_comps]
 
 
 def spatial_expression_embedding(
@@ -122,7 +142,6 @@ def spatial_expression_embedding(
     *,
     sigmas_um: float | Sequence[float] = SIGMAS_UM,
     n_top_genes: int | None = 3000,
-    n_pcs: int = 50,
     n_comps: int = 20,
     target_sum: float = 1e4,
     layer: str | None = None,
@@ -140,8 +159,6 @@ def spatial_expression_embedding(
         One or more neighbourhood radii (Gaussian sigma, micrometres; truncated at 2.5 sigma).
     n_top_genes
         Most variable genes kept (scanpy's ``flavor="seurat"``); ``None`` keeps every gene.
-    n_pcs
-        Principal components of the scaled expression that carry it into the context step.
     n_comps
         Components of the final embedding.
     target_sum, layer
@@ -173,19 +190,17 @@ def spatial_expression_embedding(
     var = np.asarray(L.multiply(L).mean(axis=0)).ravel() - mean**2
     keep = var > 1e-12
     L = sp.csr_matrix(L[:, keep] @ sp.diags(1.0 / np.sqrt(var[keep])))
-    n_pre = int(min(n_pcs, min(L.shape) - 1))
-    n_out = int(min(n_comps, n_pre * (1 + len(sig)) - 1, adata.n_obs - 1))
-    if n_pre < 1 or n_out < 1:
+    n_out = int(min(n_comps, min(L.shape) - 1))
+    if n_out < 1:
         msg = f"{adata.n_obs} spot(s) x {L.shape[1]} variable gene(s) are too few for an expression embedding."
         raise InputError(msg)
-    P = _randomized_pca(L, n_pre, random_state)
     xy = coordinates_um(adata)
-    Z, evr = _pca(_with_context(P.astype(np.float64), xy, sig), n_out, random_state)
+    Z, singular_values = _context_pca(L, [gaussian_smoother(xy, s_) for s_ in sig], n_out, random_state)
     adata.obsm[key_added] = Z
     adata.uns[key_added] = {
-        "params": {"sigmas_um": sig, "n_top_genes": n_top_genes, "n_genes_used": int(keep.sum()), "n_pcs": n_pre,
+        "params": {"sigmas_um": sig, "n_top_genes": n_top_genes, "n_genes_used": int(keep.sum()),
                    "n_comps": n_out, "target_sum": float(target_sum), "layer": layer, "random_state": random_state},
-        "variance_ratio": evr,
+        "singular_values": singular_values,
     }
     return adata if copy else None
 
