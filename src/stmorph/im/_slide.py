@@ -377,6 +377,7 @@ class _PilLevel(_ArrayLevel):
     def _load(self):
         with self._lock:
             if self.array is None:
+                _check_decode_memory(self.path, self.width, self.height, self.slide.dtype, self.slide.format)
                 arr, convert = _pil_decode(self.path)
                 if arr.shape[:2] != (self.height, self.width):
                     msg = f"decoded size {arr.shape[:2]} differs from the header {(self.height, self.width)}."
@@ -412,6 +413,42 @@ class _PilLevel(_ArrayLevel):
 
 # --------------------------------------------------------------------------- PIL helpers
 _PIL_LIMIT_LOCK = threading.Lock()
+
+
+def max_decode_bytes() -> int | None:
+    """Most bytes a whole-image (JPEG/PNG) decode may allocate: ``$STMORPH_MAX_DECODE_BYTES``, else 80% of
+    the memory available now (Linux ``MemAvailable``), else None (no bound beyond :data:`MAX_PIL_PIXELS`)."""
+    env = os.environ.get("STMORPH_MAX_DECODE_BYTES")
+    if env:
+        try:
+            return int(float(env))
+        except ValueError:
+            pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(int(line.split()[1]) * 1024 * 0.8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _check_decode_memory(path: str, width: int, height: int, dtype, fmt: str) -> None:
+    """ImageError before decoding a JPEG/PNG whole when that would not fit in memory.
+
+    Counts the decoded array (up to 4 samples of ``dtype``), plus Pillow's working copy for the formats
+    imagecodecs does not decode.
+    """
+    per_px = 4 * np.dtype(dtype).itemsize + (0 if fmt in ("JPEG", "PNG") else 4)
+    need = int(width) * int(height) * per_px
+    budget = max_decode_bytes()
+    if budget is not None and need > budget:
+        msg = (f"the {width} x {height} px {fmt} would take about {need / 2**30:.1f} GiB to decode whole, more than "
+               f"the {budget / 2**30:.1f} GiB of memory it may use; {fmt} cannot be read lazily: convert it to a "
+               "tiled pyramidal TIFF (e.g. vips tiffsave IN OUT.tif --tile --pyramid --compression jpeg), which is "
+               "read tile by tile.")
+        raise ImageError(msg, path)
 
 
 def _too_big_msg() -> str:
