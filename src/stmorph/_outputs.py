@@ -350,7 +350,7 @@ def h5ad_safe(obj: Any) -> Any:
 
 
 def write_h5ad(adata, path: str | os.PathLike) -> Path:
-    """Write ``adata`` atomically; in-memory full-resolution images are not stored."""
+    """Write ``adata`` atomically; in-memory full-resolution images and empty metadata are not stored."""
     out = adata.copy()
     uns = dict(out.uns)
     if isinstance(uns.get("spatial"), Mapping):
@@ -359,6 +359,8 @@ def write_h5ad(adata, path: str | os.PathLike) -> Path:
             d = dict(d)
             if isinstance(d.get("images"), Mapping):
                 d["images"] = {k: v for k, v in d["images"].items() if k != "fullres"}
+            if isinstance(d.get("metadata"), Mapping):  # no image is no key, not the string "None"
+                d["metadata"] = {k: v for k, v in d["metadata"].items() if v is not None}
             spatial[lib] = d
         uns["spatial"] = spatial
     out.uns = h5ad_safe(uns)

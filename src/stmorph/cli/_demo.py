@@ -11,8 +11,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ._run import (add_common_options, check_report_options, execute, input_paths, method_options, resolve_methods,
-                   summary)
+from ._run import (add_common_options, check_report_options, execute, input_paths, method_options, recording_warnings,
+                   resolve_methods, summary)
 
 
 def add_parser(sub) -> None:
@@ -44,10 +44,10 @@ def main(args) -> int:
         timings["write_input"] = time.perf_counter() - t0
         del tissue
         t0 = time.perf_counter()
-        adata = read.visium(tmp / "input", image=tmp / "input" / "image.tif")
+        adata, read_warnings = recording_warnings(read.visium, tmp / "input", image=tmp / "input" / "image.tif")
         timings["read"] = time.perf_counter() - t0
         info = {"command": "stmorph demo", "stmorph_version": __version__, "input": "synthetic",
-                "n_spots_requested": args.n_spots, "timings_s": timings}
+                "n_spots_requested": args.n_spots, "timings_s": timings, "warnings": read_warnings}
         # the input is read from the temporary folder while the run is in progress; the
         # outputs record where it will live once the folder is renamed into place
         info = execute(adata, methods, tmp, method_options(args), info, plot=not args.no_plot,

@@ -196,7 +196,7 @@ def execute(adata, methods, out_tmp: Path, options: dict, run_info: dict, *, plo
         "encoder": image_params,
         "timings_s": {**run_info.get("timings_s", {}), **adata.uns["stmorph_run"]["steps_s"], "methods_total": t1 - t0},
         "methods_s": seconds,
-        "warnings": sorted({str(w.message) for w in caught}),
+        "warnings": sorted({*run_info.get("warnings", []), *(str(w.message) for w in caught)}),
     }
     if "annotation" in adata.obs and adata.obs["annotation"].notna().any():
         from .. import ev
@@ -226,6 +226,16 @@ def execute(adata, methods, out_tmp: Path, options: dict, run_info: dict, *, plo
     write_run_outputs(adata, out_tmp, methods, run_info, figures=figures, pages=pages)
     run_info["timings_s"]["write_outputs"] = time.perf_counter() - t2
     return run_info
+
+
+def recording_warnings(func, *args, **kwargs):
+    """``func(*args, **kwargs)`` and the messages of the warnings it gave (shown as usual, and kept for run.json)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = func(*args, **kwargs)
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return result, list(dict.fromkeys(str(w.message) for w in caught))
 
 
 def input_paths(args) -> list:
@@ -265,10 +275,11 @@ def main(args) -> int:
     check_report_options(args)
     methods = resolve_methods(args.method)
     t0 = time.perf_counter()
-    adata = read_input(args.input, image=args.image, spots=args.spots, labels=args.labels,
-                       pixel_scale=args.pixel_scale)
+    adata, read_warnings = recording_warnings(read_input, args.input, image=args.image, spots=args.spots,
+                                              labels=args.labels, pixel_scale=args.pixel_scale)
     info = {"command": "stmorph " + " ".join(sys.argv[1:]) if sys.argv else "stmorph run",
-            "input": str(Path(args.input).resolve()), "timings_s": {"read": time.perf_counter() - t0}}
+            "input": str(Path(args.input).resolve()), "timings_s": {"read": time.perf_counter() - t0},
+            "warnings": read_warnings}
     from .. import __version__
 
     info["stmorph_version"] = __version__

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -174,6 +175,53 @@ def check_matrix(X, path: Path, what: str) -> None:
     if (data < 0).any():
         msg = f"{what} holds {int((data < 0).sum())} negative value(s); raw counts must be >= 0."
         raise InputError(msg, path)
+
+
+#: Largest value of a matrix whose non-integer values are taken for log-normalised data.
+_LOG_MAX = 50.0
+
+
+def check_counts(adata, path: Path, what: str, *, inplace: bool = False):
+    """Warn when ``adata.X`` is not raw counts; drop spots with zero counts, with a warning that counts them.
+
+    Non-integer values mean normalised, log-transformed or ambient-corrected data: stmorph normalises
+    and log-transforms the counts itself, so such input would be transformed twice. Spots with no
+    counts at all (Space Ranger keeps a few under the tissue) carry no expression and are left out.
+    Returns the AnnData (a subset copy unless ``inplace``).
+    """
+    import scipy.sparse as sp
+
+    X = adata.X
+    data = X.data if sp.issparse(X) else np.asarray(X).ravel()
+    if data.dtype.kind == "f" and data.size:
+        sample = data[:: max(1, data.size // 1_000_000)]
+        frac = sample[sample != np.floor(sample)]
+        if frac.size:
+            top = float(data.max())
+            looks = f", which looks log-normalised (largest value {top:.3g})" if top <= _LOG_MAX else ""
+            hint = ""
+            for name, M in (("layers['counts']", adata.layers.get("counts")),
+                            ("raw.X", adata.raw.X if adata.raw is not None else None)):
+                if M is not None and M.shape == X.shape:
+                    m = M.data if sp.issparse(M) else np.asarray(M).ravel()
+                    if m.size and np.all(m == np.floor(m)) and m.min() >= 0:
+                        hint = f"; this file has integer counts in {name}: set adata.X = adata.{name} and save it"
+                        break
+            warnings.warn(
+                f"{path}: {what} holds non-integer values (e.g. {float(frac[0]):.4g}){looks}; stmorph normalises and "
+                f"log-transforms counts itself, so give raw counts (Space Ranger's filtered_feature_bc_matrix.h5){hint}.",
+                UserWarning, stacklevel=3)
+    totals = np.asarray(X.sum(axis=1)).ravel()
+    empty = totals <= 0
+    if empty.any() and not empty.all():
+        warnings.warn(
+            f"{path}: left out {int(empty.sum())} of {len(empty)} spot(s) with zero counts in {what} "
+            f"(e.g. {examples(adata.obs_names[empty])}).", UserWarning, stacklevel=3)
+        if inplace:
+            adata._inplace_subset_obs(~empty)
+        else:
+            adata = adata[~empty].copy()
+    return adata
 
 
 # --------------------------------------------------------------------------- spots

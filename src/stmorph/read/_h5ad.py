@@ -13,7 +13,8 @@ __all__ = ["h5ad", "conform"]
 def conform(adata):
     """Bring an AnnData made by scanpy/squidpy to stmorph's conventions, in place, where that is lossless.
 
-    Dense ``X`` becomes CSR; ``obsm["spatial"]`` becomes float64 (scanpy stores integer pixels);
+    Dense ``X`` becomes CSR; ``obsm["spatial"]`` becomes float64 (scanpy stores integer pixels); a
+    ``source_image_path`` of ``"None"`` or ``""`` (no image, as older stmorph saved it) is removed;
     ``obs["annotation"]``, when present and not categorical, becomes categorical.
     Nothing else is invented: what is missing stays missing for :func:`stmorph.validate` to report.
     """
@@ -29,6 +30,13 @@ def conform(adata):
         xy = adata.obsm["spatial"]
         if isinstance(xy, np.ndarray) and xy.dtype.kind in "biuf" and xy.dtype != np.float64:
             adata.obsm["spatial"] = xy.astype(np.float64)
+    spatial = adata.uns.get("spatial")
+    for lib in (spatial.values() if isinstance(spatial, dict) else ()):
+        meta = lib.get("metadata") if isinstance(lib, dict) else None
+        # stmorph before 0.1 stored a missing image as the string "None": it is no path
+        if isinstance(meta, dict) and isinstance(meta.get("source_image_path"), str) and \
+                meta["source_image_path"].strip() in ("", "None"):
+            del meta["source_image_path"]
     if "annotation" in adata.obs and not isinstance(adata.obs["annotation"].dtype, pd.CategoricalDtype):
         adata.obs["annotation"] = adata.obs["annotation"].astype("category")
     return adata
@@ -84,6 +92,7 @@ def h5ad(path, *, image=None, require_image: bool = False, library_id: str | Non
         found = problems(path, require_image=require_image and image is None, library_id=library_id)
         if found:
             raise InputError(message(found))
+        c.check_counts(path, "AnnData", "X", inplace=True)
         if image is not None:
             _attach_image(path, image, library_id)
         return path
@@ -98,6 +107,7 @@ def h5ad(path, *, image=None, require_image: bool = False, library_id: str | Non
     found = problems(adata, require_image=require_image and image is None, library_id=library_id)
     if found:
         raise InputError(message(found), p)
+    adata = c.check_counts(adata, p, "X")
     if image is not None:
         _attach_image(adata, image, library_id)
     return adata

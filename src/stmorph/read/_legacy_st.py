@@ -358,6 +358,7 @@ def legacy_st(
         lab_path = Path(labels)
         c.attach_labels(adata.obs, read_labels(lab_path), lab_path)
 
+    adata = c.check_counts(adata, counts_path, "the counts file")
     found = problems(adata)
     if found:
         raise InputError(message(found), counts_path)

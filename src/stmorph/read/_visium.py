@@ -396,6 +396,7 @@ def visium(
         if not (isinstance(labels, str) and labels == "auto") or lab_path.exists():
             c.attach_labels(adata.obs, read_barcode_labels(lab_path), lab_path)
 
+    adata = c.check_counts(adata, h5, "the count matrix")
     found = problems(adata)
     if found:
         raise InputError(message(found), outs)
