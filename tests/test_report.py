@@ -311,7 +311,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
     profile = tmp_path / "profile"
     cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={profile}", "--window-size=1440,900", "--virtual-time-budget=4000", "--dump-dom",
+           f"--user-data-dir={profile}", "--window-size=1440,900", "--virtual-time-budget=10000", "--dump-dom",
            probe.as_uri()]
     dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
     m = re.search(r"<title>(\{.*?\})</title>", dom)
@@ -321,3 +321,28 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert res["run"] > res["agreement"] + 2 * res["height"]
     assert res["painted"] > 0.2  # the square section fills about a third of the wide canvas
     assert res["hover"] == 5
+
+
+@pytest.mark.slow
+def test_cli_run_with_report(tmp_path, capsys):
+    """`stmorph run --report`: the report is built in the same command, from the in-memory result."""
+    from stmorph.cli import main
+
+    adata = _toy(fullres=True)
+    del adata.obs["stmic"], adata.obs["expression"], adata.obsm["X_stmic"], adata.uns["stmic"]
+    src = tmp_path / "toy.h5ad"
+    adata.write_h5ad(src)
+    gmt = _write_gmt(tmp_path / "sets.gmt", toy_tissue(n_side=16))
+    assert main(["run", str(src), "-m", "expression", "--gene-sets", str(gmt), "--out", str(tmp_path / "x"),
+                 "--quiet"]) == 2
+    assert "add --report" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    out = tmp_path / "out"
+    assert main(["run", str(src), "-m", "expression", "--report", "--out", str(out), "--quiet"]) == 0
+    info = json.loads((out / "run.json").read_text())
+    assert "report.html" in info["outputs"] and info["timings_s"]["report"] > 0
+    page = _parse(out / "report.html")
+    _assert_offline(out / "report.html", page)
+    assert page.sections == ["summary", "domains", "viewer", "cards", "markers", "run"]
+    assert len(page.cards) == 3  # one per expression domain
+    data = json.loads(page.json["stmorph-viewer-data"])
+    assert data["image"] == "full-resolution" and data["default"] == "expression"

@@ -6,9 +6,10 @@ the viewer is a few hundred lines of plain JavaScript written here (a ``<canvas>
 Size: the finest level covers the spots' bounding box at ``max(native, min_um_per_px)`` micrometres per
 pixel, coarsened further until it holds at most ``max_pixels`` pixels; tiles with no spot within reach
 are left out. Each coarser level halves the side until the whole section fits one tile, so the pyramid
-adds about a third to the finest level. With the defaults (1 um/px, 40 Mpx, JPEG quality 70) a
-5,000-spot Visium section (about 6.5 x 6.5 mm of tissue) is read at 1 um/px, where a nucleus is
-5-10 pixels across; see BENCHMARKS.md for the measured sizes.
+adds about a third to the finest level. Budget with the defaults (1 um/px, 28 Mpx, JPEG quality 65):
+a 2,000-spot section is shown at 1 um/px (a nucleus is 5-10 pixels across); a 5,000-spot Visium
+section (about 6.5 x 6.5 mm) at about 1.4 um/px, and its whole report stays under 15 MB (measured
+figures in BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -39,9 +40,9 @@ def viewer_data(
     *,
     default: str | None,
     library_id: str | None = None,
-    max_pixels: float = 40e6,
+    max_pixels: float = 28e6,
     min_um_per_px: float = 1.0,
-    quality: int = 70,
+    quality: int = 65,
     image: SectionImage | None = None,
 ) -> dict:
     """The JSON the viewer reads.
@@ -184,6 +185,7 @@ VIEWER_JS = r"""
   var n = D.spots.x.length, X = D.spots.x, Y = D.spots.y;
   var state = {zoom: 1, tx: 0, ty: 0, layer: D.default, opacity: 0.45, outline: false, solo: null, hover: -1};
   var cache = {}, pending = false, dpr = 1;
+  var off = document.createElement("canvas"), octx = off.getContext("2d");
 
   // unit polygon of a spot (hexagon / square as wide as the grid spacing; circle: the true diameter)
   var corners = [];
@@ -252,11 +254,12 @@ VIEWER_JS = r"""
     }
     return done;
   }
-  function spotPath(path, i) {
+  function spotPath(path, i, grow) {  // grow: screen pixels added around a tile (closes anti-aliasing seams)
     var z = state.zoom, sx = X[i] * z + state.tx, sy = Y[i] * z + state.ty;
     if (corners.length) {
-      path.moveTo(sx + corners[0][0] * z, sy + corners[0][1] * z);
-      for (var c = 1; c < corners.length; c++) { path.lineTo(sx + corners[c][0] * z, sy + corners[c][1] * z); }
+      var f = z * (1 + (grow || 0) / (D.size / 2 * z));
+      path.moveTo(sx + corners[0][0] * f, sy + corners[0][1] * f);
+      for (var c = 1; c < corners.length; c++) { path.lineTo(sx + corners[c][0] * f, sy + corners[c][1] * f); }
       path.closePath();
     } else {
       path.moveTo(sx + D.size / 2 * z, sy);
@@ -277,20 +280,29 @@ VIEWER_JS = r"""
     }
     var L = layers[state.layer], z = state.zoom, m = D.size * z;
     if (L) {
-      ctx.globalAlpha = state.outline ? 1 : state.opacity;
-      ctx.lineWidth = Math.max(1, Math.min(3, m / 12));
+      // tiles are filled opaque on a layer of their own, then laid over the H&E at the chosen opacity:
+      // no seams where neighbouring tiles' anti-aliased edges would otherwise add up
+      var o = state.outline ? ctx : octx;
+      if (!state.outline) {
+        off.width = cv.width; off.height = cv.height;
+        octx.setTransform(dpr, 0, 0, dpr, 0, 0);
+      }
+      o.lineWidth = Math.max(1, Math.min(3, m / 12));
       L.groups.forEach(function (idx, g) {
         if (state.solo !== null && state.solo !== g) { return; }
         var path = new Path2D(), any = false;
         for (var j = 0; j < idx.length; j++) {
           var i = idx[j], sx = X[i] * z + state.tx, sy = Y[i] * z + state.ty;
           if (sx < -m || sy < -m || sx > W + m || sy > H + m) { continue; }
-          spotPath(path, i); any = true;
+          spotPath(path, i, state.outline ? 0 : 0.6); any = true;
         }
         if (!any) { return; }
-        if (state.outline) { ctx.strokeStyle = L.colors[g]; ctx.stroke(path); } else { ctx.fillStyle = L.colors[g]; ctx.fill(path); }
+        if (state.outline) { o.strokeStyle = L.colors[g]; o.stroke(path); } else { o.fillStyle = L.colors[g]; o.fill(path); }
       });
-      ctx.globalAlpha = 1;
+      if (!state.outline) {
+        ctx.save(); ctx.setTransform(1, 0, 0, 1, 0, 0); ctx.globalAlpha = state.opacity;
+        ctx.drawImage(off, 0, 0); ctx.restore();
+      }
     }
     if (state.hover >= 0) {
       var p = new Path2D(); spotPath(p, state.hover);
