@@ -46,8 +46,10 @@ from ._embedding import _counts, _pca
 from ._methods import register_method, run_methods
 from ._neighbors import coordinates_um, gaussian_smoother
 
-#: Default neighbourhood radii (Gaussian sigma, micrometres).
+#: Default neighbourhood radii (Gaussian sigma, micrometres; truncated at 2.5 sigma).
 SIGMAS_UM = (100.0,)
+#: Weight of the image block against expression's, both at unit total variance.
+IMAGE_WEIGHT = 0.3
 #: Context patch: radius 3 spot spacings (SENCA-st: the third-degree neighbour), i.e. side 6 spacings.
 CONTEXT_PATCH = "6spacing"
 
@@ -275,7 +277,7 @@ def _run_stmorph(adata, run) -> None:
     """The ``stmorph`` method inside :func:`run_methods` (options from ``stmorph_options``)."""
     o = dict(run.stmorph_options)
     use_image = o.pop("use_image", None)
-    image_weight = float(o.pop("image_weight", 0.5))
+    image_weight = float(o.pop("image_weight", IMAGE_WEIGHT))
     sigmas = o.pop("sigmas_um", SIGMAS_UM)
     n_top_genes = o.pop("n_top_genes", 3000)
     n_comps = int(o.pop("n_comps", 20))
@@ -326,7 +328,7 @@ def stmorph(
     *,
     n_clusters: int | None = None,
     use_image: bool | None = None,
-    image_weight: float = 0.5,
+    image_weight: float = IMAGE_WEIGHT,
     sigmas_um: float | Sequence[float] = SIGMAS_UM,
     n_top_genes: int | None = 3000,
     n_comps: int = 20,
