@@ -54,7 +54,7 @@ def gsea_bars(
         sub = df[df["domain"].astype(str) == d]
         sub = sub.reindex(sub["nes"].abs().sort_values(ascending=False).index).head(top).iloc[::-1]
         y = np.arange(len(sub))
-        colors = [("#c0392b" if n > 0 else "#2c7fb8") if s else "#bdbdbd" for n, s in zip(sub["nes"], sub["sig"],
+        colors = [("#d55e00" if n > 0 else "#0072b2") if s else "#bdbdbd" for n, s in zip(sub["nes"], sub["sig"],
                                                                                              strict=True)]
         ax.barh(y, sub["nes"], color=colors)
         ax.set_yticks(y, [t if len(t) <= 40 else t[:38] + "…" for t in sub["term"].astype(str)], fontsize=8)
