@@ -1,7 +1,7 @@
 """Images: lazy whole-slide access, spot-centred patches, pretrained encoders, image features."""
 
 from ._patches import MultiPatchBatch, PatchBatch, crop_patches, iter_patches, iter_patches_multi, patch_size_px  # noqa: E402,E501
-from ._slide import Slide, open_slide, slide_for  # noqa: E402
+from .slide import Slide, open_slide, slide_for  # noqa: E402
 from . import encoders  # noqa: E402
 from ._features import features  # noqa: E402
 from .encoders import get_encoder, list_encoders, register_encoder  # noqa: E402
