@@ -110,7 +110,8 @@ def _run_dir(tmp_path, *, annotation=True, fullres=False, adata=None, methods=("
     adata.write_h5ad(out / "result.h5ad")
     info = {"stmorph_version": "0.1.0", "command": "stmorph run toy --out out <&>", "input": "/data/toy",
             "methods": list(methods), "parameters": {"n_clusters": 3, "resolution": 1.7},
-            "timings_s": {"read": 0.5}, "packages": {"numpy": np.__version__}, "encoder": {"name": "efficientnet_lite2"}}
+            "timings_s": {"read": 0.5}, "packages": {"numpy": np.__version__},
+            "encoder": {"name": "efficientnet_lite2"}}
     (out / "run.json").write_text(json.dumps(info))
     return out
 

@@ -32,7 +32,7 @@ MISSING_COLOR = "#d3d3d3"
 
 
 def palette(n: int) -> list[str]:
-    """``n`` distinct colours: :data:`PALETTE` (colour-blind safe), then tab20/tab20b/tab20c, then evenly spaced hues."""
+    """``n`` distinct colours: :data:`PALETTE` (colour-blind safe), then tab20/b/c, then evenly spaced hues."""
     cols = list(PALETTE)
     if n > len(cols):
         from matplotlib import colormaps

@@ -91,7 +91,7 @@ class MapPainter:
 
 def patch_strip(adata, image: SectionImage, rows: list[int], color: str, *, side_um: float = 110.0,
                 out: int = 112, library_id: str | None = None) -> bytes | None:
-    """H&E patches centred on ``rows`` side by side (``side_um`` micrometres each, or two spot diameters),
+    """H&E patches centred on ``rows`` side by side (``side_um`` micrometres each, at least two spot diameters),
     the spot's outline drawn in the domain's colour."""
     if not image or not rows:
         return None
@@ -101,8 +101,8 @@ def patch_strip(adata, image: SectionImage, rows: list[int], color: str, *, side
 
     xy = _spatial.coordinates(adata)
     diam = spot_diameter(adata, library_id=library_id)
-    try:
-        side = side_um / _spatial.microns_per_pixel(adata, library_id)
+    try:  # side_um, and at least two spot diameters (legacy ST spots are 100 um across)
+        side = max(side_um / _spatial.microns_per_pixel(adata, library_id), 2 * diam)
     except InputError:  # no physical scale: two spot diameters
         side = 2 * diam
     gap = 4
@@ -146,7 +146,8 @@ def card_html(
     parts.append('<div class="cardtables">')
     if markers is not None and len(markers):
         rows = "".join(
-            f"<tr><td><i>{_esc(r.gene)}</i></td><td class=num>{r.logfoldchange:.2f}</td><td class=num>{r.score:.1f}</td>"
+            f"<tr><td><i>{_esc(r.gene)}</i></td><td class=num>{r.logfoldchange:.2f}</td>"
+            f"<td class=num>{r.score:.1f}</td>"
             f"<td class=num>{_p(r.pval_adj)}</td><td class=num>{100 * r.pct_in:.0f}</td>"
             f"<td class=num>{100 * r.pct_out:.0f}</td></tr>"
             for r in markers.itertuples())

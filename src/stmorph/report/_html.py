@@ -254,7 +254,8 @@ def build_report(
     parts.append('<section id="summary">')
     parts.append(f"<h1>Spatial domains: {_esc(section)}</h1>")
     parts.append(f'<p class="sub">{adata.n_obs:,} spots × {adata.n_vars:,} genes · methods: '
-                 f"{_esc(', '.join(ordered))} · cards and markers for <b>{_esc(method)}</b> · generated {_esc(now)}</p>")
+                 f"{_esc(', '.join(ordered))} · cards and markers for <b>{_esc(method)}</b> · "
+                 f"generated {_esc(now)}</p>")
     facts = [(f"{adata.n_obs:,}", "spots"), (str(len(labels)), f"{method} domains")]
     if has_ann:
         facts.append((str(ev.scored_labels(adata).nunique()), "annotated regions"))
