@@ -102,8 +102,12 @@ def test_choose_n_clusters_finds_planted_count():
         a = _adata_from(X, truth)
         tl.cluster(a, "X_rep", method="gmm", key_added="auto")
         assert a.obs["auto"].nunique() == k
-        assert a.uns["auto"]["params"]["n_clusters_chosen_by"] == "bic"
-        assert len(a.uns["auto"]["n_clusters_scores"]) >= 10
+        assert a.uns["auto"]["params"]["n_clusters_chosen_by"] == "louvain"
+        tl.cluster(a, "X_rep", method="gmm", key_added="bic", k_criterion="bic")
+        assert a.obs["bic"].nunique() == k
+        assert len(a.uns["bic"]["n_clusters_scores"]) == 11  # k = 2..12
+    with pytest.raises(InputError, match="criterion"):
+        tl.choose_n_clusters(X, criterion="aic")
 
 
 def test_cluster_refuses_or_clamps_impossible_parameters():
@@ -183,4 +187,4 @@ def test_stmorph_chooses_k_without_n_clusters(section):
     a = section.copy()
     tl.stmorph(a, use_image=False)
     k = a.obs["stmorph"].nunique()
-    assert 2 <= k <= 12 and a.uns["stmorph"]["params"]["n_clusters_chosen_by"] == "bic"
+    assert 2 <= k <= 12 and a.uns["stmorph"]["params"]["n_clusters_chosen_by"] == "louvain"

@@ -11,7 +11,7 @@ the resolution by bisection until the number of clusters matches.
 components (``covariance_type="tied"``: the role mclust's EEE model plays for
 GraphST), seeded and restarted ``n_init`` times, which gives exactly
 ``n_clusters`` domains; without ``n_clusters`` the count is chosen by
-:func:`choose_n_clusters`. Any method's labels can then be refined by a
+:func:`choose_n_clusters` (modularity of the embedding's kNN graph). Any method's labels can then be refined by a
 majority vote over spatial neighbours (``refine=True``, see
 :func:`stmorph.tl._neighbors.refine_labels`).
 """
@@ -278,12 +278,15 @@ def gaussian_mixture(
     k = int(n_clusters)
     floor = max(5.0, min_size * n) if k * 5 <= n else 1.0
     scale = float(np.mean(np.var(X, axis=0))) if n > 1 else 1.0
+    from threadpoolctl import threadpool_limits
+
     rng = np.random.default_rng(random_state)
     best = None
     for _ in range(max(1, int(n_init))):
         gm = GaussianMixture(n_components=k, covariance_type=covariance_type, random_state=int(rng.integers(2**31)),
                              max_iter=max_iter, reg_covar=1e-6 * max(scale, 1e-12))
-        with warnings.catch_warnings():
+        # n x ~20 matrices: BLAS threads cost more than they give (5x slower on a busy 2-core machine)
+        with warnings.catch_warnings(), threadpool_limits(1):
             warnings.filterwarnings("ignore", message=".*did not converge.*")
             gm.fit(X)
         labels = gm.predict(X)
@@ -295,25 +298,31 @@ def gaussian_mixture(
 
 
 #: Criteria :func:`choose_n_clusters` knows.
-K_CRITERIA = ("bic",)
+K_CRITERIA = ("louvain", "bic")
 
 
 def choose_n_clusters(
     X: np.ndarray,
     k_range: tuple[int, int] = (2, 12),
     *,
-    criterion: str = "bic",
-    covariance_type: str = "tied",
+    criterion: str = "louvain",
+    n_neighbors: int = 15,
+    resolution: float = 0.5,
     n_init: int = 3,
     random_state: int = 0,
 ) -> tuple[int, dict[int, float]]:
-    """Choose the number of mixture components. Returns ``(k, {k: score})``.
+    """Choose the number of domains. Returns ``(k, scores)``.
 
-    ``criterion="bic"``: the Bayesian information criterion of the tied-covariance
-    mixture (what mclust uses to pick a model), evaluated for every k in
-    ``k_range`` (inclusive); the chosen k is the *elbow*: the smallest k whose
-    BIC gain over k - 1 falls below a tenth of the largest gain seen (BIC keeps
-    falling slowly on thousands of spots, so its plain minimum overshoots).
+    ``criterion="louvain"`` (default): the number of communities Louvain finds on
+    the kNN graph of ``X`` (``n_neighbors`` = 15, scanpy's default; Jaccard
+    weights) at ``resolution`` 0.5, clamped to ``k_range``. Modularity decides
+    how many groups the embedding holds; the mixture then draws their borders.
+    ``scores`` maps the count found to the modularity resolution used.
+
+    ``criterion="bic"``: the elbow of the tied mixture's BIC over ``k_range``
+    (the smallest k whose BIC gain over k - 1 falls below a tenth of the
+    largest gain). On the development sections BIC kept falling up to the top
+    of the range, so it is not the default; ``scores`` maps k to BIC.
     """
     if criterion not in K_CRITERIA:
         msg = f"criterion={criterion!r} is not one of {K_CRITERIA}."
@@ -323,12 +332,15 @@ def choose_n_clusters(
     if lo < 1 or hi < lo:
         msg = f"k_range={k_range} is not a valid range of cluster counts for {X.shape[0]} spots."
         raise InputError(msg)
+    if criterion == "louvain":
+        A = knn_graph(X, min(int(n_neighbors), X.shape[0] - 1), random_state=random_state)
+        labels, _, _ = cluster_graph(A, method="louvain", resolution=resolution, random_state=random_state)
+        found = int(labels.max()) + 1
+        return int(min(max(found, lo), hi)), {found: float(resolution)}
     scores = {}
     for k in range(max(lo - 1, 1), hi + 1):
-        _, scores[k] = gaussian_mixture(X, k, covariance_type=covariance_type, n_init=n_init,
-                                        random_state=random_state)
-    ks = sorted(scores)
-    gains = {k: scores[k - 1] - scores[k] for k in ks if k - 1 in scores}
+        _, scores[k] = gaussian_mixture(X, k, n_init=n_init, random_state=random_state)
+    gains = {k: scores[k - 1] - scores[k] for k in scores if k - 1 in scores}
     top = max(gains.values()) if gains else 0.0
     chosen = hi
     for k in range(lo, hi + 1):
@@ -336,7 +348,7 @@ def choose_n_clusters(
         if nxt is None or nxt < 0.1 * top:
             chosen = k
             break
-    return int(chosen), {k: scores[k] for k in ks if k >= lo}
+    return int(chosen), {k: scores[k] for k in sorted(scores) if k >= lo}
 
 
 def cluster(
@@ -350,6 +362,7 @@ def cluster(
     weights: str = "jaccard",
     n_init: int = 10,
     k_range: tuple[int, int] = (2, 12),
+    k_criterion: str = "louvain",
     refine: bool = False,
     refine_radius_um: float | None = None,
     key_added: str | None = None,
@@ -379,14 +392,15 @@ def cluster(
         are found; if no resolution gives that count, a warning says so and the
         closest count is kept (``uns[key_added]["n_clusters_matched"]`` is False).
         ``"gmm"``: the number of components; ``None`` chooses it by
-        :func:`choose_n_clusters` within ``k_range``.
+        :func:`choose_n_clusters` (``k_criterion``) within ``k_range``.
     weights
         Edge weights of the kNN graph: ``"jaccard"`` (Orange, as stMIC),
         ``"binary"`` or ``"gaussian"``.
     n_init
         Restarts of the Gaussian mixture (the best likelihood is kept).
-    k_range
-        Smallest and largest count ``"gmm"`` considers when ``n_clusters`` is None.
+    k_range, k_criterion
+        Smallest and largest count ``"gmm"`` considers when ``n_clusters`` is None, and
+        how it chooses (``"louvain"`` or ``"bic"``, see :func:`choose_n_clusters`).
     refine
         Relabel each spot by the majority of its spatial neighbours when its own
         label holds less than half of them (SpaGCN/GraphST); off by default.
@@ -441,9 +455,9 @@ def cluster(
     params: dict = {"use_rep": use_rep, "method": method, "n_clusters": n_clusters, "random_state": random_state}
     if method == "gmm":
         if n_clusters is None:
-            n_clusters, scores = choose_n_clusters(X, k_range, random_state=random_state)
+            n_clusters, scores = choose_n_clusters(X, k_range, criterion=k_criterion, random_state=random_state)
             extra["n_clusters_scores"] = {str(k): v for k, v in scores.items()}
-            params.update(n_clusters_chosen_by="bic", k_range=[int(k_range[0]), int(k_range[1])])
+            params.update(n_clusters_chosen_by=k_criterion, k_range=[int(k_range[0]), int(k_range[1])])
         labels, _ = gaussian_mixture(X, n_clusters, n_init=n_init, random_state=random_state)
         labels = _relabel(labels)
         matched = int(labels.max()) + 1 == n_clusters

@@ -8,7 +8,7 @@ What the founding papers and the strongest peers teach, as one chain of named st
     image_context_embedding        standardise -> PCA per patch size -> neighbourhood mean -> PCA     obsm["X_stmorph_image"]
     integrate (balanced)           each modality scaled to unit total variance, image x weight        obsm["X_stmorph"]
     cluster                        tied-covariance Gaussian mixture (mclust EEE's role), exactly k
-                                   or k chosen by BIC elbow; majority refinement over the first ring  obs["stmorph"]
+                                   or k chosen by modularity; majority refinement over the first ring obs["stmorph"]
 
 Why each step:
 
@@ -352,8 +352,9 @@ def stmorph(
     adata
         A section in stmorph's data model (counts, ``obsm["spatial"]``, ``uns["spatial"]``).
     n_clusters
-        Number of domains; ``None`` chooses it by the BIC elbow of the mixture
-        (:func:`stmorph.tl.cluster`'s ``k_range``), recorded in ``uns["stmorph"]``.
+        Number of domains; ``None`` chooses it as the number of Louvain communities
+        of the embedding's kNN graph (k = 15, resolution 0.5; see
+        :func:`stmorph.tl.choose_n_clusters`), within ``k_range``; recorded in ``uns["stmorph"]``.
     use_image
         ``None``: use the H&E when there is one (or image features in ``obsm``);
         ``False``: expression only; ``True``: refuse to run without one.
