@@ -347,3 +347,11 @@ def test_cli_run_with_report(tmp_path, capsys):
     assert len(page.cards) == 3  # one per expression domain
     data = json.loads(page.json["stmorph-viewer-data"])
     assert data["image"] == "full-resolution" and data["default"] == "expression"
+
+
+def test_no_patch_strip_from_a_coarse_image(tmp_path):
+    """Without a full-resolution image the cards say why they show no H&E strip (hires too coarse here)."""
+    out = _run_dir(tmp_path)
+    page = _parse(report.write_report(out, viewer=False))
+    assert all(len(c["imgs"]) == 1 for c in page.cards)  # the map only
+    assert "No H&E strips: the hires image is too coarse" in " ".join(page.text)

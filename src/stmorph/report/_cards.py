@@ -90,9 +90,10 @@ class MapPainter:
 
 
 def patch_strip(adata, image: SectionImage, rows: list[int], color: str, *, side_um: float = 110.0,
-                out: int = 112, library_id: str | None = None) -> bytes | None:
+                out: int = 112, min_source_px: int = 32, library_id: str | None = None) -> bytes | None:
     """H&E patches centred on ``rows`` side by side (``side_um`` micrometres each, at least two spot diameters),
-    the spot's outline drawn in the domain's colour."""
+    the spot's outline drawn in the domain's colour; ``None`` when the image holds fewer than
+    ``min_source_px`` pixels across a patch."""
     if not image or not rows:
         return None
     from PIL import Image, ImageDraw
@@ -105,6 +106,8 @@ def patch_strip(adata, image: SectionImage, rows: list[int], color: str, *, side
         side = max(side_um / _spatial.microns_per_pixel(adata, library_id), 2 * diam)
     except InputError:  # no physical scale: two spot diameters
         side = 2 * diam
+    if side * image.scale < min_source_px:  # e.g. a 600-px lowres image: a blur, not a picture of the tissue
+        return None
     gap = 4
     strip = Image.new("RGB", (len(rows) * (out + gap) - gap, out), (255, 255, 255))
     for j, i in enumerate(rows):

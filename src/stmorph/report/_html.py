@@ -330,7 +330,7 @@ def build_report(
         lab_arr = adata.obs[method].astype(str).to_numpy()
         valid = adata.obs[method].notna().to_numpy()
         ann = ev.scored_labels(adata) if has_ann else None
-        cards = []
+        cards, any_patches = [], False
         for lab in labels:
             mask = (lab_arr == lab) & valid
             color = colors[method].get(lab, MISSING_COLOR)
@@ -348,11 +348,17 @@ def build_report(
             if image:
                 rows = _cards.representative_spots(adata, method, lab, n_patches, rep=rep)
                 patches = _cards.patch_strip(adata, image, rows, color, library_id=library_id)
+                any_patches = any_patches or patches is not None
             cards.append(_cards.card_html(
                 label=lab, name=f"Domain {names.get(lab, lab)}", color=color, n_spots=int(mask.sum()),
                 n_total=int(valid.sum()), map_png=painter.draw(mask, color),
                 markers=top[top["domain"].astype(str) == lab] if top is not None else None,
                 gsea=g, patches=patches, composition=comp, method=method))
+        if not any_patches:
+            why = (f"the {_esc(image.kind)} image is too coarse (fewer than 32 pixels across a patch)" if image
+                   else "the result has no image")
+            parts.append(f'<p class="note">No H&amp;E strips: {why}; give the full-resolution H&amp;E '
+                         "(<code>stmorph run --image</code>).</p>")
         parts.append('<div class="cards">' + "".join(cards) + "</div>")
         if mk_error:
             parts.append(f'<p class="warn">Marker genes could not be computed: {_esc(mk_error)}</p>')
