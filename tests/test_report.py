@@ -200,6 +200,9 @@ def test_report_chosen_method_is_not_hard_coded(tmp_path):
     assert report.chosen_method(adata, ["newmethod"]) == "newmethod"
     adata.uns["stmorph"] = {"primary": "newmethod", "steps_s": {"read": 1.0}}
     assert report.chosen_method(adata, ["stmic", "stmorph", "newmethod"]) == "newmethod"
+    adata.uns["stmorph_run"] = {"primary": "stmic"}  # the run's bookkeeping, beside the method's own uns
+    assert report.chosen_method(adata, ["stmic", "stmorph", "newmethod"]) == "stmic"
+    del adata.uns["stmorph_run"]
     # without run.json, methods come from obs: known names and columns a clustering tool wrote
     assert report.report_methods(adata) == ["stmic", "expression", "stmorph", "newmethod"]
     assert report.report_methods(adata, {"methods": ["newmethod", "missing"]}) == ["newmethod"]

@@ -161,12 +161,13 @@ def report_methods(adata, info: Mapping | None = None) -> list[str]:
 
 
 def chosen_method(adata, methods: Sequence[str]) -> str:
-    """``uns["stmorph"]["primary"]`` when it names a shown method, else the first of
-    :data:`METHOD_PREFERENCE` present, else the first method."""
-    st = adata.uns.get("stmorph")
-    primary = st.get("primary") if isinstance(st, Mapping) else None
-    if isinstance(primary, str) and primary in methods:
-        return primary
+    """The run's primary method (``uns["stmorph_run"]["primary"]`` or ``uns["stmorph"]["primary"]``) when it
+    names a shown method, else the first of :data:`METHOD_PREFERENCE` present, else the first method."""
+    for key in ("stmorph_run", "stmorph"):
+        st = adata.uns.get(key)
+        primary = st.get("primary") if isinstance(st, Mapping) else None
+        if isinstance(primary, str) and primary in methods:
+            return primary
     return next((m for m in METHOD_PREFERENCE if m in methods), methods[0])
 
 
