@@ -59,7 +59,6 @@ class _OpenSlideLevel(_Level):
         except (KeyError, ValueError):
             self.tile = (256, 256)
         self.convert = _ToRGB8(np.uint8, 4, alpha="unassoc")
-        self.n_decoded = 0
 
     def read(self, y0, y1, x0, x1, cache=True):
         from openslide import OpenSlideError
@@ -70,7 +69,6 @@ class _OpenSlideLevel(_Level):
         except OpenSlideError as e:
             msg = f"OpenSlide cannot read level {self.k} at {loc}: {e}"
             raise ImageError(msg, self.slide.path) from e
-        self.n_decoded += 1
         return self.convert(np.asarray(im))
 
     def close(self):
