@@ -99,7 +99,7 @@ def resolve_backend(dev, backend: str, precision: str) -> str:
 
     ``"auto"``: ONNX Runtime on CPU when it is installed and inference would
     run in float32 (no bf16 instructions, or ``precision="float32"``/``"int8"``):
-    its fused kernels are about 2x faster there (``benchmarks/bench_features.py``);
+    its fused kernels ran the forward 2.3x faster there (BENCHMARKS.md section 3b);
     PyTorch otherwise (CUDA; bf16 autocast on CPUs with bf16).
     """
     from . import _onnx
@@ -362,8 +362,9 @@ def features(
         equal: cosine to float32 about 0.99 on average, see BENCHMARKS.md). Part of the cache key.
     backend
         ``"auto"``: ONNX Runtime on CPU when installed (``pip install
-        onnxruntime onnx``) and inference runs in float32 (about 2x faster,
-        same float32 features); PyTorch otherwise. ``"torch"``, ``"onnxruntime"``.
+        onnxruntime onnx``) and inference runs in float32 (forward 2.3x faster,
+        whole call 1.75x on a 2-core AVX-512 machine; same float32 features);
+        PyTorch otherwise. ``"torch"``, ``"onnxruntime"``.
     copy
         Return a modified copy instead of writing into ``adata``.
 

@@ -2,9 +2,9 @@
 
 The encoder's module is exported once per process for its fixed input size
 (TensorFlow "SAME" paddings and the like become constants) and run by ONNX
-Runtime's CPU provider, whose fused convolution kernels ran EfficientNet-Lite2
-about 2x faster than PyTorch eager float32 on the same cores with the same
-float32 features (``benchmarks/bench_features.py``). ``int8``: static
+Runtime's CPU provider, whose fused convolution kernels ran EfficientNet-Lite2's
+forward 2.3x faster than PyTorch eager float32 on the same cores with the same
+float32 features (whole ``features()`` call 1.75x; BENCHMARKS.md section 3b). ``int8``: static
 post-training quantisation (per-channel int8 weights, uint8 activations,
 min-max calibrated on patches of the slide itself), faster again but only
 approximately equal (see ``precision`` in :func:`stmorph.im.features`).
