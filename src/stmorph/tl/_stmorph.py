@@ -48,6 +48,8 @@ from ._neighbors import coordinates_um, gaussian_smoother
 
 #: Default neighbourhood radii (Gaussian sigma, micrometres; truncated at 2.5 sigma).
 SIGMAS_UM = (100.0,)
+#: Scaled expression is clipped at this many standard deviations (scanpy's ``scale(max_value=10)``).
+MAX_Z = 10.0
 #: Weight of the image block against expression's, both at unit total variance.
 IMAGE_WEIGHT = 0.3
 #: Context patch: radius 3 spot spacings (SENCA-st: the third-degree neighbour), i.e. side 6 spacings.
@@ -62,12 +64,15 @@ def _check_sigmas(sigmas_um) -> list[float]:
     return sig
 
 
+def _neighbourhood_means(xy_um: np.ndarray, sigmas_um: list[float]) -> list[sp.csr_matrix]:
+    """One row-stochastic Gaussian kernel per radius, the spot itself left out (as BANKSY does): the balance
+    between a spot and its neighbourhood is then the same whatever the spot density of the platform."""
+    return [gaussian_smoother(xy_um, s, include_self=False) for s in sigmas_um]
+
+
 def _with_context(P: np.ndarray, xy_um: np.ndarray, sigmas_um: list[float]) -> np.ndarray:
     """``[P | W_s P for each sigma]``: own coordinates plus neighbourhood means."""
-    blocks = [P]
-    for s in sigmas_um:
-        blocks.append(np.asarray(gaussian_smoother(xy_um, s) @ P))
-    return np.hstack(blocks)
+    return np.hstack([P] + [np.asarray(W @ P) for W in _neighbourhood_means(xy_um, sigmas_um)])
 
 
 def _log_hvg(X: sp.csr_matrix, n_top_genes: int | None, target_sum: float) -> tuple[sp.csr_matrix, np.ndarray]:
@@ -187,17 +192,25 @@ def spatial_expression_embedding(
         msg = f"{int(np.sum(totals <= 0))} spot(s) have zero total counts; filter them out before embedding."
         raise InputError(msg)
     L, genes = _log_hvg(X, n_top_genes, target_sum)
-    # scale each gene to unit variance, centring left implicit so the matrix stays sparse
+    # scale each gene to unit variance, centring left implicit so the matrix stays sparse; values above
+    # 10 standard deviations are clipped (scanpy's scale(max_value=10)) so that a gene seen in a handful
+    # of spots cannot make those spots outliers that the mixture then spends domains on
     mean = np.asarray(L.mean(axis=0)).ravel()
     var = np.asarray(L.multiply(L).mean(axis=0)).ravel() - mean**2
     keep = var > 1e-12
-    L = sp.csr_matrix(L[:, keep] @ sp.diags(1.0 / np.sqrt(var[keep])))
+    L = sp.csr_matrix(L[:, keep])
+    sd = np.sqrt(var[keep])
+    L.data = np.minimum(L.data, (mean[keep] + MAX_Z * sd)[L.indices])
+    L = sp.csr_matrix(L @ sp.diags(1.0 / sd))
     n_out = int(min(n_comps, min(L.shape) - 1))
     if n_out < 1:
         msg = f"{adata.n_obs} spot(s) x {L.shape[1]} variable gene(s) are too few for an expression embedding."
         raise InputError(msg)
     xy = coordinates_um(adata)
-    Z, singular_values = _context_pca(L, [gaussian_smoother(xy, s_) for s_ in sig], n_out, random_state)
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):  # tall-skinny QRs: BLAS threads only contend (10x slower on a busy 2-core machine)
+        Z, singular_values = _context_pca(L, _neighbourhood_means(xy, sig), n_out, random_state)
     adata.obsm[key_added] = Z
     adata.uns[key_added] = {
         "params": {"sigmas_um": sig, "n_top_genes": n_top_genes, "n_genes_used": int(keep.sum()),
