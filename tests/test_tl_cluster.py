@@ -52,8 +52,11 @@ def test_cluster_warns_when_count_cannot_be_reached():
     X, _ = _blobs(n_per=5, k=2, sep=100.0)
     a = ad.AnnData(np.zeros((len(X), 1), dtype=np.float32), obsm={"X_b": X})
     with pytest.warns(UserWarning, match="no resolution gave exactly"):
-        tl.cluster(a, "X_b", n_neighbors=5, n_clusters=9)
+        tl.cluster(a, "X_b", n_neighbors=5, n_clusters=5)
     assert a.uns["b"]["n_clusters_matched"] is False
+    # the closest count to 9 of 10 spots puts every spot in a domain of its own: refused, not returned
+    with pytest.raises(InputError, match="domain of its own"):
+        tl.cluster(a, "X_b", n_neighbors=5, n_clusters=9)
 
 
 def test_cluster_rejects_bad_input():

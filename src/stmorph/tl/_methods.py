@@ -37,17 +37,33 @@ class Method:
     run: Callable[[Any, MethodRun], None]
     image: str = "none"
     summary: str = ""
+    patches: tuple[str, ...] = ()
 
 
 _REGISTRY: dict[str, Method] = {}
 
 
-def register_method(name: str, run: Callable, *, image: str = "none", summary: str = "") -> Method:
-    """Register ``run(adata, method_run)`` under ``name`` (the ``obs`` key it writes)."""
+#: Image features methods can declare (``patches=``): obsm key and patch size; ``"spot"`` follows the run's
+#: ``feature_key``/``patch`` options. :func:`run_methods` computes every declared one the chosen methods need
+#: in one pass over the slide (each region decoded once).
+PATCHES = {"spot": None, "context": ("X_image_context", "6spacing")}
+
+
+def register_method(name: str, run: Callable, *, image: str = "none", summary: str = "",
+                    patches: tuple[str, ...] = ()) -> Method:
+    """Register ``run(adata, method_run)`` under ``name`` (the ``obs`` key it writes).
+
+    ``patches`` names the image features the method reads (keys of :data:`PATCHES`), so that a run of
+    several methods extracts them all in one pass.
+    """
     if image not in _IMAGE_USE:
         msg = f"image={image!r} is not one of {_IMAGE_USE}."
         raise ValueError(msg)
-    m = Method(name, run, image, summary)
+    unknown = [p for p in patches if p not in PATCHES]
+    if unknown:
+        msg = f"patches {unknown} are not among {list(PATCHES)}."
+        raise ValueError(msg)
+    m = Method(name, run, image, summary, tuple(patches))
     _REGISTRY[name] = m
     return m
 
@@ -143,6 +159,10 @@ class MethodRun:
                     key_added=tuple(k for k, _ in todo) if len(todo) > 1 else (todo[0][0] if todo else None),
                     image=self.image, device=self.device, progress=self.progress)
         return keys
+
+    def patch_key(self, name: str) -> tuple[str, Any]:
+        """``(obsm key, patch size)`` of a declared patch (see :data:`PATCHES`)."""
+        return (self.feature_key, self.patch) if PATCHES[name] is None else PATCHES[name]
 
     def expression_count(self) -> int | None:
         """The cluster count for methods told to follow the expression baseline (stMIC's protocol)."""
@@ -272,6 +292,11 @@ def run_methods(
         "random_state": random_state, "progress": progress,
     }
     run = MethodRun(adata, options, n_clusters, image_ok)
+    wanted = list(dict.fromkeys(p for m in chosen for p in get_method(m).patches)) if image_ok else []
+    if len(wanted) > 1:  # one pass over the slide for every patch size the chosen methods read
+        keys, sizes = zip(*[run.patch_key(p) for p in wanted])
+        run.current = chosen[0]
+        run.image_features(keys, sizes)
     for name in chosen:
         run.run_method(name)
 

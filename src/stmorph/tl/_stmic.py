@@ -60,9 +60,9 @@ def _run_stmic(adata, run) -> None:
 
 register_method("expression", _run_expression,
                 summary="stMIC's expression-only baseline (GEBC): CPM, log1p, scale, PCA 10, kNN 39, Louvain")
-register_method("image", _run_image, image="required",
+register_method("image", _run_image, image="required", patches=("spot",),
                 summary="stMIC's image-only baseline: CNN features of the spot patch, PCA 10, kNN 39, Louvain")
-register_method("stmic", _run_stmic, image="required",
+register_method("stmic", _run_stmic, image="required", patches=("spot",),
                 summary="stMIC (Song et al.): expression PCA 10 + image PCA 10, kNN 39, Louvain")
 
 

@@ -4,7 +4,7 @@ What the founding papers and the strongest peers teach, as one chain of named st
 
     spatial_expression_embedding   counts -> CPM 1e4 -> log1p -> HVG -> scale
                                    -> [own | Gaussian neighbourhood mean at each radius (um)] -> PCA   obsm["X_stmorph_expr"]
-    im.features (x2)               spot patch + context patch (SENCA-st's 3-spacing radius)          obsm["X_image"], ["X_image_context"]
+    im.features (one pass)         spot patch + context patch (side 6 spacings: SENCA-st's radius)   obsm["X_image"], ["X_image_context"]
     image_context_embedding        standardise -> PCA per patch size -> neighbourhood mean -> PCA     obsm["X_stmorph_image"]
     integrate (balanced)           each modality scaled to unit total variance, image x weight        obsm["X_stmorph"]
     cluster                        tied-covariance Gaussian mixture (mclust EEE's role), exactly k
@@ -52,8 +52,6 @@ SIGMAS_UM = (100.0,)
 MAX_Z = 10.0
 #: Weight of the image block against expression's, both at unit total variance.
 IMAGE_WEIGHT = 0.3
-#: Context patch: radius 3 spot spacings (SENCA-st: the third-degree neighbour), i.e. side 6 spacings.
-CONTEXT_PATCH = "6spacing"
 
 
 def _check_sigmas(sigmas_um) -> list[float]:
@@ -312,7 +310,8 @@ def _run_stmorph(adata, run) -> None:
              n_comps=n_comps, random_state=rs)
     reps, weights = ["X_stmorph_expr"], [1.0]
     if use_image:
-        spot, context = run.image_features((run.feature_key, "X_image_context"), (run.patch, CONTEXT_PATCH))
+        (spot, _), (context, context_patch) = run.patch_key("spot"), run.patch_key("context")
+        run.image_features((spot, context), (run.patch, context_patch))
         run.step("stmorph_image", image_context_embedding, adata, use_reps=(spot, context), sigmas_um=sigmas,
                  random_state=rs)
         reps.append("X_stmorph_image")
@@ -331,7 +330,7 @@ def _run_stmorph(adata, run) -> None:
     )
 
 
-register_method("stmorph", _run_stmorph, image="optional",
+register_method("stmorph", _run_stmorph, image="optional", patches=("spot", "context"),
                 summary="stmorph: expression with spatial context (+ image spot and context patches), "
                         "tied Gaussian mixture, spatial refinement")
 
