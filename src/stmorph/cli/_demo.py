@@ -12,14 +12,14 @@ import time
 from pathlib import Path
 
 from ._run import (add_common_options, check_report_options, execute, input_paths, method_options, recording_warnings,
-                   resolve_methods, summary)
+                   METHOD_CHOICES, resolve_methods, summary)
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="run every method on built-in synthetic tissue", description=__doc__)
     p.add_argument("--out", "-o", required=True, help="output folder (must not exist unless --force)")
     p.add_argument("--n-spots", type=int, default=2000, help="spots in the synthetic section (default 2000)")
-    p.add_argument("--method", "-m", action="append", choices=("stmic", "expression", "image", "senca", "all"),
+    p.add_argument("--method", "-m", action="append", choices=METHOD_CHOICES,
                    default=None, help="method(s) to run (default: all)")
     add_common_options(p)
     p.set_defaults(func=main)
