@@ -295,8 +295,12 @@ def run_methods(
     wanted = list(dict.fromkeys(p for m in chosen for p in get_method(m).patches)) if image_ok else []
     if len(wanted) > 1:  # one pass over the slide for every patch size the chosen methods read
         keys, sizes = zip(*[run.patch_key(p) for p in wanted])
-        run.current = chosen[0]
+        run.current = "_prefetch"
         run.image_features(keys, sizes)
+        prefetch = run.uses.pop("_prefetch", [])
+        for m in chosen:  # its time counts for every method that reads image features
+            if get_method(m).patches:
+                run.uses.setdefault(m, []).extend(prefetch)
     for name in chosen:
         run.run_method(name)
 
