@@ -1,4 +1,4 @@
-"""The ``stmorph`` command line: ``run``, ``demo``, ``benchmark``, ``report``.
+"""The ``stmorph`` command line: ``run``, ``demo``, ``benchmark``, ``report``, ``cohort``.
 
 Each sub-command lives in its own module exposing ``add_parser(subparsers)``
 and ``main(args) -> int``. Errors caused by the user's input are printed as one
@@ -16,7 +16,7 @@ import threading
 from .. import __version__
 from ..errors import StmorphError
 
-_COMMANDS = ("run", "demo", "benchmark", "report")
+_COMMANDS = ("run", "demo", "benchmark", "report", "cohort")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -266,7 +266,10 @@ def summary(info: dict, out: Path) -> str:
     return "\n".join(lines)
 
 
-def main(args) -> int:
+def run_section(args, command: str) -> dict:
+    """What ``stmorph run`` does with its parsed ``args``: read, run the methods, write ``args.out``
+    atomically (``--force`` rules as usual); returns run.json's content. ``stmorph cohort`` runs each
+    section through here, so a cohort's section folders are exactly what ``stmorph run`` writes."""
     from .._outputs import atomic_dir, check_writable
 
     out = Path(args.out)
@@ -277,7 +280,7 @@ def main(args) -> int:
     t0 = time.perf_counter()
     adata, read_warnings = recording_warnings(read_input, args.input, image=args.image, spots=args.spots,
                                               labels=args.labels, pixel_scale=args.pixel_scale)
-    info = {"command": "stmorph " + " ".join(sys.argv[1:]) if sys.argv else "stmorph run",
+    info = {"command": command,
             "input": str(Path(args.input).resolve()), "timings_s": {"read": time.perf_counter() - t0},
             "warnings": read_warnings}
     from .. import __version__
@@ -287,6 +290,12 @@ def main(args) -> int:
     with atomic_dir(out, force=args.force, inputs=inputs) as tmp:
         info = execute(adata, methods, tmp, options, info, plot=not args.no_plot, quiet=args.quiet,
                        report=args.report, gene_sets=args.gene_sets)
+    return info
+
+
+def main(args) -> int:
+    command = "stmorph " + " ".join(sys.argv[1:]) if sys.argv else "stmorph run"
+    info = run_section(args, command)
     if not args.quiet:
-        print(summary(info, out))
+        print(summary(info, Path(args.out)))
     return 0

@@ -1,0 +1,45 @@
+"""``stmorph cohort MANIFEST --out DIR``: run many sections as dask.distributed tasks.
+
+MANIFEST is a CSV file with a header: ``section`` (the name of the section's folder in DIR) and
+``input`` are required; any other column is the ``stmorph run`` option of that long name (image,
+spots, labels, pixel_scale, method, n_clusters, seed ...). Relative paths are taken from the
+manifest's folder. Each section's folder holds exactly what ``stmorph run`` writes; DIR also gets
+cohort.csv and cohort.md. A failing section never stops the others; running again resumes
+(complete sections are skipped). Exit code 1 when a section failed.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("cohort", help="run many sections on a dask cluster (local or existing)",
+                       description=__doc__)
+    p.add_argument("manifest", help="CSV with a header: section,input[,image,spots,labels,method,n_clusters,...]")
+    p.add_argument("--out", "-o", required=True, help="cohort folder (created, or resumed when it exists)")
+    p.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="address of a running dask scheduler, e.g. tcp://127.0.0.1:8786 "
+                        "(default: a LocalCluster of single-threaded worker processes on this machine)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="LocalCluster worker processes (default: the usable CPU cores)")
+    p.add_argument("--force", action="store_true",
+                   help="run every section again, replacing its folder (default: skip complete sections)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines or summary")
+    p.set_defaults(func=main)
+
+
+def main(args) -> int:
+    from ..cohort import run_cohort
+    from ..errors import InputError
+
+    if args.workers is not None and args.workers < 1:
+        raise InputError(f"--workers must be at least 1; got {args.workers}")
+    log = None if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    rows = run_cohort(args.manifest, args.out, scheduler=args.scheduler, workers=args.workers,
+                      force=args.force, log=log)
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "failed")}
+    if not args.quiet:
+        print(f"stmorph cohort: {len(rows)} sections -> {args.out}: {counts['ok']} ok, "
+              f"{counts['skipped']} skipped, {counts['failed']} failed (cohort.csv, cohort.md)")
+    return 1 if counts["failed"] else 0

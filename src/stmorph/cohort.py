@@ -1,0 +1,391 @@
+"""Cohorts: many sections, each run as ``stmorph run`` would, as tasks of a dask.distributed cluster.
+
+A *manifest* is a CSV file with a header: ``section`` (the output folder's name) and ``input`` are
+required; every other column is the ``stmorph run`` option of that long name (``image``, ``spots``,
+``labels``, ``pixel_scale``, ``method``, ``n_clusters``, ``seed`` ...; ``-`` or ``_`` alike). An empty
+cell leaves the option at its default. Relative paths are taken from the manifest's folder.
+``method`` may name several methods separated by ``+``, ``;`` or spaces; on/off options (``refine``,
+``no_plot``, ``report``) take ``true``/``false``.
+
+:func:`run_cohort` validates the whole manifest before any work, then submits one task per section
+(:func:`run_one`, which calls :func:`stmorph.cli._run.run_section`, the code path of ``stmorph run``)
+to a ``dask.distributed`` client: a ``LocalCluster`` of single-threaded worker processes by default,
+or an existing scheduler by address. A failing section is recorded and never stops the others. The
+cohort folder gets ``cohort.csv`` (one row per section) and ``cohort.md``; a section whose folder holds
+a complete ``run.json`` made with the same options is skipped, so re-running resumes a killed cohort.
+Needs the optional extra ``stmorph[cohort]`` (``dask[distributed]``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+import shlex
+import time
+from pathlib import Path
+
+from .errors import DependencyError, InputError, OutputExistsError, StmorphError
+
+__all__ = ["Section", "read_manifest", "run_cohort", "run_one", "COHORT_TABLE", "COHORT_REPORT"]
+
+COHORT_TABLE = "cohort.csv"
+COHORT_REPORT = "cohort.md"
+#: ``stmorph run`` options that belong to the cohort (``--out``, ``--force``) or make no sense per section.
+_REFUSED = {"out": "the output folder is DIR/<section>", "force": "give --force to stmorph cohort",
+            "quiet": "sections always run quietly", "help": "not an option of a section",
+            "version": "not an option of a section"}
+#: Options that name files: relative paths are taken from the manifest's folder.
+_PATH_OPTIONS = ("input", "image", "spots", "labels", "weights", "gene_sets")
+_TRUE = {"1", "true", "yes", "y", "on"}
+_FALSE = {"0", "false", "no", "n", "off"}
+_SECTION_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
+
+
+class _RaisingParser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would print usage and exit
+        raise _ParseError(message)
+
+
+class _ParseError(Exception):
+    pass
+
+
+def _run_parser() -> argparse.ArgumentParser:
+    """The ``stmorph run`` parser, raising instead of exiting."""
+    from .cli import _run
+
+    top = _RaisingParser(prog="stmorph")
+    sub = top.add_subparsers(dest="command", parser_class=_RaisingParser)
+    _run.add_parser(sub)
+    return sub.choices["run"]
+
+
+def _options(parser) -> dict[str, argparse.Action]:
+    """Long option name with underscores (``pixel_scale``, ``no_plot``) -> its action."""
+    out = {}
+    for action in parser._actions:
+        for opt in action.option_strings:
+            if opt.startswith("--"):
+                out[opt[2:].replace("-", "_")] = action
+    return out
+
+
+class Section:
+    """One manifest row: its name, its ``stmorph run`` arguments (without ``--out``) and where it came from."""
+
+    def __init__(self, name: str, argv: list[str], row: int):
+        self.name, self.argv, self.row = name, argv, row
+
+    def __repr__(self) -> str:
+        return f"Section({self.name!r}, {self.argv!r})"
+
+
+def _cell_args(column: str, value: str, action: argparse.Action, base: Path) -> list[str]:
+    opt = "--" + column.replace("_", "-")
+    if column in _PATH_OPTIONS:
+        path = Path(value).expanduser()
+        value = str(path if path.is_absolute() else base / path)
+    if isinstance(action, argparse.BooleanOptionalAction) or action.nargs == 0:
+        v = value.strip().lower()
+        if v not in _TRUE | _FALSE:
+            msg = f"expected true or false, got {value!r}"
+            raise _ParseError(msg)
+        if isinstance(action, argparse.BooleanOptionalAction):
+            long = next(o for o in action.option_strings if o.startswith("--") and not o.startswith("--no-"))
+            return [long if v in _TRUE else "--no-" + long[2:]]
+        return [opt] if v in _TRUE else []
+    if isinstance(action, argparse._AppendAction):
+        parts = [p for p in re.split(r"[+;\s]+", value.strip()) if p]
+        return [a for p in parts for a in (opt, p)]
+    return [opt, value]
+
+
+def read_manifest(path: str | os.PathLike) -> list[Section]:
+    """Read and validate a cohort manifest; every problem is one :class:`InputError` naming the file,
+    row (the line number in the file) and column."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("no such manifest file" if not path.exists() else "the manifest is not a file", path)
+    base = path.resolve().parent
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.reader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(f"cannot read the manifest: {exc}", path) from None
+    rows = [(i, r) for i, r in enumerate(rows, start=1) if any(c.strip() for c in r)]
+    if not rows:
+        raise InputError("the manifest is empty; it needs a header with 'section' and 'input'", path)
+    _, header = rows[0]
+    header = [h.strip().replace("-", "_") for h in header]
+    for need in ("section", "input"):
+        if need not in header:
+            raise InputError(f"the manifest's header has no '{need}' column (it has: {', '.join(header)})", path)
+    parser = _run_parser()
+    options = _options(parser)
+    seen_cols = set()
+    for col in header:
+        if col in seen_cols:
+            raise InputError(f"row 1, column {col}: the column appears twice", path)
+        seen_cols.add(col)
+        if col in ("section", "input"):
+            continue
+        if col in _REFUSED:
+            raise InputError(f"row 1, column {col}: not allowed in a manifest ({_REFUSED[col]})", path)
+        if col not in options:
+            raise InputError(f"row 1, column {col}: unknown column: not an option of stmorph run", path)
+    sections, names = [], {}
+    for line, row in rows[1:]:
+        if len(row) != len(header):
+            raise InputError(f"row {line}: {len(row)} cells for {len(header)} columns", path)
+        cells = {h: c.strip() for h, c in zip(header, row)}
+        name = cells["section"]
+        if not name:
+            raise InputError(f"row {line}, column section: empty section name", path)
+        if not _SECTION_NAME.match(name) or name in (COHORT_TABLE, COHORT_REPORT):
+            msg = (f"row {line}, column section: {name!r} cannot be a folder name here "
+                   "(letters, digits, _ . + -; not starting with '.' or '-')")
+            raise InputError(msg, path)
+        if name in names:
+            raise InputError(f"row {line}, column section: duplicate section {name!r} (also row {names[name]})", path)
+        names[name] = line
+        if not cells["input"]:
+            raise InputError(f"row {line}, column input: empty input", path)
+        inp = Path(cells["input"]).expanduser()
+        argv = [str(inp if inp.is_absolute() else base / inp)]
+        for col, value in cells.items():
+            if col in ("section", "input") or value == "":
+                continue
+            try:
+                args = _cell_args(col, value, options[col], base)
+                parser.parse_args([argv[0], "--out", "x", *args])
+            except _ParseError as exc:
+                raise InputError(f"row {line}, column {col}: {exc}", path) from None
+            argv += args
+        sections.append(Section(name, argv, line))
+    if not sections:
+        raise InputError("the manifest lists no sections", path)
+    return sections
+
+
+# --------------------------------------------------------------------------- one section (a task)
+
+
+def _command(argv: list[str], out: Path) -> str:
+    return "stmorph run " + shlex.join([argv[0], "--out", str(out), *argv[1:]])
+
+
+def _row_from_info(name: str, status: str, info: dict, seconds: float | None, error: str = "") -> dict:
+    row = {"section": name, "status": status,
+           "seconds": round(seconds if seconds is not None else float(info.get("timings_s", {}).get("total", 0)), 2),
+           "n_spots": info.get("n_spots"), "error": error}
+    for m, k in info.get("n_domains", {}).items():
+        row[f"n_domains_{m}"] = k
+    for key in ("ari", "nmi"):
+        for m, v in (info.get(key) or {}).items():
+            row[f"{key}_{m}"] = None if v is None else round(float(v), 4)
+    return row
+
+
+def _complete_run(folder: Path) -> dict | None:
+    """run.json of a finished ``stmorph run`` in ``folder``, or None."""
+    try:
+        info = json.loads((folder / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    if not (isinstance(info, dict) and "stmorph_version" in info and isinstance(info.get("outputs"), list)):
+        return None
+    if not all((folder / o).exists() for o in info["outputs"]):
+        return None
+    return info
+
+
+def run_one(name: str, argv: list[str], out: str, force: bool = False) -> dict:
+    """Run one section as ``stmorph run ARGV --out OUT --quiet`` and return its cohort-table row.
+
+    Never raises for the section's own failures: the row has ``status="failed"`` and the error's
+    first line. This is the function a dask worker runs.
+    """
+    import warnings
+
+    from .cli._run import run_section
+
+    t0 = time.perf_counter()
+    out_path = Path(out)
+    try:
+        args = _run_parser().parse_args([argv[0], "--out", str(out_path), *argv[1:], "--quiet"])
+        args.force = force
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # they are recorded in run.json
+            info = run_section(args, _command(argv, out_path))
+        return _row_from_info(name, "ok", info, time.perf_counter() - t0)
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - a section's failure is data, not a crash
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        text = str(exc) if isinstance(exc, StmorphError) else f"{type(exc).__name__}: {exc}"
+        line = " ".join(text.split()) or type(exc).__name__
+        return _row_from_info(name, "failed", {}, time.perf_counter() - t0, line)
+
+
+# --------------------------------------------------------------------------- the cohort
+
+
+def _client(scheduler: str | None, workers: int | None):
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError:
+        msg = "stmorph cohort needs dask.distributed: pip install 'stmorph[cohort]'"
+        raise DependencyError(msg) from None
+    if scheduler:
+        try:
+            return Client(scheduler, timeout="20s"), None
+        except (OSError, TimeoutError) as exc:
+            raise InputError(f"cannot connect to the dask scheduler {scheduler}: {exc}") from None
+    n = workers or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None)
+    return Client(cluster), cluster
+
+
+def _table_columns(rows: list[dict]) -> list[str]:
+    first = ["section", "status", "seconds", "n_spots"]
+    rest = sorted({k for r in rows for k in r} - {*first, "error"},
+                  key=lambda k: (("n_domains_", "ari_", "nmi_").index(k[:k.index("_", 3) + 1])
+                                 if k.startswith(("n_domains_", "ari_", "nmi_")) else 9, k))
+    return [*first, *rest, "error"]
+
+
+def _write_table(rows: list[dict], out: Path) -> None:
+    from ._outputs import atomic_write
+
+    cols = _table_columns(rows)
+
+    def write(p):
+        with open(p, "w", newline="", encoding="utf-8") as fh:
+            w = csv.DictWriter(fh, cols, extrasaction="ignore")
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
+
+    atomic_write(out / COHORT_TABLE, write)
+
+
+def _write_report(rows: list[dict], out: Path, manifest: Path, where: str, wall: float) -> None:
+    from ._outputs import atomic_write
+
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "failed")}
+    cols = [c for c in _table_columns(rows) if c not in ("error", "n_spots")]
+    lines = ["# stmorph cohort", "",
+             f"Manifest `{manifest}`, {len(rows)} sections on {where}: {counts['ok']} run, "
+             f"{counts['skipped']} skipped (already complete), {counts['failed']} failed; {wall:.1f} s wall.", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join("" if r.get(c) is None else str(r.get(c)) for c in cols) + " |")
+    failed = [r for r in rows if r["status"] == "failed"]
+    if failed:
+        lines += ["", "## Failures", ""] + [f"- `{r['section']}`: {r['error']}" for r in failed]
+    text = "\n".join(lines) + "\n"
+    atomic_write(out / COHORT_REPORT, lambda p: Path(p).write_text(text, encoding="utf-8"))
+
+
+def _prepare_out(out: Path, sections: list[Section]) -> None:
+    """Create the cohort folder, or accept an existing one that stmorph made or that is empty."""
+    from ._outputs import _check_creatable, stmorph_entries
+
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise OutputExistsError(f"{out} exists and is not a folder; choose another --out.")
+        if any(out.iterdir()) and stmorph_entries(out) is None:
+            msg = f"{out} exists and was not made by stmorph cohort; choose another --out."
+            raise OutputExistsError(msg)
+    else:
+        _check_creatable(out)
+        out.mkdir(parents=True)
+
+
+def run_cohort(manifest: str | os.PathLike, out: str | os.PathLike, *, scheduler: str | None = None,
+               workers: int | None = None, force: bool = False, log=None) -> list[dict]:
+    """Run every section of ``manifest`` into ``out/<section>/``; returns the cohort table's rows.
+
+    Parameters
+    ----------
+    manifest
+        The manifest CSV (see the module's description).
+    out
+        The cohort folder: created when absent; an existing one is resumed.
+    scheduler
+        Address of a running dask scheduler (``tcp://host:port``); default: a ``LocalCluster``.
+    workers
+        Worker processes of the ``LocalCluster`` (default: the usable CPU cores).
+    force
+        Run every section again, replacing its folder (under ``stmorph run --force``'s rules);
+        without it a complete section is skipped.
+    log
+        Called with one line per finished section.
+    """
+    t_start = time.perf_counter()
+    manifest = Path(manifest)
+    sections = read_manifest(manifest)
+    out = Path(out).expanduser().absolute()
+    for s in sections:  # an output inside an input would be replaced by a later --force
+        for given in s.argv:
+            p = Path(given)
+            if p.is_absolute() and (p == out or out in p.parents or p in out.parents):
+                raise InputError(f"row {s.row}: --out {out} overlaps the input {p}", manifest)
+    _prepare_out(out, sections)
+    from ._outputs import record_entries
+
+    record_entries(out, [COHORT_TABLE, COHORT_REPORT])
+    rows: dict[str, dict] = {}
+    todo = []
+    for s in sections:
+        folder = out / s.name
+        info = None if force else _complete_run(folder)
+        if info is not None and info.get("command") == _command(s.argv, folder):
+            rows[s.name] = _row_from_info(s.name, "skipped", info, float(sum(
+                v for k, v in info.get("timings_s", {}).items() if isinstance(v, (int, float)) and k in (
+                    "read", "methods_total", "write_outputs"))))
+        elif info is not None:
+            msg = f"{folder} holds a run with other options; pass --force to replace it"
+            rows[s.name] = _row_from_info(s.name, "failed", {}, 0.0, msg)
+        else:
+            todo.append(s)
+        if s.name in rows and log:
+            log(f"{s.name}: {rows[s.name]['status']}")
+
+    def table():
+        return [rows[s.name] for s in sections if s.name in rows]
+
+    where = "nothing (all done)"
+    if todo:
+        client, cluster = _client(scheduler, workers)
+        where = f"dask scheduler {scheduler}" if scheduler else f"a LocalCluster of {len(cluster.workers)} processes"
+        try:
+            from distributed import as_completed
+
+            futures = {client.submit(run_one, s.name, s.argv, str(out / s.name), force, pure=False,
+                                     key=f"stmorph-section-{s.name}-{os.getpid()}-{time.time_ns()}"): s
+                       for s in todo}
+            for fut in as_completed(futures):
+                s = futures[fut]
+                try:
+                    row = fut.result()
+                except Exception as exc:  # noqa: BLE001 - the worker died, the task could not run
+                    line = " ".join(f"{type(exc).__name__}: {exc}".split())
+                    row = _row_from_info(s.name, "failed", {}, None, line)
+                rows[s.name] = row
+                if row["status"] == "ok":
+                    record_entries(out, [s.name])
+                _write_table(table(), out)
+                if log:
+                    err = f": {row['error']}" if row["error"] else ""
+                    log(f"{s.name}: {row['status']} ({row['seconds']:.1f} s){err}")
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+    result = table()
+    _write_table(result, out)
+    _write_report(result, out, manifest, where, time.perf_counter() - t_start)
+    return result
