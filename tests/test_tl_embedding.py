@@ -98,3 +98,15 @@ def test_integrate_concatenates_with_weights():
         tl.integrate(a, ("A", "C"))
     with pytest.raises(InputError, match="weights"):
         tl.integrate(a, ("A", "B"), weights=(1.0,))
+
+
+def test_fewer_spots_than_components_uses_what_the_data_allow():
+    a, _ = _counts(n=6, g=40, seed=1)
+    with pytest.warns(UserWarning, match="n_comps=10 is more than 6 spot"):
+        tl.expression_embedding(a, n_comps=10)
+    assert a.obsm["X_expr_pca"].shape == (6, 5) and a.uns["X_expr_pca"]["params"]["n_comps"] == 5
+    one, _ = _counts(n=3, g=40, seed=2)
+    one = one[:1].copy()
+    with pytest.raises(InputError, match="too few for a PCA embedding") as err:
+        tl.expression_embedding(one)
+    assert "-1" not in str(err.value)

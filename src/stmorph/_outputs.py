@@ -259,6 +259,15 @@ def _strand(tmp: Path, path: Path, why: str) -> OutputExistsError:
     return OutputExistsError(f"{path} {why}; the finished results are kept in {kept}: move them where you want them.")
 
 
+def _remove_empty(folders: Sequence[Path]) -> None:
+    """Remove the folders a failed run created for its output, deepest first, while they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, *, force: bool = False,
                inputs: Sequence[str | os.PathLike | None] = ()) -> Iterator[Path]:
@@ -271,6 +280,7 @@ def atomic_dir(path: str | os.PathLike, *, force: bool = False,
     created it meanwhile) the results are kept under a visible name that the error gives.
     """
     path = check_writable(path, force=force, inputs=inputs).resolve()
+    created = [p for p in (path.parent, *path.parent.parents) if not p.exists()]  # deepest first
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         clean_stale(path)
@@ -282,12 +292,14 @@ def atomic_dir(path: str | os.PathLike, *, force: bool = False,
         record_entries(tmp)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
         ours = str(exc.filename or "").startswith(str(tmp)) or exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
         if isinstance(exc, StmorphError) or not ours:
             raise
         raise _output_error(exc, path) from exc  # disk full, quota: while writing the outputs
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
         raise
     _public_modes(tmp)
     old = None

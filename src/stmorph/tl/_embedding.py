@@ -69,9 +69,17 @@ def _pca(Y, n_comps: int, random_state: int):
 
     n_comps = int(n_comps)
     limit = min(Y.shape) - 1
-    if n_comps < 1 or n_comps > limit:
-        msg = f"n_comps={n_comps} is not allowed for a matrix of shape {Y.shape}; use 1..{limit}."
+    if limit < 1:
+        msg = (f"{Y.shape[0]} spot(s) x {Y.shape[1]} feature(s) are too few for a PCA embedding; "
+               "at least 3 spots with 2 varying features are needed.")
         raise InputError(msg)
+    if n_comps < 1:
+        msg = f"n_comps={n_comps} must be at least 1."
+        raise InputError(msg)
+    if n_comps > limit:
+        warnings.warn(f"n_comps={n_comps} is more than {Y.shape[0]} spot(s) x {Y.shape[1]} feature(s) allow; "
+                      f"using {limit} components.", stacklevel=3)
+        n_comps = limit
     if sp.issparse(Y):
         solver = "arpack"  # implicit centring, no densification
     elif Y.shape[1] <= 4096 and Y.shape[0] >= Y.shape[1]:
@@ -146,7 +154,7 @@ def expression_embedding(
     adata.obsm[key_added] = Z
     adata.uns[key_added] = {
         "params": {
-            "n_comps": int(n_comps),
+            "n_comps": int(Z.shape[1]),
             "target_sum": float(target_sum),
             "layer": layer,
             "n_top_genes": n_top_genes,
@@ -222,7 +230,7 @@ def image_embedding(
     Z[ok] = Z_ok
     adata.obsm[key_added] = Z
     adata.uns[key_added] = {
-        "params": {"use_rep": use_rep, "n_comps": int(n_comps), "random_state": random_state,
+        "params": {"use_rep": use_rep, "n_comps": int(Z.shape[1]), "random_state": random_state,
                    "n_missing": int((~ok).sum())},
         "variance_ratio": evr,
     }
