@@ -168,7 +168,7 @@ def bench_ari(data, only):
             continue
         a = load_section(sec)
         k = int(stmorph.ev._metrics.scored_labels(a).nunique())
-        has_img = stmorph.tl._stmic.has_image(a)
+        has_img = stmorph.tl._methods.has_image(a)
         res = {"section": short, "n_spots": a.n_obs, "k": k, "image": has_img}
         t0 = time.perf_counter()
         methods = ["expression", "stmic"] if has_img else ["expression"]

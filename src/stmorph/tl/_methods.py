@@ -140,10 +140,9 @@ class MethodRun:
         """stMIC's expression embedding ``obsm["X_expr_pca"]`` (computed once per run)."""
         from ._embedding import expression_embedding
 
-        key = "X_expr_pca"
-        self.shared("expression_embedding", "expression_embedding" in self.steps, expression_embedding, self.adata, n_comps=self.n_comps,
-                    random_state=self.random_state)
-        return key
+        self.shared("expression_embedding", "expression_embedding" in self.steps, expression_embedding, self.adata,
+                    n_comps=self.n_comps, random_state=self.random_state)
+        return "X_expr_pca"
 
     def image_features(self, keys=("X_image",), patches=None) -> tuple[str, ...]:
         """``obsm[key]`` for each key from :func:`stmorph.im.features`, computed once (in one pass for several
@@ -154,9 +153,10 @@ class MethodRun:
         patches = (self.patch,) * len(keys) if patches is None else tuple(patches)
         todo = [(k, p) for k, p in zip(keys, patches) if k not in self.adata.obsm]
         name = "image_features" if keys[0] == "X_image" else f"image_features_{keys[0]}"
+        todo_keys, todo_patches = zip(*todo) if todo else ((), ())
         self.shared(name, not todo, im.features, self.adata, encoder=self.encoder, weights=self.encoder_weights,
-                    patch=tuple(p for _, p in todo) if len(todo) > 1 else (todo[0][1] if todo else None),
-                    key_added=tuple(k for k, _ in todo) if len(todo) > 1 else (todo[0][0] if todo else None),
+                    patch=todo_patches[0] if len(todo) == 1 else todo_patches,
+                    key_added=todo_keys[0] if len(todo) == 1 else todo_keys,
                     image=self.image, device=self.device, progress=self.progress)
         return keys
 
