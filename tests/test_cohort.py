@@ -66,7 +66,7 @@ def test_manifest_is_validated_up_front(tmp_path, capsys):
         assert len(err) == 1 and str(m) in err[0] and expected in err[0], (text, err)
     assert not out.exists()  # nothing is made before the manifest is valid
 
-    from stmorph.cohort import read_manifest
+    from stmorph.cohort import Section, needs_gpu, read_manifest
 
     m = tmp_path / "ok.csv"
     m.write_text("section,input,pixel-scale,labels,method,refine\nA,data/x.tsv,0.5,lab.tsv,expression+stmorph,no\n")
@@ -74,6 +74,10 @@ def test_manifest_is_validated_up_front(tmp_path, capsys):
     assert s.name == "A" and s.argv == [str(tmp_path / "data/x.tsv"), "--pixel-scale", "0.5",
                                         "--labels", str(tmp_path / "lab.tsv"), "--method", "expression",
                                         "--method", "stmorph", "--no-refine"]
+    # which sections ask for --gpu-resource: methods reading image patches, on a device other than cpu
+    assert needs_gpu(s)
+    assert not needs_gpu(Section("B", [s.argv[0], "--method", "stmorph", "--device", "cpu"], 3))
+    assert not needs_gpu(Section("C", [s.argv[0], "--method", "expression"], 4))
 
 
 @pytest.mark.slow
@@ -184,22 +188,28 @@ def test_cohort_on_a_separately_started_scheduler(cohort_inputs, tmp_path, monke
     procs = [subprocess.Popen([*scheduler_cmd, "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1],
                                "--no-dashboard"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     try:
-        for i in range(2):
-            procs.append(subprocess.Popen([*worker_cmd, address, "--nthreads", "1", "--no-dashboard",
+        for i in range(2):  # the first one stands for a GPU worker
+            gpu = ["--resources", "GPU=1"] if i == 0 else []
+            procs.append(subprocess.Popen([*worker_cmd, address, "--nthreads", "1", "--no-dashboard", *gpu,
                                            "--local-directory", str(tmp_path / f"w{i}")],
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         with distributed.Client(address, timeout="30s") as client:
             client.wait_for_workers(2, timeout=60)
+            workers = client.scheduler_info()["workers"]
+            (gpu_worker,) = [a for a, w in workers.items() if w.get("resources", {}).get("GPU")]
 
         def no_local_cluster(*a, **k):
             raise AssertionError("a LocalCluster was started although --scheduler was given")
 
         monkeypatch.setattr(distributed, "LocalCluster", no_local_cluster)
         out = tmp_path / "cohort"
-        manifest = _manifest(cohort_inputs, ROWS)
-        assert main(["cohort", str(manifest), "--out", str(out), "--scheduler", address, "--quiet"]) == 1
+        # G's method reads image patches (when an image is given) on the default device: it asks for the GPU
+        manifest = _manifest(cohort_inputs, [*ROWS, "G,s3/outs,stmorph,4,0,true"], name="gpu.csv")
+        assert main(["cohort", str(manifest), "--out", str(out), "--scheduler", address, "--gpu-resource", "GPU",
+                     "--quiet"]) == 1
         table = _table(out)
-        assert list(table["status"]) == ["ok", "ok", "failed"]
+        assert list(table["status"]) == ["ok", "ok", "failed", "ok"]
+        assert table.loc["G", "worker"] == gpu_worker and set(table["worker"]) <= set(workers)
         assert f"dask scheduler {address}" in (out / "cohort.md").read_text()
         assert {p.name for p in (out / "A").iterdir()} == RUN_OUTPUTS
     finally:

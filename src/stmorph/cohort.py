@@ -29,7 +29,7 @@ from pathlib import Path
 
 from .errors import DependencyError, InputError, OutputExistsError, StmorphError
 
-__all__ = ["Section", "read_manifest", "run_cohort", "run_one", "COHORT_TABLE", "COHORT_REPORT"]
+__all__ = ["Section", "read_manifest", "run_cohort", "run_one", "needs_gpu", "COHORT_TABLE", "COHORT_REPORT"]
 
 COHORT_TABLE = "cohort.csv"
 COHORT_REPORT = "cohort.md"
@@ -220,13 +220,23 @@ def run_one(name: str, argv: list[str], out: str, force: bool = False) -> dict:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # they are recorded in run.json
             info = run_section(args, _command(argv, out_path))
-        return _row_from_info(name, "ok", info, time.perf_counter() - t0)
+        return {**_row_from_info(name, "ok", info, time.perf_counter() - t0), "worker": _worker()}
     except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - a section's failure is data, not a crash
         if isinstance(exc, KeyboardInterrupt):
             raise
         text = str(exc) if isinstance(exc, StmorphError) else f"{type(exc).__name__}: {exc}"
         line = " ".join(text.split()) or type(exc).__name__
-        return _row_from_info(name, "failed", {}, time.perf_counter() - t0, line)
+        return {**_row_from_info(name, "failed", {}, time.perf_counter() - t0, line), "worker": _worker()}
+
+
+def _worker() -> str:
+    """The address of the dask worker running this task ("" outside one)."""
+    try:
+        from distributed import get_worker
+
+        return get_worker().address
+    except (ImportError, ValueError):
+        return ""
 
 
 # --------------------------------------------------------------------------- the cohort
@@ -250,10 +260,10 @@ def _client(scheduler: str | None, workers: int | None):
 
 def _table_columns(rows: list[dict]) -> list[str]:
     first = ["section", "status", "seconds", "n_spots"]
-    rest = sorted({k for r in rows for k in r} - {*first, "error"},
+    rest = sorted({k for r in rows for k in r} - {*first, "error", "worker"},
                   key=lambda k: (("n_domains_", "ari_", "nmi_").index(k[:k.index("_", 3) + 1])
                                  if k.startswith(("n_domains_", "ari_", "nmi_")) else 9, k))
-    return [*first, *rest, "error"]
+    return [*first, *rest, "worker", "error"]
 
 
 def _write_table(rows: list[dict], out: Path) -> None:
@@ -275,7 +285,7 @@ def _write_report(rows: list[dict], out: Path, manifest: Path, where: str, wall:
     from ._outputs import atomic_write
 
     counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "failed")}
-    cols = [c for c in _table_columns(rows) if c not in ("error", "n_spots")]
+    cols = [c for c in _table_columns(rows) if c not in ("error", "n_spots", "worker")]
     lines = ["# stmorph cohort", "",
              f"Manifest `{manifest}`, {len(rows)} sections on {where}: {counts['ok']} run, "
              f"{counts['skipped']} skipped (already complete), {counts['failed']} failed; {wall:.1f} s wall.", "",
@@ -289,8 +299,8 @@ def _write_report(rows: list[dict], out: Path, manifest: Path, where: str, wall:
     atomic_write(out / COHORT_REPORT, lambda p: Path(p).write_text(text, encoding="utf-8"))
 
 
-def _prepare_out(out: Path, sections: list[Section]) -> None:
-    """Create the cohort folder, or accept an existing one that stmorph made or that is empty."""
+def _check_out(out: Path) -> None:
+    """The cohort folder can be created, or is one that stmorph made, or is empty."""
     from ._outputs import _check_creatable, stmorph_entries
 
     if out.exists() or out.is_symlink():
@@ -301,11 +311,31 @@ def _prepare_out(out: Path, sections: list[Section]) -> None:
             raise OutputExistsError(msg)
     else:
         _check_creatable(out)
-        out.mkdir(parents=True)
+
+
+def _create_out(out: Path) -> None:
+    from ._outputs import _output_error, record_entries
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _output_error(exc, out) from None
+    record_entries(out, [COHORT_TABLE, COHORT_REPORT])
+
+
+def needs_gpu(section: Section) -> bool:
+    """Whether the section computes image features on its device: one of its methods reads image
+    patches and its ``device`` is not ``cpu``. Such sections ask for the ``--gpu-resource``."""
+    from .cli._run import resolve_methods
+    from .tl._methods import get_method
+
+    args = _run_parser().parse_args([section.argv[0], "--out", "x", *section.argv[1:]])
+    return args.device != "cpu" and any(get_method(m).patches for m in resolve_methods(args.method))
 
 
 def run_cohort(manifest: str | os.PathLike, out: str | os.PathLike, *, scheduler: str | None = None,
-               workers: int | None = None, force: bool = False, log=None) -> list[dict]:
+               workers: int | None = None, force: bool = False, gpu_resource: str | None = None,
+               log=None) -> list[dict]:
     """Run every section of ``manifest`` into ``out/<section>/``; returns the cohort table's rows.
 
     Parameters
@@ -318,6 +348,9 @@ def run_cohort(manifest: str | os.PathLike, out: str | os.PathLike, *, scheduler
         Address of a running dask scheduler (``tcp://host:port``); default: a ``LocalCluster``.
     workers
         Worker processes of the ``LocalCluster`` (default: the usable CPU cores).
+    gpu_resource
+        With ``scheduler``: sections that compute image features on a GPU (:func:`needs_gpu`) ask for one
+        unit of this worker resource (workers started with ``dask worker ... --resources GPU=1``).
     force
         Run every section again, replacing its folder (under ``stmorph run --force``'s rules);
         without it a complete section is skipped.
@@ -333,10 +366,12 @@ def run_cohort(manifest: str | os.PathLike, out: str | os.PathLike, *, scheduler
             p = Path(given)
             if p.is_absolute() and (p == out or out in p.parents or p in out.parents):
                 raise InputError(f"row {s.row}: --out {out} overlaps the input {p}", manifest)
-    _prepare_out(out, sections)
+    _check_out(out)
+    if gpu_resource and not scheduler:
+        msg = (f"--gpu-resource {gpu_resource} needs --scheduler: a cluster whose GPU workers were started "
+               f"with --resources {gpu_resource}=1")
+        raise InputError(msg)
     from ._outputs import record_entries
-
-    record_entries(out, [COHORT_TABLE, COHORT_REPORT])
     rows: dict[str, dict] = {}
     todo = []
     for s in sections:
@@ -358,13 +393,23 @@ def run_cohort(manifest: str | os.PathLike, out: str | os.PathLike, *, scheduler
         return [rows[s.name] for s in sections if s.name in rows]
 
     where = "nothing (all done)"
-    if todo:
+    if not todo:
+        _create_out(out)
+    else:
         client, cluster = _client(scheduler, workers)
+        try:
+            _create_out(out)
+        except BaseException:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+            raise
         where = f"dask scheduler {scheduler}" if scheduler else f"a LocalCluster of {len(cluster.workers)} processes"
         try:
             from distributed import as_completed
 
             futures = {client.submit(run_one, s.name, s.argv, str(out / s.name), force, pure=False,
+                                     resources={gpu_resource: 1} if gpu_resource and needs_gpu(s) else None,
                                      key=f"stmorph-section-{s.name}-{os.getpid()}-{time.time_ns()}"): s
                        for s in todo}
             for fut in as_completed(futures):

@@ -25,6 +25,9 @@ def add_parser(sub) -> None:
                    help="LocalCluster worker processes (default: the usable CPU cores)")
     p.add_argument("--force", action="store_true",
                    help="run every section again, replacing its folder (default: skip complete sections)")
+    p.add_argument("--gpu-resource", default=None, metavar="NAME",
+                   help="with --scheduler: sections that compute image features on a GPU ask for one unit of "
+                        "this worker resource (GPU workers started with --resources NAME=1)")
     p.add_argument("--quiet", action="store_true", help="no progress lines or summary")
     p.set_defaults(func=main)
 
@@ -37,7 +40,7 @@ def main(args) -> int:
         raise InputError(f"--workers must be at least 1; got {args.workers}")
     log = None if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     rows = run_cohort(args.manifest, args.out, scheduler=args.scheduler, workers=args.workers,
-                      force=args.force, log=log)
+                      force=args.force, gpu_resource=args.gpu_resource, log=log)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "failed")}
     if not args.quiet:
         print(f"stmorph cohort: {len(rows)} sections -> {args.out}: {counts['ok']} ok, "
