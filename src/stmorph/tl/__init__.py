@@ -1,4 +1,8 @@
-"""Tools: embeddings, clustering, the methods (stmorph, stMIC, SENCA-st) and their registry."""
+"""Tools: embeddings, clustering, the methods (stmorph, stMIC, SENCA-st) and their registry.
+
+Importing a method's module registers it with :func:`run_methods`; the imports below fix the order
+in which :func:`run_methods` runs them.
+"""
 
 from ._cluster import choose_n_clusters, cluster
 from ._embedding import expression_embedding, image_embedding, integrate
@@ -7,6 +11,7 @@ from ._neighbors import refine_labels
 from ._stmic import stmic
 from ._stmorph import image_context_embedding, spatial_expression_embedding, stmorph
 from .senca import SencaConfig, senca
+from .senca import _method as _senca_method  # noqa: F401 - registers "senca"
 
 #: The built-in methods, in the order :func:`run_methods` runs them (see :func:`available_methods`).
 METHODS = available_methods()

@@ -5,7 +5,7 @@ embeddings and ``uns[name]["params"]``), using the :class:`MethodRun` it is
 handed for the run's options, for the steps methods share (expression PCA,
 image features, the expression baseline's cluster count) and for timing.
 Adding a method is one call to :func:`register_method` in the module that
-defines it::
+defines it (imported by ``stmorph/tl/__init__.py``, which fixes the run order)::
 
     register_method("mymethod", run_mymethod, image="optional", summary="...")
 
@@ -70,23 +70,14 @@ def register_method(name: str, run: Callable, *, image: str = "none", summary: s
 
 def available_methods() -> tuple[str, ...]:
     """Registered method names, in the order they run."""
-    _load_builtin()
     return tuple(_REGISTRY)
 
 
 def get_method(name: str) -> Method:
-    _load_builtin()
     if name not in _REGISTRY:
         msg = f"unknown method {name!r}; choose from {list(_REGISTRY)} or 'all'."
         raise InputError(msg)
     return _REGISTRY[name]
-
-
-def _load_builtin() -> None:
-    # the modules register their methods when imported; import order = run order
-    from . import _stmic  # noqa: F401
-    from .senca import _method  # noqa: F401
-    from . import _stmorph  # noqa: F401
 
 
 def has_image(adata, image=None, feature_key: str = "X_image") -> bool:
