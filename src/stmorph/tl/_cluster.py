@@ -236,6 +236,10 @@ def cluster_graph(
     return best[2], best[1], False
 
 
+#: A mixture component smaller than this share of the spots (and 5 spots) is not taken for a domain.
+MIN_DOMAIN_FRACTION = 0.01
+
+
 def robust_clip(X: np.ndarray, n_mad: float = 5.0) -> np.ndarray:
     """Each column clipped to its median +- ``n_mad`` robust standard deviations (1.4826 MAD)."""
     med = np.median(X, axis=0)
@@ -252,7 +256,7 @@ def gaussian_mixture(
     n_init: int = 10,
     random_state: int = 0,
     clip: float | None = None,
-    min_size: float = 0.01,
+    min_size: float = MIN_DOMAIN_FRACTION,
     max_iter: int = 300,
 ) -> tuple[np.ndarray, float]:
     """Seeded Gaussian mixture with ``n_init`` restarts. Returns ``(labels, bic)`` of the chosen restart.
@@ -465,7 +469,11 @@ def cluster(
         msg = f"{n} spot(s): at least 3 spots are needed to find domains."
         raise InputError(msg)
     if n_clusters is not None:
-        if isinstance(n_clusters, bool) or not float(n_clusters).is_integer() or not 2 <= int(n_clusters) < n:
+        try:
+            whole = not isinstance(n_clusters, bool) and float(n_clusters).is_integer()
+        except (TypeError, ValueError, OverflowError):
+            whole = False
+        if not whole or not 2 <= int(n_clusters) < n:
             msg = (f"n_clusters={n_clusters} must be a whole number between 2 and the number of spots minus one "
                    f"({n - 1}); one spot per domain is not a result.")
             raise InputError(msg)
@@ -480,10 +488,14 @@ def cluster(
             params.update(n_clusters_chosen_by=k_criterion, k_range=[int(k_range[0]), int(k_range[1])])
         labels, _ = gaussian_mixture(X, n_clusters, n_init=n_init, random_state=random_state)
         labels = _relabel(labels)
-        matched = int(labels.max()) + 1 == n_clusters
-        params.update(n_clusters=int(n_clusters), covariance_type="tied", n_init=int(n_init), min_size=0.01)
+        matched = True  # checked against the labels below, after any refinement
+        params.update(n_clusters=int(n_clusters), covariance_type="tied", n_init=int(n_init),
+                      min_size=MIN_DOMAIN_FRACTION)
     else:
-        res_ok = isinstance(resolution, int | float) and np.isfinite(resolution) and resolution > 0
+        try:
+            res_ok = bool(np.isfinite(float(resolution)) and float(resolution) > 0)
+        except (TypeError, ValueError):
+            res_ok = False
         if not res_ok:
             msg = f"resolution={resolution} must be a positive number (stMIC: 1.5-1.9)."
             raise InputError(msg)
