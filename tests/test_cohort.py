@@ -126,6 +126,8 @@ def test_cohort_on_a_local_cluster_keeps_failures_apart_and_resumes(cohort_input
     assert main(["cohort", str(other), "--out", str(out), "--workers", "1", "--quiet"]) == 1
     assert "other options" in _table(out).loc["A", "error"]
     assert json.loads((out / "A" / "run.json").read_text())["n_domains"] == {"expression": 4}
+    assert main(["cohort", str(other), "--out", str(out), "--workers", "1", "--quiet", "--force"]) == 0
+    assert json.loads((out / "A" / "run.json").read_text())["n_domains"] == {"expression": 5}
 
 
 def test_cohort_refuses_a_folder_it_did_not_make(cohort_inputs, tmp_path, capsys):

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from .errors import DependencyError, InputError, OutputExistsError, StmorphError
 
-__all__ = ["Section", "read_manifest", "run_cohort", "run_one", "needs_gpu", "COHORT_TABLE", "COHORT_REPORT"]
+__all__ = ["COHORT_REPORT", "COHORT_TABLE", "Section", "needs_gpu", "read_manifest", "run_cohort", "run_one"]
 
 COHORT_TABLE = "cohort.csv"
 COHORT_REPORT = "cohort.md"
@@ -221,9 +221,7 @@ def run_one(name: str, argv: list[str], out: str, force: bool = False) -> dict:
             warnings.simplefilter("ignore")  # they are recorded in run.json
             info = run_section(args, _command(argv, out_path))
         return {**_row_from_info(name, "ok", info, time.perf_counter() - t0), "worker": _worker()}
-    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - a section's failure is data, not a crash
-        if isinstance(exc, KeyboardInterrupt):
-            raise
+    except Exception as exc:  # noqa: BLE001 - a section's failure is data, not a crash
         text = str(exc) if isinstance(exc, StmorphError) else f"{type(exc).__name__}: {exc}"
         line = " ".join(text.split()) or type(exc).__name__
         return {**_row_from_info(name, "failed", {}, time.perf_counter() - t0, line), "worker": _worker()}
@@ -287,8 +285,8 @@ def _write_report(rows: list[dict], out: Path, manifest: Path, where: str, wall:
     counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "failed")}
     cols = [c for c in _table_columns(rows) if c not in ("error", "n_spots", "worker")]
     lines = ["# stmorph cohort", "",
-             f"Manifest `{manifest}`, {len(rows)} sections on {where}: {counts['ok']} run, "
-             f"{counts['skipped']} skipped (already complete), {counts['failed']} failed; {wall:.1f} s wall.", "",
+             (f"Manifest `{manifest}`, {len(rows)} sections on {where}: {counts['ok']} run, "
+              f"{counts['skipped']} skipped (already complete), {counts['failed']} failed; {wall:.1f} s wall."), "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join("" if r.get(c) is None else str(r.get(c)) for c in cols) + " |")
@@ -372,6 +370,7 @@ def run_cohort(manifest: str | os.PathLike, out: str | os.PathLike, *, scheduler
                f"with --resources {gpu_resource}=1")
         raise InputError(msg)
     from ._outputs import record_entries
+
     rows: dict[str, dict] = {}
     todo = []
     for s in sections:
