@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import numpy as np
@@ -199,13 +200,21 @@ def iter_patches(slide: Slide, xy: np.ndarray, size: int, *, out_size: int | Non
     if size < 1:
         msg = f"patch size must be >= 1 pixel, got {size}."
         raise InputError(msg)
+    out_size, batch_size, fill = _check_batching(out_size, batch_size, fill)
+    if out_size == size:
+        out_size = None
+    xy = _check_xy(xy)
+    with _opened(slide) as s:
+        yield from _iter(s, xy, size, out_size, batch_size, fill)
+
+
+def _check_batching(out_size, batch_size, fill) -> tuple[int | None, int, int]:
+    """``out_size``, ``batch_size`` and ``fill`` of the patch iterators, checked."""
     if out_size is not None:
         out_size = int(out_size)
         if out_size < 1:
             msg = f"out_size must be >= 1 pixel, got {out_size}."
             raise InputError(msg)
-        if out_size == size:
-            out_size = None
     batch_size = int(batch_size)
     if batch_size < 1:
         msg = f"batch_size must be >= 1, got {batch_size}."
@@ -213,12 +222,16 @@ def iter_patches(slide: Slide, xy: np.ndarray, size: int, *, out_size: int | Non
     if not 0 <= int(fill) <= 255:
         msg = f"fill must be within 0..255, got {fill}."
         raise InputError(msg)
-    xy = _check_xy(xy)
+    return out_size, batch_size, int(fill)
+
+
+@contextmanager
+def _opened(slide):
+    """The slide itself, or one opened here (and closed on exit) from anything :func:`open_slide` takes."""
     own = not isinstance(slide, Slide)
-    if own:
-        slide = open_slide(slide)
+    slide = open_slide(slide) if own else slide
     try:
-        yield from _iter(slide, xy, size, out_size, batch_size, int(fill))
+        yield slide
     finally:
         if own:
             slide.close()
@@ -270,23 +283,10 @@ def iter_patches_multi(slide: Slide, xy: np.ndarray, sizes, *, out_size: int | N
     sizes = [int(z) for z in sizes]
     if not sizes or min(sizes) < 1:
         raise InputError(f"patch sizes must be >= 1 pixel, got {sizes}.")
-    out_size = None if out_size is None else int(out_size)
-    if out_size is not None and out_size < 1:
-        raise InputError(f"out_size must be >= 1 pixel, got {out_size}.")
-    batch_size = int(batch_size)
-    if batch_size < 1:
-        raise InputError(f"batch_size must be >= 1, got {batch_size}.")
-    if not 0 <= int(fill) <= 255:
-        raise InputError(f"fill must be within 0..255, got {fill}.")
+    out_size, batch_size, fill = _check_batching(out_size, batch_size, fill)
     xy = _check_xy(xy)
-    own = not isinstance(slide, Slide)
-    if own:
-        slide = open_slide(slide)
-    try:
-        yield from _iter_multi(slide, xy, sizes, out_size, batch_size, int(fill))
-    finally:
-        if own:
-            slide.close()
+    with _opened(slide) as s:
+        yield from _iter_multi(s, xy, sizes, out_size, batch_size, fill)
 
 
 def _iter_multi(slide: Slide, xy, sizes, out_size, batch_size, fill):
