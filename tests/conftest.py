@@ -1,4 +1,4 @@
-"""Shared test set-up: a private feature cache, and the path of the optional real data."""
+"""Shared test set-up: a private feature cache, the path of the optional real data, a tiny encoder."""
 
 from pathlib import Path
 
@@ -15,3 +15,14 @@ def _private_feature_cache(tmp_path_factory):
     mp.setenv("STMORPH_CACHE_DIR", str(tmp_path_factory.mktemp("feature-cache")))
     yield
     mp.undo()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny seeded convolutional encoder (6-d features, 32 px input) for the feature-pipeline tests."""
+    torch = pytest.importorskip("torch")
+    from stmorph.im import encoders
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(), torch.nn.Conv2d(8, 6, 3))
+    return encoders.get_encoder(net, input_size=32, name="tiny")

@@ -39,13 +39,6 @@ def _adata(img=None, n_side=6) -> ad.AnnData:
     return a
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(), torch.nn.Conv2d(8, 6, 3))
-    return encoders.get_encoder(net, input_size=32, name="tiny")
-
-
 def _direct(a, enc, patch="spot"):
     """Features computed without the pipeline: crop all patches, one forward pass."""
     patches = stmorph.im.crop_patches(a.copy(), patch, out_size=enc.input_size)

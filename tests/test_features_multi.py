@@ -9,15 +9,8 @@ torch = pytest.importorskip("torch")
 
 import stmorph  # noqa: E402
 from stmorph.errors import InputError  # noqa: E402
-from stmorph.im import _slide, encoders  # noqa: E402
+from stmorph.im import _slide  # noqa: E402
 from test_features import _adata  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(), torch.nn.Conv2d(8, 6, 3))
-    return encoders.get_encoder(net, input_size=32, name="tiny")
 
 
 @pytest.fixture()
