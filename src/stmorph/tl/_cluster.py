@@ -25,6 +25,7 @@ from contextlib import contextmanager
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from threadpoolctl import threadpool_limits
 
 from ..errors import InputError
 
@@ -283,8 +284,6 @@ def gaussian_mixture(
     k = int(n_clusters)
     floor = max(5.0, min_size * n) if k * 5 <= n else 1.0
     scale = float(np.mean(np.var(X, axis=0))) if n > 1 else 1.0
-    from threadpoolctl import threadpool_limits
-
     rng = np.random.default_rng(random_state)
     ward = _ward_labels(X, k, rng)
     ward_means = np.stack([X[ward == c].mean(axis=0) for c in range(k)])

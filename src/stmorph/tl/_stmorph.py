@@ -39,6 +39,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import scipy.sparse as sp
+from threadpoolctl import threadpool_limits
 
 from ..errors import InputError
 from ._cluster import cluster
@@ -52,6 +53,10 @@ SIGMAS_UM = (100.0,)
 MAX_Z = 10.0
 #: Weight of the image block against expression's, both at unit total variance.
 IMAGE_WEIGHT = 0.3
+#: Defaults of :func:`stmorph` (and of the method in :func:`run_methods`, via ``stmorph_options``).
+DEFAULTS = {"use_image": None, "image_weight": IMAGE_WEIGHT, "sigmas_um": SIGMAS_UM, "n_top_genes": 3000,
+            "n_comps": 20, "cluster_method": "gmm", "n_init": 10, "k_range": (2, 12), "refine": True,
+            "refine_radius_um": None}
 
 
 def _check_sigmas(sigmas_um) -> list[float]:
@@ -205,8 +210,6 @@ def spatial_expression_embedding(
         msg = f"{adata.n_obs} spot(s) x {L.shape[1]} variable gene(s) are too few for an expression embedding."
         raise InputError(msg)
     xy = coordinates_um(adata)
-    from threadpoolctl import threadpool_limits
-
     with threadpool_limits(1):  # tall-skinny QRs: BLAS threads only contend (10x slower on a busy 2-core machine)
         Z, singular_values = _context_pca(L, _neighbourhood_means(xy, sig), n_out, random_state)
     adata.obsm[key_added] = Z
@@ -286,28 +289,22 @@ def balanced_integrate(adata, reps: Sequence[str], weights: Sequence[float], *, 
 
 def _run_stmorph(adata, run) -> None:
     """The ``stmorph`` method inside :func:`run_methods` (options from ``stmorph_options``)."""
-    o = dict(run.stmorph_options)
-    use_image = o.pop("use_image", None)
-    image_weight = float(o.pop("image_weight", IMAGE_WEIGHT))
-    sigmas = o.pop("sigmas_um", SIGMAS_UM)
-    n_top_genes = o.pop("n_top_genes", 3000)
-    n_comps = int(o.pop("n_comps", 20))
-    refine = bool(o.pop("refine", True if run.refine is None else run.refine))
-    refine_radius_um = o.pop("refine_radius_um", None)
-    method = o.pop("cluster_method", "gmm")
-    n_init = int(o.pop("n_init", 10))
-    k_range = tuple(o.pop("k_range", (2, 12)))
-    if o:
-        msg = f"unknown stmorph option(s) {sorted(o)}."
+    unknown = sorted(set(run.stmorph_options) - set(DEFAULTS))
+    if unknown:
+        msg = f"unknown stmorph option(s) {unknown}; known: {sorted(DEFAULTS)}."
         raise InputError(msg)
-    if use_image is None:
-        use_image = run.has_image
-    elif use_image and not run.has_image:
+    o = {**DEFAULTS, **({"refine": run.refine} if run.refine is not None else {}), **run.stmorph_options}
+    use_image, image_weight, sigmas = o["use_image"], float(o["image_weight"]), o["sigmas_um"]
+    method, refine = o["cluster_method"], bool(o["refine"])
+    if use_image and not run.has_image:
         msg = "stmorph: use_image=True but there is no full-resolution image and no image features."
         raise InputError(msg)
+    if use_image is None and not run.has_image:
+        warnings.warn("stmorph: no H&E image or image features; domains come from expression alone.", stacklevel=3)
+    use_image = run.has_image if use_image is None else bool(use_image)
     rs = run.random_state
-    run.step("stmorph_expression", spatial_expression_embedding, adata, sigmas_um=sigmas, n_top_genes=n_top_genes,
-             n_comps=n_comps, random_state=rs)
+    run.step("stmorph_expression", spatial_expression_embedding, adata, sigmas_um=sigmas,
+             n_top_genes=o["n_top_genes"], n_comps=int(o["n_comps"]), random_state=rs)
     reps, weights = ["X_stmorph_expr"], [1.0]
     if use_image:
         (spot, _), (context, context_patch) = run.patch_key("spot"), run.patch_key("context")
@@ -316,17 +313,16 @@ def _run_stmorph(adata, run) -> None:
                  random_state=rs)
         reps.append("X_stmorph_image")
         weights.append(image_weight)
-    else:
-        warnings.warn("stmorph: no H&E image or image features; domains come from expression alone.", stacklevel=3)
     run.step("stmorph_integrate", balanced_integrate, adata, reps, weights)
     k = run.n_clusters
     ckw = {"n_neighbors": run.n_neighbors, "resolution": run.resolution} if method != "gmm" else {}
     run.step("cluster_stmorph", cluster, adata, "X_stmorph", key_added="stmorph", method=method, n_clusters=k,
-             n_init=n_init, k_range=k_range, refine=refine, refine_radius_um=refine_radius_um, random_state=rs, **ckw)
+             n_init=int(o["n_init"]), k_range=tuple(o["k_range"]), refine=refine,
+             refine_radius_um=o["refine_radius_um"], random_state=rs, **ckw)
     adata.uns["stmorph"]["params"].update(
         modalities=["expression", "image"] if use_image else ["expression"],
         image_weight=image_weight if use_image else 0.0, sigmas_um=list(_check_sigmas(sigmas)),
-        n_top_genes=n_top_genes,
+        n_top_genes=o["n_top_genes"],
     )
 
 
@@ -342,12 +338,12 @@ def stmorph(
     use_image: bool | None = None,
     image_weight: float = IMAGE_WEIGHT,
     sigmas_um: float | Sequence[float] = SIGMAS_UM,
-    n_top_genes: int | None = 3000,
-    n_comps: int = 20,
-    cluster_method: str = "gmm",
-    n_init: int = 10,
-    k_range: tuple[int, int] = (2, 12),
-    refine: bool = True,
+    n_top_genes: int | None = DEFAULTS["n_top_genes"],
+    n_comps: int = DEFAULTS["n_comps"],
+    cluster_method: str = DEFAULTS["cluster_method"],
+    n_init: int = DEFAULTS["n_init"],
+    k_range: tuple[int, int] = DEFAULTS["k_range"],
+    refine: bool = DEFAULTS["refine"],
     refine_radius_um: float | None = None,
     image=None,
     encoder: str = "efficientnet_lite2",
