@@ -81,3 +81,22 @@ def test_sigterm_removes_the_temporary_folder(tmp_path):
     assert proc.returncode == 143, err
     assert err.strip().splitlines()[-1] == "stmorph demo: terminated"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"] or sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_killed_run_not_yet_reaped_counts_as_over(tmp_path):
+    """A SIGKILLed worker whose parent is gone stays a zombie where init does not reap: its folder is stale."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        tag = f"{_outputs._HOST}_{child.pid}_{_outputs._proc_start(child.pid) or 0}-"
+        folder = tmp_path / f".out.tmp-{tag}abcd"
+        folder.mkdir()
+        assert _outputs.clean_stale(tmp_path / "out") == []  # its process is running: left alone
+        os.kill(child.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while _outputs._proc_stat(child.pid)[:1] != ["Z"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _outputs.clean_stale(tmp_path / "out") == [folder]  # killed, not reaped yet: removed
+        assert not folder.exists()
+    finally:
+        child.kill()
+        child.wait()

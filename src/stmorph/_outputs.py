@@ -172,13 +172,19 @@ def check_writable(path: str | os.PathLike, *, force: bool, inputs: Sequence[str
     return path
 
 
-def _proc_start(pid: int) -> str:
-    """Start time of process ``pid`` in clock ticks since boot (Linux), "" when unknown."""
+def _proc_stat(pid: int) -> list[str]:
+    """Fields of ``/proc/<pid>/stat`` after the command name (Linux; empty when unknown): state first."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat[stat.rindex(")") + 2:].split()[19]
-    except (OSError, ValueError, IndexError):
-        return ""
+        return stat[stat.rindex(")") + 2:].split()
+    except (OSError, ValueError):
+        return []
+
+
+def _proc_start(pid: int) -> str:
+    """Start time of process ``pid`` in clock ticks since boot (Linux), "" when unknown."""
+    fields = _proc_stat(pid)
+    return fields[19] if len(fields) > 19 else ""
 
 
 _HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:24] or "host"
@@ -203,7 +209,10 @@ def _owner_alive(host: str, pid: str, ticks: str) -> bool:
         return False
     except (PermissionError, OverflowError, ValueError):
         pass
-    now = _proc_start(int(pid))
+    fields = _proc_stat(int(pid))
+    if fields and fields[0] in ("Z", "X"):
+        return False  # killed and not yet reaped (an orphan whose init does not reap): its run is over
+    now = fields[19] if len(fields) > 19 else ""
     return ticks == "0" or not now or now == ticks
 
 
