@@ -36,6 +36,18 @@ def _counts(adata, layer: str | None):
     return X, where
 
 
+def log_normalize(X: sp.csr_matrix, *, target_sum: float = 1e4) -> sp.csr_matrix:
+    """Counts scaled to ``target_sum`` per spot, then log1p (sparse); a spot with zero counts is refused."""
+    totals = np.asarray(X.sum(axis=1)).ravel()
+    if np.any(totals <= 0):
+        n = int(np.sum(totals <= 0))
+        msg = f"{n} spot(s) have zero total counts; filter them out before embedding."
+        raise InputError(msg)
+    Y = sp.csr_matrix(sp.diags(target_sum / totals) @ X)
+    Y.data = np.log1p(Y.data)
+    return Y
+
+
 def normalize_log_scale(
     X: sp.csr_matrix, *, target_sum: float = 1e4
 ) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray, np.ndarray]:
@@ -46,13 +58,7 @@ def normalize_log_scale(
     their standard deviation; centring (subtracting ``mean / std``) is left
     implicit so the matrix stays sparse.
     """
-    totals = np.asarray(X.sum(axis=1)).ravel()
-    if np.any(totals <= 0):
-        n = int(np.sum(totals <= 0))
-        msg = f"{n} spot(s) have zero total counts; filter them out before embedding."
-        raise InputError(msg)
-    Y = sp.csr_matrix(sp.diags(target_sum / totals) @ X)
-    Y.data = np.log1p(Y.data)
+    Y = log_normalize(X, target_sum=target_sum)
     mean = np.asarray(Y.mean(axis=0)).ravel()
     sq = np.asarray(Y.multiply(Y).mean(axis=0)).ravel()
     var = np.maximum(sq - mean**2, 0.0) * (Y.shape[0] / max(Y.shape[0] - 1, 1))
@@ -144,8 +150,7 @@ def expression_embedding(
     genes = np.flatnonzero(keep)
     if n_top_genes is not None and n_top_genes < Y.shape[1]:
         # the scaled data has unit variance: rank by variance of the log data instead
-        logY = sp.csr_matrix(sp.diags(target_sum / np.asarray(X.sum(axis=1)).ravel()) @ X[:, genes])
-        logY.data = np.log1p(logY.data)
+        logY = log_normalize(X, target_sum=target_sum)[:, genes]
         m = np.asarray(logY.mean(axis=0)).ravel()
         v = np.asarray(logY.multiply(logY).mean(axis=0)).ravel() - m**2
         top = np.sort(np.argsort(-v, kind="stable")[: int(n_top_genes)])

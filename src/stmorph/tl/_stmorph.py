@@ -43,7 +43,7 @@ from threadpoolctl import threadpool_limits
 
 from ..errors import InputError
 from ._cluster import cluster
-from ._embedding import _counts, _pca
+from ._embedding import _counts, _pca, log_normalize
 from ._methods import register_method, run_methods
 from ._neighbors import coordinates_um, gaussian_smoother
 
@@ -80,9 +80,7 @@ def _with_context(P: np.ndarray, xy_um: np.ndarray, sigmas_um: list[float]) -> n
 
 def _log_hvg(X: sp.csr_matrix, n_top_genes: int | None, target_sum: float) -> tuple[sp.csr_matrix, np.ndarray]:
     """Log-normalised counts restricted to the most variable genes (scanpy's 'seurat' dispersion ranking)."""
-    totals = np.asarray(X.sum(axis=1)).ravel()
-    L = sp.csr_matrix(sp.diags(target_sum / totals) @ X)
-    L.data = np.log1p(L.data)
+    L = log_normalize(X, target_sum=target_sum)
     genes = np.arange(L.shape[1])
     if n_top_genes is not None and n_top_genes < L.shape[1]:
         import anndata as ad
@@ -190,10 +188,6 @@ def spatial_expression_embedding(
     adata = adata.copy() if copy else adata
     sig = _check_sigmas(sigmas_um)
     X, _ = _counts(adata, layer)
-    totals = np.asarray(X.sum(axis=1)).ravel()
-    if np.any(totals <= 0):
-        msg = f"{int(np.sum(totals <= 0))} spot(s) have zero total counts; filter them out before embedding."
-        raise InputError(msg)
     L, genes = _log_hvg(X, n_top_genes, target_sum)
     # scale each gene to unit variance, centring left implicit so the matrix stays sparse; values above
     # 10 standard deviations are clipped (scanpy's scale(max_value=10)) so that a gene seen in a handful
