@@ -80,13 +80,14 @@ def get_method(name: str) -> Method:
     return _REGISTRY[name]
 
 
-def has_image(adata, image=None, feature_key: str = "X_image") -> bool:
-    """Whether image features exist or can be computed for ``adata``."""
-    if image is not None or feature_key in adata.obsm:
+def has_image(adata, image=None, feature_key: str | None = "X_image") -> bool:
+    """Whether image features exist (``obsm[feature_key]``) or can be computed for ``adata``; with
+    ``feature_key=None``, only whether there is an image to compute them from."""
+    if image is not None or (feature_key is not None and feature_key in adata.obsm):
         return True
     try:
         lib = _spatial.library(adata)
-    except InputError:
+    except (InputError, KeyError):
         return False
     return bool(lib.get("metadata", {}).get("source_image_path")) or "fullres" in lib.get("images", {})
 

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ... import _spatial
 from ...errors import InputError
+from .._methods import has_image
 from ._config import SencaConfig
 
 __all__ = ["senca", "SencaConfig"]
@@ -48,16 +48,6 @@ def _deterministic(random_state: int, device: str):
                 yield
         finally:
             torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
-
-
-def _has_image_source(adata, image) -> bool:
-    if image is not None:
-        return True
-    try:
-        lib = _spatial.library(adata)
-    except (InputError, KeyError):
-        return False
-    return bool(lib.get("metadata", {}).get("source_image_path")) or "fullres" in lib.get("images", {})
 
 
 def patch_side_px(spacing: float, cfg: SencaConfig) -> int:
@@ -186,7 +176,7 @@ def senca(
     side = patch_side_px(inp.spacing, cfg)
     feats, cnn, image_source, t_img, n_missing = None, None, "none (RNA branch alone)", 0.0, 0
     if finetune_image:
-        if not _has_image_source(adata, image):
+        if not has_image(adata, image, feature_key=None):
             msg = "finetune_image=True needs an image (image= or uns['spatial'] with a source image)."
             raise InputError(msg)
         from ... import im
@@ -198,7 +188,7 @@ def senca(
         cnn, image_source = enc.model, f"{enc.name} fine-tuned end to end on {side}px patches"
         t_img = time.perf_counter() - t1
     else:
-        if image_key not in adata.obsm and compute_image_features and _has_image_source(adata, image):
+        if image_key not in adata.obsm and compute_image_features and has_image(adata, image, feature_key=None):
             from ... import im
 
             t1 = time.perf_counter()
