@@ -239,10 +239,10 @@ def _region_map(regions, grid, rng: np.random.Generator, scale_um: float):
 # ----------------------------------------------------------------------------------------------
 # 3. counts
 # ----------------------------------------------------------------------------------------------
-def _counts(regions, region_of_spot, xy_um, rng, *, n_genes, n_program_genes, fold_change,
-            expression_strength, mixing, library_size, dispersion, nuisance_strength, n_nuisance,
-            program_strength=None):
-    """Negative-binomial counts; returns (X dense int32, var names, program -> gene indices, programs)."""
+def _gene_programs(regions, rng, *, n_genes, n_program_genes, fold_change, expression_strength, n_nuisance,
+                   program_strength=None):
+    """Genes and expression programs: (var names, program -> gene indices, nuisance gene sets, programs,
+    background log-abundance per gene, log fold changes (n_programs, n_genes))."""
     programs = []
     for r in regions:
         if r.program not in programs:
@@ -287,7 +287,16 @@ def _counts(regions, region_of_spot, xy_um, rng, *, n_genes, n_program_genes, fo
         b = PROGRAM_PARENT.get(p)
         if p in programs and b in programs:
             lfc[programs.index(p)] = s * lfc[programs.index(p)] + (1.0 - s) * lfc[programs.index(b)]
+    return var_names, prog_genes, nuis_genes, programs, log_p, lfc
 
+
+def _counts(regions, region_of_spot, xy_um, rng, *, n_genes, n_program_genes, fold_change,
+            expression_strength, mixing, library_size, dispersion, nuisance_strength, n_nuisance,
+            program_strength=None):
+    """Negative-binomial counts; returns (X dense int32, var names, program -> gene indices, programs)."""
+    var_names, prog_genes, nuis_genes, programs, log_p, lfc = _gene_programs(
+        regions, rng, n_genes=n_genes, n_program_genes=n_program_genes, fold_change=fold_change,
+        expression_strength=expression_strength, n_nuisance=n_nuisance, program_strength=program_strength)
     n = region_of_spot.size
     prog_index = np.array([programs.index(regions[i].program) for i in region_of_spot])
     onehot = np.zeros((n, len(programs)))

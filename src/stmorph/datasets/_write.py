@@ -99,8 +99,10 @@ def _positions_table(adata, off_tissue: bool):
     return df.sort_values(["array_row", "array_col"], kind="stable").reset_index(drop=True)[POSITIONS_COLUMNS]
 
 
-def _write_tiff(path: Path, img: np.ndarray, compression: str, levels: int = 3) -> None:
-    """Tiled (512 px) pyramidal TIFF: full resolution plus ``levels`` 2x-reduced sub-resolutions (SubIFDs)."""
+def _write_tiff(path: Path, img: np.ndarray, compression: str, levels: int = 3, bigtiff: bool | None = None) -> None:
+    """Tiled (512 px) pyramidal TIFF: full resolution plus ``levels`` 2x-reduced sub-resolutions (SubIFDs).
+
+    ``bigtiff``: write a BigTIFF (default: when the pixels exceed 2 GiB)."""
     import tifffile
     from PIL import Image
 
@@ -116,7 +118,7 @@ def _write_tiff(path: Path, img: np.ndarray, compression: str, levels: int = 3) 
     elif compression in ("zlib", "deflate"):
         kw["predictor"] = True
         kw["compressionargs"] = {"level": 4}
-    with tifffile.TiffWriter(path, bigtiff=img.nbytes > 2**31) as tif:
+    with tifffile.TiffWriter(path, bigtiff=img.nbytes > 2**31 if bigtiff is None else bigtiff) as tif:
         tif.write(pyramid[0], subifds=len(pyramid) - 1, resolutionunit=None, **kw)
         for level in pyramid[1:]:
             tif.write(level, subfiletype=1, **kw)
