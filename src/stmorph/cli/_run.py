@@ -79,11 +79,25 @@ def add_parser(sub) -> None:
     g.add_argument("--spots", default=None, metavar="FILE", help="legacy ST: spot selection table (*_selection.tsv)")
     g.add_argument("--labels", default=None, metavar="FILE",
                    help="annotations: legacy ST *_labeled_coordinates.tsv, or a barcode<TAB>label file for Visium")
+    g.add_argument("--bin-size", type=_bin_size, default=16, metavar="UM",
+                   help="Visium HD: bin side in micrometres (2, 8, 16, or a multiple of one of them, re-binned; "
+                        "default 16)")
     g.add_argument("--pixel-scale", type=_pixel_scale, default=1.0,
                    help="legacy ST: factor from the spot table's pixels to the given image's pixels, "
                         "or 'auto' (scalefactors.json beside the image)")
     add_common_options(p)
     p.set_defaults(func=main)
+
+
+def _bin_size(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value <= 0:
+        msg = f"expected a whole number of micrometres (2, 8, 16, 32 ...), got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
 
 
 def _pixel_scale(text: str):
@@ -113,8 +127,9 @@ def resolve_methods(chosen: list[str] | None) -> list[str]:
     return [m for m in METHODS if m in out]
 
 
-def read_input(path: str, *, image=None, spots=None, labels=None, pixel_scale: float = 1.0):
-    """Read INPUT by its kind: Space Ranger folder, .h5ad, or legacy ST counts."""
+def read_input(path: str, *, image=None, spots=None, labels=None, pixel_scale: float = 1.0, bin_size: int = 16):
+    """Read INPUT by its kind: Space Ranger folder (Visium HD when it has ``binned_outputs/``), .h5ad, or legacy
+    ST counts."""
     from .. import read
 
     p = Path(path)
@@ -124,6 +139,9 @@ def read_input(path: str, *, image=None, spots=None, labels=None, pixel_scale: f
         if spots is not None:
             raise InputError("--spots is for legacy ST counts files, but INPUT is a folder", p)
         folder = p / "outs" if (p / "outs").is_dir() and not (p / "filtered_feature_bc_matrix.h5").exists() else p
+        if (folder / "binned_outputs").is_dir():
+            return read.visium_hd(folder, bin_size=bin_size, image=image,
+                                  labels=labels if labels is not None else "auto")
         return read.visium(folder, image=image, labels=labels if labels is not None else "auto")
     name = p.name.lower()
     if name.endswith(".h5ad"):
@@ -279,7 +297,8 @@ def run_section(args, command: str) -> dict:
     methods = resolve_methods(args.method)
     t0 = time.perf_counter()
     adata, read_warnings = recording_warnings(read_input, args.input, image=args.image, spots=args.spots,
-                                              labels=args.labels, pixel_scale=args.pixel_scale)
+                                              labels=args.labels, pixel_scale=args.pixel_scale,
+                                              bin_size=getattr(args, "bin_size", 16))
     info = {"command": command,
             "input": str(Path(args.input).resolve()), "timings_s": {"read": time.perf_counter() - t0},
             "warnings": read_warnings}
