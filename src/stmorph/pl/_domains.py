@@ -67,7 +67,8 @@ def domains(
     spot_shape
         ``"auto"``: hexagons on a hexagonal grid (Visium) and squares on a square grid (legacy ST, Visium HD
         bins), as wide as the grid spacing so that neighbours touch; circles of the true spot diameter when
-        the spots lie on no regular grid. ``"circle"``: circles of the true diameter (gaps between spots).
+        the spots lie on no regular grid. More than 50,000 Visium HD bins are drawn as one image, a pixel per
+        bin, placed over the bins' extent. ``"circle"``: circles of the true diameter (gaps between spots).
     labels
         ``"markers"``: name each domain in the legend by its top two marker genes (``"3: KRT19, EPCAM"``;
         Wilcoxon test, see :func:`stmorph.pl.domain_names`); a mapping ``{key: {label: name}}``: those names
@@ -93,7 +94,12 @@ def domains(
         raise InputError(msg)
     xy = _spatial.coordinates(adata)
     img, scale = _utils.background(adata, library_id=library_id, image=image)
-    shape, size, angle = _utils.spot_shape(adata, xy, shape=spot_shape, library_id=library_id, spot_size=spot_size)
+    bins = _utils.bin_grid(adata, xy, library_id=library_id) if spot_shape in ("auto", "square") else None
+    if bins is not None:  # many Visium HD bins: one image pixel per bin instead of a polygon each
+        shape, size, angle = "square", spot_size or bins[4], 0.0
+    else:
+        shape, size, angle = _utils.spot_shape(adata, xy, shape=spot_shape, library_id=library_id,
+                                               spot_size=spot_size)
     diameter = size * scale
     xy_img = xy * scale
     has_ann = annotation is not None and annotation in adata.obs
@@ -139,8 +145,11 @@ def domains(
         series = adata.obs[key]
         _utils.setup_axis(ax, img, xy_img, diameter)
         cols = colors_array(series, cmaps[key])
-        _utils.draw_spots(ax, xy_img, diameter, cols, shape=shape, angle=angle,
-                          alpha=alpha if img is not None else 1.0)
+        if bins is not None:
+            _utils.draw_bins_image(ax, bins, cols, scale=scale, alpha=alpha if img is not None else 1.0)
+        else:
+            _utils.draw_spots(ax, xy_img, diameter, cols, shape=shape, angle=angle,
+                              alpha=alpha if img is not None else 1.0)
         if t is None:
             t = key
             if show_scores and has_ann and key != annotation:

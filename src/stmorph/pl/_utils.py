@@ -219,3 +219,50 @@ def fig_to_png_bytes(fig, *, dpi: int = 110) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     return buf.getvalue()
+
+
+#: Above this many Visium HD bins, panels draw the bins as an image (one pixel per bin) instead of polygons.
+BINS_AS_IMAGE_MIN = 50_000
+
+
+def bin_grid(adata, xy: np.ndarray, *, library_id: str | None = None, min_bins: int = BINS_AS_IMAGE_MIN):
+    """How to draw many Visium HD square bins as one image: ``(rows, cols, (n_rows, n_cols), extent, pitch)``.
+
+    ``rows``/``cols`` index each bin's pixel in an ``n_rows x n_cols`` image of the array grid, ``extent`` is
+    ``(left, right, bottom, top)`` in full-resolution pixels for ``imshow`` and ``pitch`` the bin side in pixels.
+    None unless the section is ``technology == "visium_hd"`` with more than ``min_bins`` bins on a grid aligned
+    with the image axes (rotated by less than half a bin across the section).
+    """
+    try:
+        meta = _spatial.library(adata, library_id).get("metadata") or {}
+    except (InputError, KeyError, AttributeError):
+        return None
+    if meta.get("technology") != "visium_hd" or adata.n_obs <= min_bins:
+        return None
+    if "array_row" not in adata.obs or "array_col" not in adata.obs:
+        return None
+    rows = np.asarray(adata.obs["array_row"], dtype=np.int64)
+    cols = np.asarray(adata.obs["array_col"], dtype=np.int64)
+    A = np.column_stack([cols, rows, np.ones(len(rows))]).astype(np.float64)
+    coef, *_ = np.linalg.lstsq(A, np.asarray(xy, dtype=np.float64), rcond=None)  # rows: d/dcol, d/drow, offset
+    (xc, yc), (xr, yr) = coef[0], coef[1]
+    r0, r1, c0, c1 = rows.min(), rows.max(), cols.min(), cols.max()
+    if not (abs(xc) > 0 and abs(yr) > 0) or abs(xr) * (r1 - r0 + 1) > 0.5 * abs(xc) \
+            or abs(yc) * (c1 - c0 + 1) > 0.5 * abs(yr):
+        return None
+    x = lambda c: xc * c + xr * (r0 + r1) / 2 + coef[2, 0]  # noqa: E731
+    y = lambda r: yr * r + yc * (c0 + c1) / 2 + coef[2, 1]  # noqa: E731
+    extent = (x(c0 - 0.5), x(c1 + 0.5), y(r1 + 0.5), y(r0 - 0.5))
+    return rows - r0, cols - c0, (int(r1 - r0 + 1), int(c1 - c0 + 1)), extent, float((abs(xc) + abs(yr)) / 2)
+
+
+def draw_bins_image(ax, grid, colors: np.ndarray, *, scale: float = 1.0, alpha: float = 1.0, zorder: float = 2):
+    """Draw square bins as one RGBA image (one pixel per bin, transparent where there is no bin), placed by
+    ``imshow``'s extent over the full-resolution coordinates times ``scale``; ``grid`` from :func:`bin_grid`."""
+    rr, cc, (nr, nc), extent, _ = grid
+    img = np.zeros((nr, nc, 4), dtype=np.float32)
+    colors = np.asarray(colors, dtype=np.float32)
+    img[rr, cc, :3] = colors[:, :3]
+    img[rr, cc, 3] = colors[:, 3] * alpha
+    return ax.imshow(img, extent=[e * scale for e in extent], origin="upper", interpolation="nearest",
+                     zorder=zorder)
