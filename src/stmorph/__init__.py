@@ -13,9 +13,10 @@ __version__ = "0.1.0"
 
 from . import datasets, ev, im, pl, read, tl  # noqa: E402
 from ._validate import validate  # noqa: E402
+from ._write_spatialdata import write_spatialdata  # noqa: E402
 from .errors import DependencyError, ImageError, InputError, OutputError, OutputExistsError, StmorphError  # noqa: E402
 
 __all__ = [
-    "read", "im", "tl", "pl", "ev", "datasets", "validate",
+    "read", "im", "tl", "pl", "ev", "datasets", "validate", "write_spatialdata",
     "StmorphError", "InputError", "ImageError", "DependencyError", "OutputExistsError", "OutputError",
 ]

@@ -142,7 +142,7 @@ def _check_library(lib_id: str, lib: Any, out: list[str], require_image: bool) -
         src = None
     if require_image:
         if src:
-            if not os.path.isfile(src):
+            if not os.path.exists(src):  # a file, or a folder (an OME-Zarr image of a SpatialData store)
                 out.append(f'{where}["metadata"]["source_image_path"] = {os.fspath(src)!r} does not exist')
         elif "fullres" not in images:
             out.append(

@@ -1,6 +1,7 @@
 """``stmorph run INPUT --method ... --out DIR``: find spatial domains in one section.
 
-INPUT is a Space Ranger ``outs/`` folder, an ``.h5ad`` file, or the counts
+INPUT is a Space Ranger ``outs/`` folder, an ``.h5ad`` file, a SpatialData
+``.zarr`` store (``--image`` then names its image element), or the counts
 table of a legacy Spatial Transcriptomics section (with ``--spots`` and
 optionally ``--labels``).
 """
@@ -68,7 +69,7 @@ def add_parser(sub) -> None:
         help="find spatial domains in one section",
         description=__doc__,
     )
-    p.add_argument("input", help="Space Ranger outs/ folder, .h5ad file, or legacy ST counts (.tsv[.gz])")
+    p.add_argument("input", help="Space Ranger outs/ folder, .h5ad file, SpatialData .zarr store, or legacy ST counts (.tsv[.gz])")
     p.add_argument("--method", "-m", action="append", choices=METHOD_CHOICES, default=None,
                    help="method(s) to run; repeat for several (default: stmorph; stmic includes both of its "
                         "baselines)")
@@ -135,6 +136,10 @@ def read_input(path: str, *, image=None, spots=None, labels=None, pixel_scale: f
     p = Path(path)
     if not p.exists():
         raise InputError("no such file or folder", p)
+    if p.is_dir() and p.name.lower().endswith(".zarr"):  # a SpatialData store; --image names its image element
+        if spots is not None or labels is not None:
+            raise InputError("--spots and --labels are not read from a SpatialData store", p)
+        return read.spatialdata(p, image=Path(image).name if image is not None else None)
     if p.is_dir():
         if spots is not None:
             raise InputError("--spots is for legacy ST counts files, but INPUT is a folder", p)

@@ -12,6 +12,8 @@ file):
 - ``tiff`` (:mod:`._tiff`, tifffile): every other TIFF / BigTIFF (plain,
   OME-TIFF, SVS-like), tile by tile through a byte-bounded cache; the default
   for TIFF.
+- ``ome_zarr`` (:mod:`._ome_zarr`): a *folder* holding an OME-NGFF multiscale image, e.g. the
+  image ``store.zarr/images/<name>`` of a SpatialData store, lazily and pyramid-aware.
 - ``pil`` (:mod:`._pil`): JPEG / PNG and other formats Pillow reads, decoded
   whole on first use.
 - ``array`` (:mod:`._array`): numpy arrays ``(h, w)``, ``(h, w, 1|2|3|4)``.
@@ -43,7 +45,7 @@ import numpy as np
 
 from ... import _spatial
 from ...errors import DependencyError, ImageError, InputError
-from . import _openslide, _pil, _tiff
+from . import _ome_zarr, _openslide, _pil, _tiff
 from ._array import open_array
 from ._base import DEFAULT_CACHE_BYTES, MAX_PIL_PIXELS, Slide
 
@@ -68,6 +70,9 @@ class SlideBackend:
     available
         ``available() -> bool``: whether its optional dependency imports; a backend that is not
         available gives way to the next one that claims the file.
+    folder
+        ``folder(path) -> bool``: claims a folder (an image stored as many files, e.g. OME-Zarr);
+        None claims no folder.
     """
 
     name: str
@@ -75,6 +80,7 @@ class SlideBackend:
     suffixes: tuple[str, ...] = ()
     sniff: Callable[[bytes], bool] | None = None
     available: Callable[[], bool] = field(default=lambda: True)
+    folder: Callable[[str], bool] | None = None
 
 
 #: Registered backends, in the order they are asked to claim a file.
@@ -90,6 +96,7 @@ def register_backend(backend: SlideBackend, *, first: bool = False) -> None:
 register_backend(SlideBackend("openslide", _openslide.open_openslide, suffixes=_openslide.SUFFIXES,
                               available=_openslide.available))
 register_backend(SlideBackend("tiff", _tiff.open_tiff, sniff=_tiff.is_tiff))
+register_backend(SlideBackend("ome_zarr", _ome_zarr.open_ome_zarr, folder=_ome_zarr.claims_folder))
 register_backend(SlideBackend("pil", _pil.open_pil, sniff=lambda magic: True))
 
 
@@ -135,7 +142,8 @@ def open_slide(source: str | os.PathLike | np.ndarray, *, level: int = 0,
     source
         Path of a TIFF/BigTIFF (tiled or stripped, pyramidal or not), JPEG or PNG
         file, a vendor whole-slide file (``.svs .ndpi .mrxs .scn .bif .vms .vmu
-        .svslide``, through OpenSlide when installed), or an image array ``(h, w[, c])``.
+        .svslide``, through OpenSlide when installed), a folder holding an OME-NGFF multiscale
+        image (``store.zarr/images/<name>`` of a SpatialData store), or an image array ``(h, w[, c])``.
     level
         Pyramid level to treat as level 0 (full resolution) of the returned
         slide; spot coordinates must then be in that level's pixels. Default 0.
@@ -171,6 +179,11 @@ def open_slide(source: str | os.PathLike | np.ndarray, *, level: int = 0,
     if not os.path.exists(path):
         msg = "image file not found."
         raise ImageError(msg, path)
+    if os.path.isdir(path):  # an image stored as a folder (OME-Zarr); otherwise _sniff says it is a folder
+        chosen = next((b for b in BACKENDS if b.folder is not None and (
+            b.name == backend if backend else b.folder(path))), None)
+        if chosen is not None:
+            return _at_level(chosen.open(path, cache_bytes), level, path)
     magic = _sniff(path)
     if len(magic) == 0:
         msg = "image file is empty."
@@ -181,7 +194,11 @@ def open_slide(source: str | os.PathLike | np.ndarray, *, level: int = 0,
             _openslide._module(path)  # raises DependencyError naming the file
         msg = f"{path}: the {chosen.name!r} slide backend is not available here."
         raise DependencyError(msg)
-    slide = chosen.open(path, cache_bytes)
+    return _at_level(chosen.open(path, cache_bytes), level, path)
+
+
+def _at_level(slide: Slide, level: int, path: str) -> Slide:
+    """``slide`` with pyramid level ``level`` as its level 0."""
     if level:
         if not 0 <= level < slide.n_levels:
             n = slide.n_levels
