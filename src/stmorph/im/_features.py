@@ -294,6 +294,7 @@ def features(
     library_id: str | None = None,
     precision: str = "auto",
     backend: str = "auto",
+    method: str = "auto",
     copy: bool = False,
 ):
     """Image features of every spot from a pretrained encoder.
@@ -301,6 +302,8 @@ def features(
     Crops a square patch around each spot from the full-resolution image,
     resizes it to the encoder's input, normalises it and runs the encoder in
     batches; cropping overlaps with inference (see the module docstring).
+    For Visium HD bins and other large spot counts, ``method="auto"`` runs the
+    dense path instead (:func:`stmorph.im.dense_features`).
 
     Parameters
     ----------
@@ -365,6 +368,15 @@ def features(
         onnxruntime onnx``) and inference runs in float32 (forward 2.3x faster,
         whole call 1.75x on a 2-core AVX-512 machine; same float32 features);
         PyTorch otherwise. ``"torch"``, ``"onnxruntime"``.
+    method
+        ``"patch"``: one patch per spot (this function's pipeline); ``"dense"``:
+        :func:`stmorph.im.dense_features` (the CNN run once over the tissue, each
+        ``patch`` size a pooling window around each spot; cost grows with tissue
+        area, not spots); ``"auto"`` (default): dense when the technology is
+        ``visium_hd`` or there are more than 50,000 spots and the encoder is
+        convolutional, patch otherwise (Visium, legacy ST, vision transformers).
+        On the dense path ``batch_size`` counts tiles and ``num_workers`` and
+        ``backend`` do not apply.
     copy
         Return a modified copy instead of writing into ``adata``.
 
@@ -396,6 +408,18 @@ def features(
     """
     import torch
 
+    if method not in ("auto", "patch", "dense"):
+        raise InputError(f"method must be 'auto', 'patch' or 'dense'; got {method!r}.")
+    if method != "patch":
+        from ._dense import choose_method, dense_features
+
+        if method == "dense" and backend not in ("auto", "torch"):
+            raise InputError(f"backend={backend!r} is not available on the dense path (PyTorch runs it).")
+        if method == "dense" or choose_method(adata, encoder, weights, library_id) == "dense":
+            return dense_features(adata, encoder, patch=patch, key_added=key_added, image=image, weights=weights,
+                                  device=device, batch_size=batch_size if method == "dense" else None,
+                                  precision=precision, cache=cache, cache_dir=cache_dir, progress=progress,
+                                  library_id=library_id, copy=copy)
     adata = adata.copy() if copy else adata
     if adata.n_obs == 0:
         raise InputError("adata has no spots (n_obs == 0); nothing to extract features for.")

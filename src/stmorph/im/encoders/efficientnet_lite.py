@@ -117,12 +117,15 @@ class EfficientNetLite(nn.Module):
         self.act = nn.ReLU6(inplace=True)
         self._fuse_pairs = (("_conv_stem", "_bn0"), ("_conv_head", "_bn1"))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The feature map before global pooling, ``(B, 1280, S/32, S/32)`` (any input size; dense features)."""
         x = self.act(self._bn0(self._conv_stem(x)))  # (B, 32, S/2, S/2)
         for block in self._blocks:
             x = block(x)  # ... (B, 352, S/32, S/32)
-        x = self.act(self._bn1(self._conv_head(x)))  # (B, 1280, S/32, S/32)
-        return x.mean(dim=(2, 3), dtype=torch.float32)  # (B, 1280), pooled in float32 under autocast
+        return self.act(self._bn1(self._conv_head(x)))  # (B, 1280, S/32, S/32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x).mean(dim=(2, 3), dtype=torch.float32)  # (B, 1280), pooled in float32
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         """ImageNet logits ``(B, 1000)``."""

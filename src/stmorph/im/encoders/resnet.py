@@ -102,10 +102,13 @@ class ResNet50(nn.Module):
         self.fc = nn.Linear(2048, n_classes) if include_top else None
         self._fuse_pairs = (("conv1", "bn1"),)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The feature map before global pooling, ``(B, 2048, S/32, S/32)`` (any input size; dense features)."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (B, 64, S/4, S/4)
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))  # (B, 2048, S/32, S/32)
-        return x.mean(dim=(2, 3), dtype=torch.float32)  # (B, 2048), pooled in float32 under autocast
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))  # (B, 2048, S/32, S/32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x).mean(dim=(2, 3), dtype=torch.float32)  # (B, 2048), pooled in float32
 
 
 def _torch_home() -> str:
