@@ -10,10 +10,9 @@ import pytest
 
 pytest.importorskip("pyarrow")
 
-from stmorph import datasets, pl, read  # noqa: E402
-from stmorph.cli import main  # noqa: E402
-from stmorph.errors import InputError, OutputExistsError  # noqa: E402
-
+from stmorph import datasets, pl, read
+from stmorph.cli import main
+from stmorph.errors import InputError, OutputExistsError
 
 LIB = "hd"  # the library id: the name of the folder holding outs/
 
@@ -40,7 +39,7 @@ def bins(hd):
 
 
 def test_writer_layout(hd):
-    tissue, outs, image = hd
+    _, outs, image = hd
     assert image.is_file() and image.read_bytes()[:4] in (b"II+\x00", b"MM\x00+")  # BigTIFF
     for b in (2, 8, 16):
         sp = outs / "binned_outputs" / f"square_{b:03d}um" / "spatial"

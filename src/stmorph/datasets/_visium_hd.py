@@ -300,7 +300,7 @@ def synthetic_visium_hd(
     grid = _tissue(float(size_um), float(tissue_fraction), rng)
     scale = region_scale_um or grid["capture_um"] / 6.0
     labels = _region_map(regions, grid, rng, scale)
-    X, rows, cols, lab, var_names, prog_genes, programs = _bin_counts(
+    X, rows, cols, lab, var_names, prog_genes, _ = _bin_counts(
         labels, grid, regions, rng, n_genes=int(n_genes), n_program_genes=int(n_program_genes),
         fold_change=fold_change, expression_strength=expression_strength,
         expression_only_strength=expression_only_strength, library_size=float(library_size),

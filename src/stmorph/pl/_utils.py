@@ -250,8 +250,8 @@ def bin_grid(adata, xy: np.ndarray, *, library_id: str | None = None, min_bins: 
     if not (abs(xc) > 0 and abs(yr) > 0) or abs(xr) * (r1 - r0 + 1) > 0.5 * abs(xc) \
             or abs(yc) * (c1 - c0 + 1) > 0.5 * abs(yr):
         return None
-    x = lambda c: xc * c + xr * (r0 + r1) / 2 + coef[2, 0]  # noqa: E731
-    y = lambda r: yr * r + yc * (c0 + c1) / 2 + coef[2, 1]  # noqa: E731
+    x = lambda c: xc * c + xr * (r0 + r1) / 2 + coef[2, 0]
+    y = lambda r: yr * r + yc * (c0 + c1) / 2 + coef[2, 1]
     extent = (x(c0 - 0.5), x(c1 + 0.5), y(r1 + 0.5), y(r0 - 0.5))
     return rows - r0, cols - c0, (int(r1 - r0 + 1), int(c1 - c0 + 1)), extent, float((abs(xc) + abs(yr)) / 2)
 

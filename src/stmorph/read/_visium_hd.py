@@ -29,7 +29,7 @@ import pandas as pd
 from ..errors import InputError
 from . import _common as c
 
-__all__ = ["visium_hd", "rebin", "bin_barcodes", "aggregate_bins", "BIN_FOLDER"]
+__all__ = ["BIN_FOLDER", "aggregate_bins", "bin_barcodes", "rebin", "visium_hd"]
 
 #: Name of one bin size's folder under ``binned_outputs/`` (``square_008um``).
 BIN_FOLDER = "square_{:03d}um"
