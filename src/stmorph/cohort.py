@@ -13,7 +13,11 @@ to a ``dask.distributed`` client: a ``LocalCluster`` of single-threaded worker p
 or an existing scheduler by address. A failing section is recorded and never stops the others. The
 cohort folder gets ``cohort.csv`` (one row per section) and ``cohort.md``; a section whose folder holds
 a complete ``run.json`` made with the same options is skipped, so re-running resumes a killed cohort.
-Needs the optional extra ``stmorph[cohort]`` (``dask[distributed]``).
+With ``joint=True`` the sections are also loaded (one task each) and embedded *together*
+(:func:`stmorph.tl.joint_domains`: shared genes and PCA axes, Harmony between sections, one clustering),
+so that a domain's number means the same tissue type in every section: ``joint.csv`` (section, barcode,
+domain) and the joint columns of the cohort table (``n_domains_joint``, ``ari_joint``, ``nmi_joint``).
+Needs the optional extra ``stmorph[cohort]`` (``dask[distributed]``; ``stmorph[joint]`` for Harmony).
 """
 
 from __future__ import annotations
@@ -29,10 +33,12 @@ from pathlib import Path
 
 from .errors import DependencyError, InputError, OutputExistsError, StmorphError
 
-__all__ = ["COHORT_REPORT", "COHORT_TABLE", "Section", "needs_gpu", "read_manifest", "run_cohort", "run_one"]
+__all__ = ["COHORT_REPORT", "COHORT_TABLE", "JOINT_TABLE", "Section", "load_one", "make_client", "needs_gpu",
+           "read_manifest", "run_cohort", "run_joint", "run_one"]
 
 COHORT_TABLE = "cohort.csv"
 COHORT_REPORT = "cohort.md"
+JOINT_TABLE = "joint.csv"
 #: ``stmorph run`` options that belong to the cohort (``--out``, ``--force``) or make no sense per section.
 _REFUSED = {"out": "the output folder is DIR/<section>", "force": "give --force to stmorph cohort",
             "quiet": "sections always run quietly", "help": "not an option of a section",
@@ -144,7 +150,7 @@ def read_manifest(path: str | os.PathLike) -> list[Section]:
         name = cells["section"]
         if not name:
             raise InputError(f"row {line}, column section: empty section name", path)
-        if not _SECTION_NAME.match(name) or name in (COHORT_TABLE, COHORT_REPORT):
+        if not _SECTION_NAME.match(name) or name in (COHORT_TABLE, COHORT_REPORT, JOINT_TABLE):
             msg = (f"row {line}, column section: {name!r} cannot be a folder name here "
                    "(letters, digits, _ . + -; not starting with '.' or '-')")
             raise InputError(msg, path)
@@ -240,11 +246,13 @@ def _worker() -> str:
 # --------------------------------------------------------------------------- the cohort
 
 
-def _client(scheduler: str | None, workers: int | None):
+def make_client(scheduler: str | None, workers: int | None, what: str = "stmorph cohort"):
+    """``(client, cluster)``: a client of the scheduler at ``scheduler``, or of a new ``LocalCluster`` of
+    ``workers`` single-threaded processes (default: the usable cores; ``cluster`` is then to be closed too)."""
     try:
         from distributed import Client, LocalCluster
     except ImportError:
-        msg = "stmorph cohort needs dask.distributed: pip install 'stmorph[cohort]'"
+        msg = f"{what} needs dask.distributed: pip install 'stmorph[cohort]'"
         raise DependencyError(msg) from None
     if scheduler:
         try:
@@ -279,7 +287,8 @@ def _write_table(rows: list[dict], out: Path) -> None:
     atomic_write(out / COHORT_TABLE, write)
 
 
-def _write_report(rows: list[dict], out: Path, manifest: Path, where: str, wall: float) -> None:
+def _write_report(rows: list[dict], out: Path, manifest: Path, where: str, wall: float,
+                  joint: dict | None = None) -> None:
     from ._outputs import atomic_write
 
     counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "failed")}
@@ -288,6 +297,10 @@ def _write_report(rows: list[dict], out: Path, manifest: Path, where: str, wall:
              (f"Manifest `{manifest}`, {len(rows)} sections on {where}: {counts['ok']} run, "
               f"{counts['skipped']} skipped (already complete), {counts['failed']} failed; {wall:.1f} s wall."), "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    if joint:
+        lines[3:3] = [(f"Joint domains (`{JOINT_TABLE}`): method {joint['method']}, batch correction "
+                       f"{joint['batch_correction']}, {joint['n_clusters']} domains shared by "
+                       f"{len(joint['sections'])} sections, seed {joint['random_state']}; {joint['seconds']:.1f} s."), ""]
     for r in rows:
         lines.append("| " + " | ".join("" if r.get(c) is None else str(r.get(c)) for c in cols) + " |")
     failed = [r for r in rows if r["status"] == "failed"]
@@ -321,6 +334,67 @@ def _create_out(out: Path) -> None:
     record_entries(out, [COHORT_TABLE, COHORT_REPORT])
 
 
+def load_one(argv: list[str]):
+    """Read a section as ``stmorph run ARGV`` reads it (a dask task of the joint run); warnings dropped."""
+    import warnings
+
+    from .cli._run import read_input
+
+    args = _run_parser().parse_args([argv[0], "--out", "x", *argv[1:]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return read_input(args.input, image=args.image, spots=args.spots, labels=args.labels,
+                          pixel_scale=args.pixel_scale)
+
+
+def run_joint(sections: list[Section], out: Path, client, rows: dict[str, dict], *, method: str = "stmorph",
+              n_clusters: int | None = None, batch_correction: str | None = "harmony", log=None) -> dict:
+    """Load every section as a task, embed them jointly (:func:`stmorph.tl.joint_domains`) and write
+    ``out/joint.csv``; the joint columns go into ``rows``. A section that cannot be read is left out
+    (its row says so). Returns the joint run's parameters and seconds."""
+    import pandas as pd
+
+    from . import ev
+    from ._outputs import atomic_write
+    from .tl import joint_domains
+
+    t0 = time.perf_counter()
+    parsed = {s.name: _run_parser().parse_args([s.argv[0], "--out", "x", *s.argv[1:]]) for s in sections}
+    if n_clusters is None:
+        given = {a.n_clusters for a in parsed.values()}
+        n_clusters = given.pop() if len(given) == 1 else None
+    seed = parsed[sections[0].name].seed
+    futures = {s.name: client.submit(load_one, s.argv, pure=False,
+                                     key=f"stmorph-load-{s.name}-{os.getpid()}-{time.time_ns()}") for s in sections}
+    adatas = {}
+    for name, fut in futures.items():
+        try:
+            adatas[name] = fut.result()
+        except Exception as exc:  # noqa: BLE001 - a section that cannot be read is left out of the joint run
+            line = " ".join((str(exc) if isinstance(exc, StmorphError) else f"{type(exc).__name__}: {exc}").split())
+            rows[name]["error"] = "; ".join(e for e in (rows[name].get("error"), f"joint: {line}") if e)
+            if log:
+                log(f"{name}: left out of the joint domains: {line}")
+    if not adatas:
+        raise InputError("joint domains: no section could be read")
+    joint_domains(adatas, method=method, n_clusters=n_clusters, batch_correction=batch_correction,
+                  random_state=seed)
+    frames = []
+    for name, a in adatas.items():
+        rows[name]["n_domains_joint"] = int(a.obs["joint"].nunique())
+        if "annotation" in a.obs and a.obs["annotation"].notna().any():
+            rows[name]["ari_joint"] = round(float(ev.ari(a, "joint")), 4)
+            rows[name]["nmi_joint"] = round(float(ev.nmi(a, "joint")), 4)
+        frames.append(pd.DataFrame({"section": name, "barcode": a.obs_names, "joint": a.obs["joint"].astype(str)}))
+    table = pd.concat(frames, ignore_index=True)
+    atomic_write(out / JOINT_TABLE, lambda p: table.to_csv(p, index=False))
+    params = {k: v for k, v in next(iter(adatas.values())).uns["joint"]["params"].items() if k != "refine"}
+    info = {**params, "seconds": round(time.perf_counter() - t0, 2)}
+    if log:
+        log(f"joint domains: {len(adatas)} sections, {params['n_clusters']} domains ({info['seconds']:.1f} s)")
+    return info
+
+
 def needs_gpu(section: Section) -> bool:
     """Whether the section computes image features on its device: one of its methods reads image
     patches and its ``device`` is not ``cpu``. Such sections ask for the ``--gpu-resource``."""
@@ -333,7 +407,8 @@ def needs_gpu(section: Section) -> bool:
 
 def run_cohort(manifest: str | os.PathLike, out: str | os.PathLike, *, scheduler: str | None = None,
                workers: int | None = None, force: bool = False, gpu_resource: str | None = None,
-               log=None) -> list[dict]:
+               joint: bool = False, joint_method: str = "stmorph", joint_clusters: int | None = None,
+               batch_correction: str | None = "harmony", log=None) -> list[dict]:
     """Run every section of ``manifest`` into ``out/<section>/``; returns the cohort table's rows.
 
     Parameters
@@ -352,6 +427,10 @@ def run_cohort(manifest: str | os.PathLike, out: str | os.PathLike, *, scheduler
     force
         Run every section again, replacing its folder (under ``stmorph run --force``'s rules);
         without it a complete section is skipped.
+    joint, joint_method, joint_clusters, batch_correction
+        Also find joint domains over all sections (:func:`run_joint`): the method (``stmorph`` or
+        ``expression``), the number of domains (default: the manifest's ``n_clusters`` when every section
+        gives the same one, else chosen from the data) and the batch correction (``harmony`` or None).
     log
         Called with one line per finished section.
     """
@@ -392,10 +471,11 @@ def run_cohort(manifest: str | os.PathLike, out: str | os.PathLike, *, scheduler
         return [rows[s.name] for s in sections if s.name in rows]
 
     where = "nothing (all done)"
-    if not todo:
+    joint_info = None
+    if not todo and not joint:
         _create_out(out)
     else:
-        client, cluster = _client(scheduler, workers)
+        client, cluster = make_client(scheduler, workers)
         try:
             _create_out(out)
         except BaseException:
@@ -425,11 +505,15 @@ def run_cohort(manifest: str | os.PathLike, out: str | os.PathLike, *, scheduler
                 if log:
                     err = f": {row['error']}" if row["error"] else ""
                     log(f"{s.name}: {row['status']} ({row['seconds']:.1f} s){err}")
+            if joint:
+                record_entries(out, [JOINT_TABLE])
+                joint_info = run_joint(sections, out, client, rows, method=joint_method, n_clusters=joint_clusters,
+                                       batch_correction=batch_correction, log=log)
         finally:
             client.close()
             if cluster is not None:
                 cluster.close()
     result = table()
     _write_table(result, out)
-    _write_report(result, out, manifest, where, time.perf_counter() - t_start)
+    _write_report(result, out, manifest, where, time.perf_counter() - t_start, joint_info)
     return result

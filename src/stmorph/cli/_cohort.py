@@ -5,7 +5,9 @@ MANIFEST is a CSV file with a header: ``section`` (the name of the section's fol
 spots, labels, pixel_scale, method, n_clusters, seed ...). Relative paths are taken from the
 manifest's folder. Each section's folder holds exactly what ``stmorph run`` writes; DIR also gets
 cohort.csv and cohort.md. A failing section never stops the others; running again resumes
-(complete sections are skipped). Exit code 1 when a section failed.
+(complete sections are skipped). Exit code 1 when a section failed. With --joint the sections
+are also embedded together (shared genes and PCA axes, Harmony between sections, one clustering)
+so a domain's number means the same tissue in every section: DIR/joint.csv.
 """
 
 from __future__ import annotations
@@ -28,6 +30,16 @@ def add_parser(sub) -> None:
     p.add_argument("--gpu-resource", default=None, metavar="NAME",
                    help="with --scheduler: sections that compute image features on a GPU ask for one unit of "
                         "this worker resource (GPU workers started with --resources NAME=1)")
+    g = p.add_argument_group("joint domains")
+    g.add_argument("--joint", action="store_true",
+                   help="also find domains shared by all sections (joint embedding + batch correction): joint.csv")
+    g.add_argument("--joint-method", choices=("stmorph", "expression"), default="stmorph",
+                   help="joint embedding: expression with its spatial neighbourhood (stmorph, default) or alone")
+    g.add_argument("--joint-clusters", type=int, default=None, metavar="K",
+                   help="number of joint domains (default: the manifest's n_clusters when all sections agree, "
+                        "else chosen from the data)")
+    g.add_argument("--batch-correction", choices=("harmony", "none"), default="harmony",
+                   help="between sections (default harmony: pip install 'stmorph[joint]')")
     p.add_argument("--quiet", action="store_true", help="no progress lines or summary")
     p.set_defaults(func=main)
 
@@ -39,10 +51,15 @@ def main(args) -> int:
     if args.workers is not None and args.workers < 1:
         raise InputError(f"--workers must be at least 1; got {args.workers}")
     log = None if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    if args.joint_clusters is not None and args.joint_clusters < 2:
+        raise InputError(f"--joint-clusters must be at least 2; got {args.joint_clusters}")
     rows = run_cohort(args.manifest, args.out, scheduler=args.scheduler, workers=args.workers,
-                      force=args.force, gpu_resource=args.gpu_resource, log=log)
+                      force=args.force, gpu_resource=args.gpu_resource, joint=args.joint,
+                      joint_method=args.joint_method, joint_clusters=args.joint_clusters,
+                      batch_correction=None if args.batch_correction == "none" else args.batch_correction, log=log)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "failed")}
     if not args.quiet:
         print(f"stmorph cohort: {len(rows)} sections -> {args.out}: {counts['ok']} ok, "
-              f"{counts['skipped']} skipped, {counts['failed']} failed (cohort.csv, cohort.md)")
+              f"{counts['skipped']} skipped, {counts['failed']} failed (cohort.csv, cohort.md"
+              f"{', joint.csv' if args.joint else ''})")
     return 1 if counts["failed"] else 0

@@ -6,6 +6,7 @@ in which :func:`run_methods` runs them.
 
 from ._cluster import choose_n_clusters, cluster
 from ._embedding import expression_embedding, image_embedding, integrate
+from ._joint import joint_domains
 from ._methods import available_methods, register_method, run_methods
 from ._neighbors import refine_labels
 from ._stmic import stmic
@@ -18,4 +19,4 @@ METHODS = available_methods()
 
 __all__ = ["expression_embedding", "image_embedding", "integrate", "spatial_expression_embedding",
            "image_context_embedding", "cluster", "choose_n_clusters", "refine_labels", "stmic", "stmorph", "senca",
-           "SencaConfig", "run_methods", "register_method", "available_methods", "METHODS"]
+           "SencaConfig", "joint_domains", "run_methods", "register_method", "available_methods", "METHODS"]

@@ -1,0 +1,195 @@
+"""Joint domains across the sections of a cohort: one embedding, batch-corrected, one clustering.
+
+Run on each section alone, a method numbers its domains in its own order: domain ``3`` of one
+section has nothing to do with domain ``3`` of the next. :func:`joint_domains` embeds the
+sections together so the labels are shared::
+
+    genes          shared by every section; the union of each section's most variable ones
+    per section    counts -> CPM 1e4 -> log1p (the sections' rows stacked)
+    scale          each gene to unit variance over the cohort, clipped at 10 sd
+    context        [own | Gaussian neighbourhood mean within the section] (method "stmorph"; a
+                   block-diagonal smoother, so no neighbourhood crosses sections)
+    one PCA        fitted on all spots at once (shared axes), sparse products as the stmorph method
+    Harmony        (harmonypy) removes what separates the sections but not the tissue types
+    one clustering tied Gaussian mixture on every spot (exactly k, or k chosen on the cohort),
+                   then the majority refinement within each section
+
+The building blocks are the stmorph method's (:func:`~stmorph.tl._stmorph._log_hvg`,
+:func:`~stmorph.tl._stmorph._context_pca`, the neighbourhood smoother) and :func:`stmorph.tl.cluster`.
+Image features are not used: each section's image embedding is fitted on that section alone.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from threadpoolctl import threadpool_limits
+
+from ..errors import DependencyError, InputError
+from ._cluster import _relabel, cluster
+from ._embedding import _counts, log_normalize
+from ._neighbors import coordinates_um, refine_labels, spot_spacing
+from ._stmorph import DEFAULTS, MAX_Z, _check_sigmas, _context_pca, _log_hvg, _neighbourhood_means
+
+METHODS = ("stmorph", "expression")
+BATCH_CORRECTIONS = ("harmony", None)
+#: Harmony's diversity penalty (harmonypy's default is 2). On the two DLPFC sections 1 kept 151673's ARI
+#: closer to its separate runs' (0.590 against 0.572 at 2, mean of 3 seeds; BENCHMARKS.md).
+HARMONY_THETA = 1.0
+
+
+def _harmony(Z: np.ndarray, batch: np.ndarray, random_state: int, theta: float) -> np.ndarray:
+    try:
+        import harmonypy
+    except ImportError:
+        msg = "batch_correction='harmony' needs harmonypy: pip install 'stmorph[joint]' (or batch_correction=None)."
+        raise DependencyError(msg) from None
+    meta = pd.DataFrame({"section": pd.Categorical(batch)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ho = harmonypy.run_harmony(np.asarray(Z, dtype=np.float64), meta, "section", theta=float(theta),
+                                   random_state=int(random_state), verbose=False, ncores=1)
+    out = np.asarray(ho.Z_corr, dtype=np.float64)
+    return out.T if out.shape[0] != Z.shape[0] else out  # older harmonypy returns (PCs, spots)
+
+
+def _scale(L: sp.csr_matrix) -> sp.csr_matrix:
+    """Unit variance per gene (centring implicit), values clipped at MAX_Z sd, as the stmorph method scales."""
+    mean = np.asarray(L.mean(axis=0)).ravel()
+    var = np.asarray(L.multiply(L).mean(axis=0)).ravel() - mean**2
+    keep = var > 1e-12
+    L = sp.csr_matrix(L[:, keep])
+    sd = np.sqrt(var[keep])
+    L.data = np.minimum(L.data, (mean[keep] + MAX_Z * sd)[L.indices])
+    return sp.csr_matrix(L @ sp.diags(1.0 / sd))
+
+
+def joint_domains(
+    adatas: Mapping[str, object],
+    *,
+    method: str = "stmorph",
+    n_clusters: int | None = None,
+    batch_correction: str | None = "harmony",
+    theta: float = HARMONY_THETA,
+    sigmas_um=DEFAULTS["sigmas_um"],
+    n_top_genes: int | None = DEFAULTS["n_top_genes"],
+    n_comps: int | None = None,
+    n_init: int = DEFAULTS["n_init"],
+    k_range: tuple[int, int] = DEFAULTS["k_range"],
+    refine: bool = True,
+    layer: str | None = None,
+    key_added: str = "joint",
+    random_state: int = 0,
+):
+    """Domains shared by several sections: a joint, batch-corrected embedding and one clustering.
+
+    Parameters
+    ----------
+    adatas
+        ``{section name: AnnData}`` in stmorph's data model (raw counts, ``obsm["spatial"]``, ``uns["spatial"]``);
+        one section runs the same pipeline alone (no batch correction).
+    method
+        ``"stmorph"``: each spot's expression with its neighbourhood mean (the stmorph method's embedding);
+        ``"expression"``: expression alone.
+    n_clusters
+        Number of domains over the cohort; ``None`` chooses it on the joint embedding (as the stmorph method).
+    batch_correction
+        ``"harmony"`` (harmonypy, on the joint PCA) or ``None``.
+    theta
+        Harmony's diversity penalty (higher: stronger mixing of the sections).
+    sigmas_um, n_top_genes, n_comps
+        Neighbourhood radii (micrometres), variable genes per section (their union over the sections is
+        used), and components (default 20 for ``"stmorph"``, 10 for ``"expression"``).
+    n_init, k_range, refine
+        Mixture restarts, the counts considered without ``n_clusters``, majority refinement within each section.
+    layer
+        Layer holding counts (default ``X``).
+    key_added
+        ``obs`` key of the domains and ``obsm["X_" + key_added]`` of the embedding.
+    random_state
+        Seed of the PCA, Harmony and the mixture.
+
+    Sets the following fields (in every section):
+
+    ``adata.obs[key_added]``
+        Domain labels ``"0"``, ``"1"``, ... shared by all sections (the same categories everywhere).
+    ``adata.obsm["X_" + key_added]``
+        The joint embedding (after batch correction), ``float32``.
+    ``adata.uns[key_added]["params"]``
+        Parameters, the sections, the genes used, the cluster count and the refinement.
+    """
+    import anndata as ad
+
+    if method not in METHODS:
+        msg = f"method={method!r} is not one of {METHODS}."
+        raise InputError(msg)
+    if batch_correction not in BATCH_CORRECTIONS:
+        msg = f"batch_correction={batch_correction!r} is not one of {BATCH_CORRECTIONS}."
+        raise InputError(msg)
+    names = [str(n) for n in adatas]
+    if not names:
+        msg = "joint domains need at least one section; got none."
+        raise InputError(msg)
+    sections = list(adatas.values())
+    sig = _check_sigmas(sigmas_um)
+    n_comps = int(n_comps if n_comps is not None else (DEFAULTS["n_comps"] if method == "stmorph" else 10))
+
+    common = pd.Index(sections[0].var_names)
+    for a in sections[1:]:
+        common = common.intersection(pd.Index(a.var_names), sort=False)
+    if len(common) < 2:
+        msg = f"the sections share {len(common)} gene name(s); joint domains need the same genes (var_names)."
+        raise InputError(msg)
+    counts = []
+    hvg = np.zeros(len(common), dtype=bool)
+    for name, a in zip(names, sections):
+        X, _ = _counts(a, layer)
+        X = sp.csr_matrix(X[:, pd.Index(a.var_names).get_indexer(common)])
+        _, genes = _log_hvg(X, n_top_genes, 1e4)
+        hvg[genes] = True
+        counts.append(X)
+    L = sp.vstack([log_normalize(X[:, hvg]) for X in counts]).tocsr()
+    L = _scale(L)
+    sizes = [a.n_obs for a in sections]
+    batch = np.repeat(np.asarray(names, dtype=object), sizes)
+    xys = [coordinates_um(a) for a in sections]
+    smoothers = []
+    if method == "stmorph":  # one block per section: a neighbourhood never crosses sections
+        per_section = [_neighbourhood_means(xy, sig) for xy in xys]
+        smoothers = [sp.block_diag([blocks[i] for blocks in per_section], format="csr") for i in range(len(sig))]
+    n_out = int(min(n_comps, min(L.shape) - 1))
+    with threadpool_limits(1):
+        Z, _ = _context_pca(L, smoothers, n_out, random_state)
+    Z = np.asarray(Z, dtype=np.float64)
+    if batch_correction == "harmony" and len(names) > 1:  # one section: nothing to correct
+        Z = _harmony(Z, batch, random_state, theta)
+    joint = ad.AnnData(obs=pd.DataFrame(index=pd.RangeIndex(Z.shape[0]).astype(str)))
+    joint.obsm["X"] = Z.astype(np.float32)
+    cluster(joint, "X", method="gmm", n_clusters=n_clusters, n_init=n_init, k_range=k_range, refine=False,
+            key_added="domains", random_state=random_state)
+    labels = joint.obs["domains"].astype(int).to_numpy()
+    refined = []
+    changed = {}
+    for name, xy, part in zip(names, xys, np.split(labels, np.cumsum(sizes)[:-1])):
+        if refine:
+            radius = 1.5 * spot_spacing(xy)
+            part, changed[name] = refine_labels(part, xy, radius) if np.isfinite(radius) else (part, 0)
+        refined.append(part)
+    labels = _relabel(np.concatenate(refined))  # "0" is the largest domain over the cohort
+    k = int(labels.max()) + 1
+    cats = [str(i) for i in range(k)]
+    params = {"method": method, "batch_correction": batch_correction, "sections": names,
+              "theta": float(theta) if batch_correction == "harmony" and len(names) > 1 else None,
+              "n_genes_used": int(L.shape[1]), "n_top_genes": n_top_genes, "sigmas_um": sig if smoothers else [],
+              "n_comps": n_out, "n_clusters": k, "n_clusters_requested": n_clusters, "n_init": int(n_init),
+              "refine": {"method": "majority", "n_changed": changed} if refine else None,
+              "random_state": random_state}
+    for a, part, emb in zip(sections, np.split(labels, np.cumsum(sizes)[:-1]),
+                            np.split(Z.astype(np.float32), np.cumsum(sizes)[:-1])):
+        a.obs[key_added] = pd.Categorical([str(v) for v in part], categories=cats)
+        a.obsm["X_" + key_added] = emb
+        a.uns[key_added] = {"params": params}

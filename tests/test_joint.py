@@ -1,0 +1,112 @@
+"""Joint domains across sections: shared labels, batch correction, cohort --joint, the DLPFC bar."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+import stmorph as st
+from stmorph.errors import InputError
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _batch_copy(a, seed: int, strength: float = 0.3):
+    """The same tissue as another 'section': every gene's counts scaled by its own factor (a batch effect),
+    the spots moved and renamed."""
+    rng = np.random.default_rng(seed)
+    b = a.copy()
+    f = np.exp(rng.normal(0.0, strength, a.n_vars))
+    X = sp.csr_matrix(a.X, dtype=np.float64) @ sp.diags(f)
+    X.data = rng.poisson(X.data).astype(np.float32)
+    X.eliminate_zeros()
+    b.X = sp.csr_matrix(X)
+    keep = np.asarray(b.X.sum(axis=1)).ravel() > 0
+    b = b[keep].copy()
+    b.obs_names = [f"b_{n}" for n in b.obs_names]
+    b.obsm["spatial"] = b.obsm["spatial"] + 5000.0
+    return b
+
+
+@pytest.fixture(scope="module")
+def two_sections():
+    a = st.datasets.synthetic(500, n_genes=400, image=False, random_state=3)
+    return {"A": a, "B": _batch_copy(a, 1)}
+
+
+def test_labels_mean_the_same_tissue_in_every_section(two_sections):
+    secs = {k: v.copy() for k, v in two_sections.items()}
+    st.tl.joint_domains(secs, n_clusters=5, random_state=0)
+    a, b = secs["A"], secs["B"]
+    assert list(a.obs["joint"].cat.categories) == list(b.obs["joint"].cat.categories)
+    assert a.obsm["X_joint"].shape[0] == a.n_obs and a.obsm["X_joint"].shape[1] == b.obsm["X_joint"].shape[1]
+    # pooled over both sections the labels follow the truth: a domain number is one tissue type in both
+    pooled = pd.concat([a.obs[["joint", "annotation"]], b.obs[["joint", "annotation"]]])
+    from sklearn.metrics import adjusted_rand_score
+
+    def score(df):
+        return adjusted_rand_score(df["annotation"].astype(str), df["joint"].astype(str))
+
+    each = [score(a.obs), score(b.obs)]
+    assert min(each) > 0.45  # one region differs only in the image: expression alone does not find it
+    assert score(pooled) > 0.9 * np.mean(each)  # labels swapped between sections would score far lower
+    # the same spot in both sections mostly gets the same label
+    same = b.obs["joint"].astype(str).to_numpy() == a.obs.loc[[n[2:] for n in b.obs_names], "joint"].astype(str)
+    assert same.mean() > 0.8
+    assert a.uns["joint"]["params"]["batch_correction"] == "harmony"
+
+
+def test_deterministic_and_checked(two_sections):
+    r = []
+    for _ in range(2):
+        secs = {k: v.copy() for k, v in two_sections.items()}
+        st.tl.joint_domains(secs, method="expression", n_clusters=4, batch_correction=None, random_state=7)
+        r.append(np.concatenate([secs[k].obs["joint"].astype(str).to_numpy() for k in secs]))
+    np.testing.assert_array_equal(r[0], r[1])
+    a = two_sections["A"].copy()
+    b = two_sections["B"].copy()
+    b.var_names = [f"other{i}" for i in range(b.n_vars)]
+    with pytest.raises(InputError, match="share 0 gene"):
+        st.tl.joint_domains({"A": a, "B": b}, n_clusters=3)
+    with pytest.raises(InputError, match="method="):
+        st.tl.joint_domains({"A": a}, method="image")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (DATA / "dlpfc").is_dir(), reason="../shared/data/dlpfc is absent")
+def test_dlpfc_joint_at_least_separate():
+    """The bar on the two annotated DLPFC sections, one seed (benchmarks/bench_joint.py runs three)."""
+    from stmorph.ev._benchmark import find_sections, load_section
+
+    found = [s for s in find_sections(DATA) if s.name.startswith("dlpfc/")]
+    secs = {s.name: load_section(s) for s in found}
+    st.tl.joint_domains(secs, n_clusters=7, random_state=0)
+    joint = {n: st.ev.ari(a, "joint") for n, a in secs.items()}
+    assert min(joint.values()) > 0.5, joint
+
+
+@pytest.mark.slow
+def test_cohort_joint(tmp_path):
+    pytest.importorskip("distributed")
+    from stmorph.cli import main
+
+    for i, name in enumerate(("s1", "s2")):
+        st.datasets.write_visium(st.datasets.synthetic(220, n_genes=300, image=False, random_state=i),
+                                 tmp_path / name / "outs", fullres=None)
+    m = tmp_path / "m.csv"
+    m.write_text("section,input,method,n_clusters,no_plot\nA,s1/outs,expression,4,true\n"
+                 "B,s2/outs,expression,4,true\nbroken,nowhere/outs,expression,4,true\n")
+    out = tmp_path / "out"
+    assert main(["cohort", str(m), "--out", str(out), "--workers", "2", "--joint", "--quiet"]) == 1  # broken failed
+    joint = pd.read_csv(out / "joint.csv")
+    assert set(joint["section"]) == {"A", "B"} and set(joint["joint"].astype(str)) <= {"0", "1", "2", "3"}
+    table = pd.read_csv(out / "cohort.csv", index_col="section")
+    assert joint["joint"].nunique() == 4  # over the cohort (a section may hold only some of them)
+    assert 1 <= table.loc["A", "n_domains_joint"] <= 4 and np.isfinite(table.loc["B", "ari_joint"])
+    assert "joint" in table.loc["broken", "error"]
+    assert "Joint domains" in (out / "cohort.md").read_text()
+    assert "joint.csv" in (out / ".stmorph").read_text()
