@@ -14,7 +14,7 @@ tissue covering most of it, white glass around) to a temporary folder, lays squa
 
 Usage (from the repository root)::
 
-    .venv/bin/python benchmarks/bench_dense.py                 # 20,000 px, 8 um bins (~390k bins)
+    .venv/bin/python benchmarks/bench_dense.py                 # 20,000 px = 6.5 mm, 8 um bins (~440k bins)
     .venv/bin/python benchmarks/bench_dense.py --size 6000     # quick
 """
 
@@ -33,7 +33,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_features import cpu_summary, matmul_gflops, peak_rss_mb, reset_peak_rss  # noqa: E402
+from bench_features import cpu_summary, matmul_gflops, peak_rss_mb, reset_peak_rss
 
 TILE = 512
 
@@ -128,7 +128,8 @@ def border_effect(slide, enc, f: float, margins=(0, 64, 128, 192, 256, 320, 384)
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", type=int, default=20000, help="image side in pixels (default 20000)")
-    ap.add_argument("--mpp", type=float, default=0.25, help="image pixel size in um (default 0.25)")
+    ap.add_argument("--mpp", type=float, default=0.325,
+                    help="image pixel size in um (default 0.325: 20,000 px = 6.5 mm, ~440k bins of 8 um)")
     ap.add_argument("--bin-um", type=float, default=8.0, help="bin side in um (default 8)")
     ap.add_argument("--patch-sample", type=int, default=128, help="bins timed on the patch path (default 128)")
     ap.add_argument("--no-border", action="store_true", help="skip the border-effect measurement")

@@ -8,10 +8,10 @@ import scipy.sparse as sp
 
 torch = pytest.importorskip("torch")
 
-import stmorph as st  # noqa: E402
-from stmorph.errors import InputError  # noqa: E402
-from stmorph.im import encoders  # noqa: E402
-from stmorph.im._dense import cell_geometry, otsu_threshold  # noqa: E402
+import stmorph as st
+from stmorph.errors import InputError
+from stmorph.im import encoders
+from stmorph.im._dense import cell_geometry, otsu_threshold
 
 
 @pytest.fixture(scope="module")

@@ -48,7 +48,7 @@ from . import _cache
 from ._patches import patch_size_px
 from .slide import Slide, slide_for
 
-__all__ = ["dense_features", "tissue_mask", "otsu_threshold", "cell_geometry"]
+__all__ = ["cell_geometry", "dense_features", "otsu_threshold", "tissue_mask"]
 
 #: Finest default working scale (micrometres per pixel): 20x magnification, where nuclei are resolved
 #: and a 6.5 mm Visium HD capture area is about 170 Mpx; finer scales cost (0.5 / mpp)^2 more.
@@ -325,7 +325,13 @@ def dense_features(
 
     import torch
 
-    from ._features import _amp_dtype, _image_identity, _patch_list, _resolve_device, n_cores
+    from ._features import (
+        _amp_dtype,
+        _image_identity,
+        _patch_list,
+        _resolve_device,
+        n_cores,
+    )
     from .encoders import get_encoder
 
     t_start = time.perf_counter()
@@ -621,7 +627,7 @@ def _run(slide, xy, sizes, enc, plan: _Plan, dev, amp, tissue, batch_size, progr
         acc[outside[k]] = np.nan
         out.append(acc)
     stats.update(
-        n_tiles=int(len(tiles)), n_tiles_encoded=int(is_tissue.sum()), n_tiles_background=int((~is_tissue).sum()),
+        n_tiles=len(tiles), n_tiles_encoded=int(is_tissue.sum()), n_tiles_background=int((~is_tissue).sum()),
         tissue_threshold=round(thr, 4) if np.isfinite(thr) else None, tile_input_px=int(plan.n_in),
         seconds_read=round(sum(reads), 3), seconds_encode=round(t_enc, 3), seconds_pool=round(t_pool, 3),
     )
