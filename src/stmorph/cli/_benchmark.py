@@ -35,6 +35,10 @@ def add_parser(sub) -> None:
                    help="labels left out of scoring and of the cluster count (default: undetermined)")
     p.add_argument("--senca-epochs", type=int, default=None, help="SENCA-st training epochs (default: the paper's)")
     p.add_argument("--device", default="auto", help="torch device for image features and SENCA-st")
+    p.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="run each section as a task of this running dask scheduler (as stmorph cohort does)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="run the sections on a LocalCluster of N single-threaded worker processes")
     p.add_argument("--list", action="store_true", help="only list the sections found and exit")
     p.add_argument("--force", action="store_true", help="overwrite an existing benchmark.csv/benchmark.md")
     p.set_defaults(func=main)
@@ -116,9 +120,22 @@ def main(args) -> int:
         return run_methods(adata, ms, n_clusters=n_clusters, random_state=random_state, **options)
 
     command = "stmorph " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["benchmark"] else None
-    df = bm.run_benchmark(sections=sections, methods=methods, seeds=args.seeds, out=args.out, ignore=args.ignore,
-                          runner=runner, force=args.force, command=command, data_dir=args.data,
-                          machine=machine_description(), code=code_description(), peers=args.peers)
+    if args.workers is not None and args.workers < 1:
+        raise InputError(f"--workers must be at least 1; got {args.workers}")
+    client = cluster = None
+    if args.scheduler or args.workers:  # the sections as dask.distributed tasks, on stmorph cohort's engine
+        from ..cohort import make_client
+
+        client, cluster = make_client(args.scheduler, args.workers, what="stmorph benchmark --scheduler/--workers")
+    try:
+        df = bm.run_benchmark(sections=sections, methods=methods, seeds=args.seeds, out=args.out, ignore=args.ignore,
+                              runner=runner, force=args.force, command=command, data_dir=args.data,
+                              machine=machine_description(), code=code_description(), peers=args.peers, client=client)
+    finally:
+        if client is not None:
+            client.close()
+        if cluster is not None:
+            cluster.close()
     out = Path(args.out)
     print((out / "benchmark.md").read_text())
     print(f"wrote {out / 'benchmark.csv'} and {out / 'benchmark.md'}", file=sys.stderr)

@@ -184,6 +184,7 @@ def run_benchmark(
     machine: str | None = None,
     code: str | None = None,
     peers: str | os.PathLike | None = None,
+    client=None,
 ) -> pd.DataFrame:
     """Run ``methods`` on every annotated section, ``seeds`` times, and score them.
 
@@ -215,6 +216,9 @@ def run_benchmark(
     peers
         A markdown file of peers' ARIs (:func:`read_peers`, e.g. ``../shared/docs/peers.md``): ``benchmark.md``
         then ends with a table of stmorph's methods beside them.
+    client
+        A ``distributed.Client`` (e.g. :func:`stmorph.cohort.make_client`): each section runs as one task
+        on its cluster (``runner`` and ``loader`` must then be picklable); default: here, one after another.
 
     Returns
     -------
@@ -260,46 +264,76 @@ def run_benchmark(
             "sections": [f"{s.name} ({s.layout}, {'image ' + s.image.name if s.image else 'no full-resolution image'})"
                          for s in sections]}
     log(f"benchmark: {len(sections)} section(s): {', '.join(s.name for s in sections)}")
-    for sec in sections:
-        t0 = time.perf_counter()
-        try:
-            adata = loader(sec)
-            truth = scored_labels(adata, "annotation", ignore=ignore)
-        except StmorphError as exc:
-            log(f"  {sec.name}: cannot read: {exc}")
-            for m in methods:
-                for seed in seed_list:
-                    rows.append(_row(sec.name, m, seed, status="failed", reason=f"cannot read section: {exc}"))
+    if client is not None:  # one dask.distributed task per section (stmorph cohort's engine)
+        from distributed import as_completed
+
+        futures = {client.submit(_section_rows, sec, methods, seed_list, ignore, runner, loader, pure=False): sec
+                   for sec in sections}
+        for fut in as_completed(futures):
+            sec = futures[fut]
+            try:
+                new = fut.result()
+            except Exception as exc:  # noqa: BLE001 - the worker died: the section's runs failed
+                new = [_row(sec.name, m, seed, status="failed", reason=f"{type(exc).__name__}: {_one_line(exc)}")
+                       for m in methods for seed in seed_list]
+            rows += new
+            log(f"  {sec.name}: " + ", ".join(f"{r['method']} seed {r['seed']} {r['status']}"
+                                              + (f" ARI {r['ARI']:.3f}" if r["status"] == "ok" else "") for r in new))
             _write(rows, out_dir, meta)
-            continue
-        k = int(truth.nunique())
-        log(f"  {sec.name}: {adata.n_obs} spots, {k} scored labels, read in {time.perf_counter() - t0:.1f}s")
-        for seed in seed_list:
-            for m in methods:
-                row = _row(sec.name, m, seed, n_spots=adata.n_obs, n_clusters=k)
-                t1 = time.perf_counter()
-                try:
-                    if m in adata.obs:
-                        del adata.obs[m]
-                    secs = runner(adata, [m], n_clusters=k, random_state=seed) or {}
-                    if m not in adata.obs:
-                        msg = f"the runner returned without writing obs[{m!r}]."
-                        raise RuntimeError(msg)
-                    row["seconds"] = float(secs.get(m, time.perf_counter() - t1))
-                    row["ARI"] = ari(adata, m, annotation="annotation", ignore=ignore)
-                    row["NMI"] = nmi(adata, m, annotation="annotation", ignore=ignore)
-                    row["status"] = "ok"
-                    log(f"    {m:<11} seed {seed}: ARI {row['ARI']:.3f}  NMI {row['NMI']:.3f}  {row['seconds']:.1f}s")
-                except StmorphError as exc:
-                    row["status"], row["reason"] = "skipped", _one_line(exc)
-                    log(f"    {m:<11} seed {seed}: skipped: {row['reason']}")
-                except Exception as exc:  # noqa: BLE001 - a failing method must not stop the benchmark
-                    row["status"], row["reason"] = "failed", f"{type(exc).__name__}: {_one_line(exc)}"
-                    log(f"    {m:<11} seed {seed}: FAILED: {row['reason']}")
-                    traceback.print_exc(file=sys.stderr)
-                rows.append(row)
-                _write(rows, out_dir, meta)
+        order = {s.name: i for i, s in enumerate(sections)}
+        rows.sort(key=lambda r: order[r["section"]])
+        _write(rows, out_dir, meta)
+        return pd.DataFrame(rows, columns=CSV_COLUMNS)
+    for sec in sections:
+        rows += _section_rows(sec, methods, seed_list, ignore, runner, loader, log,
+                              on_row=lambda new: _write(rows + new, out_dir, meta))
+        _write(rows, out_dir, meta)
     return pd.DataFrame(rows, columns=CSV_COLUMNS)
+
+
+def _section_rows(sec: Section, methods, seed_list, ignore, runner, loader, log=None, on_row=None) -> list[dict]:
+    """Every (method, seed) row of one section (a dask task with ``run_benchmark(client=...)``)."""
+    log = log or (lambda m: None)
+    rows: list[dict] = []
+    t0 = time.perf_counter()
+    try:
+        adata = loader(sec)
+        truth = scored_labels(adata, "annotation", ignore=ignore)
+    except StmorphError as exc:
+        log(f"  {sec.name}: cannot read: {exc}")
+        for m in methods:
+            for seed in seed_list:
+                rows.append(_row(sec.name, m, seed, status="failed", reason=f"cannot read section: {exc}"))
+        return rows
+    k = int(truth.nunique())
+    log(f"  {sec.name}: {adata.n_obs} spots, {k} scored labels, read in {time.perf_counter() - t0:.1f}s")
+    for seed in seed_list:
+        for m in methods:
+            row = _row(sec.name, m, seed, n_spots=adata.n_obs, n_clusters=k)
+            t1 = time.perf_counter()
+            try:
+                if m in adata.obs:
+                    del adata.obs[m]
+                secs = runner(adata, [m], n_clusters=k, random_state=seed) or {}
+                if m not in adata.obs:
+                    msg = f"the runner returned without writing obs[{m!r}]."
+                    raise RuntimeError(msg)
+                row["seconds"] = float(secs.get(m, time.perf_counter() - t1))
+                row["ARI"] = ari(adata, m, annotation="annotation", ignore=ignore)
+                row["NMI"] = nmi(adata, m, annotation="annotation", ignore=ignore)
+                row["status"] = "ok"
+                log(f"    {m:<11} seed {seed}: ARI {row['ARI']:.3f}  NMI {row['NMI']:.3f}  {row['seconds']:.1f}s")
+            except StmorphError as exc:
+                row["status"], row["reason"] = "skipped", _one_line(exc)
+                log(f"    {m:<11} seed {seed}: skipped: {row['reason']}")
+            except Exception as exc:  # noqa: BLE001 - a failing method must not stop the benchmark
+                row["status"], row["reason"] = "failed", f"{type(exc).__name__}: {_one_line(exc)}"
+                log(f"    {m:<11} seed {seed}: FAILED: {row['reason']}")
+                traceback.print_exc(file=sys.stderr)
+            rows.append(row)
+            if on_row is not None:
+                on_row(rows)
+    return rows
 
 
 def _written_by_stmorph(path: Path) -> bool:
