@@ -188,3 +188,30 @@ def test_stmorph_chooses_k_without_n_clusters(section):
     tl.stmorph(a, use_image=False)
     k = a.obs["stmorph"].nunique()
     assert 2 <= k <= 12 and a.uns["stmorph"]["params"]["n_clusters_chosen_by"] == "louvain"
+
+
+def test_grid_smoother_equals_sparse_kernel_on_square_bins():
+    """Visium HD bins: the grid convolution is the sparse kernel exactly, as an operator with W, W.T and sums."""
+    from stmorph.tl._neighbors import GridSmoother, block_diag
+
+    rng = np.random.default_rng(0)
+    r, c = np.meshgrid(np.arange(40), np.arange(50), indexing="ij")
+    xy = np.c_[c.ravel(), r.ravel()] * 8.0 + 3.0
+    xy = xy[rng.random(len(xy)) > 0.3]  # holes, as tissue has
+    X = rng.standard_normal((len(xy), 11))
+    for include_self in (True, False):
+        Ws = gaussian_smoother(xy, 20.0, include_self=include_self, method="sparse")
+        Wg = gaussian_smoother(xy, 20.0, include_self=include_self, method="grid")
+        assert isinstance(Wg, GridSmoother)
+        np.testing.assert_allclose(Wg @ X, Ws @ X, atol=1e-10)
+        np.testing.assert_allclose(Wg.T @ X, Ws.T @ X, atol=1e-10)
+        np.testing.assert_allclose(np.asarray(Wg.sum(axis=0)).ravel(), np.asarray(Ws.sum(axis=0)).ravel(), atol=1e-10)
+    # auto: thousands of bins within a 100 um kernel -> grid; a few Visium spots -> sparse matrix
+    assert isinstance(gaussian_smoother(xy, 100.0), GridSmoother)
+    assert sp.issparse(gaussian_smoother(xy, 10.0))
+    B = block_diag([gaussian_smoother(xy, 20.0, method="grid"), gaussian_smoother(xy[:30], 20.0, method="sparse")])
+    Y = rng.standard_normal((B.shape[0], 2))
+    top = gaussian_smoother(xy, 20.0, method="sparse") @ Y[: len(xy)]
+    np.testing.assert_allclose((B @ Y)[: len(xy)], top, atol=1e-10)
+    np.testing.assert_allclose((B.T @ Y)[len(xy):], gaussian_smoother(xy[:30], 20.0, method="sparse").T @ Y[len(xy):],
+                               atol=1e-10)

@@ -32,7 +32,7 @@ from threadpoolctl import threadpool_limits
 from ..errors import DependencyError, InputError
 from ._cluster import _relabel, cluster
 from ._embedding import _counts, log_normalize
-from ._neighbors import coordinates_um, refine_labels, spot_spacing
+from ._neighbors import block_diag, coordinates_um, refine_labels, spot_spacing
 from ._stmorph import DEFAULTS, MAX_Z, _check_sigmas, _context_pca, _log_hvg, _neighbourhood_means
 
 METHODS = ("stmorph", "expression")
@@ -160,7 +160,7 @@ def joint_domains(
     smoothers = []
     if method == "stmorph":  # one block per section: a neighbourhood never crosses sections
         per_section = [_neighbourhood_means(xy, sig) for xy in xys]
-        smoothers = [sp.block_diag([blocks[i] for blocks in per_section], format="csr") for i in range(len(sig))]
+        smoothers = [block_diag([blocks[i] for blocks in per_section]) for i in range(len(sig))]
     n_out = int(min(n_comps, min(L.shape) - 1))
     with threadpool_limits(1):
         Z, _ = _context_pca(L, smoothers, n_out, random_state)
