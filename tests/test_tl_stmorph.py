@@ -186,6 +186,7 @@ def test_stmorph_image_beats_its_expression_only_variant(section):
 def test_stmorph_chooses_k_without_n_clusters(section):
     a = section.copy()
     tl.stmorph(a, use_image=False)
+    assert not {"X_image", "X_image_context"} & set(a.obsm)  # the image turned off is not read at all
     k = a.obs["stmorph"].nunique()
     assert 2 <= k <= 12 and a.uns["stmorph"]["params"]["n_clusters_chosen_by"] == "louvain"
 

@@ -38,6 +38,9 @@ class Method:
     image: str = "none"
     summary: str = ""
     patches: tuple[str, ...] = ()
+    #: ``reads_image(options)``: whether this run of the method reads image features (``None``: always, when
+    #: there is an image); a method whose options turn the image off is left out of the one-pass prefetch
+    reads_image: Callable[[dict], bool] | None = None
 
 
 _REGISTRY: dict[str, Method] = {}
@@ -50,11 +53,12 @@ PATCHES = {"spot": None, "context": ("X_image_context", "6spacing")}
 
 
 def register_method(name: str, run: Callable, *, image: str = "none", summary: str = "",
-                    patches: tuple[str, ...] = ()) -> Method:
+                    patches: tuple[str, ...] = (), reads_image: Callable[[dict], bool] | None = None) -> Method:
     """Register ``run(adata, method_run)`` under ``name`` (the ``obs`` key it writes).
 
     ``patches`` names the image features the method reads (keys of :data:`PATCHES`), so that a run of
-    several methods extracts them all in one pass.
+    several methods extracts them all in one pass; ``reads_image(options)`` says whether a run with
+    these :func:`run_methods` options reads them at all (default: yes).
     """
     if image not in _IMAGE_USE:
         msg = f"image={image!r} is not one of {_IMAGE_USE}."
@@ -63,7 +67,7 @@ def register_method(name: str, run: Callable, *, image: str = "none", summary: s
     if unknown:
         msg = f"patches {unknown} are not among {list(PATCHES)}."
         raise ValueError(msg)
-    m = Method(name, run, image, summary, tuple(patches))
+    m = Method(name, run, image, summary, tuple(patches), reads_image)
     _REGISTRY[name] = m
     return m
 
@@ -284,13 +288,14 @@ def run_methods(
         "random_state": random_state, "progress": progress,
     }
     run = MethodRun(adata, options, n_clusters, image_ok)
-    wanted = list(dict.fromkeys(p for m in chosen for p in get_method(m).patches)) if image_ok else []
+    readers = [m for m in chosen if get_method(m).reads_image is None or get_method(m).reads_image(options)]
+    wanted = list(dict.fromkeys(p for m in readers for p in get_method(m).patches)) if image_ok else []
     if len(wanted) > 1:  # one pass over the slide for every patch size the chosen methods read
         keys, sizes = zip(*[run.patch_key(p) for p in wanted])
         run.current = "_prefetch"
         run.image_features(keys, sizes)
         prefetch = run.uses.pop("_prefetch", [])
-        for m in chosen:  # its time counts for every method that reads image features
+        for m in readers:  # its time counts for every method that reads image features
             if get_method(m).patches:
                 run.uses.setdefault(m, []).extend(prefetch)
     for name in chosen:

@@ -321,6 +321,7 @@ def _run_stmorph(adata, run) -> None:
 
 
 register_method("stmorph", _run_stmorph, image="optional", patches=("spot", "context"),
+                reads_image=lambda options: options["stmorph_options"].get("use_image", DEFAULTS["use_image"]) is not False,
                 summary="stmorph: expression with spatial context (+ image spot and context patches), "
                         "tied Gaussian mixture, spatial refinement")
 
