@@ -73,6 +73,29 @@ def test_onnxruntime_float32_equals_torch(lite2, tmp_path):
 
 
 @needs_ort
+def test_asymmetric_same_padding_folds_into_conv():
+    """TF "SAME" stride-2 paddings (asymmetric) end up in the Conv's own pads: no Pad node, same numbers."""
+    import onnx
+    import onnxruntime as ort
+
+    from stmorph.im.encoders._layers import Conv2dSame
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(Conv2dSame(3, 8, 3, stride=2), torch.nn.ReLU6(), Conv2dSame(8, 8, 5, stride=2, groups=8),
+                            Conv2dSame(8, 4, 3, stride=1)).eval()
+    data = _onnx.export_onnx(m, 32)
+    ops = [n.op_type for n in onnx.load_from_string(data).graph.node]
+    assert "Pad" not in ops and ops.count("Conv") == 3
+    conv = [n for n in onnx.load_from_string(data).graph.node if n.op_type == "Conv"]
+    pads = [next(a.ints for a in n.attribute if a.name == "pads") for n in conv]
+    assert list(pads[0]) == [0, 0, 1, 1] and list(pads[1]) == [1, 1, 2, 2]  # TF pads the bottom/right more
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    got = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    with torch.inference_mode():
+        np.testing.assert_allclose(got, m(x).numpy(), atol=1e-5, rtol=1e-4)
+
+
+@needs_ort
 @pytest.mark.slow
 def test_int8_agrees_with_float32_on_tissue(lite2):
     """The quantised path: close to float32 features on a stained tissue image, and different (really int8)."""
