@@ -96,6 +96,17 @@ def test_asymmetric_same_padding_folds_into_conv():
 
 
 @needs_ort
+def test_int8_keeps_high_resolution_convs_float(lite2):
+    """int8 leaves float the convolutions reading at least a quarter of the input side (Lite2: up to block 4's stride 2)."""
+    names = _onnx.high_resolution_convs(_onnx.export_onnx(lite2.model, lite2.input_size), lite2.input_size)
+    blocks = {n.split("/")[1] for n in names}
+    assert names[0] == "/_conv_stem/Conv" and blocks == {"_conv_stem", "_blocks.0", "_blocks.1", "_blocks.2",
+                                                         "_blocks.3", "_blocks.4"}, names
+    assert "/_blocks.4/_depthwise_conv/Conv" in names  # reads the 65 px map (a quarter of 260)
+    assert "/_blocks.4/_project_conv/Conv" not in names  # reads the 33 px map after block 4's stride 2
+
+
+@needs_ort
 @pytest.mark.slow
 def test_int8_agrees_with_float32_on_tissue(lite2):
     """The quantised path: close to float32 features on a stained tissue image, and different (really int8)."""
@@ -104,7 +115,8 @@ def test_int8_agrees_with_float32_on_tissue(lite2):
     stmorph.im.features(a, lite2, backend="torch", precision="float32", key_added="X_fp32", **kw)
     stmorph.im.features(a, lite2, precision="int8", key_added="X_int8", **kw)
     c = _cos(a.obsm["X_int8"], a.obsm["X_fp32"])
-    assert c.mean() > 0.97 and c.min() > 0.9, (c.mean(), c.min())
+    # all-int8 gave min 0.966 / mean 0.986 here; high-resolution layers kept float: 0.992 / 0.995
+    assert c.mean() > 0.99 and c.min() > 0.985, (c.mean(), c.min())
     assert not np.allclose(a.obsm["X_int8"], a.obsm["X_fp32"], atol=1e-3)  # quantised, not a float32 run
     assert a.uns["X_int8"]["params"]["dtype"] == "int8"
     # the features still tell spots apart as float32 does: nearest neighbours mostly agree

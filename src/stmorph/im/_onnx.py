@@ -162,8 +162,32 @@ def _quiet():
         root.setLevel(level)
 
 
-def _quantize(onnx_bytes: bytes, calib: np.ndarray) -> bytes:
-    """Static int8 quantisation (QOperator, per-channel weights, min-max calibration on ``calib``)."""
+def high_resolution_convs(onnx_bytes: bytes, input_size: int, fraction: float = 0.25) -> list[str]:
+    """Names of the ``Conv`` nodes whose input is at least ``fraction`` of the model input's side.
+
+    These early, high-resolution layers are where int8 loses the most: in
+    EfficientNet-Lite2 the stem's per-tensor activation range spans channels of
+    very different scales, and the error they pass on grows through the
+    network (keeping these 14 of its 64 convolutions float raised the minimum
+    cosine to float32 features from 0.96 to 0.99 on HER2ST patches; BENCHMARKS.md section 3b).
+    """
+    import onnx
+
+    model = onnx.shape_inference.infer_shapes(onnx.load_from_string(onnx_bytes))
+    side = {}
+    for v in list(model.graph.value_info) + list(model.graph.input):
+        dims = v.type.tensor_type.shape.dim
+        if len(dims) == 4 and dims[2].HasField("dim_value"):
+            side[v.name] = dims[2].dim_value
+    return [n.name for n in model.graph.node
+            if n.op_type == "Conv" and side.get(n.input[0], 0) >= fraction * input_size]
+
+
+def _quantize(onnx_bytes: bytes, calib: np.ndarray, keep_float: list[str] = ()) -> bytes:
+    """Static int8 quantisation (QOperator, per-channel weights, min-max calibration on ``calib``).
+
+    ``keep_float``: node names left in float32 (their inputs dequantised).
+    """
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
 
@@ -182,7 +206,7 @@ def _quantize(onnx_bytes: bytes, calib: np.ndarray) -> bytes:
             warnings.simplefilter("ignore")
             quantize_static(src, dst, Reader(), quant_format=QuantFormat.QOperator, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=CalibrationMethod.MinMax)
+                            calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=list(keep_float))
         with open(dst, "rb") as f:
             return f.read()
 
@@ -217,7 +241,7 @@ class OrtRunner:
                     raise ValueError("int8 needs calibration inputs")
                 qkey = (enc.input_size, "int8", hash(calib.tobytes()))
                 if qkey not in memo:
-                    memo[qkey] = _quantize(data, calib)
+                    memo[qkey] = _quantize(data, calib, keep_float=high_resolution_convs(data, enc.input_size))
                 data = memo[qkey]
         so = ort.SessionOptions()
         so.intra_op_num_threads = max(1, int(threads))
