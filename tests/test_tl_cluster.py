@@ -80,3 +80,22 @@ def test_approximate_knn_for_large_sections_agrees_with_exact():
     recall = np.mean([len(set(a) & set(b)) / 15 for a, b in zip(exact, approx)])
     assert recall > 0.95
     np.testing.assert_array_equal(approx, knn_indices(X, 15, exact=False, random_state=0))
+
+
+def test_mixture_on_a_subset_for_large_sections_labels_every_spot():
+    """Above fit_subset spots the restarts run on a subset and one EM on all spots finishes: every spot is
+    labelled, well-separated groups are found as on all spots, and below the threshold nothing changes."""
+    from stmorph.tl._cluster import choose_n_clusters, gaussian_mixture
+
+    rng = np.random.default_rng(1)
+    centres = rng.normal(scale=8.0, size=(4, 6))
+    truth = rng.integers(0, 4, 3000)
+    X = centres[truth] + rng.normal(size=(3000, 6))
+    sub, _ = gaussian_mixture(X, 4, random_state=0, fit_subset=300)
+    full, _ = gaussian_mixture(X, 4, random_state=0, fit_subset=None)
+    assert sub.shape == (3000,) and adjusted_rand_score(truth, sub) > 0.99
+    assert adjusted_rand_score(full, sub) > 0.99
+    same, _ = gaussian_mixture(X, 4, random_state=0, fit_subset=10_000)  # threshold not reached: unchanged
+    assert np.array_equal(same, full)
+    k, _ = choose_n_clusters(X, (2, 8), random_state=0)
+    assert k == 4
