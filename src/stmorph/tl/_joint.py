@@ -33,7 +33,14 @@ from ..errors import DependencyError, InputError
 from ._cluster import _relabel, cluster
 from ._embedding import _counts, log_normalize
 from ._neighbors import block_diag, coordinates_um, refine_labels, spot_spacing
-from ._stmorph import DEFAULTS, MAX_Z, _check_sigmas, _context_pca, _log_hvg, _neighbourhood_means
+from ._stmorph import (
+    DEFAULTS,
+    _check_sigmas,
+    _context_pca,
+    _log_hvg,
+    _neighbourhood_means,
+    _scale_sparse,
+)
 
 METHODS = ("stmorph", "expression")
 BATCH_CORRECTIONS = ("harmony", None)
@@ -55,17 +62,6 @@ def _harmony(Z: np.ndarray, batch: np.ndarray, random_state: int, theta: float) 
                                    random_state=int(random_state), verbose=False, ncores=1)
     out = np.asarray(ho.Z_corr, dtype=np.float64)
     return out.T if out.shape[0] != Z.shape[0] else out  # older harmonypy returns (PCs, spots)
-
-
-def _scale(L: sp.csr_matrix) -> sp.csr_matrix:
-    """Unit variance per gene (centring implicit), values clipped at MAX_Z sd, as the stmorph method scales."""
-    mean = np.asarray(L.mean(axis=0)).ravel()
-    var = np.asarray(L.multiply(L).mean(axis=0)).ravel() - mean**2
-    keep = var > 1e-12
-    L = sp.csr_matrix(L[:, keep])
-    sd = np.sqrt(var[keep])
-    L.data = np.minimum(L.data, (mean[keep] + MAX_Z * sd)[L.indices])
-    return sp.csr_matrix(L @ sp.diags(1.0 / sd))
 
 
 def joint_domains(
@@ -153,7 +149,7 @@ def joint_domains(
         hvg[genes] = True
         counts.append(X)
     L = sp.vstack([log_normalize(X[:, hvg]) for X in counts]).tocsr()
-    L = _scale(L)
+    L, _ = _scale_sparse(L)
     sizes = [a.n_obs for a in sections]
     batch = np.repeat(np.asarray(names, dtype=object), sizes)
     xys = [coordinates_um(a) for a in sections]

@@ -20,6 +20,7 @@ from ._cluster import cluster
 from ._embedding import image_embedding, integrate
 from ._methods import register_method, run_methods
 
+
 def _k_other(run) -> int | None:
     """Cluster count of the image and stMIC clusterings: given, or the expression baseline's (the paper)."""
     if run.n_clusters is not None or run.match_expression:

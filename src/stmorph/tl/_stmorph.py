@@ -95,6 +95,20 @@ def _log_hvg(X: sp.csr_matrix, n_top_genes: int | None, target_sum: float) -> tu
     return sp.csr_matrix(L), genes
 
 
+def _scale_sparse(L: sp.csr_matrix) -> tuple[sp.csr_matrix, int]:
+    """Each gene scaled to unit variance, centring left implicit so the matrix stays sparse; values above
+    :data:`MAX_Z` standard deviations are clipped (scanpy's ``scale(max_value=10)``) so that a gene seen in a
+    handful of spots cannot make those spots outliers that the mixture then spends domains on. Constant genes
+    are dropped; returns the matrix and the number of genes kept."""
+    mean = np.asarray(L.mean(axis=0)).ravel()
+    var = np.asarray(L.multiply(L).mean(axis=0)).ravel() - mean**2
+    keep = var > 1e-12
+    L = sp.csr_matrix(L[:, keep])
+    sd = np.sqrt(var[keep])
+    L.data = np.minimum(L.data, (mean[keep] + MAX_Z * sd)[L.indices])
+    return sp.csr_matrix(L @ sp.diags(1.0 / sd)), int(keep.sum())
+
+
 def _context_pca(L: sp.csr_matrix, smoothers: list, n_comps: int, random_state: int, *, n_iter: int = 6,
                  oversample: int = 20) -> np.ndarray:
     """Top principal components of ``[Lc | W_1 Lc | W_2 Lc ...]`` without forming it (``Lc``: centred ``L``).
@@ -188,17 +202,8 @@ def spatial_expression_embedding(
     adata = adata.copy() if copy else adata
     sig = _check_sigmas(sigmas_um)
     X, _ = _counts(adata, layer)
-    L, genes = _log_hvg(X, n_top_genes, target_sum)
-    # scale each gene to unit variance, centring left implicit so the matrix stays sparse; values above
-    # 10 standard deviations are clipped (scanpy's scale(max_value=10)) so that a gene seen in a handful
-    # of spots cannot make those spots outliers that the mixture then spends domains on
-    mean = np.asarray(L.mean(axis=0)).ravel()
-    var = np.asarray(L.multiply(L).mean(axis=0)).ravel() - mean**2
-    keep = var > 1e-12
-    L = sp.csr_matrix(L[:, keep])
-    sd = np.sqrt(var[keep])
-    L.data = np.minimum(L.data, (mean[keep] + MAX_Z * sd)[L.indices])
-    L = sp.csr_matrix(L @ sp.diags(1.0 / sd))
+    L, _ = _log_hvg(X, n_top_genes, target_sum)
+    L, n_genes_used = _scale_sparse(L)
     n_out = int(min(n_comps, min(L.shape) - 1))
     if n_out < 1:
         msg = f"{adata.n_obs} spot(s) x {L.shape[1]} variable gene(s) are too few for an expression embedding."
@@ -208,7 +213,7 @@ def spatial_expression_embedding(
         Z, singular_values = _context_pca(L, _neighbourhood_means(xy, sig), n_out, random_state)
     adata.obsm[key_added] = Z
     adata.uns[key_added] = {
-        "params": {"sigmas_um": sig, "n_top_genes": n_top_genes, "n_genes_used": int(keep.sum()),
+        "params": {"sigmas_um": sig, "n_top_genes": n_top_genes, "n_genes_used": n_genes_used,
                    "n_comps": n_out, "target_sum": float(target_sum), "layer": layer, "random_state": random_state},
         "singular_values": singular_values,
     }

@@ -153,8 +153,6 @@ def senca(
     ``adata.obsm[image_key]``, ``adata.uns[image_key]``
         When image features had to be computed.
     """
-    import torch
-
     from ._cluster import agglomerative
     from ._model import SENCA
     from ._preprocess import prepare, use_global_attention
