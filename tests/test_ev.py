@@ -126,6 +126,22 @@ def test_markers_recover_planted_genes_and_leave_x_alone():
     assert small.groupby("domain").size().eq(2).all()
 
 
+def test_markers_on_a_sample_of_many_spots_keep_every_domain():
+    """Visium HD: above max_spots the test runs on a per-domain sample (>= min(size, 500) each); planted genes
+    are still found and the sample size is recorded."""
+    adata = toy_tissue(n_side=60, image=False)  # three bands of 1,200 spots
+    n = adata.n_obs
+    sizes = adata.obs["annotation"].value_counts()
+    df = ev.markers(adata, "annotation", max_spots=1200, key_added="mk")
+    p = adata.uns["mk"]["params"]
+    assert p["n_spots_labelled"] == n and p["n_spots_tested"] == 3 * 500  # 400 each, raised to the 500 floor
+    assert set(df["domain"]) == {str(d) for d in sizes.index}
+    for region, genes in adata.uns["toy"]["planted"].items():
+        assert set(df[df["domain"] == region].head(10)["gene"]) == set(genes), region
+    full = ev.markers(adata, "annotation", max_spots=None, key_added="mk2")
+    assert adata.uns["mk2"]["params"]["n_spots_tested"] == n and len(full) == len(df)
+
+
 def test_markers_input_errors():
     adata = toy_tissue(n_side=8)
     with pytest.raises(InputError, match="not a column"):

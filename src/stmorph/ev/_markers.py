@@ -67,6 +67,8 @@ def markers(
     n_genes: int | None = None,
     tie_correct: bool = True,
     min_pct: float = 0.0,
+    max_spots: int | None = 50_000,
+    random_state: int = 0,
     key_added: str = "rank_genes_groups",
 ) -> pd.DataFrame:
     """Marker genes of every domain (Wilcoxon rank-sum test, domain vs the rest).
@@ -88,6 +90,12 @@ def markers(
     min_pct
         Drop from the table genes expressed in fewer than this fraction of spots both inside and outside the
         domain (Seurat's ``min.pct``; e.g. 0.1). All genes stay in ``uns[key_added]``.
+    max_spots
+        Above this many labelled spots (Visium HD bins), the test runs on a random sample of this size drawn
+        per domain in proportion to its size, with at least ``min(size, 500)`` spots of every domain, so that
+        rare domains keep their markers; ``None`` tests every spot. The sample size is recorded.
+    random_state
+        Seed of that sample.
     key_added
         ``adata.uns`` key for scanpy's result.
 
@@ -112,6 +120,9 @@ def markers(
     if keep.sum() == 0:
         msg = f"obs[{groupby!r}] has no labelled spot."
         raise InputError(msg)
+    n_labelled = int(keep.sum())
+    if max_spots is not None and n_labelled > int(max_spots):
+        keep = _sample_per_domain(labels, keep, int(max_spots), random_state)
     tmp = lognormalized(adata[keep] if not keep.all() else adata, layer=layer, target_sum=target_sum, normalize=normalize)
     lab = labels[keep].astype(str)
     tmp.obs[groupby] = pd.Categorical(lab, categories=sorted(lab.unique(), key=_natural_key))
@@ -160,9 +171,24 @@ def markers(
     res["params"].update({
         "groupby": groupby, "method": "wilcoxon", "target_sum": float(target_sum), "layer": layer or "X",
         "normalize": str(normalize), "tie_correct": bool(tie_correct),
+        "n_spots_labelled": n_labelled, "n_spots_tested": int(keep.sum()),
     })
     adata.uns[key_added] = res
     return df
+
+
+def _sample_per_domain(labels: pd.Series, keep: np.ndarray, n: int, random_state: int) -> np.ndarray:
+    """A mask of about ``n`` of the ``keep`` spots: each domain in proportion to its size, at least
+    ``min(size, 500)`` of each."""
+    rng = np.random.default_rng(random_state)
+    lab = labels.astype(object).to_numpy()
+    total = int(keep.sum())
+    out = np.zeros(keep.shape[0], dtype=bool)
+    for dom in pd.unique(lab[keep]):
+        idx = np.flatnonzero(keep & (lab == dom))
+        take = min(idx.size, max(500, int(round(n * idx.size / total))))
+        out[rng.choice(idx, take, replace=False)] = True
+    return out
 
 
 def _natural_key(s: str):
