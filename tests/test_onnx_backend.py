@@ -96,6 +96,18 @@ def test_asymmetric_same_padding_folds_into_conv():
 
 
 @needs_ort
+@pytest.mark.parametrize("bgr", [False, True])
+def test_runner_preprocess_equals_encoder_preprocess(bgr):
+    """The ONNX runner's one-pass NCHW preprocessing gives the encoder's values bit for bit."""
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
+    enc = encoders.get_encoder(m, input_size=16, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    enc.bgr = bgr
+    patches = np.random.default_rng(0).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    got = _onnx.OrtRunner(enc).preprocess(patches)
+    assert got.is_contiguous() and torch.equal(got, enc.preprocess(patches).contiguous())
+
+
+@needs_ort
 def test_int8_keeps_high_resolution_convs_float(lite2):
     """int8 leaves float the convolutions reading at least a quarter of the input side (Lite2: up to block 4's stride 2)."""
     names = _onnx.high_resolution_convs(_onnx.export_onnx(lite2.model, lite2.input_size), lite2.input_size)

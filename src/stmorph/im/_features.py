@@ -202,6 +202,7 @@ def extract(
     errors: list[BaseException] = []
     lock = threading.Lock()
     run = runner if runner is not None else enc
+    prep = getattr(runner, "preprocess", enc.preprocess)  # a runner may want its input made its own way
     bar = tqdm(total=n, desc=f"features ({enc.name}{', ' + ' + '.join(map(str, sizes)) + ' px' if multi else ''})",
                unit="spot", disable=not progress, smoothing=0.1)
 
@@ -244,7 +245,7 @@ def extract(
                     for out, patches, inside in zip(outs, item.patches, item.inside):
                         keep = inside > 0  # entirely-outside patches are pure fill: leave their rows NaN
                         if keep.any():
-                            x = enc.preprocess(patches if keep.all() else patches[keep])  # (B, 3, S, S)
+                            x = prep(patches if keep.all() else patches[keep])  # (B, 3, S, S)
                             out[item.index[keep]] = run(x).float().cpu().numpy()  # (B, dim)
                     with lock:
                         bar.update(len(item.index))

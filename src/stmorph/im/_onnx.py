@@ -269,6 +269,26 @@ class OrtRunner:
             msg = f"the ONNX export of encoder {self.enc.name!r} differs from the module (max abs error {err:.3g})"
             raise RuntimeError(msg)
 
+    def preprocess(self, patches: np.ndarray):
+        """What ``enc.preprocess`` gives (the same float32 values), as a contiguous NCHW tensor made in one pass.
+
+        ONNX Runtime needs NCHW contiguous input; the encoder's own
+        channels_last tensor would be copied again.
+        """
+        import torch
+
+        patches = np.asarray(patches)
+        if patches.dtype != np.uint8 or patches.ndim != 4 or patches.shape[-1] != 3:
+            return self.enc.preprocess(patches)  # its own error message
+        scale, shift = (t.cpu().numpy().reshape(3) for t in self.enc._scale_shift())
+        b, h, w, _ = patches.shape
+        out = np.empty((b, 3, h, w), np.float32)
+        for c in range(3):
+            src = patches[..., 2 - c if self.enc.bgr else c]
+            np.multiply(src, scale[c], out=out[:, c], casting="unsafe")
+            out[:, c] += shift[c]
+        return torch.from_numpy(out)
+
     def __call__(self, x):
         import torch
 
