@@ -223,3 +223,18 @@ def test_encoder_without_map_refused(he):
     assert "\n" not in str(e.value)
     with pytest.raises(InputError, match="method must be"):
         st.im.features(a, flat, method="grid")
+
+
+def test_onnx_runtime_backend_equals_torch(he, convnet):
+    """The default CPU backend (ONNX Runtime, trunk exported for the tile size) computes PyTorch's features."""
+    pytest.importorskip("onnxruntime")
+    enc = wrap(convnet, 32, "conv")
+    a = bins(he, grid(10, 170, 11, offset=0.3), 8)
+    out = {}
+    for backend in ("torch", "onnxruntime"):
+        dense(a, enc, patch=("spot", "24px"), key_added=("X_s", "X_c"), tile_px=64, overlap_px=16, backend=backend)
+        assert a.uns["X_s"]["params"]["backend"] == backend
+        out[backend] = np.c_[a.obsm["X_s"], a.obsm["X_c"]]
+    np.testing.assert_allclose(out["onnxruntime"], out["torch"], rtol=1e-4, atol=1e-5)
+    dense(a, enc, patch="spot", key_added="X_auto", tile_px=64, overlap_px=16)
+    assert a.uns["X_auto"]["params"]["backend"] == "onnxruntime"

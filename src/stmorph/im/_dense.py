@@ -262,6 +262,7 @@ def dense_features(
     device: str = "auto",
     batch_size: int | None = None,
     precision: str = "auto",
+    backend: str = "auto",
     cache: bool = True,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
@@ -304,6 +305,11 @@ def dense_features(
         ``precision="auto"`` uses bf16 autocast only where the hardware has it).
     batch_size
         Tiles per forward pass (default 1; tiles are large).
+    backend
+        ``"auto"``: ONNX Runtime for float32 on CPU when it is installed (the encoder's trunk exported
+        once per call for the tile size and checked against PyTorch on a random tile), else PyTorch;
+        ``"torch"`` or ``"onnxruntime"`` to choose. Recorded in the parameters; the cache key does not
+        depend on it (both compute the same map).
 
     Returns
     -------
@@ -331,6 +337,7 @@ def dense_features(
         _patch_list,
         _resolve_device,
         n_cores,
+        resolve_backend,
     )
     from .encoders import get_encoder
 
@@ -359,6 +366,7 @@ def dense_features(
     amp = _amp_dtype(dev, precision)
     if precision == "int8":
         raise InputError("precision='int8' is not available on the dense path; use 'auto', 'float32' or 'bfloat16'.")
+    backend = resolve_backend(dev, backend, "float32" if amp is None else "bfloat16")
     dtype = str(amp).replace("torch.", "") if amp is not None else "float32"
     image_mpp = _spatial.microns_per_pixel(adata, lib) if lib is not None else None
     if mpp is None:
@@ -394,7 +402,8 @@ def dense_features(
             if dev.type == "cpu":
                 torch.set_num_threads(n_cores())
             try:
-                feats = _run(slide, xy, sizes, enc, plan, dev, amp, tissue, batch_size, progress, stats)
+                runner = _ort_trunk(enc, plan.n_in, n_cores(), stride) if backend == "onnxruntime" else None
+                feats = _run(slide, xy, sizes, enc, plan, dev, amp, tissue, batch_size, progress, stats, runner)
             finally:
                 torch.set_num_threads(threads)
             for i, a in enumerate(feats):
@@ -422,7 +431,8 @@ def dense_features(
         params.update(dense_params)
         params.update(
             patch=str(p), patch_size_px=int(z), stride=int(stride), image_mpp=float(image_mpp or 0.0),
-            device=str(dev), dtype=dtype, batch_size=batch_size, n_outside=n_outside,
+            device=str(dev), dtype=dtype, backend=backend if not from_cache else "", batch_size=batch_size,
+            n_outside=n_outside,
             image=image_id.split("|")[0] if image_id.startswith("file:") else "in-memory",
             library_id=str(lib) if lib is not None else "", cache_key=ck, from_cache=from_cache, seconds=seconds,
             tissue_mm2=round(stats.get("n_tiles_encoded", 0) * (plan.tile * float(mpp) / 1000) ** 2, 4), **stats,
@@ -499,8 +509,54 @@ def _tile_is_tissue(tiles, plan: _Plan, mask, scale) -> np.ndarray:
     return count > 0
 
 
-def _run(slide, xy, sizes, enc, plan: _Plan, dev, amp, tissue, batch_size, progress, stats) -> list[np.ndarray]:
-    """Encode the tiles and pool them into per-bin features, one array per window size."""
+def _ort_trunk(enc, n_in: int, threads: int, stride: int):
+    """``f(x) -> feature map`` of the encoder's trunk run by ONNX Runtime on ``n_in`` px tiles (NCHW float32
+    in and out). Exporting at the tile size costs a minute (the trace is a forward pass at that size), so the
+    trunk is exported at a small size with the same remainder modulo the stride (hence the same "SAME"
+    paddings) with height and width left dynamic, and checked against PyTorch at another such size."""
+    import onnxruntime as ort
+    import torch
+
+    from . import _onnx
+
+    class _Trunk(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            fn = getattr(self.model, "forward_features", None)
+            return fn(x) if fn is not None else self.model(x)
+
+    small = 8 * stride + n_in % stride
+    data = _onnx.export_onnx(_Trunk(enc.model), small, dynamic_size=True)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = max(1, int(threads))
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    session = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        y = session.run(None, {"x": np.ascontiguousarray(x.detach().cpu().float().numpy())})[0]
+        return torch.from_numpy(y)
+
+    check = 12 * stride + n_in % stride
+    x = enc.preprocess(np.random.default_rng(0).integers(0, 256, (1, check, check, 3), dtype=np.uint8)).cpu()
+    with torch.inference_mode():
+        want = _trunk(enc)(x.to(enc.device)).float().cpu().numpy()
+    got = run(x).numpy()
+    scale = float(np.abs(want).max()) or 1.0
+    if got.shape != want.shape or not np.allclose(got, want, rtol=1e-3, atol=1e-3 * scale):
+        msg = f"the ONNX export of encoder {enc.name!r}'s trunk differs from the module; use backend='torch'"
+        raise RuntimeError(msg)
+    return run
+
+
+def _run(slide, xy, sizes, enc, plan: _Plan, dev, amp, tissue, batch_size, progress, stats,
+         runner=None) -> list[np.ndarray]:
+    """Encode the tiles and pool them into per-bin features, one array per window size (``runner``: the
+    trunk run by ONNX Runtime, else PyTorch)."""
     import contextlib
     import time
 
@@ -508,7 +564,7 @@ def _run(slide, xy, sizes, enc, plan: _Plan, dev, amp, tissue, batch_size, progr
     import torch
     from tqdm.auto import tqdm
 
-    fn = _trunk(enc)
+    fn = runner or _trunk(enc)
     n = len(xy)
     t0 = time.perf_counter()
     windows = _windows(xy, sizes, plan)

@@ -414,13 +414,11 @@ def features(
     if method != "patch":
         from ._dense import choose_method, dense_features
 
-        if method == "dense" and backend not in ("auto", "torch"):
-            raise InputError(f"backend={backend!r} is not available on the dense path (PyTorch runs it).")
         if method == "dense" or choose_method(adata, encoder, weights, library_id) == "dense":
             return dense_features(adata, encoder, patch=patch, key_added=key_added, image=image, weights=weights,
                                   device=device, batch_size=batch_size if method == "dense" else None,
-                                  precision=precision, cache=cache, cache_dir=cache_dir, progress=progress,
-                                  library_id=library_id, copy=copy)
+                                  precision=precision, backend=backend, cache=cache, cache_dir=cache_dir,
+                                  progress=progress, library_id=library_id, copy=copy)
     adata = adata.copy() if copy else adata
     if adata.n_obs == 0:
         raise InputError("adata has no spots (n_obs == 0); nothing to extract features for.")

@@ -42,8 +42,10 @@ def available() -> bool:
     return True
 
 
-def export_onnx(model, input_size: int) -> bytes:
-    """ONNX bytes of ``model`` for inputs ``(B, 3, input_size, input_size)`` (batch dynamic)."""
+def export_onnx(model, input_size: int, *, dynamic_size: bool = False) -> bytes:
+    """ONNX bytes of ``model`` for inputs ``(B, 3, input_size, input_size)`` (batch dynamic; with ``dynamic_size``
+    height and width too, valid for sizes whose TF "SAME" paddings equal ``input_size``'s, e.g. any multiple of
+    the network's stride when ``input_size`` is one: the dense path exports a small size and runs large tiles)."""
     import torch
 
     from .encoders._layers import freeze_same_padding
@@ -55,7 +57,8 @@ def export_onnx(model, input_size: int) -> bytes:
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer warnings about python-side shape arithmetic (constant here)
         torch.onnx.export(model, (x,), buf, input_names=["x"], output_names=["y"],
-                          dynamic_axes={"x": {0: "b"}, "y": {0: "b"}}, opset_version=17, dynamo=False)
+                          dynamic_axes=({"x": {0: "b", 2: "h", 3: "w"}, "y": {0: "b", 2: "hy", 3: "wy"}} if dynamic_size
+                                        else {"x": {0: "b"}, "y": {0: "b"}}), opset_version=17, dynamo=False)
     return fuse_pad_conv(buf.getvalue())
 
 
