@@ -216,3 +216,22 @@ def test_grid_smoother_equals_sparse_kernel_on_square_bins():
     np.testing.assert_allclose((B @ Y)[: len(xy)], top, atol=1e-10)
     np.testing.assert_allclose((B.T @ Y)[len(xy):], gaussian_smoother(xy[:30], 20.0, method="sparse").T @ Y[len(xy):],
                                atol=1e-10)
+
+
+def test_standardised_pca_in_chunks_equals_whole_matrix_pca():
+    """Image features of 400k+ bins are reduced in row chunks: the same scores as standardising and
+    running the PCA on the whole matrix (rows with NaN score 0)."""
+    from stmorph.tl._embedding import _pca
+    from stmorph.tl._stmorph import _standardised_pca
+
+    rng = np.random.default_rng(0)
+    F = (rng.standard_normal((3000, 40)) @ rng.standard_normal((40, 40))).astype(np.float32) + 3.0
+    F[[5, 900]] = np.nan
+    ok = np.isfinite(F).all(axis=1)
+    mu, sd = F[ok].astype(np.float64).mean(axis=0), F[ok].astype(np.float64).std(axis=0)
+    S = np.zeros(F.shape)
+    S[ok] = (F[ok] - mu) / sd
+    want, _ = _pca(S, 8, 0)
+    got = _standardised_pca(F, 8, "X", chunk=701)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert np.all(got[~ok] == 0)
