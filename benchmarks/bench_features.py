@@ -281,7 +281,7 @@ def main(argv=None) -> int:
     if _onnx.available():
         options[f"onnxruntime float32, {st}"] = (_onnx.OrtRunner(enc, threads=per_stream), contextlib.nullcontext)
         calib = _features._calibration(stmorph.im.slide_for(adata), adata.obsm["spatial"], size, enc)
-        options[f"onnxruntime int8 (static, per-channel), {st}"] = (
+        options[f"onnxruntime int8 (high-res layers fp32), {st}"] = (
             _onnx.OrtRunner(enc, threads=per_stream, precision="int8", calib=calib), contextlib.nullcontext)
     trials = {k: 0.0 for k in options}
     agree = {}

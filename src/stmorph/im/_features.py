@@ -99,7 +99,7 @@ def resolve_backend(dev, backend: str, precision: str) -> str:
 
     ``"auto"``: ONNX Runtime on CPU when it is installed and inference would
     run in float32 (no bf16 instructions, or ``precision="float32"``/``"int8"``):
-    its fused kernels ran the forward 2.3x faster there (BENCHMARKS.md section 3b);
+    its fused kernels ran the forward 2.1x faster there (BENCHMARKS.md section 3b);
     PyTorch otherwise (CUDA; bf16 autocast on CPUs with bf16).
     """
     from . import _onnx
@@ -361,13 +361,14 @@ def features(
         features within ~3% relative error / cosine > 0.999 of float32), else
         float32. ``"float32"`` for exact, machine-independent float32 features;
         ``"bfloat16"``; ``"float16"`` (CUDA only); ``"int8"`` (CPU, ONNX Runtime:
-        static int8 quantisation calibrated on 64 patches of this section;
-        about 2x faster again than float32 ONNX Runtime but only approximately
-        equal: cosine to float32 about 0.99 on average, see BENCHMARKS.md). Part of the cache key.
+        static int8 quantisation calibrated on 64 patches of this section, the
+        high-resolution layers kept float32; 1.3x faster again than float32 ONNX
+        Runtime but only approximately equal: cosine to float32 0.998 on average,
+        0.985 at worst on HER2ST, see BENCHMARKS.md section 3b). Part of the cache key.
     backend
         ``"auto"``: ONNX Runtime on CPU when installed (``pip install
-        onnxruntime onnx``) and inference runs in float32 (forward 2.3x faster,
-        whole call 1.75x on a 2-core AVX-512 machine; same float32 features);
+        onnxruntime onnx``) and inference runs in float32 (forward 2.1x faster,
+        whole call 2.2x on a 2-core AVX-512 machine; same float32 features);
         PyTorch otherwise. ``"torch"``, ``"onnxruntime"``.
     method
         ``"patch"``: one patch per spot (this function's pipeline); ``"dense"``:

@@ -3,11 +3,12 @@
 The encoder's module is exported once per process for its fixed input size
 (TensorFlow "SAME" paddings and the like become constants) and run by ONNX
 Runtime's CPU provider, whose fused convolution kernels ran EfficientNet-Lite2's
-forward 2.3x faster than PyTorch eager float32 on the same cores with the same
-float32 features (whole ``features()`` call 1.75x; BENCHMARKS.md section 3b). ``int8``: static
+forward 2.1x faster than PyTorch eager float32 on the same cores with the same
+float32 features (whole ``features()`` call 2.2x; BENCHMARKS.md section 3b). ``int8``: static
 post-training quantisation (per-channel int8 weights, uint8 activations,
-min-max calibrated on patches of the slide itself), faster again but only
-approximately equal (see ``precision`` in :func:`stmorph.im.features`).
+min-max calibrated on patches of the slide itself; the high-resolution layers
+stay float32), faster again but only approximately equal (see ``precision`` in
+:func:`stmorph.im.features`).
 """
 
 from __future__ import annotations
@@ -186,7 +187,7 @@ def high_resolution_convs(onnx_bytes: bytes, input_size: int, fraction: float = 
             if n.op_type == "Conv" and side.get(n.input[0], 0) >= fraction * input_size]
 
 
-def _quantize(onnx_bytes: bytes, calib: np.ndarray, keep_float: list[str] = ()) -> bytes:
+def _quantize(onnx_bytes: bytes, calib: np.ndarray, keep_float: tuple[str, ...] | list[str] = ()) -> bytes:
     """Static int8 quantisation (QOperator, per-channel weights, min-max calibration on ``calib``).
 
     ``keep_float``: node names left in float32 (their inputs dequantised).
