@@ -290,19 +290,20 @@ def _standardised_pca(F, n_comps: int, name: str, chunk: int = 32768) -> np.ndar
         msg = f"adata.obsm[{name!r}] ({n} x {d}) is too small for a PCA."
         raise InputError(msg)
 
-    def rows(lo):
-        B = (np.asarray(F[lo:lo + chunk], dtype=np.float64) - mu) / sd
+    mu32, sd32 = mu.astype(np.float32), sd.astype(np.float32)
+
+    def rows(lo):  # float32 products (large GEMMs, all BLAS threads), float64 sums across chunks
+        B = (np.asarray(F[lo:lo + chunk], dtype=np.float32) - mu32) / sd32
         B[~ok[lo:lo + chunk]] = 0.0
         return B
 
     cov = np.zeros((d, d))
-    with threadpool_limits(1):
-        for lo in range(0, n, chunk):
-            B = rows(lo)
-            cov += B.T @ B
-        evals, evecs = np.linalg.eigh(cov / n)
-        V = evecs[:, ::-1][:, :k]
-        Z = np.vstack([rows(lo) @ V for lo in range(0, n, chunk)])
+    for lo in range(0, n, chunk):
+        B = rows(lo)
+        cov += B.T @ B
+    evals, evecs = np.linalg.eigh(cov / n)
+    V = evecs[:, ::-1][:, :k].astype(np.float32)
+    Z = np.vstack([rows(lo) @ V for lo in range(0, n, chunk)]).astype(np.float64)
     signs = np.sign(Z[np.argmax(np.abs(Z), axis=0), np.arange(k)])
     signs[signs == 0] = 1
     return (Z * signs).astype(np.float32)
