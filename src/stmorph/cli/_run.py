@@ -46,7 +46,9 @@ def add_common_options(p) -> None:
                         "(default: on for stmorph, off for the papers' methods)")
     g = p.add_argument_group("image features")
     g.add_argument("--encoder", default="efficientnet_lite2",
-                   help="image encoder: efficientnet_lite2 (embedded, default) or resnet50 (needs --weights)")
+                   help="image encoder: efficientnet_lite2 (embedded, default), resnet50, or a pathology "
+                        "foundation model preset (uni, uni2_h, virchow2, h_optimus_0, phikon_v2, gigapath, "
+                        "conch_vision); all but the default need --weights (a local file, never downloaded)")
     g.add_argument("--weights", default=None, metavar="FILE", help="encoder weights file (e.g. torchvision resnet50-*.pth)")
     g.add_argument("--patch", default="spot",
                    help="patch side: 'spot' (spot diameter, the paper), pixels (e.g. 224) or micrometres (e.g. 100um)")

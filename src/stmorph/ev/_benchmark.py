@@ -45,7 +45,7 @@ __all__ = ["Section", "find_sections", "load_section", "run_benchmark", "summari
            "read_peers", "peers_markdown", "DEFAULT_METHODS"]
 
 DEFAULT_METHODS = ("stmorph", "stmic", "expression", "image", "senca")
-IMAGE_EXT = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".svs", ".btf")
+IMAGE_EXT = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".btf", ".svs", ".ndpi", ".mrxs", ".scn", ".bif")
 CSV_COLUMNS = ["section", "method", "seed", "ARI", "NMI", "seconds", "status", "n_spots", "n_clusters", "reason"]
 
 
