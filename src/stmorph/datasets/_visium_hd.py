@@ -491,7 +491,7 @@ def write_visium_hd(
 
     from .._spatial import coordinates
     from ..read._visium_hd import BIN_FOLDER, _bin_size, _grid_affine, rebin
-    from ._write import _library, _write_h5, _write_tiff
+    from ._write import _library, _write_h5, _write_tiff, swap_into_place
 
     if compression not in ("zlib", "jpeg", "none", "deflate"):
         msg = f"compression={compression!r} is not allowed; use 'zlib', 'jpeg' or 'none'."
@@ -603,15 +603,7 @@ def write_visium_hd(
             img_tmp = Path(name)
             _write_tiff(img_tmp, np.asarray(full), "none" if compression == "none" else compression, bigtiff=True)
             log(f"full-resolution BigTIFF {full.shape[1]} x {full.shape[0]} px in {time.perf_counter() - t1:.1f} s")
-        # swap into place
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.rmdir(old)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        swap_into_place(tmp, out)
         if img_tmp is not None:
             os.replace(img_tmp, img_path)
             img_tmp = None

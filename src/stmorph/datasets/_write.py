@@ -124,6 +124,18 @@ def _write_tiff(path: Path, img: np.ndarray, compression: str, levels: int = 3, 
             tif.write(level, subfiletype=1, **kw)
 
 
+def swap_into_place(tmp: Path, out: Path) -> None:
+    """Put the finished folder ``tmp`` at ``out``, replacing an existing ``out`` (already checked replaceable)."""
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        os.rmdir(old)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
 def write_visium(
     adata,
     path: str | os.PathLike,
@@ -240,15 +252,7 @@ def write_visium(
                                 "annotation": adata.obs["annotation"].astype(object).to_numpy()})
             lab = lab[lab["annotation"].notna()]
             lab.to_csv(tmp / "labels.tsv", sep="\t", index=False)
-        # swap into place
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.rmdir(old)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

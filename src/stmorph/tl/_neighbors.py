@@ -108,7 +108,19 @@ def gaussian_smoother(xy_um: np.ndarray, sigma_um: float, *, truncate: float = 2
     return sp.csr_matrix(W)
 
 
-class GridSmoother:
+class _Operator:
+    """Row/column sums of a square linear operator from its ``@`` and ``.T`` (as a sparse matrix gives them)."""
+
+    def sum(self, axis=None):
+        n = self.shape[0]
+        if axis == 1:
+            return (self @ np.ones(n)).reshape(-1, 1)
+        if axis == 0:
+            return (self.T @ np.ones(n)).reshape(1, -1)
+        return float((self @ np.ones(n)).sum())
+
+
+class GridSmoother(_Operator):
     """``W = D^-1 K`` as a linear operator, ``K = S^T C S`` minus (or keeping) the spot itself.
 
     ``S`` puts each spot into its grid cell (a sparse ``(cells, n)`` indicator), ``C``
@@ -187,16 +199,8 @@ class GridSmoother:
         return GridSmoother(None, 0.0, cell_um=1.0, _transposed=not self._transposed,
                             _state={k: v for k, v in self.__dict__.items() if k != "_transposed"})
 
-    def sum(self, axis=None):
-        n = self.shape[0]
-        if axis == 1:
-            return (self @ np.ones(n)).reshape(-1, 1)
-        if axis == 0:
-            return (self.T @ np.ones(n)).reshape(1, -1)
-        return float((self @ np.ones(n)).sum())
 
-
-class _BlockSmoother:
+class _BlockSmoother(_Operator):
     """Block-diagonal stack of smoothers (sparse matrices or :class:`GridSmoother`)."""
 
     def __init__(self, blocks, _transposed: bool = False):
@@ -214,14 +218,6 @@ class _BlockSmoother:
     @property
     def T(self) -> _BlockSmoother:
         return _BlockSmoother(self.blocks, not self._transposed)
-
-    def sum(self, axis=None):
-        n = self.shape[0]
-        if axis == 1:
-            return (self @ np.ones(n)).reshape(-1, 1)
-        if axis == 0:
-            return (self.T @ np.ones(n)).reshape(1, -1)
-        return float((self @ np.ones(n)).sum())
 
 
 def block_diag(smoothers):
