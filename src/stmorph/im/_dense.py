@@ -6,7 +6,9 @@ This path encodes the *tissue* once instead:
 
 1. The slide is read lazily, tile by tile, at a working scale ``mpp`` (micrometres per pixel),
    from the best pyramid level and resized with Pillow (bilinear, antialiased, as the patch
-   path resizes its patches). Pixels outside the image are white, as in the patch path.
+   path resizes its patches). With ``fill="glass"`` (the default) pixels outside the image and the
+   image's pure-black fill get the slide's glass colour before the resize, as in the patch path
+   (:mod:`stmorph.im.slide._fill`); with ``fill=None`` pixels are as read, white outside.
 2. Each tile is a *core* of ``tile_px`` working pixels plus ``overlap_px`` on every side; the
    encoder's trunk (no global pooling) maps it to a feature map of cells of ``stride`` pixels,
    and only the cells whose centres lie in the core are kept: the overlap margins are cropped,
@@ -15,8 +17,8 @@ This path encodes the *tissue* once instead:
 3. Tiles are laid on one global grid aligned to the stride, so the core cells of all tiles
    form one whole-slide grid; tiles are only visited where some bin's pooling window falls, and
    those whose footprint holds no tissue (thumbnail, Otsu on saturation, see
-   :func:`tissue_mask`) are not encoded: their cells get the encoder's response to a uniform
-   white tile (computed once).
+   :func:`tissue_mask`, which never counts black fill as tissue) are not encoded: their cells get
+   the encoder's response to a uniform tile of the glass colour (white with ``fill=None``; computed once).
 4. Every bin (spot) gets the mean of the map over each of its pooling windows (its own square
    ``"spot"`` and a context square such as ``"6spacing"``), each cell taken as a constant
    square: the weight of a cell is the area it shares with the window. A window smaller than
@@ -47,6 +49,7 @@ from ..errors import InputError
 from . import _cache
 from ._patches import patch_size_px
 from .slide import Slide, slide_for
+from .slide._fill import GLASS_FILL, fill_params, read_fill
 
 __all__ = ["cell_geometry", "dense_features", "otsu_threshold", "tissue_mask"]
 
@@ -87,7 +90,9 @@ def tissue_mask(image, *, max_side: int = 2048) -> tuple[np.ndarray, float, floa
     The saturation ``(max - min) / max`` of each RGB thumbnail pixel is thresholded at Otsu's
     threshold, clipped to [0.03, 0.10]: stained tissue is saturated, glass and white background
     are not; the clip keeps a sensible mask when the section has no background (Otsu would then
-    split tissue from tissue) or the background is noise-free (Otsu near 0).
+    split tissue from tissue) or the background is noise-free (Otsu near 0). Black fill (a
+    background masked black, whose JPEG noise such as ``(3, 0, 1)`` is fully saturated) is
+    painted as glass first (:func:`stmorph.im.slide._fill.paint_fill`), so it is never tissue.
 
     Parameters
     ----------
@@ -106,7 +111,7 @@ def tissue_mask(image, *, max_side: int = 2048) -> tuple[np.ndarray, float, floa
     own = not isinstance(image, Slide)
     slide = open_slide(image) if own else image
     try:
-        thumb, scale = slide.thumbnail(max_side)
+        thumb, scale = slide.thumbnail(max_side, fill=GLASS_FILL)
     finally:
         if own:
             slide.close()
@@ -159,12 +164,13 @@ def cell_geometry(enc, device="cpu") -> tuple[int, int, int]:
 
 
 # --------------------------------------------------------------------------- reading at a working scale
-def _read_scaled(slide: Slide, x0: int, y0: int, n: int, f: float) -> np.ndarray:
+def _read_scaled(slide: Slide, x0: int, y0: int, n: int, f: float, fill: int | str = 255) -> np.ndarray:
     """Working-scale pixels ``[x0, x0 + n) x [y0, y0 + n)`` (downsample ``f`` from level 0) as uint8 ``(n, n, 3)``.
 
     Working pixel ``k`` covers level-0 pixel edges ``[k f, (k + 1) f)``. Read from the best pyramid
-    level with a margin, then resized by Pillow (bilinear, antialiased) with the exact box, so a
-    tile equals the same window of a resize of the whole image.
+    level with a margin (``fill``: outside the image, or ``"glass"``, see ``Slide._read``), then
+    resized by Pillow (bilinear, antialiased) with the exact box, so a tile equals the same window
+    of a resize of the whole image.
     """
     from PIL import Image
 
@@ -173,11 +179,11 @@ def _read_scaled(slide: Slide, x0: int, y0: int, n: int, f: float) -> np.ndarray
     dx, dy = slide.width / lv.width, slide.height / lv.height
     bx0, by0, bx1, by1 = x0 * f / dx, y0 * f / dy, (x0 + n) * f / dx, (y0 + n) * f / dy
     if li == 0 and f == 1:
-        return slide._read(lv, int(x0), int(y0), n, n, 255)
+        return slide._read(lv, int(x0), int(y0), n, n, fill)
     m = int(math.ceil(max(f / dx, f / dy))) + 2  # the filter's support beyond the box
     lx0, ly0 = int(math.floor(bx0)) - m, int(math.floor(by0)) - m
     lx1, ly1 = int(math.ceil(bx1)) + m, int(math.ceil(by1)) + m
-    region = slide._read(lv, lx0, ly0, lx1 - lx0, ly1 - ly0, 255)
+    region = slide._read(lv, lx0, ly0, lx1 - lx0, ly1 - ly0, fill)
     im = Image.fromarray(region).resize((n, n), Image.BILINEAR, box=(bx0 - lx0, by0 - ly0, bx1 - lx0, by1 - ly0))
     return np.asarray(im)
 
@@ -267,6 +273,7 @@ def dense_features(
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
     library_id: str | None = None,
+    fill: str | None = "glass",
     copy: bool = False,
 ):
     """Image features of every spot or bin from one fully convolutional pass over the tissue.
@@ -299,8 +306,8 @@ def dense_features(
         to the encoder's stride). Default overlap: 12 cells (384 px for EfficientNet-Lite2).
     tissue
         ``"auto"``: skip tiles without tissue in :func:`tissue_mask` (their cells get the
-        encoder's response to a white tile); ``False``: encode every tile a window touches.
-    image, weights, device, precision, cache, cache_dir, progress, library_id, copy
+        encoder's response to a tile of the glass colour); ``False``: encode every tile a window touches.
+    image, weights, device, precision, cache, cache_dir, progress, library_id, fill, copy
         As in :func:`stmorph.im.features` (CPU inference runs one tile at a time on all cores;
         ``precision="auto"`` uses bf16 autocast only where the hardware has it).
     batch_size
@@ -325,7 +332,8 @@ def dense_features(
         ``stride``, ``tile_px``, ``overlap_px``, ``tissue_threshold``, ``n_tiles`` (tiles some
         window touches), ``n_tiles_encoded``, ``n_tiles_background`` (skipped: no tissue),
         ``tissue_mm2`` (area of the encoded tile cores), ``n_outside``, ``device``, ``dtype``,
-        ``image``, ``library_id``, ``cache_key``, ``from_cache``, ``seconds``.
+        ``image``, ``library_id``, ``cache_key``, ``from_cache``, ``seconds``, ``fill`` (and with
+        ``"glass"``: ``glass_rgb``, ``black_fill_max``).
     """
     import time
 
@@ -358,6 +366,7 @@ def dense_features(
         overlap_px = _positive_int(overlap_px, "overlap_px", allow_zero=True)
     if tissue not in ("auto", True, False):
         raise InputError(f"tissue must be 'auto', True or False; got {tissue!r}.")
+    rfill = read_fill(fill)
     batch_size = _positive_int(batch_size or 1, "batch_size")
     dev = _resolve_device(device)
     enc = get_encoder(encoder, weights)
@@ -393,6 +402,7 @@ def dense_features(
     try:
         image_id = _image_identity(slide) if (cache or slide.path) else "in-memory"
         cdir = cache_dir if cache_dir is not None else _cache.default_dir()
+        dense_params.update(fill_params(slide, fill))
         ckeys = [_cache.make_key(image=image_id, xy=xy, patch_size_px=z,
                                  encoder={**enc.params(), "dtype": dtype, **dense_params}) for z in sizes]
         found = [_cache.load(cdir, k, (adata.n_obs, dim)) if cache else None for k in ckeys]
@@ -403,7 +413,8 @@ def dense_features(
                 torch.set_num_threads(n_cores())
             try:
                 runner = _ort_trunk(enc, plan.n_in, n_cores(), stride) if backend == "onnxruntime" else None
-                feats = _run(slide, xy, sizes, enc, plan, dev, amp, tissue, batch_size, progress, stats, runner)
+                feats = _run(slide, xy, sizes, enc, plan, dev, amp, tissue, batch_size, progress, stats, runner,
+                             fill=rfill)
             finally:
                 torch.set_num_threads(threads)
             for i, a in enumerate(feats):
@@ -554,9 +565,9 @@ def _ort_trunk(enc, n_in: int, threads: int, stride: int):
 
 
 def _run(slide, xy, sizes, enc, plan: _Plan, dev, amp, tissue, batch_size, progress, stats,
-         runner=None) -> list[np.ndarray]:
+         runner=None, fill: int | str = 255) -> list[np.ndarray]:
     """Encode the tiles and pool them into per-bin features, one array per window size (``runner``: the
-    trunk run by ONNX Runtime, else PyTorch)."""
+    trunk run by ONNX Runtime, else PyTorch; ``fill``: how tiles are read, see :func:`_read_scaled`)."""
     import contextlib
     import time
 
@@ -584,10 +595,11 @@ def _run(slide, xy, sizes, enc, plan: _Plan, dev, amp, tissue, batch_size, progr
         j0, j1 = plan.j0, plan.j0 + plan.n_core
         return y[:, :, j0:j1, j0:j1].float().cpu().numpy()  # overlap margins cropped
 
-    # the encoder's response to a white tile: what a skipped (background) tile's cells get
+    # the encoder's response to a tile of glass (white without fill="glass"): what a skipped tile's cells get
     background = None
     if not is_tissue.all():
-        background = forward(np.full((1, plan.n_in, plan.n_in, 3), 255, np.uint8))[0]
+        glass = np.asarray(slide.background if fill == GLASS_FILL else (255, 255, 255), np.uint8)
+        background = forward(np.broadcast_to(glass, (1, plan.n_in, plan.n_in, 3)).copy())[0]
         background = background[:, plan.n_core // 2, plan.n_core // 2]
     dim = dim or (background.shape[0] if background is not None else None)
     accs: list[np.ndarray | None] = [None] * len(sizes)
@@ -632,7 +644,8 @@ def _run(slide, xy, sizes, enc, plan: _Plan, dev, amp, tissue, batch_size, progr
                 idx = todo[start: start + batch_size]
                 t = time.perf_counter()
                 batch = np.stack([_read_scaled(slide, int(tiles[i, 1]) * plan.tile - plan.overlap,
-                                               int(tiles[i, 0]) * plan.tile - plan.overlap, plan.n_in, plan.f)
+                                               int(tiles[i, 0]) * plan.tile - plan.overlap, plan.n_in, plan.f,
+                                               fill)
                                   for i in idx])
                 reads.append(time.perf_counter() - t)
                 while not stop.is_set():

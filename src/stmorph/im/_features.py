@@ -27,6 +27,7 @@ from . import _cache
 from ._patches import MultiPatchBatch, iter_patches, iter_patches_multi, patch_size_px
 from ._slide import Slide, slide_for
 from .encoders import Encoder, get_encoder
+from .slide._fill import fill_params, read_fill
 
 __all__ = ["features"]
 
@@ -121,11 +122,11 @@ def resolve_backend(dev, backend: str, precision: str) -> str:
     return backend
 
 
-def _calibration(slide: Slide, xy: np.ndarray, size: int, enc: Encoder, n: int = 64) -> np.ndarray:
+def _calibration(slide: Slide, xy: np.ndarray, size: int, enc: Encoder, n: int = 64, fill="glass") -> np.ndarray:
     """Preprocessed patches of ``n`` spots spread over the section, for int8 calibration (deterministic)."""
     idx = np.unique(np.linspace(0, len(xy) - 1, min(n, len(xy))).round().astype(int))
     batches = [b.patches[b.inside > 0] for b in iter_patches(slide, xy[idx], size, out_size=enc.input_size,
-                                                             batch_size=len(idx))]
+                                                             batch_size=len(idx), fill=fill)]
     patches = np.concatenate(batches) if batches else np.zeros((0, enc.input_size, enc.input_size, 3), np.uint8)
     if not len(patches):
         patches = np.full((1, enc.input_size, enc.input_size, 3), 255, np.uint8)
@@ -175,6 +176,7 @@ def extract(
     progress: bool = True,
     amp_dtype=None,
     runner=None,
+    fill: int | str = 255,
 ) -> np.ndarray:
     """Features ``(N, enc.dim)`` float32 of the patches of side ``size`` centred on ``xy``.
 
@@ -187,7 +189,8 @@ def extract(
     spots whose patch lies entirely outside the image are NaN. This is the
     engine behind :func:`features`, usable without an AnnData. ``runner``
     replaces ``enc``'s own forward on preprocessed batches (e.g. an
-    :class:`~stmorph.im._onnx.OrtRunner`).
+    :class:`~stmorph.im._onnx.OrtRunner`). ``fill``: as in :func:`iter_patches`
+    (:func:`features` passes ``"glass"``).
     """
     import torch
     from tqdm.auto import tqdm
@@ -218,10 +221,12 @@ def extract(
     def produce(rows: np.ndarray) -> None:
         try:
             if multi:
-                it = iter_patches_multi(slide, xy[rows], sizes, out_size=enc.input_size, batch_size=batch_size)
+                it = iter_patches_multi(slide, xy[rows], sizes, out_size=enc.input_size, batch_size=batch_size,
+                                        fill=fill)
             else:
                 it = (MultiPatchBatch(b.index, (b.patches,), b.inside[None])
-                      for b in iter_patches(slide, xy[rows], sizes[0], out_size=enc.input_size, batch_size=batch_size))
+                      for b in iter_patches(slide, xy[rows], sizes[0], out_size=enc.input_size, batch_size=batch_size,
+                                            fill=fill))
             for b in it:
                 if not put(MultiPatchBatch(rows[b.index], b.patches, b.inside)):
                     return
@@ -296,6 +301,7 @@ def features(
     precision: str = "auto",
     backend: str = "auto",
     method: str = "auto",
+    fill: str | None = "glass",
     copy: bool = False,
 ):
     """Image features of every spot from a pretrained encoder.
@@ -379,6 +385,14 @@ def features(
         convolutional, patch otherwise (Visium, legacy ST, vision transformers).
         On the dense path ``batch_size`` counts tiles and ``num_workers`` and
         ``backend`` do not apply.
+    fill
+        ``"glass"`` (default): where the slide shows no scanned tissue the encoder sees the slide's
+        glass colour (:attr:`~stmorph.im.Slide.background`: OpenSlide's ``background-color``, else
+        white): pure-black fill (all three channels <= 16, e.g. a background masked black) and the
+        area outside the image are painted with it, and transparent pixels are composited on it
+        (see :mod:`stmorph.im.slide._fill`; on HER2ST A1, whose background is painted black, it
+        raised the image-only ARI, BENCHMARKS.md section 1c). None: pixels as read (black stays black,
+        white outside the image). Part of the cache key and of the recorded parameters.
     copy
         Return a modified copy instead of writing into ``adata``.
 
@@ -404,7 +418,8 @@ def features(
         float32 ``(n_obs, dim)``, rows aligned to ``obs_names``.
     ``adata.uns[key_added]["params"]``
         ``encoder``, ``weights_sha256``, ``patch_size_px``, ``input_size``,
-        ``preprocessing``, ``device``, ``dtype``, ``backend`` (empty when read from the cache),
+        ``preprocessing``, ``fill`` (and with ``"glass"``: ``glass_rgb``, ``black_fill_max``),
+        ``device``, ``dtype``, ``backend`` (empty when read from the cache),
         ``batch_size``, ``n_outside``,
         ``n_border``, ``image``, ``library_id``, ``cache_key``, ``from_cache``, ``computed_with`` (the sizes computed in the same pass).
     """
@@ -412,6 +427,7 @@ def features(
 
     if method not in ("auto", "patch", "dense"):
         raise InputError(f"method must be 'auto', 'patch' or 'dense'; got {method!r}.")
+    rfill = read_fill(fill)
     if method != "patch":
         from ._dense import choose_method, dense_features
 
@@ -419,7 +435,7 @@ def features(
             return dense_features(adata, encoder, patch=patch, key_added=key_added, image=image, weights=weights,
                                   device=device, batch_size=batch_size if method == "dense" else None,
                                   precision=precision, backend=backend, cache=cache, cache_dir=cache_dir,
-                                  progress=progress, library_id=library_id, copy=copy)
+                                  progress=progress, library_id=library_id, fill=fill, copy=copy)
     adata = adata.copy() if copy else adata
     if adata.n_obs == 0:
         raise InputError("adata has no spots (n_obs == 0); nothing to extract features for.")
@@ -449,7 +465,9 @@ def features(
         image_id = _image_identity(slide)
         cdir = cache_dir if cache_dir is not None else _cache.default_dir()
         unique = sorted(set(sizes))
-        ckeys = {z: _cache.make_key(image=image_id, xy=xy, patch_size_px=z, encoder={**enc.params(), "dtype": dtype})
+        fparams = fill_params(slide, fill)
+        ckeys = {z: _cache.make_key(image=image_id, xy=xy, patch_size_px=z,
+                                    encoder={**enc.params(), "dtype": dtype, **fparams})
                  for z in unique}
         found = {z: _cache.load(cdir, ckeys[z], (adata.n_obs, enc.dim)) if cache else None for z in unique}
         todo = [z for z in unique if found[z] is None]
@@ -465,7 +483,7 @@ def features(
                 if backend == "onnxruntime":
                     from ._onnx import OrtRunner
 
-                    calib = _calibration(slide, xy, todo[0], enc) if precision == "int8" else None
+                    calib = _calibration(slide, xy, todo[0], enc, fill=rfill) if precision == "int8" else None
                     try:
                         runner = OrtRunner(enc, threads=per_stream, precision=dtype, calib=calib)
                     except Exception as e:  # a module ONNX cannot export: PyTorch runs it (auto only)
@@ -475,7 +493,7 @@ def features(
                         backend = "torch"
                 feats = extract(slide, xy, todo if len(todo) > 1 else todo[0], enc, device=dev, batch_size=batch_size,
                                 num_workers=num_workers, streams=streams, progress=progress, amp_dtype=amp,
-                                runner=runner)
+                                runner=runner, fill=rfill)
             finally:
                 torch.set_num_threads(threads)
             computed = dict(zip(todo, feats if len(todo) > 1 else [feats]))
@@ -499,6 +517,7 @@ def features(
             warnings.warn(msg, UserWarning, stacklevel=2)
         adata.obsm[key] = feats if keys.count(key) == 1 and sizes.count(z) == 1 else feats.copy()
         params = enc.params()
+        params.update(fparams)
         params.update(
             patch_size_px=int(z),
             patch=str(p),

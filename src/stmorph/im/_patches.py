@@ -6,7 +6,9 @@ A patch of side ``size`` (full-resolution pixels) around a spot centre
 i.e. ``x0 .. x0 + size - 1`` with ``x0 = ceil(x - size / 2)``, and likewise
 rows. Pixel ``i`` has its centre at coordinate ``i`` (the numpy / scikit-image /
 ``imshow`` convention scanpy plots spots with), so for an odd ``size`` the
-centre pixel of the patch is the pixel containing the spot centre. Pixels outside the image are filled with ``fill`` (white by default) and
+centre pixel of the patch is the pixel containing the spot centre. Pixels outside the image are filled with ``fill`` (white by default;
+``fill="glass"``, what :func:`stmorph.im.features` reads, paints them and the image's black fill with the
+slide's background colour, see :mod:`stmorph.im.slide._fill`) and
 the fraction of the patch lying inside the image is reported per spot, so
 border spots are padded and flagged, never silently shifted; a spot whose patch
 lies entirely outside the image gets ``inside == 0``.
@@ -29,6 +31,7 @@ import numpy as np
 from .. import _spatial
 from ..errors import InputError
 from ._slide import Slide, open_slide, slide_for
+from .slide._fill import check_fill
 
 __all__ = ["PatchBatch", "MultiPatchBatch", "iter_patches", "iter_patches_multi", "crop_patches", "patch_size_px",
            "patch_origins", "spot_spacing"]
@@ -164,7 +167,7 @@ def _check_xy(xy) -> np.ndarray:
 
 
 def iter_patches(slide: Slide, xy: np.ndarray, size: int, *, out_size: int | None = None, batch_size: int = 64,
-                 fill: int = 255) -> Iterator[PatchBatch]:
+                 fill: int | str = 255) -> Iterator[PatchBatch]:
     """Spot-centred square patches, in batches, with bounded memory.
 
     Parameters
@@ -182,7 +185,9 @@ def iter_patches(slide: Slide, xy: np.ndarray, size: int, *, out_size: int | Non
     batch_size
         Patches per batch.
     fill
-        Value (0-255) of the pixels of a patch that fall outside the image.
+        Value (0-255) of the pixels of a patch that fall outside the image; ``"glass"``: those
+        pixels and the image's pure-black fill get the slide's background colour
+        (:attr:`Slide.background`), before any resize.
 
     Yields
     ------
@@ -208,7 +213,7 @@ def iter_patches(slide: Slide, xy: np.ndarray, size: int, *, out_size: int | Non
         yield from _iter(s, xy, size, out_size, batch_size, fill)
 
 
-def _check_batching(out_size, batch_size, fill) -> tuple[int | None, int, int]:
+def _check_batching(out_size, batch_size, fill) -> tuple[int | None, int, int | str]:
     """``out_size``, ``batch_size`` and ``fill`` of the patch iterators, checked."""
     if out_size is not None:
         out_size = int(out_size)
@@ -219,10 +224,7 @@ def _check_batching(out_size, batch_size, fill) -> tuple[int | None, int, int]:
     if batch_size < 1:
         msg = f"batch_size must be >= 1, got {batch_size}."
         raise InputError(msg)
-    if not 0 <= int(fill) <= 255:
-        msg = f"fill must be within 0..255, got {fill}."
-        raise InputError(msg)
-    return out_size, batch_size, int(fill)
+    return out_size, batch_size, check_fill(fill)
 
 
 @contextmanager
@@ -271,13 +273,14 @@ def _iter(slide: Slide, xy, size, out_size, batch_size, fill):
 
 
 def iter_patches_multi(slide: Slide, xy: np.ndarray, sizes, *, out_size: int | None = None, batch_size: int = 64,
-                       fill: int = 255) -> Iterator[MultiPatchBatch]:
+                       fill: int | str = 255) -> Iterator[MultiPatchBatch]:
     """Patches of several sizes centred on the same spots, each slide region decoded once.
 
     For every spot the square of the largest size is read once; the smaller
     patches are cut out of it (they share the centre convention of
     :func:`iter_patches`, so each equals what :func:`iter_patches` gives for
     that size), then each is resized to ``out_size`` (None keeps its own size).
+    ``fill`` as in :func:`iter_patches`.
     Spots come in storage order of the largest patch; every spot appears once.
     """
     sizes = [int(z) for z in sizes]
@@ -320,7 +323,7 @@ def _iter_multi(slide: Slide, xy, sizes, out_size, batch_size, fill):
 
 
 def crop_patches(adata, patch="spot", *, image=None, out_size: int | None = None, library_id: str | None = None,
-                 fill: int = 255) -> np.ndarray:
+                 fill: int | str = 255) -> np.ndarray:
     """All spot patches of an AnnData in memory (convenience for small data).
 
     Parameters
@@ -336,7 +339,7 @@ def crop_patches(adata, patch="spot", *, image=None, out_size: int | None = None
     library_id
         Library to use when ``uns["spatial"]`` has several.
     fill
-        Value of pixels outside the image.
+        Value of pixels outside the image, or ``"glass"`` (see :func:`iter_patches`).
 
     Returns
     -------

@@ -12,10 +12,10 @@ import sys
 import types
 
 from . import slide as _pkg
-from .slide import _array, _base, _openslide, _pil, _tiff
+from .slide import _array, _base, _fill, _openslide, _pil, _tiff
 
 __all__ = list(_pkg.__all__)
-_MODULES = (_base, _tiff, _pil, _array, _openslide, _pkg)
+_MODULES = (_base, _fill, _tiff, _pil, _array, _openslide, _pkg)
 
 
 def _forward(name: str) -> property:

@@ -21,9 +21,13 @@ file):
 Every read returns **uint8 RGB** ``(h, w, 3)``:
 
 - grayscale (and gray + alpha) is replicated to three channels;
-- alpha (RGBA, gray + alpha) is composited on white (the background of a
-  brightfield slide), so fully transparent pixels are white and opaque pixels
-  keep their colour;
+- alpha (RGBA, gray + alpha) is composited on the slide's background colour
+  :attr:`Slide.background` (OpenSlide's ``openslide.background-color``, else
+  white: the glass of a brightfield slide), so fully transparent pixels are glass
+  and opaque pixels keep their colour;
+- ``read_region(..., fill="glass")`` (what image features read, :mod:`._fill`)
+  also paints pure-black fill (all channels <= 16) and the area outside the image
+  with that colour;
 - 16-bit (and 32-bit unsigned) data is scaled by the range of its type,
   ``v * 255 / (2**bits - 1)``, where ``bits`` is the TIFF ``BitsPerSample``
   (e.g. 12 for 12-bit data stored in uint16) or the dtype's width; this keeps the

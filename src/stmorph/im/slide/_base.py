@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import ImageError, InputError
+from ._fill import GLASS, GLASS_FILL, check_fill, paint_fill
 
 #: Largest JPEG/PNG (in pixels) :func:`open_slide` decodes; beyond it, convert to a tiled pyramidal TIFF.
 MAX_PIL_PIXELS = 2**31
@@ -43,11 +44,12 @@ class _ToRGB8:
 
     def __init__(self, dtype, samples: int, *, bits: int | None = None, photometric: int | None = None,
                  colormap: np.ndarray | None = None, float_scale: float | None = None, alpha: str = "unassoc",
-                 path=None):
+                 background=GLASS, path=None):
         dtype = np.dtype(dtype)
         self.dtype = dtype
         self.samples = samples
         self.alpha = alpha  # last sample of gray+alpha / RGBA: "unassoc", "assoc" (premultiplied) or "none" (drop)
+        self.background = np.asarray(background, np.float32)  # what transparent pixels show (the slide's glass)
         self.invert = photometric == 0  # MinIsWhite
         self.lut = None
         if samples not in (1, 2, 3, 4):
@@ -95,7 +97,7 @@ class _ToRGB8:
             np.clip(f, 0, 255, out=f)
             a = f.astype(np.uint8)
         n = a.shape[2]
-        if n in (2, 4):  # composite on white
+        if n in (2, 4):  # composite on the background colour (white unless the slide declares one)
             alpha = a[:, :, n - 1]
             color = a[:, :, : n - 1]
             if self.alpha != "none" and alpha.min() < 255:
@@ -103,7 +105,8 @@ class _ToRGB8:
                 cf = color.astype(np.float32)
                 if self.alpha == "unassoc":
                     cf *= af
-                cf += np.float32(255) * (1 - af) + np.float32(0.5)
+                bg = self.background[: n - 1] if n == 4 else self.background.mean(keepdims=True)
+                cf += bg * (1 - af) + np.float32(0.5)
                 color = np.clip(cf, 0, 255).astype(np.uint8)
             a = color
             n -= 1
@@ -199,13 +202,13 @@ def _shrink_to(arr: np.ndarray, max_side: int, Image=None) -> np.ndarray:
     return np.asarray(Image.fromarray(arr).resize(size, Image.BILINEAR, reducing_gap=2.0))
 
 
-def _reduce_level(lv: _Level, f: int, Image) -> np.ndarray:
+def _reduce_level(lv: _Level, f: int, Image, paint=None) -> np.ndarray:
     """Whole level area-averaged by an integer factor ``f``, streamed along tile rows.
 
     Reads bands of whole tile rows (about 32 MB) without filling the tile cache,
     carries the rows left over when a band is not a multiple of ``f`` into the
     next band, so the result equals ``Image.reduce(f)`` of the whole level while
-    only one band is in memory.
+    only one band is in memory. ``paint``, if given, is applied to each band in place first.
     """
     th = lv.tile[0]
     step = th * max(1, _THUMB_BAND_BYTES // (3 * lv.width * th))
@@ -214,6 +217,8 @@ def _reduce_level(lv: _Level, f: int, Image) -> np.ndarray:
     for y0 in range(0, lv.height, step):
         y1 = min(lv.height, y0 + step)
         a = lv.read(y0, y1, 0, lv.width, cache=False)
+        if paint is not None:
+            a = paint(np.array(a))  # a copy: a level may return a view of its cache or of the caller's array
         if carry is not None:
             a = np.concatenate([carry, a], axis=0)
         m = len(a) if y1 == lv.height else (len(a) // f) * f
@@ -242,10 +247,16 @@ class Slide:
         What the file is (``"TIFF"``, ``"JPEG"``, ``"aperio"``, ...).
     backend
         The backend that opened it (``"tiff"``, ``"pil"``, ``"openslide"``, ``"array"``).
+    background
+        ``(r, g, b)``: the colour of the slide's glass, shown where nothing was scanned: OpenSlide's
+        ``openslide.background-color`` when the file declares one, else white. Transparent pixels
+        are composited onto it; reads with ``fill="glass"`` paint black fill and the area outside
+        the image with it (:mod:`stmorph.im.slide._fill`).
     """
 
     def __init__(self, levels: list[_Level], *, path: str | None, dtype, fmt: str,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES, closer=None, backend: str | None = None):
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, closer=None, backend: str | None = None,
+                 background=GLASS):
         self._levels = levels
         self.path = path
         self.dtype = np.dtype(dtype)
@@ -255,6 +266,7 @@ class Slide:
         self._closed = False
         self._base_level = 0
         self.backend = backend
+        self.background = tuple(int(v) for v in background)
 
     def __reduce__(self):
         # picklable (e.g. for DataLoader worker processes): a file-backed slide reopens its file
@@ -326,21 +338,21 @@ class Slide:
         return self._levels[level]
 
     # reading ---------------------------------------------------------------
-    def read_region(self, x: int, y: int, w: int, h: int, *, level: int = 0, fill: int = 255) -> np.ndarray:
+    def read_region(self, x: int, y: int, w: int, h: int, *, level: int = 0, fill: int | str = 255) -> np.ndarray:
         """Read a rectangle as uint8 RGB ``(h, w, 3)``.
 
         ``x``, ``y`` (top-left corner) are level-0 (full-resolution) pixels, as
         spot coordinates are; ``w``, ``h`` are pixels of ``level`` (as in
-        OpenSlide). Any part outside the image is filled with ``fill``.
+        OpenSlide). Any part outside the image is filled with ``fill`` (0-255);
+        ``fill="glass"`` paints it, and the image's black fill, with :attr:`background`
+        (see :mod:`stmorph.im.slide._fill`).
         """
         lv = self._level(level)
         w, h = int(w), int(h)
         if w < 0 or h < 0:
             msg = f"region size must be non-negative, got w={w}, h={h}."
             raise InputError(msg, self.path)
-        if not 0 <= int(fill) <= 255:
-            msg = f"fill must be within 0..255, got {fill}."
-            raise InputError(msg, self.path)
+        fill = check_fill(fill, self.path)
         if level not in (0, -len(self._levels)):
             x = int(math.floor(x * lv.width / self.width + 0.5))
             y = int(math.floor(y * lv.height / self.height + 0.5))
@@ -348,24 +360,33 @@ class Slide:
             x, y = int(x), int(y)
         return self._read(lv, x, y, w, h, fill)
 
-    def _read(self, lv: _Level, x: int, y: int, w: int, h: int, fill: int, out: np.ndarray | None = None) -> np.ndarray:
-        """Region of level ``lv`` (its own pixels) into ``out`` (h, w, 3) or a new array."""
+    def _read(self, lv: _Level, x: int, y: int, w: int, h: int, fill: int | str,
+              out: np.ndarray | None = None) -> np.ndarray:
+        """Region of level ``lv`` (its own pixels) into ``out`` (h, w, 3) or a new array.
+
+        ``fill``: the value outside the image, or ``"glass"``: :attr:`background` there and on black fill.
+        """
         if out is None:
             out = np.empty((h, w, 3), np.uint8)
+        glass = fill == GLASS_FILL
         x0, y0 = max(x, 0), max(y, 0)
         x1, y1 = min(x + w, lv.width), min(y + h, lv.height)
         if not (x0 == x and y0 == y and x1 == x + w and y1 == y + h):
-            out[...] = fill
+            out[...] = self.background if glass else fill
         if x1 > x0 and y1 > y0:
-            out[y0 - y: y1 - y, x0 - x: x1 - x] = lv.read(y0, y1, x0, x1)
+            inner = out[y0 - y: y1 - y, x0 - x: x1 - x]
+            inner[...] = lv.read(y0, y1, x0, x1)
+            if glass:
+                paint_fill(inner, self.background)
         return out
 
-    def thumbnail(self, max_side: int = 2000) -> tuple[np.ndarray, float]:
+    def thumbnail(self, max_side: int = 2000, *, fill: str | None = None) -> tuple[np.ndarray, float]:
         """A downscaled RGB image whose longer side is at most ``max_side``.
 
         Built from the smallest pyramid level at least that large, streamed in
         bands (area-averaged), so a non-pyramidal 30k x 30k TIFF never sits in
-        memory whole.
+        memory whole. ``fill="glass"``: black fill painted with :attr:`background`
+        (before the area averaging where the thumbnail is streamed).
 
         Returns
         -------
@@ -375,6 +396,9 @@ class Slide:
         from PIL import Image
 
         max_side = int(max_side)
+        if fill not in (None, GLASS_FILL):
+            msg = f"thumbnail fill must be None or 'glass', got {fill!r}."
+            raise InputError(msg, self.path)
         if max_side < 1:
             msg = f"max_side must be >= 1, got {max_side}."
             raise InputError(msg, self.path)
@@ -384,9 +408,13 @@ class Slide:
             if max(lv.width, lv.height) >= max_side:
                 k = i
         lv = self._levels[k]
+        paint = (lambda a: paint_fill(a, self.background)) if fill == GLASS_FILL else None
         thumb = lv.thumbnail(max_side)
         if thumb is None:
-            thumb = _shrink_to(_reduce_level(lv, max(1, max(lv.width, lv.height) // max_side), Image), max_side, Image)
+            thumb = _shrink_to(_reduce_level(lv, max(1, max(lv.width, lv.height) // max_side), Image, paint),
+                               max_side, Image)
+        elif paint is not None:
+            thumb = paint(np.array(thumb))
         return thumb, thumb.shape[1] / self.width
 
     def cache_info(self) -> dict[str, int]:

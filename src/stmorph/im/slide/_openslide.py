@@ -7,7 +7,9 @@ Reads are lazy: OpenSlide decodes only the tiles a region touches, into its own
 cache bounded by ``cache_bytes``; every pyramid level OpenSlide reports is a
 level of the slide, so :meth:`Slide.best_level_for_downsample` and
 ``read_region(..., level=k)`` read the stored downsampled data. OpenSlide returns
-RGBA; transparent pixels (outside the scanned area) are composited on white.
+RGBA; transparent pixels (outside the scanned area) are composited on the slide's
+declared background colour, the property ``openslide.background-color`` (white when the file
+declares none), which becomes :attr:`Slide.background` (see :mod:`._fill`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 
 from ...errors import DependencyError, ImageError
 from ._base import Slide, _Level, _ToRGB8
+from ._fill import parse_color
 
 #: File suffixes (lower case) this backend claims by default.
 SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide")
@@ -58,7 +61,7 @@ class _OpenSlideLevel(_Level):
                          int(props[f"openslide.level[{k}].tile-width"]))
         except (KeyError, ValueError):
             self.tile = (256, 256)
-        self.convert = _ToRGB8(np.uint8, 4, alpha="unassoc")
+        self.convert = _ToRGB8(np.uint8, 4, alpha="unassoc", background=slide.background)
 
     def read(self, y0, y1, x0, x1, cache=True):
         from openslide import OpenSlideError
@@ -90,7 +93,7 @@ def open_openslide(path: str, cache_bytes: int) -> Slide:
             osr.set_cache(openslide.OpenSlideCache(int(cache_bytes)))
         vendor = osr.properties.get("openslide.vendor") or "OpenSlide"
         slide = Slide([], path=path, dtype=np.uint8, fmt=vendor, cache_bytes=cache_bytes, closer=osr.close,
-                      backend="openslide")
+                      backend="openslide", background=parse_color(osr.properties.get("openslide.background-color")))
         slide._levels = [_OpenSlideLevel(slide, osr, k) for k in range(osr.level_count)]
         if not slide._levels or slide.width < 1 or slide.height < 1:
             msg = "OpenSlide reports no image level in this file."

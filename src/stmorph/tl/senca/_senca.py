@@ -181,7 +181,7 @@ def senca(
 
         t1 = time.perf_counter()
         enc = im.encoders.get_encoder(encoder, weights=encoder_weights).to(dev)
-        patches = im.crop_patches(adata, patch=side, image=image, out_size=enc.input_size)
+        patches = im.crop_patches(adata, patch=side, image=image, out_size=enc.input_size, fill="glass")
         feats = enc.preprocess(patches).float()  # (N, 3, S, S)
         cnn, image_source = enc.model, f"{enc.name} fine-tuned end to end on {side}px patches"
         t_img = time.perf_counter() - t1
