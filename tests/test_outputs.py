@@ -58,3 +58,30 @@ def test_h5ad_safe_and_write_h5ad_drop_fullres(tmp_path):
     assert "fullres" in a.uns["spatial"]["lib"]["images"]  # the caller's object is untouched
     write_domains_csv(a, ["stmic"], tmp_path / "d.csv")
     assert (tmp_path / "d.csv").read_text().splitlines() == ["barcode,stmic", "0,0", "1,1", "2,0"]
+
+
+def test_swap_into_place_keeps_the_old_folder_when_the_rename_fails(tmp_path, monkeypatch):
+    import os
+
+    from stmorph import _outputs
+
+    out, new = tmp_path / "out", tmp_path / ".out.tmp"
+    out.mkdir()
+    (out / "a.txt").write_text("old")
+    new.mkdir()
+    (new / "b.txt").write_text("new")
+    real = os.replace
+
+    def failing(src, dst):
+        if str(src) == str(new):
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(_outputs.os, "replace", failing)
+    with pytest.raises(OSError, match="No space"):
+        _outputs.swap_into_place(new, out)
+    assert (out / "a.txt").read_text() == "old"  # moved aside and put back
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.tmp", "out"]
+    monkeypatch.setattr(_outputs.os, "replace", real)
+    _outputs.swap_into_place(new, out)
+    assert sorted(p.name for p in out.iterdir()) == ["b.txt"] and sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -334,6 +334,35 @@ def atomic_dir(path: str | os.PathLike, *, force: bool = False,
         shutil.rmtree(old, ignore_errors=True)
 
 
+def swap_into_place(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Put the finished folder ``tmp`` at ``out`` (same file system), replacing an existing ``out`` that the
+    caller has checked may be replaced.
+
+    The old ``out`` is first moved aside to ``.<name>.old-<owner>*/previous`` beside it, then ``tmp`` is
+    renamed to ``out`` and only then the old one removed: at every moment the previous folder or the new
+    one is complete on disk (a killed process leaves the old one where :func:`clean_stale` finds it). When
+    the rename fails the old folder is put back and the error raised.
+    """
+    tmp, out = Path(tmp), Path(out)
+    if not (out.exists() or out.is_symlink()):
+        os.replace(tmp, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{_owner_tag()}", dir=out.parent))
+    try:
+        os.replace(out, old / "previous")
+    except BaseException:
+        shutil.rmtree(old, ignore_errors=True)
+        raise
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if not (out.exists() or out.is_symlink()):
+            os.replace(old / "previous", out)
+            shutil.rmtree(old, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def atomic_write(path: str | os.PathLike, write) -> Path:
     """Call ``write(tmp_path)`` then rename the temporary file to ``path`` (same folder)."""
     path = Path(path)
@@ -449,17 +478,23 @@ def write_run_outputs(
     *,
     figures: Mapping[str, Any] | None = None,
     pages: Mapping[str, str] | None = None,
+    writers: Mapping[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Write a run's outputs into the (temporary) folder ``out``.
 
-    ``result.h5ad``, ``domains.csv`` (barcode + one column per method), each of ``figures``
-    (``{file name: matplotlib figure}``, drawn by the caller with :mod:`stmorph.pl`, e.g.
-    ``spatial_domains.png``), each of ``pages`` (``{file name: text}``, e.g. ``report.html``) and
-    ``run.json`` (``run_info`` plus package versions and the list of files).
+    ``result.h5ad``, ``domains.csv`` (barcode + one column per method), each of ``writers``
+    (``{name: function(path)}`` writing that file or folder, e.g. ``result.zarr`` by
+    :func:`stmorph.write_spatialdata`), each of ``figures`` (``{file name: matplotlib figure}``, drawn by
+    the caller with :mod:`stmorph.pl`, e.g. ``spatial_domains.png``), each of ``pages``
+    (``{file name: text}``, e.g. ``report.html``) and ``run.json`` (``run_info`` plus package versions
+    and the list of files).
     """
     out = Path(out)
     files = {"result": write_h5ad(adata, out / "result.h5ad"),
              "domains": write_domains_csv(adata, methods, out / "domains.csv")}
+    for name, write in (writers or {}).items():
+        write(out / name)
+        files[name] = out / name
     for name, fig in (figures or {}).items():
         files[Path(name).stem] = write_figure(fig, out / name)
     for name, text in (pages or {}).items():

@@ -489,9 +489,10 @@ def write_visium_hd(
 
     from PIL import Image
 
+    from .._outputs import swap_into_place
     from .._spatial import coordinates
     from ..read._visium_hd import BIN_FOLDER, _bin_size, _grid_affine, rebin
-    from ._write import _library, _write_h5, _write_tiff, swap_into_place
+    from ._write import _library, _write_h5, _write_tiff
 
     if compression not in ("zlib", "jpeg", "none", "deflate"):
         msg = f"compression={compression!r} is not allowed; use 'zlib', 'jpeg' or 'none'."

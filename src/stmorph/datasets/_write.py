@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._outputs import swap_into_place
 from ..errors import DependencyError, InputError, OutputExistsError
 
 __all__ = ["write_visium"]
@@ -122,18 +123,6 @@ def _write_tiff(path: Path, img: np.ndarray, compression: str, levels: int = 3, 
         tif.write(pyramid[0], subifds=len(pyramid) - 1, resolutionunit=None, **kw)
         for level in pyramid[1:]:
             tif.write(level, subfiletype=1, **kw)
-
-
-def swap_into_place(tmp: Path, out: Path) -> None:
-    """Put the finished folder ``tmp`` at ``out``, replacing an existing ``out`` (already checked replaceable)."""
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-        os.rmdir(old)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 def write_visium(
