@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 
 sd = pytest.importorskip("spatialdata")
@@ -129,6 +132,75 @@ def test_stmorph_run_reads_a_store(section, tmp_path):
     from stmorph.cli import main
 
     out = tmp_path / "run"
-    assert main(["run", str(section["store"]), "--out", str(out), "--method", "expression", "--n-clusters", "3",
+    store = section["store"]
+    before = {p.relative_to(store): p.stat().st_mtime_ns for p in store.rglob("*")}
+    assert main(["run", str(store), "--out", str(out), "--method", "expression", "--n-clusters", "3",
                  "--no-plot", "--quiet"]) == 0
     assert (out / "result.h5ad").exists() and (out / "domains.csv").exists()
+    assert {p.relative_to(store): p.stat().st_mtime_ns for p in store.rglob("*")} == before  # input untouched
+    # the results as a SpatialData store: the input's spot shapes and small images, a table annotating them
+    back = sd.read_zarr(out / "result.zarr")
+    assert set(back.tables) == {"stmorph"} and set(back.shapes) == {"sec"}
+    assert {"sec_hires_image", "sec_lowres_image"} <= set(back.images)
+    t = back.tables["stmorph"]
+    assert t.uns["spatialdata_attrs"]["region"] == "sec" and t.uns["spatialdata_attrs"]["instance_key"] == "spot_id"
+    domains = pd.read_csv(out / "domains.csv", index_col=0, dtype=str)
+    assert list(t.obs["expression"].astype(str)) == list(domains.loc[t.obs_names, "expression"])
+    assert t.obs["spot_id"].isin(back.shapes["sec"].index).all()
+    assert len(t.uns["expression_colors"]) == t.obs["expression"].cat.categories.size
+    run = json.loads((out / "run.json").read_text())
+    assert "result.zarr" in run["outputs"]
+    # stmorph reads it back onto the same pixels
+    again, res = st.read.spatialdata(out / "result.zarr"), st.read.h5ad(out / "result.h5ad")
+    np.testing.assert_allclose(again.obsm["spatial"], res[again.obs_names].obsm["spatial"], rtol=1e-6)
+
+
+def test_new_store_without_a_small_image_places_the_hires_one(section, tmp_path, monkeypatch):
+    """No image of the input fits the size limit: the section's hires image goes in, placed through the
+    transformations of the image stmorph read, so spots land where they were."""
+    from stmorph import _write_spatialdata
+
+    monkeypatch.setattr(_write_spatialdata, "RESULT_IMAGE_MAX_BYTES", 0)
+    a = st.read.spatialdata(section["store"])
+    a.obs["expression"] = pd.Categorical((np.arange(a.n_obs) % 2).astype(str))
+    st.write_spatialdata(a, tmp_path / "r.zarr", keys=["expression"])
+    back = sd.read_zarr(tmp_path / "r.zarr")
+    assert list(back.images) == ["sec_stmorph_hires_image"] and set(back.shapes) == {"sec"}
+    b = st.read.spatialdata(tmp_path / "r.zarr")
+    f = a.uns["spatial"]["sec"]["scalefactors"]["tissue_hires_scalef"]
+    np.testing.assert_allclose(b.obsm["spatial"], a[b.obs_names].obsm["spatial"] * f, rtol=1e-5)
+
+
+def test_force_replace_keeps_the_old_table_when_writing_fails(section, tmp_path, monkeypatch):
+    store = tmp_path / "copy.zarr"
+    shutil.copytree(section["store"], store)
+    a = st.read.spatialdata(store)
+    a.obs["stmorph"] = pd.Categorical((np.arange(a.n_obs) % 3).astype(str))
+    st.write_spatialdata(a, store, keys=["stmorph"])
+    first = sd.read_zarr(store).tables["stmorph"].obs["stmorph"].astype(str).tolist()
+    a.obs["stmorph"] = pd.Categorical((np.arange(a.n_obs) % 5).astype(str))
+    real = sd.SpatialData.write_element
+
+    def crash(self, *args, **kwargs):  # the table is written, then the process fails (disk full, killed ...)
+        real(self, *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sd.SpatialData, "write_element", crash)
+    with pytest.raises(OSError, match="No space"):
+        st.write_spatialdata(a, store, keys=["stmorph"], force=True)
+    assert sd.read_zarr(store).tables["stmorph"].obs["stmorph"].astype(str).tolist() == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.zarr"]  # no staging folder left
+    assert sorted(p.name for p in (store / "tables").iterdir()) == ["stmorph", "table", "zarr.json"]
+    monkeypatch.setattr(sd.SpatialData, "write_element", real)
+    st.write_spatialdata(a, store, keys=["stmorph"], force=True)
+    back = sd.read_zarr(store)
+    assert back.tables["stmorph"].obs["stmorph"].astype(str).tolist() == list(a.obs["stmorph"].astype(str))
+    assert set(back.tables) == {"table", "stmorph"} and set(back.images) == set(section["sdata"].images)
+    # a folder that cannot take the staging folder: it is made inside the store, and gone afterwards
+    entries = sorted(p.name for p in store.iterdir())
+    monkeypatch.setattr(os, "access", lambda *a, **k: False)
+    a.obs["stmorph"] = pd.Categorical((np.arange(a.n_obs) % 4).astype(str))
+    st.write_spatialdata(a, store, keys=["stmorph"], force=True)
+    monkeypatch.undo()
+    assert sorted(p.name for p in store.iterdir()) == entries and sorted(p.name for p in tmp_path.iterdir()) == ["copy.zarr"]
+    assert sd.read_zarr(store).tables["stmorph"].obs["stmorph"].astype(str).tolist() == list(a.obs["stmorph"].astype(str))

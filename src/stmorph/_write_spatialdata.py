@@ -6,10 +6,14 @@ holding it, ``instance_key`` = the ``obs`` column holding each row's shape index
 :func:`write_spatialdata` adds *a new table* (default ``"stmorph"``) with one categorical column per
 method (and its colours in ``uns["<method>_colors"]``), the embeddings in ``obsm`` and the region and
 instance columns, annotating the same shapes as the counts table: the domains then show over the H&E
-of the store. Nothing the store had is touched: only the new table's folder is written; an existing
-table of that name is replaced only with ``force=True`` and only when stmorph wrote it. A path that
-does not exist becomes a new store (the spots as circles, the ``hires`` image, counts and results),
-written under a temporary name and renamed into place.
+of the store. Nothing the store had is touched: only the new table's folder is written, built in a
+temporary folder beside the store and renamed into place; an existing table of that name is replaced
+only with ``force=True`` and only when stmorph wrote it, and is moved aside only once the new one is
+complete. A path that does not exist becomes a new store, written under a temporary name and renamed
+into place: for a section read from a store, that store's spot shapes and its images up to
+:data:`RESULT_IMAGE_MAX_BYTES` (so the same shapes and H&E as the input); otherwise spot circles and the
+``hires`` image. Its one table holds the counts and the results (``stmorph run STORE.zarr`` writes
+``result.zarr`` this way).
 """
 
 from __future__ import annotations
@@ -25,13 +29,16 @@ import numpy as np
 import pandas as pd
 
 from . import _spatial
-from .errors import InputError, OutputExistsError
+from .errors import InputError, OutputError, OutputExistsError
 
 __all__ = ["write_spatialdata"]
 
 #: Embeddings written by default when present.
 EMBEDDINGS = ("X_stmorph", "X_stmorph_expr", "X_stmorph_image", "X_stmic", "X_expr_pca", "X_image_pca", "X_senca",
               "X_joint")
+#: Largest image (bytes at full resolution) copied from the input store into a new result store: the
+#: hires and lowres images of Visium and Visium HD stores; the full-resolution H&E stays in the input.
+RESULT_IMAGE_MAX_BYTES = 256 * 2**20
 _INSTANCE = "instance_id"
 _REGION = "region"
 
@@ -113,8 +120,72 @@ def _results_table(adata, keys: Sequence[str], obsm_keys: Sequence[str], region:
     return TableModel.parse(table, region=region, region_key=_REGION, instance_key=instance_key)
 
 
+def _write_new(sdata, path: Path) -> None:
+    """Write ``sdata`` as the new store ``path``: under a temporary name beside it, then renamed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sdata.write(tmp / "store.zarr")
+        if path.exists():
+            raise OutputExistsError(f"{path} appeared while writing; nothing was replaced.")
+        os.replace(tmp / "store.zarr", path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _source(adata):
+    """``(sdata, store, region)`` of the store ``adata`` was read from, or None when it is gone or changed."""
+    from .read._spatialdata import open_sdata
+
+    origin = _origin(adata)
+    store, region = origin.get("store"), origin.get("region")
+    if not store or store == "None" or not region or not Path(store).is_dir():
+        return None
+    try:
+        sdata, store = open_sdata(store)
+    except InputError:
+        return None
+    return (sdata, store, region) if region in sdata.shapes else None
+
+
+def _result_images(adata, sdata, region: str) -> dict:
+    """The images of ``sdata`` placed with the shapes ``region``, each up to RESULT_IMAGE_MAX_BYTES; when
+    none is that small, the section's ``hires`` image placed through the transformations of the image
+    stmorph read."""
+    from spatialdata.models import Image2DModel
+    from spatialdata.transformations import Scale, Sequence, get_transformation
+
+    from .read._spatialdata import _image_size
+
+    shapes_cs = set(get_transformation(sdata.shapes[region], get_all=True))
+    linked = {n: im for n, im in sdata.images.items() if shapes_cs & set(get_transformation(im, get_all=True))}
+    images = {n: im for n, im in linked.items() if _image_size(im)[2] <= RESULT_IMAGE_MAX_BYTES}
+    lib = _spatial.library(adata)
+    source = _origin(adata).get("image")
+    hires = (lib.get("images") or {}).get("hires")
+    scalef = (lib.get("scalefactors") or {}).get("tissue_hires_scalef")
+    if images or source not in linked or hires is None or not scalef:
+        return images
+    to_full = Scale([1.0 / scalef, 1.0 / scalef], axes=("y", "x"))
+    ts = {cs: Sequence([to_full, t]) for cs, t in get_transformation(linked[source], get_all=True).items()}
+    name = f"{region}_stmorph_hires_image"
+    return {name: Image2DModel.parse(_rgb_chw(hires), dims=("c", "y", "x"), c_coords=["r", "g", "b"],
+                                     transformations=ts)}
+
+
+def _rgb_chw(img) -> np.ndarray:
+    arr = np.asarray(img)
+    arr = np.repeat(arr[:, :, None], 3, axis=2) if arr.ndim == 2 else arr[:, :, :3]
+    if arr.dtype != np.uint8:
+        arr = np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+    return np.transpose(arr, (2, 0, 1))
+
+
 def _new_store(adata, path: Path, keys, obsm_keys, table_name: str, region: str | None):
-    """A new SpatialData store for ``adata``: spot circles, the hires image, counts + results in one table."""
+    """A new SpatialData store for ``adata``: the shapes and small images of the store it was read from (else
+    spot circles and the hires image), counts + results in one table."""
     import geopandas as gpd
     from shapely.geometry import Point
     from spatialdata import SpatialData
@@ -124,6 +195,15 @@ def _new_store(adata, path: Path, keys, obsm_keys, table_name: str, region: str 
     from ._outputs import _check_creatable
 
     _check_creatable(path)
+    source = _source(adata)
+    if source is not None and region in (None, source[2]):
+        src, store, region = source
+        ids, instance_key = _instances(adata, src, region, store)
+        table = _results_table(adata, keys, obsm_keys, region, instance_key, ids, with_counts=True)
+        sdata = SpatialData(images=_result_images(adata, src, region), shapes={region: src.shapes[region]},
+                            tables={table_name: table})
+        _write_new(sdata, path)
+        return sdata
     lib_id = _spatial.library_id(adata)
     lib = _spatial.library(adata)
     region = region or str(lib_id)
@@ -137,27 +217,52 @@ def _new_store(adata, path: Path, keys, obsm_keys, table_name: str, region: str 
     hires = (lib.get("images") or {}).get("hires")
     scalef = (lib.get("scalefactors") or {}).get("tissue_hires_scalef")
     if hires is not None and scalef:
-        arr = np.asarray(hires)
-        arr = np.repeat(arr[:, :, None], 3, axis=2) if arr.ndim == 2 else arr[:, :, :3]
-        if arr.dtype != np.uint8:
-            arr = np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
         images[f"{region}_hires_image"] = Image2DModel.parse(
-            np.transpose(arr, (2, 0, 1)), dims=("c", "y", "x"), c_coords=["r", "g", "b"],
+            _rgb_chw(hires), dims=("c", "y", "x"), c_coords=["r", "g", "b"],
             transformations={"global": Scale([1.0 / scalef, 1.0 / scalef], axes=("y", "x"))})
     table = _results_table(adata, keys, obsm_keys, region, _INSTANCE, ids, with_counts=True)
     sdata = SpatialData(images=images, shapes=shapes, tables={table_name: table})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            sdata.write(tmp / "store.zarr")
-        if path.exists():
-            raise OutputExistsError(f"{path} appeared while writing; nothing was replaced.")
-        os.replace(tmp / "store.zarr", path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    _write_new(sdata, path)
     return sdata
+
+
+def _zarr_format(store: Path) -> int:
+    return 2 if (store / ".zgroup").is_file() and not (store / "zarr.json").is_file() else 3
+
+
+def _write_table(sdata, store: Path, table_name: str) -> None:
+    """Write ``sdata.tables[table_name]`` into ``store`` so that a failure never loses the table it replaces.
+
+    The table is written as the only element of a store in a temporary folder beside ``store`` (same zarr
+    format), then its folder is swapped into ``store/tables/`` (:func:`stmorph._outputs.swap_into_place`:
+    the old table moved aside, the new one renamed in, the old one removed). When the folder holding
+    ``store`` cannot take it (not writable, or another file system) it is a hidden folder in ``store``.
+    """
+    import zarr
+    from spatialdata import SpatialData
+
+    from ._outputs import _owner_tag, clean_stale, swap_into_place
+
+    beside = store.parent
+    try:
+        if not os.access(beside, os.W_OK | os.X_OK) or os.stat(beside).st_dev != os.stat(store).st_dev:
+            beside = store
+        clean_stale(beside / store.name)  # staging folders of killed runs
+        stage = Path(tempfile.mkdtemp(prefix=f".{store.name}.tmp-{_owner_tag()}", dir=beside))
+    except OSError as exc:
+        raise OutputError(f"cannot write into {store}: {exc.strerror or exc}.") from None
+    try:
+        staged = stage / "table.zarr"
+        zarr.open_group(staged, mode="w", zarr_format=_zarr_format(store))
+        one = SpatialData(tables={table_name: sdata.tables[table_name]})
+        one.path = staged
+        one.write_element(table_name)
+        zarr.open_group(store, mode="r+", use_consolidated=False).require_group("tables")
+        swap_into_place(staged / "tables" / table_name, store / "tables" / table_name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    if sdata.has_consolidated_metadata():
+        sdata.write_consolidated_metadata()
 
 
 def write_spatialdata(adata, sdata_or_path, *, keys: Sequence[str] | None = None,
@@ -173,7 +278,8 @@ def write_spatialdata(adata, sdata_or_path, *, keys: Sequence[str] | None = None
     sdata_or_path
         A ``SpatialData`` object (the table is added to it, and written into its store when it has one), the
         path of an existing ``.zarr`` store (only the new table is written into it), or a path that does
-        not exist (a new store: spot circles, the ``hires`` image, counts and results).
+        not exist (a new store: the shapes and the images up to :data:`RESULT_IMAGE_MAX_BYTES` of the store
+        ``adata`` was read from, else spot circles and the ``hires`` image; one table with counts and results).
     keys
         ``obs`` columns to write (default: every method's domains present).
     obsm_keys
@@ -184,7 +290,8 @@ def write_spatialdata(adata, sdata_or_path, *, keys: Sequence[str] | None = None
         The shapes element the table annotates; default: the one the AnnData was read from (new store:
         the library id).
     force
-        Replace a table of that name that stmorph wrote earlier (never one it did not write).
+        Replace a table of that name that stmorph wrote earlier (never one it did not write). The new table
+        is complete on disk before the old one is moved aside, so a failed write leaves the old one.
 
     Returns
     -------
@@ -241,18 +348,17 @@ def write_spatialdata(adata, sdata_or_path, *, keys: Sequence[str] | None = None
             raise InputError(f"a domain column cannot be named {k!r} (the table's region column).")
     ids, instance_key = _instances(adata, sdata, region, where)
     table = _results_table(adata, keys, obsm_keys, region, instance_key, ids, with_counts=False)
-    replacing = table_name in sdata.tables
+    previous = sdata.tables.get(table_name)
     sdata.tables[table_name] = table
     if store is not None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                if replacing:  # stmorph's own earlier table (checked above)
-                    sdata.delete_element_from_disk(table_name)
-                sdata.write_element(table_name)
-            except Exception:
-                shutil.rmtree(store / "tables" / table_name, ignore_errors=True)  # no half-written table
-                raise
-            if sdata.has_consolidated_metadata():
-                sdata.write_consolidated_metadata()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                _write_table(sdata, store, table_name)  # an earlier table of stmorph's (checked above) is kept
+        except BaseException:                           # until the new one is complete
+            if previous is None:
+                del sdata.tables[table_name]
+            else:
+                sdata.tables[table_name] = previous
+            raise
     return sdata

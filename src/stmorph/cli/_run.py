@@ -3,7 +3,9 @@
 INPUT is a Space Ranger ``outs/`` folder, an ``.h5ad`` file, a SpatialData
 ``.zarr`` store (``--image`` then names its image element), or the counts
 table of a legacy Spatial Transcriptomics section (with ``--spots`` and
-optionally ``--labels``).
+optionally ``--labels``). From a SpatialData store the results also go to
+DIR/result.zarr: a new store with the input's spot shapes and small images
+and a table of counts and domains; the input store is never written.
 """
 
 from __future__ import annotations
@@ -192,6 +194,18 @@ def _rebase(obj, old: str, new: str):
     return obj
 
 
+def _from_store(adata) -> bool:
+    """Whether ``adata`` was read from a SpatialData store that is still there (``stmorph run STORE.zarr``)."""
+    from .._spatial import library
+
+    try:
+        origin = library(adata).get("metadata", {}).get("spatialdata") or {}
+    except (InputError, KeyError):  # no or several libraries: not a section read from a store
+        return False
+    store = origin.get("store")
+    return isinstance(store, str) and store not in ("", "None") and Path(store).is_dir()
+
+
 def execute(adata, methods, out_tmp: Path, options: dict, run_info: dict, *, plot: bool, quiet: bool,
             rebase: tuple[str, str] | None = None, report: bool = False, gene_sets=None) -> dict:
     """Run the methods on ``adata`` and write every output into ``out_tmp``; returns run.json's content.
@@ -247,8 +261,13 @@ def execute(adata, methods, out_tmp: Path, options: dict, run_info: dict, *, plo
         for key in list(adata.uns.keys()):
             adata.uns[key] = _rebase(adata.uns[key], *rebase)
         run_info = _rebase(run_info, *rebase)
+    writers = {}
+    if _from_store(adata):  # a SpatialData store in, one out: the results over the same shapes and H&E
+        from .._write_spatialdata import write_spatialdata
+
+        writers["result.zarr"] = lambda p: write_spatialdata(adata, p, keys=methods)
     t2 = time.perf_counter()
-    write_run_outputs(adata, out_tmp, methods, run_info, figures=figures, pages=pages)
+    write_run_outputs(adata, out_tmp, methods, run_info, figures=figures, pages=pages, writers=writers)
     run_info["timings_s"]["write_outputs"] = time.perf_counter() - t2
     return run_info
 
