@@ -390,9 +390,9 @@ def features(
         glass colour (:attr:`~stmorph.im.Slide.background`: OpenSlide's ``background-color``, else
         white): pure-black fill (all three channels <= 16, e.g. a background masked black) and the
         area outside the image are painted with it, and transparent pixels are composited on it
-        (see :mod:`stmorph.im.slide._fill`; on HER2ST A1, whose background is painted black, it
-        raised the image-only ARI, BENCHMARKS.md section 1c). None: pixels as read (black stays black,
-        white outside the image). Part of the cache key and of the recorded parameters.
+        (see :mod:`stmorph.im.slide._fill`; measured on HER2ST A1, whose background is painted black,
+        in BENCHMARKS.md section 1, "Slide fill read as glass"). None: pixels as read (black stays
+        black, white outside the image). Part of the cache key and of the recorded parameters.
     copy
         Return a modified copy instead of writing into ``adata``.
 

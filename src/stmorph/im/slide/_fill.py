@@ -20,7 +20,7 @@ dense path's tissue mask all call it (through ``Slide._read`` and ``Slide.thumbn
 Why a per-pixel rule, and why 16: stained tissue is never black in all three channels (the
 darkest haematoxylin nuclei keep a blue channel of 40-60), so the rule needs no look at
 neighbours, which keeps the patch and dense paths identical whatever the read window. Measured
-(``im/slide/_fill.py`` rule on the data in ``../shared/data``): on HER2ST A1 (2000 px PNG) a
+(``benchmarks/bench_glass_fill.py --pixels`` on ``../shared/data``): on HER2ST A1 (2000 px PNG) a
 threshold of 16 paints 67 of its 1.72 million pixels lying more than 3 px from the black fill
 (0.004%; 795 including the anti-aliased rim of the fill); on the full-resolution JPEGs C2 and B4
 (92 million pixels each, real glass, no black fill) 116 and 142 pixels (1.3e-6, 1.5e-6); after
