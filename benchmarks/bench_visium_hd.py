@@ -61,13 +61,13 @@ def generate(workdir: Path, size_um: float, mpp: float, seed: int) -> tuple[Path
     return outs, image
 
 
-def ari_of(out: Path, labels: Path) -> tuple[float, int]:
+def ari_of(out: Path, labels: Path, method: str = "stmorph") -> tuple[float, int]:
     from sklearn.metrics import adjusted_rand_score
 
     dom = pd.read_csv(out / "domains.csv", index_col=0)
     lab = pd.read_csv(labels, sep="\t", header=None, index_col=0).iloc[:, 0]
     both = dom.index.intersection(lab.index)
-    return float(adjusted_rand_score(lab.loc[both].astype(str), dom.loc[both, "stmorph"].astype(str))), len(dom)
+    return float(adjusted_rand_score(lab.loc[both].astype(str), dom.loc[both, method].astype(str))), len(dom)
 
 
 def main(argv=None) -> int:
@@ -83,6 +83,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n-clusters", type=int, default=None,
                     help="passed to stmorph run (default: chosen from the data, as a user runs it)")
+    ap.add_argument("--method", default="stmorph",
+                    help="stmorph run --method (stmorph, stmic, senca, ...); image-only methods skip the "
+                         "expression-only runs")
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the runs (default: unset)")
     args = ap.parse_args(argv)
 
@@ -100,12 +103,17 @@ def main(argv=None) -> int:
         env["OMP_NUM_THREADS"] = str(args.threads)
 
     rows = []
-    plan = [(b, True) for b in args.bin_sizes] + [(b, False) for b in args.bin_sizes if b in args.expression_only]
+    from stmorph.tl._methods import get_method
+
+    needs_image = get_method(args.method).image == "required"
+    plan = [(b, True) for b in args.bin_sizes]
+    plan += [] if needs_image else [(b, False) for b in args.bin_sizes if b in args.expression_only]
     for bin_size, with_image in plan:
         labels = outs / "binned_outputs" / f"square_{bin_size:03d}um" / "labels.tsv"
-        tag = "" if args.n_clusters is None else f"_k{args.n_clusters}"
+        tag = ("" if args.n_clusters is None else f"_k{args.n_clusters}") + (
+            "" if args.method == "stmorph" else f"_{args.method}")
         out = args.workdir / f"run_{bin_size:03d}um_{'image' if with_image else 'expression'}{tag}"
-        cmd = [sys.executable, "-m", "stmorph", "run", str(outs), "--bin-size", str(bin_size), "--method", "stmorph",
+        cmd = [sys.executable, "-m", "stmorph", "run", str(outs), "--bin-size", str(bin_size), "--method", args.method,
                "--out", str(out), "--labels", str(labels), "--seed", str(args.seed), "--quiet", "--force"]
         if with_image:
             cmd += ["--image", str(image)]
@@ -123,7 +131,7 @@ def main(argv=None) -> int:
             continue
         info = json.loads((out / "run.json").read_text())
         stages = {k: round(float(v), 1) for k, v in info.get("timings_s", {}).items() if isinstance(v, (int, float))}
-        ari, n = ari_of(out, labels)
+        ari, n = ari_of(out, labels, args.method)
         print(f"  {n:,} bins, wall {wall:.0f} s, peak RSS {rss:.2f} GB, ARI {ari:.3f}; stages (s): {stages}", flush=True)
         rows.append({"bins_um": bin_size, "image": with_image, "bins": n, "wall_s": round(wall, 1),
                      "peak_rss_gb": round(rss, 2), "ari": round(ari, 3)})

@@ -99,3 +99,39 @@ def test_mixture_on_a_subset_for_large_sections_labels_every_spot():
     assert np.array_equal(same, full)
     k, _ = choose_n_clusters(X, (2, 8), random_state=0)
     assert k == 4
+
+
+def test_resolution_search_brackets_then_interpolates():
+    from stmorph.tl._cluster import search_resolution
+
+    calls = []
+
+    def run(res):  # a noiseless power law, as modularity counts roughly follow
+        calls.append(res)
+        return np.arange(max(1, round(3 * res**0.8)))
+
+    for target in (2, 7, 25, 60):
+        calls.clear()
+        labels, res, matched, n_runs = search_resolution(run, target, 1.7)
+        assert matched and labels.max() + 1 == target and n_runs == len(calls) <= 6
+    # unreachable counts end with the closest one, not an endless loop
+    labels, res, matched, n_runs = search_resolution(lambda r: np.arange(3 if r < 1 else 5), 4, 1.7)
+    assert not matched and labels.max() + 1 in (3, 5) and n_runs < 40
+
+
+def test_large_graph_search_returns_louvain_labels(monkeypatch):
+    """Above FAST_SEARCH_MIN the resolution is located with igraph's Leiden, but the labels are Louvain's."""
+    import igraph
+    import scipy.sparse as sp
+
+    from stmorph.tl import _cluster
+
+    X, _ = _blobs(n_per=60, k=6, sep=3.0)
+    A = knn_graph(X, 15)
+    monkeypatch.setattr(_cluster, "FAST_SEARCH_MIN", 0)
+    labels, res, matched = _cluster.cluster_graph(A, n_clusters=9, random_state=2)  # blobs split
+    assert matched and labels.max() + 1 == 9
+    upper = sp.triu(A, k=1).tocoo()
+    g = igraph.Graph(n=A.shape[0], edges=np.column_stack([upper.row, upper.col]).tolist())
+    direct = _cluster._relabel(_cluster._partition(g, upper.data.tolist(), "louvain", res, 2))
+    np.testing.assert_array_equal(labels, direct)

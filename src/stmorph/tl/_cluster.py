@@ -5,7 +5,7 @@ Euclidean) whose edges are weighted by the Jaccard index of the two spots'
 neighbour sets, then Louvain modularity optimisation at resolution 1.5-1.9.
 :func:`cluster` reproduces that graph (``weights="jaccard"``) and runs igraph's
 multilevel Louvain or leidenalg's Leiden on it. With ``n_clusters`` it searches
-the resolution by bisection until the number of clusters matches.
+the resolution (a safeguarded secant search) until the number of clusters matches.
 
 ``method="gmm"`` fits a Gaussian mixture with one covariance shared by all
 components (``covariance_type="tied"``: the role mclust's EEE model plays for
@@ -160,10 +160,19 @@ def _igraph_rng(seed: int):
         igraph.set_random_number_generator(random)
 
 
-def _partition(graph, weights, method: str, resolution: float, seed: int) -> np.ndarray:
-    if method == "louvain":
+def _partition(graph, weights, method: str, resolution: float, seed: int, *, fast: bool = False) -> np.ndarray:
+    """Membership of ``graph``'s vertices at ``resolution``.
+
+    ``fast`` uses igraph's own Leiden on the modularity objective (same resolution meaning as
+    multilevel Louvain, several times faster): only to locate a resolution, never for the result.
+    """
+    if method == "louvain" or fast:
         with _igraph_rng(seed):
-            part = graph.community_multilevel(weights=weights, resolution=resolution)
+            if fast:
+                part = graph.community_leiden(objective_function="modularity", weights=weights,
+                                              resolution=resolution, n_iterations=2)
+            else:
+                part = graph.community_multilevel(weights=weights, resolution=resolution)
     else:
         import leidenalg
 
@@ -183,6 +192,49 @@ def _relabel(membership: np.ndarray) -> np.ndarray:
     return new[np.searchsorted(ids, membership)]
 
 
+#: Modularity clusterings grow roughly as ``k ~ resolution ** 0.75`` (kNN graphs of spots: 0.73-0.81 measured
+#: on Visium HD bins); the search's first step extrapolates with it before any bracket exists.
+_K_EXPONENT = 0.75
+#: Above this many spots, a Louvain resolution search first locates the resolution with igraph's Leiden.
+FAST_SEARCH_MIN = 50_000
+
+
+def search_resolution(run, n_clusters: int, resolution: float, *, max_iter: int = 40,
+                      bounds: tuple[float, float] = (1e-3, 1e2)):
+    """Resolution at which ``run(res)`` (labels 0..K-1) gives ``n_clusters`` clusters.
+
+    A safeguarded secant search on log(resolution) vs log(K): extrapolate with ``K ~ res ** 0.75`` until the
+    target is bracketed, then interpolate between the bracket's ends, never closer than a tenth of the
+    bracket to either end, so every step shrinks it. Returns ``(labels, resolution, matched, n_runs)``;
+    without an exact match, the run whose count came closest (``matched`` False).
+    """
+    lo, hi = (float(bounds[0]), None), (float(bounds[1]), None)  # (res, k) with k < target / k > target
+    res = min(max(float(resolution) if resolution > 0 else 1.0, lo[0]), hi[0])
+    best = None  # (|diff|, res, labels)
+    for n_runs in range(1, max_iter + 1):
+        labels = run(res)
+        k = int(labels.max()) + 1
+        if best is None or abs(k - n_clusters) < best[0]:
+            best = (abs(k - n_clusters), res, labels)
+        if k == n_clusters:
+            return labels, res, True, n_runs
+        if k < n_clusters:
+            lo = (res, k)
+        else:
+            hi = (res, k)
+        a, b = np.log(lo[0]), np.log(hi[0])
+        if b - a < 1e-4:
+            break
+        if lo[1] is not None and hi[1] is not None and hi[1] > lo[1]:
+            f = (np.log(n_clusters) - np.log(lo[1])) / (np.log(hi[1]) - np.log(lo[1]))
+            x = a + float(np.clip(f, 0.1, 0.9)) * (b - a)
+        else:  # one side known: extrapolate from this run, at most 10x, inside the bracket
+            step = np.clip((np.log(n_clusters) - np.log(k)) / _K_EXPONENT, -np.log(10), np.log(10))
+            x = float(np.clip(np.log(res) + step, a + 0.1 * (b - a), b - 0.1 * (b - a)))
+        res = float(np.exp(x))
+    return best[2], best[1], False, n_runs
+
+
 def cluster_graph(
     A: sp.csr_matrix,
     *,
@@ -194,9 +246,10 @@ def cluster_graph(
 ) -> tuple[np.ndarray, float, bool]:
     """Cluster a weighted graph. Returns ``(labels, resolution_used, matched)``.
 
-    With ``n_clusters``, the resolution is searched by bisection on a log
-    scale; ``matched`` tells whether the exact count was reached (otherwise the
-    closest count found is returned).
+    With ``n_clusters``, the resolution is searched (:func:`search_resolution`); ``matched`` tells
+    whether the exact count was reached (otherwise the closest count found is returned). Louvain on
+    more than :data:`FAST_SEARCH_MIN` spots first locates the resolution with igraph's Leiden, then
+    continues the search with Louvain from there, so the labels are always Louvain's.
     """
     import igraph
 
@@ -208,8 +261,8 @@ def cluster_graph(
     g.add_edges(np.column_stack([upper.row, upper.col]))  # much faster than Graph(edges=...)
     w = upper.data.tolist()
 
-    def run(res: float) -> np.ndarray:
-        return _relabel(_partition(g, w, method, res, random_state))
+    def run(res: float, fast: bool = False) -> np.ndarray:
+        return _relabel(_partition(g, w, method, res, random_state, fast=fast))
 
     if n_clusters is None:
         return run(resolution), float(resolution), True
@@ -217,25 +270,11 @@ def cluster_graph(
     if not 1 <= n_clusters <= A.shape[0]:
         msg = f"n_clusters={n_clusters} must be between 1 and the number of spots ({A.shape[0]})."
         raise InputError(msg)
-    lo, hi = 1e-3, 1e2
-    best = None  # (|diff|, res, labels)
-    res = float(resolution) if resolution > 0 else 1.0
-    for _ in range(max_iter):
-        labels = run(res)
-        k = int(labels.max()) + 1
-        cand = (abs(k - n_clusters), res, labels)
-        if best is None or cand[0] < best[0]:
-            best = cand
-        if k == n_clusters:
-            return labels, res, True
-        if k < n_clusters:
-            lo = res
-        else:
-            hi = res
-        res = float(np.sqrt(lo * hi))
-        if hi / lo < 1 + 1e-6:
-            break
-    return best[2], best[1], False
+    if method == "louvain" and A.shape[0] > FAST_SEARCH_MIN:
+        _, resolution, _, _ = search_resolution(lambda r: run(r, fast=True), n_clusters, resolution,
+                                                max_iter=max_iter)
+    labels, res, matched, _ = search_resolution(run, n_clusters, resolution, max_iter=max_iter)
+    return labels, res, matched
 
 
 #: A mixture component smaller than this share of the spots (and 5 spots) is not taken for a domain.
