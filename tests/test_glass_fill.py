@@ -7,12 +7,12 @@ from __future__ import annotations
 import sys
 import types
 
-import anndata as ad
 import numpy as np
 import pytest
-import scipy.sparse as sp
 
 torch = pytest.importorskip("torch")
+
+from test_dense_features import bins
 
 import stmorph as st
 from stmorph.errors import InputError
@@ -35,16 +35,8 @@ def tissue_half_black(h=96, w=96):
 
 
 def spots(image, xy, side_px):
-    a = ad.AnnData(sp.csr_matrix((len(xy), 3), dtype=np.float32))
-    a.obs_names = [f"s{i}" for i in range(len(xy))]
-    a.obsm["spatial"] = np.asarray(xy, np.float64)
-    a.uns["spatial"] = {"lib": {
-        "images": {"fullres": image},
-        "scalefactors": {"spot_diameter_fullres": float(side_px), "tissue_hires_scalef": 1.0,
-                         "tissue_lowres_scalef": 1.0},
-        "metadata": {"technology": "visium", "spot_diameter_um": float(side_px), "microns_per_pixel": 1.0},
-    }}
-    return a
+    """Visium spots of ``side_px`` at ``xy`` over an in-memory image (1 um per px)."""
+    return bins(image, xy, side_px, technology="visium")
 
 
 @pytest.fixture(scope="module")
