@@ -135,3 +135,14 @@ def test_large_graph_search_returns_louvain_labels(monkeypatch):
     g = igraph.Graph(n=A.shape[0], edges=np.column_stack([upper.row, upper.col]).tolist())
     direct = _cluster._relabel(_cluster._partition(g, upper.data.tolist(), "louvain", res, 2))
     np.testing.assert_array_equal(labels, direct)
+
+
+def test_resolution_search_is_recorded():
+    """Every clustering run of an exact-count search is in uns, in order, and the last one is the result."""
+    rng = np.random.default_rng(0)
+    X = np.vstack([rng.normal(c, 0.3, size=(60, 5)) for c in range(4)])
+    a = ad.AnnData(np.zeros((X.shape[0], 1), dtype=np.float32), obsm={"X_pca": X})
+    tl.cluster(a, "X_pca", method="louvain", n_clusters=4, n_neighbors=10, resolution=5.0, key_added="dom")
+    trace = a.uns["dom"]["resolution_search"]
+    assert len(trace["resolution"]) >= 1 and set(trace["algorithm"]) == {"louvain"}
+    assert trace["n_clusters"][-1] == 4 and trace["resolution"][-1] == a.uns["dom"]["params"]["resolution"]

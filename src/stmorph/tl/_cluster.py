@@ -19,6 +19,7 @@ majority vote over spatial neighbours (``refine=True``, see
 from __future__ import annotations
 
 import random
+import time
 import warnings
 from contextlib import contextmanager
 
@@ -243,13 +244,15 @@ def cluster_graph(
     n_clusters: int | None = None,
     random_state: int = 0,
     max_iter: int = 40,
+    trace: list | None = None,
 ) -> tuple[np.ndarray, float, bool]:
     """Cluster a weighted graph. Returns ``(labels, resolution_used, matched)``.
 
     With ``n_clusters``, the resolution is searched (:func:`search_resolution`); ``matched`` tells
     whether the exact count was reached (otherwise the closest count found is returned). Louvain on
     more than :data:`FAST_SEARCH_MIN` spots first locates the resolution with igraph's Leiden, then
-    continues the search with Louvain from there, so the labels are always Louvain's.
+    continues the search with Louvain from there, so the labels are always Louvain's. ``trace``, a list,
+    receives one ``{"algorithm", "resolution", "n_clusters", "seconds"}`` per clustering run.
     """
     import igraph
 
@@ -262,7 +265,12 @@ def cluster_graph(
     w = upper.data.tolist()
 
     def run(res: float, fast: bool = False) -> np.ndarray:
-        return _relabel(_partition(g, w, method, res, random_state, fast=fast))
+        t0 = time.perf_counter()
+        labels = _relabel(_partition(g, w, method, res, random_state, fast=fast))
+        if trace is not None:
+            trace.append({"algorithm": "leiden (locating)" if fast else method, "resolution": float(res),
+                          "n_clusters": int(labels.max()) + 1, "seconds": round(time.perf_counter() - t0, 3)})
+        return labels
 
     if n_clusters is None:
         return run(resolution), float(resolution), True
@@ -522,6 +530,9 @@ def cluster(
         Whether ``n_clusters`` was reached exactly (when given).
     ``adata.uns[key_added]["n_clusters_scores"]``
         ``"gmm"`` without ``n_clusters``: the criterion for each count tried.
+    ``adata.uns[key_added]["resolution_search"]``
+        Louvain/Leiden with ``n_clusters``: each clustering run of the resolution search (algorithm,
+        resolution, clusters found, seconds), in order.
     """
     adata = adata.copy() if copy else adata
     if method not in _METHODS:
@@ -584,10 +595,14 @@ def cluster(
                 stacklevel=2,
             )
         A = knn_graph(X, k_used, weights=weights, random_state=random_state)
+        trace = []
         labels, res, matched = cluster_graph(
-            A, method=method, resolution=resolution, n_clusters=n_clusters, random_state=random_state
+            A, method=method, resolution=resolution, n_clusters=n_clusters, random_state=random_state, trace=trace
         )
         params.update(n_neighbors=k_used, resolution=float(res), weights=weights)
+        if n_clusters is not None:
+            extra["resolution_search"] = {f: [t[f] for t in trace] for f in ("algorithm", "resolution",
+                                                                              "n_clusters", "seconds")}
         if k_used != int(n_neighbors):
             params["n_neighbors_requested"] = int(n_neighbors)
         if not matched:
