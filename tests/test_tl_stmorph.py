@@ -181,6 +181,11 @@ def test_stmorph_image_beats_its_expression_only_variant(section):
         expr_only.append(ev.ari(a, "stmorph"))
     assert {"X_image", "X_image_context"} <= set(a.obsm)
     assert np.mean(with_img) > np.mean(expr_only) + 0.02, (with_img, expr_only)
+    # the registered variant "stmorph_expr" is use_image=False, run beside the method in one call
+    seconds = tl.run_methods(a, ["stmorph_expr", "stmorph"], n_clusters=k, random_state=2, progress=False)
+    assert list(seconds) == ["stmorph", "stmorph_expr"]
+    assert a.uns["stmorph_expr"]["params"]["modalities"] == ["expression"]
+    assert (ev.ari(a, "stmorph"), ev.ari(a, "stmorph_expr")) == (with_img[2], expr_only[2])
 
 
 def test_stmorph_chooses_k_without_n_clusters(section):

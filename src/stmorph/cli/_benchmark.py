@@ -15,15 +15,15 @@ import sys
 from pathlib import Path
 
 from ..errors import InputError
+from ..ev._benchmark import DEFAULT_METHODS
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("benchmark", help="ARI/NMI of every method on every annotated section under a folder",
                        description=__doc__)
     p.add_argument("--data", required=True, metavar="DIR", help="folder searched recursively for annotated sections")
-    p.add_argument("--methods", nargs="+", default=["stmorph", "stmic", "expression", "image", "senca"],
-                   metavar="METHOD",
-                   help="methods to run (space or comma separated; default: stmorph stmic expression image senca)")
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="METHOD",
+                   help=f"methods to run (space or comma separated; default: {' '.join(DEFAULT_METHODS)})")
     p.add_argument("--peers", default=None, metavar="FILE",
                    help="markdown table of peers' ARIs per section (e.g. ../shared/docs/peers.md): "
                         "benchmark.md then shows stmorph's methods beside them")

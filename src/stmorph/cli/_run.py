@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..errors import InputError
 
-METHOD_CHOICES = ("stmorph", "stmic", "expression", "image", "senca", "all")
+METHOD_CHOICES = ("stmorph", "stmorph_expr", "stmic", "expression", "image", "senca", "all")
 #: What ``stmorph run`` runs without ``--method``.
 DEFAULT_METHODS = ["stmorph"]
 

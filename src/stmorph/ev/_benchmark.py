@@ -44,7 +44,7 @@ from ._metrics import DEFAULT_IGNORE, ari, nmi, scored_labels
 __all__ = ["Section", "find_sections", "load_section", "run_benchmark", "summarize", "benchmark_markdown",
            "read_peers", "peers_markdown", "DEFAULT_METHODS"]
 
-DEFAULT_METHODS = ("stmorph", "stmic", "expression", "image", "senca")
+DEFAULT_METHODS = ("stmorph", "stmorph_expr", "stmic", "expression", "image", "senca")
 IMAGE_EXT = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".btf", ".svs", ".ndpi", ".mrxs", ".scn", ".bif")
 CSV_COLUMNS = ["section", "method", "seed", "ARI", "NMI", "seconds", "status", "n_spots", "n_clusters", "reason"]
 

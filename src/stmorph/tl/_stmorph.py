@@ -34,6 +34,7 @@ Without an image (or image features) the chain runs on expression alone and reco
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Sequence
 
@@ -324,8 +325,9 @@ def balanced_integrate(adata, reps: Sequence[str], weights: Sequence[float], *, 
                                        "scaling": "unit total variance per block"}}
 
 
-def _run_stmorph(adata, run) -> None:
-    """The ``stmorph`` method inside :func:`run_methods` (options from ``stmorph_options``)."""
+def _run_stmorph(adata, run, *, key: str = "stmorph", expression_only: bool = False) -> None:
+    """The ``stmorph`` method inside :func:`run_methods` (options from ``stmorph_options``); ``key``
+    ``"stmorph_expr"`` with ``expression_only`` is its expression-only variant, run beside it."""
     unknown = sorted(set(run.stmorph_options) - set(DEFAULTS))
     if unknown:
         msg = f"unknown stmorph option(s) {unknown}; known: {sorted(DEFAULTS)}."
@@ -333,6 +335,8 @@ def _run_stmorph(adata, run) -> None:
     o = {**DEFAULTS, **({"refine": run.refine} if run.refine is not None else {}), **run.stmorph_options}
     use_image, image_weight, sigmas = o["use_image"], float(o["image_weight"]), o["sigmas_um"]
     method, refine = o["cluster_method"], bool(o["refine"])
+    if expression_only:
+        use_image = False
     if use_image and not run.has_image:
         msg = "stmorph: use_image=True but there is no full-resolution image and no image features."
         raise InputError(msg)
@@ -340,8 +344,9 @@ def _run_stmorph(adata, run) -> None:
         warnings.warn("stmorph: no H&E image or image features; domains come from expression alone.", stacklevel=3)
     use_image = run.has_image if use_image is None else bool(use_image)
     rs = run.random_state
-    run.step("stmorph_expression", spatial_expression_embedding, adata, sigmas_um=sigmas,
-             n_top_genes=o["n_top_genes"], n_comps=int(o["n_comps"]), random_state=rs)
+    # the same embedding for both variants (same options and seed): computed once per run
+    run.shared("stmorph_expression", "stmorph_expression" in run.steps, spatial_expression_embedding, adata,
+               sigmas_um=sigmas, n_top_genes=o["n_top_genes"], n_comps=int(o["n_comps"]), random_state=rs)
     reps, weights = ["X_stmorph_expr"], [1.0]
     if use_image:
         (spot, _), (context, context_patch) = run.patch_key("spot"), run.patch_key("context")
@@ -350,13 +355,13 @@ def _run_stmorph(adata, run) -> None:
                  random_state=rs)
         reps.append("X_stmorph_image")
         weights.append(image_weight)
-    run.step("stmorph_integrate", balanced_integrate, adata, reps, weights)
+    run.step(f"{key}_integrate", balanced_integrate, adata, reps, weights, key_added=f"X_{key}")
     k = run.n_clusters
     ckw = {"n_neighbors": run.n_neighbors, "resolution": run.resolution} if method != "gmm" else {}
-    run.step("cluster_stmorph", cluster, adata, "X_stmorph", key_added="stmorph", method=method, n_clusters=k,
+    run.step(f"cluster_{key}", cluster, adata, f"X_{key}", key_added=key, method=method, n_clusters=k,
              n_init=int(o["n_init"]), k_range=tuple(o["k_range"]), refine=refine,
              refine_radius_um=o["refine_radius_um"], random_state=rs, **ckw)
-    adata.uns["stmorph"]["params"].update(
+    adata.uns[key]["params"].update(
         modalities=["expression", "image"] if use_image else ["expression"],
         image_weight=image_weight if use_image else 0.0, sigmas_um=list(_check_sigmas(sigmas)),
         n_top_genes=o["n_top_genes"],
@@ -367,6 +372,9 @@ register_method("stmorph", _run_stmorph, image="optional", patches=("spot", "con
                 reads_image=lambda options: options["stmorph_options"].get("use_image", DEFAULTS["use_image"]) is not False,
                 summary="stmorph: expression with spatial context (+ image spot and context patches), "
                         "tied Gaussian mixture, spatial refinement")
+register_method("stmorph_expr", functools.partial(_run_stmorph, key="stmorph_expr", expression_only=True),
+                summary="stmorph on expression alone (the image ignored): the variant that shows what the "
+                        "H&E adds")
 
 
 def stmorph(
