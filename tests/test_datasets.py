@@ -247,16 +247,41 @@ def test_write_visium_refuses_and_forces(small, tmp_path):
     (out / "keep.txt").write_text("x")
     with pytest.raises(OutputExistsError):
         write_visium(small, out)
-    assert (out / "keep.txt").exists()
-    write_visium(small, out, force=True, fullres=None, positions="csv")
-    assert not (out / "keep.txt").exists() and not (out / "image.tif").exists()
-    assert (out / "filtered_feature_bc_matrix.h5").exists()
+    with pytest.raises(OutputExistsError, match="not written by stmorph"):  # the user's folder: never replaced
+        write_visium(small, out, force=True)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    mine = tmp_path / "mine"
+    write_visium(small, mine, fullres="image.tif")
+    with pytest.raises(OutputExistsError):
+        write_visium(small, mine)
+    write_visium(small, mine, force=True, fullres=None, positions="csv")  # what write_visium wrote: replaced
+    assert not (mine / "image.tif").exists() and (mine / "filtered_feature_bc_matrix.h5").exists()
+    (mine / "notes.txt").write_text("mine")  # a file the user added: the folder is no longer replaced
+    with pytest.raises(OutputExistsError, match="notes.txt"):
+        write_visium(small, mine, force=True, fullres=None)
+    assert (mine / "notes.txt").read_text() == "mine"
     with pytest.raises(InputError):
         write_visium(small, tmp_path / "other", positions="xml")
     # an empty existing folder is fine
     (tmp_path / "empty").mkdir()
     write_visium(small, tmp_path / "empty", fullres=None)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "outs"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "mine", "outs"]
+
+
+def test_image_writer_replaces_only_its_own_tiff(tmp_path):
+    """write_visium_hd's image beside outs/: force replaces a TIFF stmorph wrote, never another file."""
+    from stmorph.datasets._write import _write_tiff, check_output_image
+
+    theirs, ours = tmp_path / "scan.btf", tmp_path / "ours.btf"
+    theirs.write_bytes(b"a slide from the scanner")
+    _write_tiff(ours, np.zeros((64, 64, 3), dtype=np.uint8), "zlib")
+    check_output_image(tmp_path / "absent.btf", force=False)
+    for path in (theirs, ours):
+        with pytest.raises(OutputExistsError, match="exists"):
+            check_output_image(path, force=False)
+    with pytest.raises(OutputExistsError, match="not written by stmorph"):
+        check_output_image(theirs, force=True)
+    check_output_image(ours, force=True)
 
 
 def test_h5ad_and_reader_round_trip(small, tmp_path):

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DependencyError, InputError, OutputExistsError
+from ..errors import DependencyError, InputError
 from ._synthetic import (
     EXPRESSION_ONLY,
     FIELD_CELL_UM,
@@ -455,7 +455,8 @@ def write_visium_hd(
         ``path`` (default ``../tissue_image.btf``: beside ``outs/``, where Space Ranger's input image usually
         lives); ``None`` skips it.
     force
-        Replace an existing non-empty ``path`` and an existing image file.
+        Replace an existing ``path`` and image file that an earlier ``write_visium_hd`` wrote (the folder's
+        ``.stmorph`` marker, the TIFF's Software tag); anything else is never replaced.
     compression
         TIFF compression: ``"jpeg"`` (quality 90), ``"zlib"`` (lossless) or ``"none"``.
     labels
@@ -479,7 +480,7 @@ def write_visium_hd(
     Raises
     ------
     OutputExistsError
-        ``path`` is not empty, or the image file exists, and ``force`` is False.
+        ``path`` is not empty, or the image file exists, and ``force`` is False or stmorph did not write it.
     InputError
         Missing fields, a bin size that is not a multiple of ``adata``'s.
     DependencyError
@@ -489,10 +490,10 @@ def write_visium_hd(
 
     from PIL import Image
 
-    from .._outputs import swap_into_place
+    from .._outputs import record_entries, swap_into_place
     from .._spatial import coordinates
     from ..read._visium_hd import BIN_FOLDER, _bin_size, _grid_affine, rebin
-    from ._write import _library, _write_h5, _write_tiff
+    from ._write import _library, _write_h5, _write_tiff, check_output_folder, check_output_image
 
     if compression not in ("zlib", "jpeg", "none", "deflate"):
         msg = f"compression={compression!r} is not allowed; use 'zlib', 'jpeg' or 'none'."
@@ -503,11 +504,7 @@ def write_visium_hd(
         msg = 'write_visium_hd writes tissue_positions.parquet and needs pyarrow: pip install "stmorph[parquet]".'
         raise DependencyError(msg) from None
     out = Path(path).expanduser()
-    if out.exists():
-        if not out.is_dir():
-            raise OutputExistsError(f"{out}: exists and is not a folder; pass another path.")
-        if any(out.iterdir()) and not force:
-            raise OutputExistsError(f"{out}: exists and is not empty; pass force=True to replace it.")
+    check_output_folder(out, force)
     lib_id, lib = _library(adata, library_id)
     base = _bin_size(adata, lib, lib_id)
     if bin_sizes is None:
@@ -540,8 +537,7 @@ def write_visium_hd(
         img_path = Path(fullres).expanduser()
         img_path = img_path if img_path.is_absolute() else (out / img_path)
         img_path = Path(os.path.normpath(img_path))
-        if img_path.exists() and not force:
-            raise OutputExistsError(f"{img_path}: exists; pass force=True to replace it.")
+        check_output_image(img_path, force)
     sf = {k: float(v) for k, v in (lib.get("scalefactors", {}) or {}).items() if np.isscalar(v)}
     sf["microns_per_pixel"] = mpp
 
@@ -604,6 +600,7 @@ def write_visium_hd(
             img_tmp = Path(name)
             _write_tiff(img_tmp, np.asarray(full), "none" if compression == "none" else compression, bigtiff=True)
             log(f"full-resolution BigTIFF {full.shape[1]} x {full.shape[0]} px in {time.perf_counter() - t1:.1f} s")
+        record_entries(tmp)
         swap_into_place(tmp, out)
         if img_tmp is not None:
             os.replace(img_tmp, img_path)

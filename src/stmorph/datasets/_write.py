@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._outputs import swap_into_place
+from .._outputs import record_entries, swap_into_place
 from ..errors import DependencyError, InputError, OutputExistsError
 
 __all__ = ["write_visium"]
@@ -120,9 +120,40 @@ def _write_tiff(path: Path, img: np.ndarray, compression: str, levels: int = 3, 
         kw["predictor"] = True
         kw["compressionargs"] = {"level": 4}
     with tifffile.TiffWriter(path, bigtiff=img.nbytes > 2**31 if bigtiff is None else bigtiff) as tif:
-        tif.write(pyramid[0], subifds=len(pyramid) - 1, resolutionunit=None, **kw)
+        tif.write(pyramid[0], subifds=len(pyramid) - 1, resolutionunit=None, software=TIFF_SOFTWARE, **kw)
         for level in pyramid[1:]:
             tif.write(level, subfiletype=1, **kw)
+
+
+#: The TIFF ``Software`` tag of the images the writers make: ``force=True`` replaces only such a file.
+TIFF_SOFTWARE = "stmorph"
+
+
+def check_output_folder(out: Path, force: bool) -> None:
+    """An existing ``out`` may be replaced only when it is empty or, with ``force``, a folder stmorph wrote
+    (its marker; see :func:`stmorph._outputs.check_writable`): a writer never deletes the user's files."""
+    from .._outputs import check_writable
+
+    if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+        return
+    check_writable(out, force=force)
+
+
+def check_output_image(path: Path, force: bool) -> None:
+    """An existing image file is replaced only with ``force`` and only when a stmorph writer made it."""
+    if not (path.exists() or path.is_symlink()):
+        return
+    if not force:
+        raise OutputExistsError(f"{path}: exists; pass force=True to replace it.")
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            ours = tif.pages[0].software == TIFF_SOFTWARE
+    except Exception:  # noqa: BLE001 - not a TIFF, unreadable: not ours either way
+        ours = False
+    if not ours or path.is_symlink():
+        raise OutputExistsError(f"{path}: exists and was not written by stmorph; force=True does not replace it.")
 
 
 def write_visium(
@@ -153,7 +184,8 @@ def write_visium(
         File name (inside ``path``) of the full-resolution image, written as a tiled pyramidal TIFF from
         ``images["fullres"]``; ``None`` skips it.
     force
-        Replace an existing non-empty folder.
+        Replace an existing folder that an earlier ``write_visium`` wrote (its ``.stmorph`` marker); a folder
+        holding anything else is never replaced.
     off_tissue
         Also list the grid positions outside the tissue (``in_tissue = 0``) that synthetic data carry in
         ``uns["synthetic"]["off_tissue"]``, as Space Ranger lists every spot of the capture area.
@@ -173,7 +205,7 @@ def write_visium(
     Raises
     ------
     OutputExistsError
-        ``path`` exists, is not empty and ``force`` is False.
+        ``path`` exists and is not empty, and ``force`` is False or stmorph did not write it.
     InputError
         Missing fields or an unknown ``positions`` layout.
     """
@@ -186,13 +218,7 @@ def write_visium(
         msg = f"compression={compression!r} is not allowed; use 'zlib', 'jpeg' or 'none'."
         raise InputError(msg)
     out = Path(path).expanduser()
-    if out.exists():
-        if not out.is_dir():
-            msg = "exists and is not a folder; pass another path."
-            raise OutputExistsError(f"{out}: {msg}")
-        if any(out.iterdir()) and not force:
-            msg = "exists and is not empty; pass force=True to replace it."
-            raise OutputExistsError(f"{out}: {msg}")
+    check_output_folder(out, force)
     if positions == "parquet":
         try:
             import pyarrow  # noqa: F401
@@ -241,6 +267,7 @@ def write_visium(
                                 "annotation": adata.obs["annotation"].astype(object).to_numpy()})
             lab = lab[lab["annotation"].notna()]
             lab.to_csv(tmp / "labels.tsv", sep="\t", index=False)
+        record_entries(tmp)
         swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
