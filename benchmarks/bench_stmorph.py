@@ -7,7 +7,8 @@ Prints, in one run:
    annotated labels, and how often it lands within +-1;
 2. ``--image``: on every annotated section with a full-resolution H&E (HER2ST A1
    in ``../shared/data``) and on synthetic tissue with an image-only region, ARI of
-   ``stmorph`` with the image and of its expression-only variant (mean +- sd, 3 seeds);
+   ``stmorph`` with the image (``--weights``: at several image weights) and of its
+   expression-only variant (mean +- sd, 3 seeds);
 3. ``--update-md FILE``: runs ``stmorph benchmark`` (every method, ``--seeds``,
    peers from ``--peers``) and replaces the text between
    ``<!-- accuracy:begin -->`` and ``<!-- accuracy:end -->`` in FILE with its
@@ -79,14 +80,17 @@ def autok(data: Path, seeds: int) -> None:
     print(f"\nWithin +-1 of the annotated count: {hits}/{total} runs; every seed on {sec_hits}/{len(sections)} sections.\n")
 
 
-def image_vs_expression(data: Path, seeds: int) -> None:
+def image_vs_expression(data: Path, seeds: int, weights: list[float] | None = None) -> None:
+    """ARI of ``stmorph`` with the image (at each image weight; default the method's) and on expression alone."""
     from stmorph import datasets, ev, tl
     from stmorph.ev import _benchmark as bm
     from stmorph.ev._metrics import scored_labels
+    from stmorph.tl._stmorph import IMAGE_WEIGHT
 
+    weights = list(weights or [IMAGE_WEIGHT])
     print("## stmorph with the H&E vs its expression-only variant (ARI, mean +- sd over seeds)\n")
-    print("| section | with image | expression only |")
-    print("|---|---:|---:|")
+    print("| section | " + " | ".join(f"with image, weight {w:g}" for w in weights) + " | expression only |")
+    print("|---|" + "---:|" * (len(weights) + 1))
     cases = []
     if data.is_dir():
         cases += [(s.name, lambda s=s: bm.load_section(s)) for s in bm.find_sections(data) if s.image]
@@ -96,14 +100,15 @@ def image_vs_expression(data: Path, seeds: int) -> None:
             warnings.simplefilter("ignore")
             a = load()
             k = scored_labels(a, "annotation").nunique()
-            res = {True: [], False: []}
+            res = {w: [] for w in [*weights, None]}
             for seed in range(seeds):
-                for use_image in (True, False):
+                for w in res:
+                    opts = {"use_image": False} if w is None else {"use_image": True, "image_weight": w}
                     tl.run_methods(a, ["stmorph"], n_clusters=k, random_state=seed, progress=False,
-                                   stmorph_options={"use_image": use_image})
-                    res[use_image].append(ev.ari(a, "stmorph"))
-        cells = [f"{np.mean(v):.3f} ± {np.std(v, ddof=1) if len(v) > 1 else 0:.3f}" for v in (res[True], res[False])]
-        print(f"| {name} | {cells[0]} | {cells[1]} |", flush=True)
+                                   stmorph_options=opts)
+                    res[w].append(ev.ari(a, "stmorph"))
+        cells = [f"{np.mean(v):.3f} ± {np.std(v, ddof=1) if len(v) > 1 else 0:.3f}" for v in res.values()]
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
     print()
 
 
@@ -134,6 +139,8 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--autok", action="store_true")
     p.add_argument("--image", action="store_true")
+    p.add_argument("--weights", type=float, nargs="+", default=None, metavar="W",
+                   help="with --image: image weights to compare (default: the method's)")
     p.add_argument("--update-md", type=Path, default=None, metavar="FILE")
     p.add_argument("--from-dir", type=Path, default=None, metavar="DIR",
                    help="with --update-md: take benchmark.md from a finished `stmorph benchmark --out DIR`")
@@ -143,7 +150,7 @@ def main() -> None:
     if args.autok:
         autok(args.data, args.seeds)
     if args.image:
-        image_vs_expression(args.data, args.seeds)
+        image_vs_expression(args.data, args.seeds, args.weights)
     if args.update_md is not None:
         update_md(args.update_md, args.data, args.seeds, args.peers if args.peers.is_file() else None, args.from_dir)
 
