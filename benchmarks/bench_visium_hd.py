@@ -70,6 +70,20 @@ def ari_of(out: Path, labels: Path, method: str = "stmorph") -> tuple[float, int
     return float(adjusted_rand_score(lab.loc[both].astype(str), dom.loc[both, method].astype(str))), len(dom)
 
 
+def print_searches(result: Path) -> None:
+    """Each exact-count resolution search in the result (``uns[key]["resolution_search"]``), one line per run."""
+    import anndata as ad
+
+    uns = ad.read_h5ad(result, backed="r").uns
+    for key, val in uns.items():
+        trace = val.get("resolution_search") if isinstance(val, dict) else None
+        if trace is None:
+            continue
+        runs = list(zip(trace["algorithm"], trace["resolution"], trace["n_clusters"], trace["seconds"]))
+        print(f"  {key}: {len(runs)} clustering runs, {sum(r[3] for r in runs):.1f} s: "
+              + "; ".join(f"{a} res {r:.4g} -> {k} ({s:.1f} s)" for a, r, k, s in runs), flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--outs", type=Path, help="an existing Space Ranger HD outs/ folder (default: generate one)")
@@ -133,6 +147,7 @@ def main(argv=None) -> int:
         stages = {k: round(float(v), 1) for k, v in info.get("timings_s", {}).items() if isinstance(v, (int, float))}
         ari, n = ari_of(out, labels, args.method)
         print(f"  {n:,} bins, wall {wall:.0f} s, peak RSS {rss:.2f} GB, ARI {ari:.3f}; stages (s): {stages}", flush=True)
+        print_searches(out / "result.h5ad")
         rows.append({"bins_um": bin_size, "image": with_image, "bins": n, "wall_s": round(wall, 1),
                      "peak_rss_gb": round(rss, 2), "ari": round(ari, 3)})
     print()

@@ -114,6 +114,14 @@ def test_resolution_search_brackets_then_interpolates():
         calls.clear()
         labels, res, matched, n_runs = search_resolution(run, target, 1.7)
         assert matched and labels.max() + 1 == target and n_runs == len(calls) <= 6
+    # one run off the target: the next steps stay near it, not a tenth of the way to the far bound (1e-3)
+    def steep(res):  # 22 clusters at 0.61, 19 at 0.57
+        calls.append(res)
+        return np.arange(max(1, round(19 * (res / 0.57) ** 2)))
+
+    calls.clear()
+    labels, res, matched, n_runs = search_resolution(steep, 19, 0.61)
+    assert matched and n_runs <= 3 and all(abs(np.log(c / 0.61)) < 0.25 for c in calls), calls
     # unreachable counts end with the closest one, not an endless loop
     labels, res, matched, n_runs = search_resolution(lambda r: np.arange(3 if r < 1 else 5), 4, 1.7)
     assert not matched and labels.max() + 1 in (3, 5) and n_runs < 40

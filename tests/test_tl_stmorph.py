@@ -227,7 +227,7 @@ def test_standardised_pca_in_chunks_equals_whole_matrix_pca():
     """Image features of 400k+ bins are reduced in row chunks: the same scores as standardising and
     running the PCA on the whole matrix (rows with NaN score 0)."""
     from stmorph.tl._embedding import _pca
-    from stmorph.tl._stmorph import _standardised_pca
+    from stmorph.tl._embedding import standardised_pca
 
     rng = np.random.default_rng(0)
     F = (rng.standard_normal((3000, 40)) @ rng.standard_normal((40, 40))).astype(np.float32) + 3.0
@@ -237,6 +237,9 @@ def test_standardised_pca_in_chunks_equals_whole_matrix_pca():
     S = np.zeros(F.shape)
     S[ok] = (F[ok] - mu) / sd
     want, _ = _pca(S, 8, 0)
-    got = _standardised_pca(F, 8, "X", chunk=701)
+    got, evr, finite = standardised_pca(F, 8, "X", chunk=701)
     np.testing.assert_allclose(got, want, atol=1e-4)
-    assert np.all(got[~ok] == 0)
+    assert np.all(got[~ok] == 0) and np.array_equal(finite, ok)
+    got64, evr64, _ = standardised_pca(F, 8, "X", chunk=701, dtype=np.float64)  # stMIC's image embedding
+    np.testing.assert_allclose(got64, want, atol=1e-8)
+    np.testing.assert_allclose(evr64, _pca(S[ok], 8, 0)[1], rtol=1e-10)

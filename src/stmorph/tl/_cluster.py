@@ -206,7 +206,9 @@ def search_resolution(run, n_clusters: int, resolution: float, *, max_iter: int 
 
     A safeguarded secant search on log(resolution) vs log(K): extrapolate with ``K ~ res ** 0.75`` until the
     target is bracketed, then interpolate between the bracket's ends, never closer than a tenth of the
-    bracket to either end, so every step shrinks it. Returns ``(labels, resolution, matched, n_runs)``;
+    bracket to either end, so every step shrinks it (bisect where the counts are not increasing). The first
+    steps are not pushed a tenth of the way towards the far bound: from 20 clusters towards 19, the next
+    resolution is 7% lower, not 47% (which cost two extra Louvain runs of 4 minutes each at 463,000 bins). Returns ``(labels, resolution, matched, n_runs)``;
     without an exact match, the run whose count came closest (``matched`` False).
     """
     lo, hi = (float(bounds[0]), None), (float(bounds[1]), None)  # (res, k) with k < target / k > target
@@ -226,12 +228,15 @@ def search_resolution(run, n_clusters: int, resolution: float, *, max_iter: int 
         a, b = np.log(lo[0]), np.log(hi[0])
         if b - a < 1e-4:
             break
-        if lo[1] is not None and hi[1] is not None and hi[1] > lo[1]:
-            f = (np.log(n_clusters) - np.log(lo[1])) / (np.log(hi[1]) - np.log(lo[1]))
-            x = a + float(np.clip(f, 0.1, 0.9)) * (b - a)
-        else:  # one side known: extrapolate from this run, at most 10x, inside the bracket
+        if lo[1] is not None and hi[1] is not None:
+            if hi[1] > lo[1]:
+                f = (np.log(n_clusters) - np.log(lo[1])) / (np.log(hi[1]) - np.log(lo[1]))
+                x = a + float(np.clip(f, 0.1, 0.9)) * (b - a)
+            else:  # counts not increasing across the bracket (community detection's noise): bisect
+                x = 0.5 * (a + b)
+        else:  # one side known (this run): extrapolate from it, at most 10x, not past the search's bounds
             step = np.clip((np.log(n_clusters) - np.log(k)) / _K_EXPONENT, -np.log(10), np.log(10))
-            x = float(np.clip(np.log(res) + step, a + 0.1 * (b - a), b - 0.1 * (b - a)))
+            x = float(np.clip(np.log(res) + step, a, b))
         res = float(np.exp(x))
     return best[2], best[1], False, n_runs
 

@@ -44,7 +44,7 @@ from threadpoolctl import threadpool_limits
 
 from ..errors import InputError
 from ._cluster import cluster
-from ._embedding import _counts, _pca, log_normalize
+from ._embedding import _counts, _pca, log_normalize, standardised_pca
 from ._methods import register_method, run_methods
 from ._neighbors import coordinates_um, gaussian_smoother
 
@@ -249,7 +249,7 @@ def image_context_embedding(
         if rep not in adata.obsm:
             msg = f"adata.obsm[{rep!r}] is missing: compute image features first (stmorph.im.features)."
             raise InputError(msg)
-        P = _standardised_pca(adata.obsm[rep], n_comps, rep)
+        P, _, _ = standardised_pca(adata.obsm[rep], n_comps, rep)
         blocks.append(P / np.sqrt(P.var(axis=0).sum() + 1e-12))
     xy = coordinates_um(adata)
     C = _with_context(np.hstack(blocks).astype(np.float64), xy, sig)
@@ -261,53 +261,6 @@ def image_context_embedding(
         "variance_ratio": evr,
     }
     return adata if copy else None
-
-
-def _standardised_pca(F, n_comps: int, name: str, chunk: int = 32768) -> np.ndarray:
-    """PCA scores of the rows of ``F`` with each feature standardised (rows with a non-finite value score 0).
-
-    The exact covariance PCA (scikit-learn's ``covariance_eigh``) done in row chunks: ``F`` (float32,
-    e.g. 463,000 Visium HD bins x 1,280 features = 2.4 GB) is never copied or converted whole, only the
-    ``d x d`` covariance is held. Signs as :func:`stmorph.tl._embedding._pca` fixes them.
-    """
-    n, d = F.shape
-    ok = np.ones(n, dtype=bool)
-    s1, s2 = np.zeros(d), np.zeros(d)
-    for lo in range(0, n, chunk):
-        B = np.asarray(F[lo:lo + chunk], dtype=np.float64)
-        good = np.isfinite(B).all(axis=1)
-        ok[lo:lo + chunk] = good
-        s1 += B[good].sum(axis=0)
-        s2 += (B[good] ** 2).sum(axis=0)
-    m = int(ok.sum())
-    if m < 3:
-        msg = f"adata.obsm[{name!r}] has fewer than three spots with finite features."
-        raise InputError(msg)
-    mu = s1 / m
-    sd = np.sqrt(np.maximum(s2 / m - mu**2, 0.0))
-    sd[sd < 1e-12] = 1.0
-    k = int(min(n_comps, min(n, d) - 1))
-    if k < 1:
-        msg = f"adata.obsm[{name!r}] ({n} x {d}) is too small for a PCA."
-        raise InputError(msg)
-
-    mu32, sd32 = mu.astype(np.float32), sd.astype(np.float32)
-
-    def rows(lo):  # float32 products (large GEMMs, all BLAS threads), float64 sums across chunks
-        B = (np.asarray(F[lo:lo + chunk], dtype=np.float32) - mu32) / sd32
-        B[~ok[lo:lo + chunk]] = 0.0
-        return B
-
-    cov = np.zeros((d, d))
-    for lo in range(0, n, chunk):
-        B = rows(lo)
-        cov += B.T @ B
-    evals, evecs = np.linalg.eigh(cov / n)
-    V = evecs[:, ::-1][:, :k].astype(np.float32)
-    Z = np.vstack([rows(lo) @ V for lo in range(0, n, chunk)]).astype(np.float64)
-    signs = np.sign(Z[np.argmax(np.abs(Z), axis=0), np.arange(k)])
-    signs[signs == 0] = 1
-    return (Z * signs).astype(np.float32)
 
 
 def balanced_integrate(adata, reps: Sequence[str], weights: Sequence[float], *, key_added: str = "X_stmorph"):
