@@ -206,10 +206,11 @@ def search_resolution(run, n_clusters: int, resolution: float, *, max_iter: int 
 
     A safeguarded secant search on log(resolution) vs log(K): extrapolate with ``K ~ res ** 0.75`` until the
     target is bracketed, then interpolate between the bracket's ends, never closer than a tenth of the
-    bracket to either end, so every step shrinks it (bisect where the counts are not increasing). The first
-    steps are not pushed a tenth of the way towards the far bound: from 20 clusters towards 19, the next
-    resolution is 7% lower, not 47% (which cost two extra Louvain runs of 4 minutes each at 463,000 bins). Returns ``(labels, resolution, matched, n_runs)``;
-    without an exact match, the run whose count came closest (``matched`` False).
+    bracket to either end, so every step shrinks it (bisect where the counts are not increasing). Steps
+    before a bracket exists are not pushed a tenth of the way to the far bound: from 20 clusters towards
+    19 the next resolution is 7% lower, not 47% (that cost two extra Louvain runs of about 4 minutes each
+    at 463,000 bins). Returns ``(labels, resolution, matched, n_runs)``; without an exact match, the run
+    whose count came closest (``matched`` False).
     """
     lo, hi = (float(bounds[0]), None), (float(bounds[1]), None)  # (res, k) with k < target / k > target
     res = min(max(float(resolution) if resolution > 0 else 1.0, lo[0]), hi[0])
