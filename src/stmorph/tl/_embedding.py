@@ -182,6 +182,9 @@ def standardised_pca(F, n_comps: int, name: str, *, chunk: int = 32768,
     ``dtype`` is the precision of the chunk products (float32: large GEMMs at full speed; sums across
     chunks are float64 either way). Signs as :func:`_pca` fixes them.
     """
+    if int(n_comps) < 1:
+        msg = f"n_comps={n_comps} must be at least 1."
+        raise InputError(msg)
     n, d = F.shape
     ok = np.ones(n, dtype=bool)
     s1, s2 = np.zeros(d), np.zeros(d)
@@ -272,9 +275,6 @@ def image_embedding(
         )
         raise InputError(msg)
     F = adata.obsm[use_rep]
-    if int(n_comps) < 1:
-        msg = f"n_comps={n_comps} must be at least 1."
-        raise InputError(msg)
     # float64 products: the stMIC baseline's numbers as a whole-matrix float64 PCA gives them
     Z, evr, ok = standardised_pca(F, n_comps, use_rep, dtype=np.float64)
     if not ok.all():
