@@ -30,6 +30,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--method", choices=("stmorph", "expression"), default="stmorph")
     p.add_argument("--batch-correction", choices=("harmony", "none"), default="harmony")
+    p.add_argument("--no-refit", action="store_true", help="keep the joint mixture's labels (no per-section refit)")
     args = p.parse_args()
 
     import stmorph as st
@@ -46,7 +47,8 @@ def main() -> None:
     bc = None if args.batch_correction == "none" else args.batch_correction
     print(f"machine: {machine_description()} (other jobs may share it)")
     print(f"sections: {', '.join(f'{n} ({a.n_obs} spots, {ks[n]} labels)' for n, a in sections.items())}; "
-          f"k = {k}; method {args.method}; batch correction {bc}; seeds 0..{args.seeds - 1}")
+          f"k = {k}; method {args.method}; batch correction {bc}; refit {not args.no_refit}; "
+          f"seeds 0..{args.seeds - 1}")
     sep = {n: [] for n in sections}
     joint = {n: [] for n in sections}
     t_sep = t_joint = 0.0
@@ -63,7 +65,8 @@ def main() -> None:
             t_sep += time.perf_counter() - t0
             sep[n].append(st.ev.ari(a, key))
         t0 = time.perf_counter()
-        st.tl.joint_domains(sections, method=args.method, n_clusters=k, batch_correction=bc, random_state=seed)
+        st.tl.joint_domains(sections, method=args.method, n_clusters=k, batch_correction=bc,
+                            refit=not args.no_refit, random_state=seed)
         t_joint += time.perf_counter() - t0
         for n, a in sections.items():
             joint[n].append(st.ev.ari(a, "joint"))

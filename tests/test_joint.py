@@ -58,6 +58,28 @@ def test_labels_mean_the_same_tissue_in_every_section(two_sections):
     same = b.obs["joint"].astype(str).to_numpy() == a.obs.loc[[n[2:] for n in b.obs_names], "joint"].astype(str)
     assert same.mean() > 0.8
     assert a.uns["joint"]["params"]["batch_correction"] == "harmony"
+    refit = a.uns["joint"]["params"]["refit"]
+    assert set(refit) == {"A", "B"} and all(r["kept"] == "refit" and r["agreement"] > 0.8 for r in refit.values())
+
+
+def test_refit_keeps_the_joint_identity(two_sections):
+    from stmorph.tl._joint import _keeps_identity
+
+    # refitting moves a few boundary spots, and each domain keeps its number
+    joint = {k: v.copy() for k, v in two_sections.items()}
+    refit = {k: v.copy() for k, v in two_sections.items()}
+    st.tl.joint_domains(joint, n_clusters=5, refit=False, refine=False, random_state=0)
+    st.tl.joint_domains(refit, n_clusters=5, refine=False, random_state=0)
+    assert joint["A"].uns["joint"]["params"]["refit"] is None
+    for k in joint:
+        before = joint[k].obs["joint"].astype(int).to_numpy()
+        after = refit[k].obs["joint"].astype(int).to_numpy()
+        assert _keeps_identity(after, before) and 0.8 < np.mean(after == before)
+    # the check itself: a domain may vanish, none may take over another's spots
+    old = np.array([0, 0, 0, 1, 1, 1, 2, 2])
+    assert _keeps_identity(old, old)
+    assert _keeps_identity(np.array([0, 0, 0, 1, 1, 1, 1, 1]), old)  # domain 2 absorbed by 1
+    assert not _keeps_identity(np.array([1, 1, 1, 0, 0, 0, 2, 2]), old)  # 0 and 1 swapped
 
 
 def test_deterministic_and_checked(two_sections):
@@ -108,5 +130,5 @@ def test_cohort_joint(tmp_path):
     assert joint["joint"].nunique() == 4  # over the cohort (a section may hold only some of them)
     assert 1 <= table.loc["A", "n_domains_joint"] <= 4 and np.isfinite(table.loc["B", "ari_joint"])
     assert "joint" in table.loc["broken", "error"]
-    assert "Joint domains" in (out / "cohort.md").read_text()
+    assert "Joint domains" in (out / "cohort.md").read_text() and "refit per section" in (out / "cohort.md").read_text()
     assert "joint.csv" in (out / ".stmorph").read_text()

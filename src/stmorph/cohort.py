@@ -299,7 +299,8 @@ def _write_report(rows: list[dict], out: Path, manifest: Path, where: str, wall:
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     if joint:
         lines[3:3] = [(f"Joint domains (`{JOINT_TABLE}`): method {joint['method']}, batch correction "
-                       f"{joint['batch_correction']}, {joint['n_clusters']} domains shared by "
+                       f"{joint['batch_correction']}, {'' if joint.get('refit', True) else 'no '}refit per section, "
+                       f"{joint['n_clusters']} domains shared by "
                        f"{len(joint['sections'])} sections, seed {joint['random_state']}; {joint['seconds']:.1f} s."), ""]
     for r in rows:
         lines.append("| " + " | ".join("" if r.get(c) is None else str(r.get(c)) for c in cols) + " |")
@@ -348,7 +349,8 @@ def load_one(argv: list[str]):
 
 
 def run_joint(sections: list[Section], out: Path, client, rows: dict[str, dict], *, method: str = "stmorph",
-              n_clusters: int | None = None, batch_correction: str | None = "harmony", log=None) -> dict:
+              n_clusters: int | None = None, batch_correction: str | None = "harmony", refit: bool = True,
+              log=None) -> dict:
     """Load every section as a task, embed them jointly (:func:`stmorph.tl.joint_domains`) and write
     ``out/joint.csv``; the joint columns go into ``rows``. A section that cannot be read is left out
     (its row says so). Returns the joint run's parameters and seconds."""
@@ -377,7 +379,7 @@ def run_joint(sections: list[Section], out: Path, client, rows: dict[str, dict],
                 log(f"{name}: left out of the joint domains: {line}")
     if not adatas:
         raise InputError("joint domains: no section could be read")
-    joint_domains(adatas, method=method, n_clusters=n_clusters, batch_correction=batch_correction,
+    joint_domains(adatas, method=method, n_clusters=n_clusters, batch_correction=batch_correction, refit=refit,
                   random_state=seed)
     frames = []
     for name, a in adatas.items():
@@ -388,7 +390,9 @@ def run_joint(sections: list[Section], out: Path, client, rows: dict[str, dict],
         frames.append(pd.DataFrame({"section": name, "barcode": a.obs_names, "joint": a.obs["joint"].astype(str)}))
     table = pd.concat(frames, ignore_index=True)
     atomic_write(out / JOINT_TABLE, lambda p: table.to_csv(p, index=False))
-    params = {k: v for k, v in next(iter(adatas.values())).uns["joint"]["params"].items() if k != "refine"}
+    params = {k: v for k, v in next(iter(adatas.values())).uns["joint"]["params"].items()
+              if k not in ("refine", "refit")}
+    params["refit"] = refit
     info = {**params, "seconds": round(time.perf_counter() - t0, 2)}
     if log:
         log(f"joint domains: {len(adatas)} sections, {params['n_clusters']} domains ({info['seconds']:.1f} s)")
@@ -408,7 +412,7 @@ def needs_gpu(section: Section) -> bool:
 def run_cohort(manifest: str | os.PathLike, out: str | os.PathLike, *, scheduler: str | None = None,
                workers: int | None = None, force: bool = False, gpu_resource: str | None = None,
                joint: bool = False, joint_method: str = "stmorph", joint_clusters: int | None = None,
-               batch_correction: str | None = "harmony", log=None) -> list[dict]:
+               batch_correction: str | None = "harmony", joint_refit: bool = True, log=None) -> list[dict]:
     """Run every section of ``manifest`` into ``out/<section>/``; returns the cohort table's rows.
 
     Parameters
@@ -427,10 +431,12 @@ def run_cohort(manifest: str | os.PathLike, out: str | os.PathLike, *, scheduler
     force
         Run every section again, replacing its folder (under ``stmorph run --force``'s rules);
         without it a complete section is skipped.
-    joint, joint_method, joint_clusters, batch_correction
+    joint, joint_method, joint_clusters, batch_correction, joint_refit
         Also find joint domains over all sections (:func:`run_joint`): the method (``stmorph`` or
         ``expression``), the number of domains (default: the manifest's ``n_clusters`` when every section
-        gives the same one, else chosen from the data) and the batch correction (``harmony`` or None).
+        gives the same one, else chosen from the data), the batch correction (``harmony`` or None) and
+        whether each section's domains are refitted in its own embedding (``refit`` of
+        :func:`stmorph.tl.joint_domains`).
     log
         Called with one line per finished section.
     """
@@ -508,7 +514,7 @@ def run_cohort(manifest: str | os.PathLike, out: str | os.PathLike, *, scheduler
             if joint:
                 record_entries(out, [JOINT_TABLE])
                 joint_info = run_joint(sections, out, client, rows, method=joint_method, n_clusters=joint_clusters,
-                                       batch_correction=batch_correction, log=log)
+                                       batch_correction=batch_correction, refit=joint_refit, log=log)
         finally:
             client.close()
             if cluster is not None:

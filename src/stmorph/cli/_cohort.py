@@ -40,6 +40,9 @@ def add_parser(sub) -> None:
                         "else chosen from the data)")
     g.add_argument("--batch-correction", choices=("harmony", "none"), default="harmony",
                    help="between sections (default harmony: pip install 'stmorph[joint]')")
+    g.add_argument("--joint-no-refit", action="store_true",
+                   help="keep the joint mixture's labels instead of refitting each section's domains in its own "
+                        "embedding, started from the joint ones")
     p.add_argument("--quiet", action="store_true", help="no progress lines or summary")
     p.set_defaults(func=main)
 
@@ -56,7 +59,8 @@ def main(args) -> int:
     rows = run_cohort(args.manifest, args.out, scheduler=args.scheduler, workers=args.workers,
                       force=args.force, gpu_resource=args.gpu_resource, joint=args.joint,
                       joint_method=args.joint_method, joint_clusters=args.joint_clusters,
-                      batch_correction=None if args.batch_correction == "none" else args.batch_correction, log=log)
+                      batch_correction=None if args.batch_correction == "none" else args.batch_correction,
+                      joint_refit=not args.joint_no_refit, log=log)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "failed")}
     if not args.quiet:
         print(f"stmorph cohort: {len(rows)} sections -> {args.out}: {counts['ok']} ok, "

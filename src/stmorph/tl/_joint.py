@@ -11,8 +11,17 @@ sections together so the labels are shared::
                    block-diagonal smoother, so no neighbourhood crosses sections)
     one PCA        fitted on all spots at once (shared axes), sparse products as the stmorph method
     Harmony        (harmonypy) removes what separates the sections but not the tissue types
-    one clustering tied Gaussian mixture on every spot (exactly k, or k chosen on the cohort),
-                   then the majority refinement within each section
+    one clustering tied Gaussian mixture on every spot (exactly k, or k chosen on the cohort)
+    refit          each section's own embedding (the same steps on that section alone, its own variable
+                   genes), a tied mixture started from the joint domains' means there: the joint run says
+                   what each domain is, the section's own embedding where its boundaries lie
+    refinement     the majority refinement within each section
+
+Why the refit: the joint axes are shared by every section, so each section's finer, section-specific
+variation is partly lost in them; started from the joint domains, one EM in the section's own embedding keeps
+the domains' identity (checked: each refitted domain must hold mostly the spots of the joint domain it
+started from, else the section keeps its joint labels, with a warning) while placing its boundaries as a
+separate run would. A domain absent from a section (no spot of the section in it) stays absent there.
 
 The building blocks are the stmorph method's (:func:`~stmorph.tl._stmorph._log_hvg`,
 :func:`~stmorph.tl._stmorph._context_pca`, the neighbourhood smoother) and :func:`stmorph.tl.cluster`.
@@ -64,6 +73,63 @@ def _harmony(Z: np.ndarray, batch: np.ndarray, random_state: int, theta: float) 
     return out.T if out.shape[0] != Z.shape[0] else out  # older harmonypy returns (PCs, spots)
 
 
+def _embed(counts: list, xys: list, sigmas: list[float], n_top_genes, n_comps: int, random_state: int):
+    """One embedding of stacked sections: the union of each section's variable genes, log-normalised and scaled
+    over all spots, ``[own | neighbourhood mean at each radius within the section]`` (no radii: own only), one
+    PCA. Returns ``(Z float64, number of genes used)``."""
+    hvg = np.zeros(counts[0].shape[1], dtype=bool)
+    for X in counts:
+        _, genes = _log_hvg(X, n_top_genes, 1e4)
+        hvg[genes] = True
+    L = sp.vstack([log_normalize(X[:, hvg]) for X in counts]).tocsr()
+    L, n_genes = _scale_sparse(L)
+    smoothers = []
+    if sigmas:  # one block per section: a neighbourhood never crosses sections
+        per_section = [_neighbourhood_means(xy, sigmas) for xy in xys]
+        smoothers = [block_diag([blocks[i] for blocks in per_section]) for i in range(len(sigmas))]
+    n_out = int(min(n_comps, min(L.shape) - 1))
+    if n_out < 1:
+        msg = f"{L.shape[0]} spot(s) x {L.shape[1]} variable gene(s) are too few for an embedding."
+        raise InputError(msg)
+    with threadpool_limits(1):
+        Z, _ = _context_pca(L, smoothers, n_out, random_state)
+    return np.asarray(Z, dtype=np.float64), int(n_genes)
+
+
+def _refit(Z: np.ndarray, labels: np.ndarray, random_state: int) -> tuple[np.ndarray, dict]:
+    """One tied-mixture EM on a section's own embedding ``Z``, started from the means of its joint domains
+    ``labels`` (only the domains present in the section). Returns the labels, in the joint numbering, and a
+    record; the joint labels come back unchanged when a refitted domain holds mostly another joint domain's
+    spots (the identity would be lost)."""
+    from sklearn.mixture import GaussianMixture
+
+    present = np.unique(labels)
+    if present.size < 2:
+        return labels, {"agreement": 1.0, "kept": "joint", "domains": int(present.size)}
+    # the whole start (weights, means, shared covariance) from the joint domains, so no k-means run decides it
+    codes = np.searchsorted(present, labels)
+    means = np.stack([Z[codes == j].mean(axis=0) for j in range(present.size)])
+    reg = 1e-6 * max(float(np.mean(np.var(Z, axis=0))), 1e-12)
+    R = Z - means[codes]
+    cov = R.T @ R / Z.shape[0] + reg * np.eye(Z.shape[1])
+    gm = GaussianMixture(n_components=present.size, covariance_type="tied", weights_init=np.bincount(codes) / codes.size,
+                         means_init=means, precisions_init=np.linalg.inv(cov), max_iter=300, reg_covar=reg,
+                         random_state=int(random_state))
+    with warnings.catch_warnings(), threadpool_limits(1):
+        warnings.filterwarnings("ignore", message=".*did not converge.*")
+        new = present[gm.fit(Z).predict(Z)]
+    agreement = float(np.mean(new == labels))
+    kept = _keeps_identity(new, labels)
+    return (new if kept else labels), {"agreement": agreement, "kept": "refit" if kept else "joint",
+                                       "domains": int(present.size)}
+
+
+def _keeps_identity(new: np.ndarray, old: np.ndarray) -> bool:
+    """Whether every domain of ``new`` holds mostly spots of the domain of the same number in ``old`` (a
+    domain may vanish; none may take over another's spots)."""
+    return all(np.bincount(old[new == c]).argmax() == c for c in np.unique(new))
+
+
 def joint_domains(
     adatas: Mapping[str, object],
     *,
@@ -77,6 +143,7 @@ def joint_domains(
     n_init: int = DEFAULTS["n_init"],
     k_range: tuple[int, int] = DEFAULTS["k_range"],
     refine: bool = True,
+    refit: bool = True,
     layer: str | None = None,
     key_added: str = "joint",
     random_state: int = 0,
@@ -102,6 +169,9 @@ def joint_domains(
         used), and components (default 20 for ``"stmorph"``, 10 for ``"expression"``).
     n_init, k_range, refine
         Mixture restarts, the counts considered without ``n_clusters``, majority refinement within each section.
+    refit
+        Refit each section's domains in that section's own embedding, started from the joint domains (see the
+        module docstring); ``False`` keeps the joint mixture's labels as they are.
     layer
         Layer holding counts (default ``X``).
     key_added
@@ -116,7 +186,9 @@ def joint_domains(
     ``adata.obsm["X_" + key_added]``
         The joint embedding (after batch correction), ``float32``.
     ``adata.uns[key_added]["params"]``
-        Parameters, the sections, the genes used, the cluster count and the refinement.
+        Parameters, the sections, the genes used, the cluster count, the refinement and, per section, the refit
+        (``"agreement"``: share of spots whose refitted domain is their joint one; ``"kept"``: ``"refit"``, or
+        ``"joint"`` when the refit changed which domain is which).
     """
     import anndata as ad
 
@@ -141,26 +213,15 @@ def joint_domains(
         msg = f"the sections share {len(common)} gene name(s); joint domains need the same genes (var_names)."
         raise InputError(msg)
     counts = []
-    hvg = np.zeros(len(common), dtype=bool)
-    for name, a in zip(names, sections):
+    for a in sections:
         X, _ = _counts(a, layer)
-        X = sp.csr_matrix(X[:, pd.Index(a.var_names).get_indexer(common)])
-        _, genes = _log_hvg(X, n_top_genes, 1e4)
-        hvg[genes] = True
-        counts.append(X)
-    L = sp.vstack([log_normalize(X[:, hvg]) for X in counts]).tocsr()
-    L, _ = _scale_sparse(L)
+        counts.append(sp.csr_matrix(X[:, pd.Index(a.var_names).get_indexer(common)]))
     sizes = [a.n_obs for a in sections]
     batch = np.repeat(np.asarray(names, dtype=object), sizes)
     xys = [coordinates_um(a) for a in sections]
-    smoothers = []
-    if method == "stmorph":  # one block per section: a neighbourhood never crosses sections
-        per_section = [_neighbourhood_means(xy, sig) for xy in xys]
-        smoothers = [block_diag([blocks[i] for blocks in per_section]) for i in range(len(sig))]
-    n_out = int(min(n_comps, min(L.shape) - 1))
-    with threadpool_limits(1):
-        Z, _ = _context_pca(L, smoothers, n_out, random_state)
-    Z = np.asarray(Z, dtype=np.float64)
+    smooth = method == "stmorph"
+    Z, n_genes = _embed(counts, xys, sig if smooth else [], n_top_genes, n_comps, random_state)
+    n_out = Z.shape[1]
     if batch_correction == "harmony" and len(names) > 1:  # one section: nothing to correct
         Z = _harmony(Z, batch, random_state, theta)
     joint = ad.AnnData(obs=pd.DataFrame(index=pd.RangeIndex(Z.shape[0]).astype(str)))
@@ -168,9 +229,19 @@ def joint_domains(
     cluster(joint, "X", method="gmm", n_clusters=n_clusters, n_init=n_init, k_range=k_range, refine=False,
             key_added="domains", random_state=random_state)
     labels = joint.obs["domains"].astype(int).to_numpy()
+    parts = np.split(labels, np.cumsum(sizes)[:-1])
+    refits = {}
+    if refit and len(names) > 1:  # one section: its own embedding is the joint one
+        for i, (name, X, xy) in enumerate(zip(names, counts, xys)):
+            own, _ = _embed([X], [xy], sig if smooth else [], n_top_genes, n_comps, random_state)
+            parts[i], refits[name] = _refit(own, parts[i], random_state)
+        lost = [n for n, r in refits.items() if r["kept"] == "joint"]
+        if lost:
+            warnings.warn(f"joint_domains: refitting in their own embedding changed which domain is which in "
+                          f"{lost}; those sections keep their joint labels.", stacklevel=2)
     refined = []
     changed = {}
-    for name, xy, part in zip(names, xys, np.split(labels, np.cumsum(sizes)[:-1])):
+    for name, xy, part in zip(names, xys, parts):
         if refine:
             radius = 1.5 * spot_spacing(xy)
             part, changed[name] = refine_labels(part, xy, radius) if np.isfinite(radius) else (part, 0)
@@ -180,9 +251,10 @@ def joint_domains(
     cats = [str(i) for i in range(k)]
     params = {"method": method, "batch_correction": batch_correction, "sections": names,
               "theta": float(theta) if batch_correction == "harmony" and len(names) > 1 else None,
-              "n_genes_used": int(L.shape[1]), "n_top_genes": n_top_genes, "sigmas_um": sig if smoothers else [],
+              "n_genes_used": n_genes, "n_top_genes": n_top_genes, "sigmas_um": sig if smooth else [],
               "n_comps": n_out, "n_clusters": k, "n_clusters_requested": n_clusters, "n_init": int(n_init),
               "refine": {"method": "majority", "n_changed": changed} if refine else None,
+              "refit": refits or None,
               "random_state": random_state}
     for a, part, emb in zip(sections, np.split(labels, np.cumsum(sizes)[:-1]),
                             np.split(Z.astype(np.float32), np.cumsum(sizes)[:-1])):
