@@ -96,6 +96,30 @@ def test_cluster_gmm_exact_k_refine_and_params():
     assert (a.obs["g"] == b.obs["g"]).all()  # seeded
 
 
+def test_cluster_warns_when_domains_are_lost_or_single_spots():
+    # a fourth expression state in 20 spots scattered over the tissue: the mixture finds it, the refinement
+    # absorbs it
+    X, truth = _blobs()
+    keep = (truth != 3) | (np.cumsum(truth == 3) <= 20)
+    X, truth = X[keep], truth[keep]
+    rng = np.random.default_rng(1)
+    a = _adata_from(X, np.where(truth == 3, 0, truth))
+    scattered = np.flatnonzero(truth == 3)
+    others = np.flatnonzero(truth != 3)
+    xy = a.obsm["spatial"].copy()
+    swap = rng.choice(others, scattered.size, replace=False)  # each spot of state 3 among another state's
+    xy[scattered], xy[swap] = a.obsm["spatial"][swap], a.obsm["spatial"][scattered]
+    a.obsm["spatial"] = xy
+    with pytest.warns(UserWarning, match="asked for 4 domains, 3 remain: the majority refinement"):
+        tl.cluster(a, "X_rep", method="gmm", n_clusters=4, key_added="g", refine=True)
+    assert a.uns["g"]["n_clusters_matched"] is False and a.obs["g"].nunique() == 3
+    # one spot far from the rest gets a domain of its own: returned, with a warning
+    Y = np.vstack([np.random.default_rng(2).normal(size=(11, 2)), [[1e3, 1e3]]])
+    b = _adata_from(Y, np.zeros(12, dtype=int))
+    with pytest.warns(UserWarning, match=r"of 3 domains holds? a single spot \(\d"):
+        tl.cluster(b, "X_rep", method="gmm", n_clusters=3, key_added="g")
+
+
 def test_choose_n_clusters_finds_planted_count():
     for k in (3, 5):
         X, truth = _blobs(k=k, seed=k)

@@ -633,13 +633,21 @@ def cluster(
         params["refine"] = None
     n_found = int(labels.max()) + 1
     if n_clusters is not None:
+        if matched and n_found != n_clusters:  # a count the search reached, lost afterwards: say so
+            why = ("the majority refinement absorbed the others (refine=False keeps them)" if refine else
+                   "the mixture left the others empty")
+            warnings.warn(f"cluster({use_rep!r}): asked for {n_clusters} domains, {n_found} remain: {why}.",
+                          stacklevel=2)
         matched = matched and n_found == n_clusters
     sizes = np.bincount(labels)
     if n_found >= n:
         msg = f"cluster({use_rep!r}) put every spot in a domain of its own ({n_found} domains); not a result."
         raise InputError(msg)
-    if (sizes == 1).sum() > n_found / 2:
-        warnings.warn(f"cluster({use_rep!r}): {int((sizes == 1).sum())} of {n_found} domains hold a single spot; "
+    single = np.flatnonzero(sizes == 1)
+    if single.size:  # a single spot is not a tissue region
+        warnings.warn(f"cluster({use_rep!r}): {single.size} of {n_found} domains "
+                      f"{'holds' if single.size == 1 else 'hold'} a single spot "
+                      f"({', '.join(map(str, single[:5]))}{', ...' if single.size > 5 else ''}); "
                       "try fewer clusters or a lower resolution.", stacklevel=2)
     cats = [str(i) for i in range(n_found)]
     adata.obs[key_added] = pd.Categorical([str(v) for v in labels], categories=cats)
