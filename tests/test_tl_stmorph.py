@@ -203,7 +203,7 @@ def test_stmorph_image_beats_its_expression_only_variant(section):
         with_img.append(ev.ari(a, "stmorph"))
         tl.stmorph(a, n_clusters=k, use_image=False, random_state=seed, progress=False)
         expr_only.append(ev.ari(a, "stmorph"))
-    assert {"X_image", "X_image_context"} <= set(a.obsm)
+    assert {"X_image", "X_image_context_section"} <= set(a.obsm)
     assert np.mean(with_img) > np.mean(expr_only) + 0.02, (with_img, expr_only)
     # the registered variant "stmorph_expr" is use_image=False, run beside the method in one call
     seconds = tl.run_methods(a, ["stmorph_expr", "stmorph"], n_clusters=k, random_state=2, progress=False)
@@ -215,7 +215,7 @@ def test_stmorph_image_beats_its_expression_only_variant(section):
 def test_stmorph_chooses_k_without_n_clusters(section):
     a = section.copy()
     tl.stmorph(a, use_image=False)
-    assert not {"X_image", "X_image_context"} & set(a.obsm)  # the image turned off is not read at all
+    assert not {"X_image", "X_image_context_section"} & set(a.obsm)  # the image turned off is not read at all
     k = a.obs["stmorph"].nunique()
     assert 2 <= k <= 12 and a.uns["stmorph"]["params"]["n_clusters_chosen_by"] == "louvain"
 

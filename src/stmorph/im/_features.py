@@ -25,6 +25,7 @@ from .. import _spatial
 from ..errors import DependencyError, InputError
 from . import _cache
 from ._patches import MultiPatchBatch, iter_patches, iter_patches_multi, patch_size_px
+from ._section import SectionPool, check_pool, pooled
 from ._slide import Slide, slide_for
 from .encoders import Encoder, get_encoder
 from .slide._fill import fill_params, read_fill
@@ -177,6 +178,7 @@ def extract(
     amp_dtype=None,
     runner=None,
     fill: int | str = 255,
+    pool=None,
 ) -> np.ndarray:
     """Features ``(N, enc.dim)`` float32 of the patches of side ``size`` centred on ``xy``.
 
@@ -190,7 +192,10 @@ def extract(
     engine behind :func:`features`, usable without an AnnData. ``runner``
     replaces ``enc``'s own forward on preprocessed batches (e.g. an
     :class:`~stmorph.im._onnx.OrtRunner`). ``fill``: as in :func:`iter_patches`
-    (:func:`features` passes ``"glass"``).
+    (:func:`features` passes ``"glass"``). ``pool``: one entry per size, ``None`` (the encoder's
+    own average over the whole map) or a :class:`~stmorph.im._section.SectionPool` (the map averaged
+    with its cell weights, computed by PyTorch); a size may be listed twice with different pools,
+    and its patches then run through the encoder once.
     """
     import torch
     from tqdm.auto import tqdm
@@ -199,7 +204,12 @@ def extract(
     n = len(xy)
     multi = isinstance(size, (list, tuple))
     sizes = [int(z) for z in size] if multi else [int(size)]
+    pools = list(pool) if isinstance(pool, (list, tuple)) else [pool] * len(sizes)
+    if len(pools) != len(sizes):
+        raise InputError(f"pool has {len(pools)} entries for {len(sizes)} patch sizes.")
+    read = sorted(set(sizes))  # each size cropped and encoded once, however many pools it has
     outs = [np.full((n, enc.dim), np.nan, dtype=np.float32) for _ in sizes]
+    users = [[e for e, z in enumerate(sizes) if z == u] for u in read]
     q: queue.Queue = queue.Queue(maxsize=2 * (num_workers + streams))
     stop = threading.Event()
     errors: list[BaseException] = []
@@ -220,12 +230,12 @@ def extract(
 
     def produce(rows: np.ndarray) -> None:
         try:
-            if multi:
-                it = iter_patches_multi(slide, xy[rows], sizes, out_size=enc.input_size, batch_size=batch_size,
+            if len(read) > 1:
+                it = iter_patches_multi(slide, xy[rows], read, out_size=enc.input_size, batch_size=batch_size,
                                         fill=fill)
             else:
                 it = (MultiPatchBatch(b.index, (b.patches,), b.inside[None])
-                      for b in iter_patches(slide, xy[rows], sizes[0], out_size=enc.input_size, batch_size=batch_size,
+                      for b in iter_patches(slide, xy[rows], read[0], out_size=enc.input_size, batch_size=batch_size,
                                             fill=fill))
             for b in it:
                 if not put(MultiPatchBatch(rows[b.index], b.patches, b.inside)):
@@ -247,11 +257,26 @@ def extract(
                         continue
                     if item is _DONE:
                         return
-                    for out, patches, inside in zip(outs, item.patches, item.inside):
+                    for u, entries, patches, inside in zip(read, users, item.patches, item.inside):
                         keep = inside > 0  # entirely-outside patches are pure fill: leave their rows NaN
-                        if keep.any():
+                        if not keep.any():
+                            continue
+                        rows = item.index[keep]
+                        if all(pools[e] is None for e in entries):
                             x = prep(patches if keep.all() else patches[keep])  # (B, 3, S, S)
-                            out[item.index[keep]] = run(x).float().cpu().numpy()  # (B, dim)
+                            y = run(x).float().cpu().numpy()  # (B, dim)
+                            for e in entries:
+                                outs[e][rows] = y
+                            continue
+                        # a pooled size: the map from PyTorch (ONNX Runtime's graph ends pooled)
+                        fmap = pools[next(e for e in entries if pools[e] is not None)].trunk(
+                            enc.preprocess(patches if keep.all() else patches[keep]))  # (B, C, h, w)
+                        for e in entries:
+                            if pools[e] is None:
+                                outs[e][rows] = fmap.float().mean(dim=(2, 3)).cpu().numpy()
+                            else:
+                                wts = pools[e](rows, u, fmap.shape[2], fmap.shape[3])
+                                outs[e][rows] = pooled(fmap, wts).cpu().numpy()
                     with lock:
                         bar.update(len(item.index))
         except BaseException as e:
@@ -302,6 +327,7 @@ def features(
     backend: str = "auto",
     method: str = "auto",
     fill: str | None = "glass",
+    pool: str | tuple[str, ...] = "mean",
     copy: bool = False,
 ):
     """Image features of every spot from a pretrained encoder.
@@ -393,6 +419,13 @@ def features(
         (see :mod:`stmorph.im.slide._fill`; measured on HER2ST A1, whose background is painted black,
         in BENCHMARKS.md section 1, "Slide fill read as glass"). None: pixels as read (black stays
         black, white outside the image). Part of the cache key and of the recorded parameters.
+    pool
+        How the encoder's last feature map becomes one vector: ``"mean"`` (default; the encoder's own
+        global average over the whole patch) or ``"section"``: the average over the map cells that lie
+        inside the tissue section, so glass beyond the section's edge does not enter a context patch's
+        features (see :mod:`stmorph.im._section`; convolutional encoders only, computed by PyTorch). One
+        value, or one per patch. Part of the cache key and of the recorded parameters; the dense path
+        averages whole windows and records ``"mean"``.
     copy
         Return a modified copy instead of writing into ``adata``.
 
@@ -432,14 +465,19 @@ def features(
         from ._dense import choose_method, dense_features
 
         if method == "dense" or choose_method(adata, encoder, weights, library_id) == "dense":
-            return dense_features(adata, encoder, patch=patch, key_added=key_added, image=image, weights=weights,
-                                  device=device, batch_size=batch_size if method == "dense" else None,
-                                  precision=precision, backend=backend, cache=cache, cache_dir=cache_dir,
-                                  progress=progress, library_id=library_id, fill=fill, copy=copy)
+            out = dense_features(adata, encoder, patch=patch, key_added=key_added, image=image, weights=weights,
+                                 device=device, batch_size=batch_size if method == "dense" else None,
+                                 precision=precision, backend=backend, cache=cache, cache_dir=cache_dir,
+                                 progress=progress, library_id=library_id, fill=fill, copy=copy)
+            target = out if copy else adata
+            for key in _patch_list(patch, key_added)[1]:
+                target.uns[key]["params"]["pool"] = "mean"  # windows averaged whole on the dense path
+            return out
     adata = adata.copy() if copy else adata
     if adata.n_obs == 0:
         raise InputError("adata has no spots (n_obs == 0); nothing to extract features for.")
     patches, keys = _patch_list(patch, key_added)
+    pools = check_pool(pool, len(patches))
     lib = _spatial.library_id(adata, library_id) if "spatial" in adata.uns or image is None else library_id
     xy = _spatial.coordinates(adata)
     sizes = [patch_size_px(adata, p, library_id=lib) for p in patches]
@@ -464,14 +502,17 @@ def features(
     try:
         image_id = _image_identity(slide)
         cdir = cache_dir if cache_dir is not None else _cache.default_dir()
-        unique = sorted(set(sizes))
+        units = list(zip(sizes, pools))  # what is computed and cached: a patch size and a pooling
+        unique = sorted(set(units))
         fparams = fill_params(slide, fill)
-        ckeys = {z: _cache.make_key(image=image_id, xy=xy, patch_size_px=z,
-                                    encoder={**enc.params(), "dtype": dtype, **fparams})
-                 for z in unique}
-        found = {z: _cache.load(cdir, ckeys[z], (adata.n_obs, enc.dim)) if cache else None for z in unique}
-        todo = [z for z in unique if found[z] is None]
+        ckeys = {u: _cache.make_key(image=image_id, xy=xy, patch_size_px=u[0],
+                                    encoder={**enc.params(), "dtype": dtype, **fparams,
+                                             **({"pool": "section"} if u[1] == "section" else {})})
+                 for u in unique}
+        found = {u: _cache.load(cdir, ckeys[u], (adata.n_obs, enc.dim)) if cache else None for u in unique}
+        todo = [u for u in unique if found[u] is None]
         computed = {}
+        n_fallback = 0
         if todo:
             enc.to(dev)
             threads = torch.get_num_threads()
@@ -483,7 +524,7 @@ def features(
                 if backend == "onnxruntime":
                     from ._onnx import OrtRunner
 
-                    calib = _calibration(slide, xy, todo[0], enc, fill=rfill) if precision == "int8" else None
+                    calib = _calibration(slide, xy, todo[0][0], enc, fill=rfill) if precision == "int8" else None
                     try:
                         runner = OrtRunner(enc, threads=per_stream, precision=dtype, calib=calib)
                     except Exception as e:  # a module ONNX cannot export: PyTorch runs it (auto only)
@@ -491,22 +532,27 @@ def features(
                             msg = f"backend='onnxruntime' could not run encoder {enc.name!r}: {type(e).__name__}: {e}"
                             raise InputError(msg.splitlines()[0]) from e
                         backend = "torch"
-                feats = extract(slide, xy, todo if len(todo) > 1 else todo[0], enc, device=dev, batch_size=batch_size,
-                                num_workers=num_workers, streams=streams, progress=progress, amp_dtype=amp,
-                                runner=runner, fill=rfill)
+                section = SectionPool(slide, xy, enc, device=dev) if any(p == "section" for _, p in todo) else None
+                tsizes = [z for z, _ in todo]
+                feats = extract(slide, xy, tsizes if len(todo) > 1 else tsizes[0], enc, device=dev,
+                                batch_size=batch_size, num_workers=num_workers, streams=streams, progress=progress,
+                                amp_dtype=amp, runner=runner, fill=rfill,
+                                pool=[section if p == "section" else None for _, p in todo])
+                n_fallback = section.n_fallback if section is not None else 0
             finally:
                 torch.set_num_threads(threads)
             computed = dict(zip(todo, feats if len(todo) > 1 else [feats]))
             if cache:
-                for z, f in computed.items():
-                    _cache.save(cdir, ckeys[z], f)
+                for u, f in computed.items():
+                    _cache.save(cdir, ckeys[u], f)
         width, height = slide.width, slide.height
     finally:
         if own:
             slide.close()
 
-    for p, z, key in zip(patches, sizes, keys):
-        feats = found[z] if found[z] is not None else computed[z]
+    for p, z, pl, key in zip(patches, sizes, pools, keys):
+        u = (z, pl)
+        feats = found[u] if found[u] is not None else computed[u]
         origin = np.ceil(xy - z / 2)
         n_border = int(((origin < 0) | (origin + z > np.array([width, height]))).any(axis=1).sum())
         n_outside = int(np.isnan(feats).all(axis=1).sum())
@@ -515,7 +561,7 @@ def features(
                    f"({z} px patches); their obsm[{key!r}] rows are NaN (check obsm['spatial'] is in full-resolution "
                    "pixels).")
             warnings.warn(msg, UserWarning, stacklevel=2)
-        adata.obsm[key] = feats if keys.count(key) == 1 and sizes.count(z) == 1 else feats.copy()
+        adata.obsm[key] = feats if keys.count(key) == 1 and units.count(u) == 1 else feats.copy()
         params = enc.params()
         params.update(fparams)
         params.update(
@@ -523,17 +569,20 @@ def features(
             patch=str(p),
             device=str(dev),
             dtype=dtype,
-            backend=backend if z in todo else "",
+            backend=(backend if pl == "mean" else "torch") if u in todo else "",
+            pool=pl,
             batch_size=batch_size,
             streams=list(plan_threads(dev)),
             n_outside=n_outside,
             n_border=n_border,
             image=image_id.split("|")[0] if image_id.startswith("file:") else "in-memory",
             library_id=str(lib) if lib is not None else "",
-            cache_key=ckeys[z],
-            from_cache=found[z] is not None,
-            computed_with=[f"{t} px" for t in todo] if z in todo else [],
+            cache_key=ckeys[u],
+            from_cache=found[u] is not None,
+            computed_with=[f"{t} px{' (section)' if q == 'section' else ''}" for t, q in todo] if u in todo else [],
         )
+        if pl == "section" and u in todo:
+            params["n_section_fallback"] = int(n_fallback)
         adata.uns[key] = {"params": params}
     return adata if copy else None
 

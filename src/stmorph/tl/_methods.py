@@ -46,10 +46,14 @@ class Method:
 _REGISTRY: dict[str, Method] = {}
 
 
-#: Image features methods can declare (``patches=``): obsm key and patch size; ``"spot"`` follows the run's
-#: ``feature_key``/``patch`` options. :func:`run_methods` computes every declared one the chosen methods need
-#: in one pass over the slide (each region decoded once).
-PATCHES = {"spot": None, "context": ("X_image_context", "6spacing")}
+#: Image features methods can declare (``patches=``): obsm key, patch size and pooling of the encoder's map
+#: (:func:`stmorph.im.features`' ``pool``); ``"spot"`` follows the run's ``feature_key``/``patch`` options.
+#: :func:`run_methods` computes every declared one the chosen methods need in one pass over the slide (each
+#: region decoded once, each patch size encoded once). ``"context"`` is SENCA-st's patch as published (the
+#: whole patch averaged); ``"context_section"`` the same patch averaged over the tissue section only (the
+#: ``stmorph`` method's, so glass beyond the section's edge does not make a domain of the border).
+PATCHES = {"spot": None, "context": ("X_image_context", "6spacing", "mean"),
+           "context_section": ("X_image_context_section", "6spacing", "section")}
 
 
 def register_method(name: str, run: Callable, *, image: str = "none", summary: str = "",
@@ -140,25 +144,32 @@ class MethodRun:
                     n_comps=self.n_comps, random_state=self.random_state)
         return "X_expr_pca"
 
-    def image_features(self, keys=("X_image",), patches=None) -> tuple[str, ...]:
+    def image_features(self, keys=("X_image",), patches=None, pools=None) -> tuple[str, ...]:
         """``obsm[key]`` for each key from :func:`stmorph.im.features`, computed once (in one pass for several
-        patch sizes; the disk cache serves reruns). ``patches`` default: the run's ``patch`` for every key."""
+        patch sizes; the disk cache serves reruns). ``patches`` default: the run's ``patch`` for every key;
+        ``pools`` (``"mean"``/``"section"``) default: ``"mean"`` for every key."""
         from .. import im
 
         keys = (keys,) if isinstance(keys, str) else tuple(keys)
         patches = (self.patch,) * len(keys) if patches is None else tuple(patches)
-        todo = [(k, p) for k, p in zip(keys, patches) if k not in self.adata.obsm]
+        pools = ("mean",) * len(keys) if pools is None else tuple(pools)
+        todo = [(k, p, q) for k, p, q in zip(keys, patches, pools) if k not in self.adata.obsm]
         name = "image_features" if keys[0] == "X_image" else f"image_features_{keys[0]}"
-        todo_keys, todo_patches = zip(*todo) if todo else ((), ())
+        todo_keys, todo_patches, todo_pools = zip(*todo) if todo else ((), (), ())
+        one = len(todo) == 1
         self.shared(name, not todo, im.features, self.adata, encoder=self.encoder, weights=self.encoder_weights,
-                    patch=todo_patches[0] if len(todo) == 1 else todo_patches,
-                    key_added=todo_keys[0] if len(todo) == 1 else todo_keys,
+                    patch=todo_patches[0] if one else todo_patches, key_added=todo_keys[0] if one else todo_keys,
+                    pool=todo_pools[0] if one else (todo_pools or "mean"),
                     image=self.image, device=self.device, progress=self.progress)
         return keys
 
     def patch_key(self, name: str) -> tuple[str, Any]:
         """``(obsm key, patch size)`` of a declared patch (see :data:`PATCHES`)."""
-        return (self.feature_key, self.patch) if PATCHES[name] is None else PATCHES[name]
+        return (self.feature_key, self.patch) if PATCHES[name] is None else PATCHES[name][:2]
+
+    def patch_pool(self, name: str) -> str:
+        """The pooling (``"mean"`` or ``"section"``) of a declared patch (see :data:`PATCHES`)."""
+        return "mean" if PATCHES[name] is None else PATCHES[name][2]
 
     def expression_count(self) -> int | None:
         """The cluster count for methods told to follow the expression baseline (stMIC's protocol)."""
@@ -293,7 +304,7 @@ def run_methods(
     if len(wanted) > 1:  # one pass over the slide for every patch size the chosen methods read
         keys, sizes = zip(*[run.patch_key(p) for p in wanted])
         run.current = "_prefetch"
-        run.image_features(keys, sizes)
+        run.image_features(keys, sizes, [run.patch_pool(p) for p in wanted])
         prefetch = run.uses.pop("_prefetch", [])
         for m in readers:  # its time counts for every method that reads image features
             if get_method(m).patches:

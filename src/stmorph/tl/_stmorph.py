@@ -4,7 +4,8 @@ What the founding papers and the strongest peers teach, as one chain of named st
 
     spatial_expression_embedding   counts -> CPM 1e4 -> log1p -> HVG -> scale
                                    -> [own | Gaussian neighbourhood mean at each radius (um)] -> PCA   obsm["X_stmorph_expr"]
-    im.features (one pass)         spot patch + context patch (side 6 spacings: SENCA-st's radius)   obsm["X_image"], ["X_image_context"]
+    im.features (one pass)         spot patch + context patch (side 6 spacings: SENCA-st's radius),  obsm["X_image"],
+                                   the context's map averaged over the tissue section only           ["X_image_context_section"]
     image_context_embedding        standardise -> PCA per patch size -> neighbourhood mean -> PCA     obsm["X_stmorph_image"]
     integrate (balanced)           each modality scaled to unit total variance, image x weight        obsm["X_stmorph"]
     cluster                        tied-covariance Gaussian mixture (mclust EEE's role), exactly k
@@ -20,7 +21,10 @@ Why each step:
   the kernel is sparse and the PCA of the concatenation is computed implicitly with
   sparse products, so the cost is linear in the number of spots.
 - *Image context* (SENCA-st, stMIC): the spot patch says what lies under the spot, a larger
-  patch what surrounds it; each is reduced on its own and smoothed like expression.
+  patch what surrounds it; each is reduced on its own and smoothed like expression. The context
+  patch's feature map is averaged over the tissue section only (``pool="section"`` of
+  :func:`stmorph.im.features`): averaged over the whole patch, a spot near the section's edge is
+  described by the glass beyond it, and the clustering spent a domain on a band along the border.
 - *Balance*: blocks of different widths and scales would let one modality drown the other;
   each is scaled to unit total variance before the image weight is applied.
 - *Model-based clustering to exactly k* (GraphST's mclust EEE): one covariance shared by all
@@ -224,7 +228,7 @@ def spatial_expression_embedding(
 def image_context_embedding(
     adata,
     *,
-    use_reps: Sequence[str] = ("X_image", "X_image_context"),
+    use_reps: Sequence[str] = ("X_image", "X_image_context_section"),
     sigmas_um: float | Sequence[float] = SIGMAS_UM,
     n_comps: int = 10,
     key_added: str = "X_stmorph_image",
@@ -302,8 +306,8 @@ def _run_stmorph(adata, run, *, key: str = "stmorph", expression_only: bool = Fa
                sigmas_um=sigmas, n_top_genes=o["n_top_genes"], n_comps=int(o["n_comps"]), random_state=rs)
     reps, weights = ["X_stmorph_expr"], [1.0]
     if use_image:
-        (spot, _), (context, context_patch) = run.patch_key("spot"), run.patch_key("context")
-        run.image_features((spot, context), (run.patch, context_patch))
+        (spot, _), (context, context_patch) = run.patch_key("spot"), run.patch_key("context_section")
+        run.image_features((spot, context), (run.patch, context_patch), ("mean", run.patch_pool("context_section")))
         run.step("stmorph_image", image_context_embedding, adata, use_reps=(spot, context), sigmas_um=sigmas,
                  random_state=rs)
         reps.append("X_stmorph_image")
@@ -321,7 +325,7 @@ def _run_stmorph(adata, run, *, key: str = "stmorph", expression_only: bool = Fa
     )
 
 
-register_method("stmorph", _run_stmorph, image="optional", patches=("spot", "context"),
+register_method("stmorph", _run_stmorph, image="optional", patches=("spot", "context_section"),
                 reads_image=lambda options: options["stmorph_options"].get("use_image", DEFAULTS["use_image"]) is not False,
                 summary="stmorph: expression with spatial context (+ image spot and context patches), "
                         "tied Gaussian mixture, spatial refinement")
@@ -390,7 +394,7 @@ def stmorph(
 
     ``adata.obs["stmorph"]``
         Domain labels.
-    ``adata.obsm["X_stmorph_expr"]``, ``["X_stmorph_image"]``, ``["X_stmorph"]``, ``["X_image"]``, ``["X_image_context"]``
+    ``adata.obsm["X_stmorph_expr"]``, ``["X_stmorph_image"]``, ``["X_stmorph"]``, ``["X_image"]``, ``["X_image_context_section"]``
         Embeddings and image features (image ones only with an image).
     ``adata.uns["stmorph"]["params"]``
         Every parameter used, the modalities and the refinement.
