@@ -461,6 +461,7 @@ def features(
     if method not in ("auto", "patch", "dense"):
         raise InputError(f"method must be 'auto', 'patch' or 'dense'; got {method!r}.")
     rfill = read_fill(fill)
+    check_pool(pool, len(_patch_list(patch, key_added)[0]))
     if method != "patch":
         from ._dense import choose_method, dense_features
 
