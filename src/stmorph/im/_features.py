@@ -506,8 +506,11 @@ def features(
         units = list(zip(sizes, pools))  # what is computed and cached: a patch size and a pooling
         unique = sorted(set(units))
         fparams = fill_params(slide, fill)
+        # a section-pooled size runs in PyTorch: int8 (ONNX Runtime's) does not apply to it
+        torch_dtype = str(amp).replace("torch.", "") if amp is not None else "float32"
+        udtype = {u: torch_dtype if u[1] == "section" else dtype for u in unique}
         ckeys = {u: _cache.make_key(image=image_id, xy=xy, patch_size_px=u[0],
-                                    encoder={**enc.params(), "dtype": dtype, **fparams,
+                                    encoder={**enc.params(), "dtype": udtype[u], **fparams,
                                              **({"pool": "section"} if u[1] == "section" else {})})
                  for u in unique}
         found = {u: _cache.load(cdir, ckeys[u], (adata.n_obs, enc.dim)) if cache else None for u in unique}
@@ -569,7 +572,7 @@ def features(
             patch_size_px=int(z),
             patch=str(p),
             device=str(dev),
-            dtype=dtype,
+            dtype=udtype[u],
             backend=(backend if pl == "mean" else "torch") if u in todo else "",
             pool=pl,
             batch_size=batch_size,
