@@ -267,3 +267,16 @@ def test_standardised_pca_in_chunks_equals_whole_matrix_pca():
     got64, evr64, _ = standardised_pca(F, 8, "X", chunk=701, dtype=np.float64)  # stMIC's image embedding
     np.testing.assert_allclose(got64, want, atol=1e-8)
     np.testing.assert_allclose(evr64, _pca(S[ok], 8, 0)[1], rtol=1e-10)
+
+
+def test_stmorph_and_senca_read_the_context_patch_pooled_their_own_way_in_one_pass(section):
+    """The stmorph method reads the context patch averaged over the tissue section, SENCA-st the published
+    whole-patch average; run together, the context patches go through the encoder once."""
+    a = section.copy()
+    tl.run_methods(a, ["stmorph", "senca"], n_clusters=4, senca_options={"epochs": 1}, progress=False)
+    sec, plain = a.uns["X_image_context_section"]["params"], a.uns["X_image_context"]["params"]
+    assert (sec["pool"], plain["pool"]) == ("section", "mean")
+    assert sec["patch_size_px"] == plain["patch_size_px"]
+    assert sec["computed_with"] == plain["computed_with"] and len(sec["computed_with"]) == 3  # one pass: 3 features, 2 sizes
+    assert a.uns["X_stmorph_image"]["params"]["use_reps"] == ["X_image", "X_image_context_section"]
+    assert not np.allclose(a.obsm["X_image_context"], a.obsm["X_image_context_section"])
