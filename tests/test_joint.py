@@ -59,7 +59,9 @@ def test_labels_mean_the_same_tissue_in_every_section(two_sections):
     assert same.mean() > 0.8
     assert a.uns["joint"]["params"]["batch_correction"] == "harmony"
     refit = a.uns["joint"]["params"]["refit"]
-    assert set(refit) == {"A", "B"} and all(r["kept"] == "refit" and r["agreement"] > 0.8 for r in refit.values())
+    assert a.uns["joint"]["params"]["sections"] == ["A", "B"]
+    assert refit["kept"] == ["refit", "refit"] and min(refit["agreement"]) > 0.8 and refit["domains"] == [5, 5]
+    assert len(a.uns["joint"]["params"]["refine"]["n_changed"]) == 2
 
 
 def test_refit_keeps_the_joint_identity(two_sections):

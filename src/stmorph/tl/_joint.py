@@ -13,8 +13,9 @@ sections together so the labels are shared::
     Harmony        (harmonypy) removes what separates the sections but not the tissue types
     one clustering tied Gaussian mixture on every spot (exactly k, or k chosen on the cohort)
     refit          each section's own embedding (the same steps on that section alone, its own variable
-                   genes), a tied mixture started from the joint domains' means there: the joint run says
-                   what each domain is, the section's own embedding where its boundaries lie
+                   genes), one tied-mixture EM started from the joint domains there (their weights, means
+                   and pooled covariance): the joint run says what each domain is, the section's own
+                   embedding where its boundaries lie
     refinement     the majority refinement within each section
 
 Why the refit: the joint axes are shared by every section, so each section's finer, section-specific
@@ -104,8 +105,8 @@ def _refit(Z: np.ndarray, labels: np.ndarray, random_state: int) -> tuple[np.nda
     from sklearn.mixture import GaussianMixture
 
     present = np.unique(labels)
-    if present.size < 2:
-        return labels, {"agreement": 1.0, "kept": "joint", "domains": int(present.size)}
+    if present.size < 2:  # one domain in this section: nothing to refit
+        return labels, {"agreement": 1.0, "kept": "joint (one domain)", "domains": int(present.size)}
     # the whole start (weights, means, shared covariance) from the joint domains, so no k-means run decides it
     codes = np.searchsorted(present, labels)
     means = np.stack([Z[codes == j].mean(axis=0) for j in range(present.size)])
@@ -186,9 +187,10 @@ def joint_domains(
     ``adata.obsm["X_" + key_added]``
         The joint embedding (after batch correction), ``float32``.
     ``adata.uns[key_added]["params"]``
-        Parameters, the sections, the genes used, the cluster count, the refinement and, per section, the refit
-        (``"agreement"``: share of spots whose refitted domain is their joint one; ``"kept"``: ``"refit"``, or
-        ``"joint"`` when the refit changed which domain is which).
+        Parameters, the sections, the genes used, the cluster count, the refinement (``"n_changed"``: spots
+        changed per section) and the refit, each a list in the order of ``"sections"``: ``"agreement"`` (share
+        of spots whose refitted domain is their joint one), ``"kept"`` (``"refit"``, or ``"joint"`` when the
+        refit changed which domain is which) and ``"domains"`` (joint domains present in the section).
     """
     import anndata as ad
 
@@ -230,21 +232,23 @@ def joint_domains(
             key_added="domains", random_state=random_state)
     labels = joint.obs["domains"].astype(int).to_numpy()
     parts = np.split(labels, np.cumsum(sizes)[:-1])
-    refits = {}
+    refits = []
     if refit and len(names) > 1:  # one section: its own embedding is the joint one
-        for i, (name, X, xy) in enumerate(zip(names, counts, xys)):
+        for i, (X, xy) in enumerate(zip(counts, xys)):
             own, _ = _embed([X], [xy], sig if smooth else [], n_top_genes, n_comps, random_state)
-            parts[i], refits[name] = _refit(own, parts[i], random_state)
-        lost = [n for n, r in refits.items() if r["kept"] == "joint"]
+            parts[i], record = _refit(own, parts[i], random_state)
+            refits.append(record)
+        lost = [n for n, r in zip(names, refits) if r["kept"] == "joint"]
         if lost:
             warnings.warn(f"joint_domains: refitting in their own embedding changed which domain is which in "
                           f"{lost}; those sections keep their joint labels.", stacklevel=2)
     refined = []
-    changed = {}
-    for name, xy, part in zip(names, xys, parts):
+    changed = []
+    for xy, part in zip(xys, parts):
         if refine:
             radius = 1.5 * spot_spacing(xy)
-            part, changed[name] = refine_labels(part, xy, radius) if np.isfinite(radius) else (part, 0)
+            part, n = refine_labels(part, xy, radius) if np.isfinite(radius) else (part, 0)
+            changed.append(int(n))
         refined.append(part)
     labels = _relabel(np.concatenate(refined))  # "0" is the largest domain over the cohort
     k = int(labels.max()) + 1
@@ -254,7 +258,8 @@ def joint_domains(
               "n_genes_used": n_genes, "n_top_genes": n_top_genes, "sigmas_um": sig if smooth else [],
               "n_comps": n_out, "n_clusters": k, "n_clusters_requested": n_clusters, "n_init": int(n_init),
               "refine": {"method": "majority", "n_changed": changed} if refine else None,
-              "refit": refits or None,
+              # per-section records as lists in the order of "sections" (names may hold "/", which h5ad nests)
+              "refit": {f: [r[f] for r in refits] for f in ("kept", "agreement", "domains")} if refits else None,
               "random_state": random_state}
     for a, part, emb in zip(sections, np.split(labels, np.cumsum(sizes)[:-1]),
                             np.split(Z.astype(np.float32), np.cumsum(sizes)[:-1])):
