@@ -269,9 +269,10 @@ def test_standardised_pca_in_chunks_equals_whole_matrix_pca():
     np.testing.assert_allclose(evr64, _pca(S[ok], 8, 0)[1], rtol=1e-10)
 
 
-def test_stmorph_and_senca_read_the_context_patch_pooled_their_own_way_in_one_pass(section):
+def test_stmorph_and_senca_read_the_context_patch_pooled_their_own_way_in_one_pass(section, tmp_path, monkeypatch):
     """The stmorph method reads the context patch averaged over the tissue section, SENCA-st the published
     whole-patch average; run together, the context patches go through the encoder once."""
+    monkeypatch.setenv("STMORPH_CACHE_DIR", str(tmp_path))  # an empty feature cache: everything is computed here
     a = section.copy()
     tl.run_methods(a, ["stmorph", "senca"], n_clusters=4, senca_options={"epochs": 1}, progress=False)
     sec, plain = a.uns["X_image_context_section"]["params"], a.uns["X_image_context"]["params"]
