@@ -82,17 +82,23 @@ def autok(data: Path, seeds: int) -> None:
     print(f"\nWithin +-1 of the annotated count: {hits}/{total} runs; every seed on {sec_hits}/{len(sections)} sections.\n")
 
 
-def image_vs_expression(data: Path, seeds: int, weights: list[float] | None = None) -> None:
-    """ARI of ``stmorph`` with the image (at each image weight; default the method's) and on expression alone."""
+def image_vs_expression(data: Path, seeds: int, weights: list[float] | None = None,
+                        pools: list[str] | None = None) -> None:
+    """ARI of ``stmorph`` with the image (at each image weight, default the method's, and each context pooling,
+    default the method's) and on expression alone."""
     from stmorph import datasets, ev, tl
     from stmorph.ev import _benchmark as bm
     from stmorph.ev._metrics import scored_labels
     from stmorph.tl._stmorph import IMAGE_WEIGHT
 
-    weights = list(weights or [IMAGE_WEIGHT])
+    from stmorph.tl._stmorph import DEFAULTS
+
+    pools = list(pools or [DEFAULTS["context_pool"]])
+    variants = [(w, p) for p in pools for w in (weights or [IMAGE_WEIGHT])]
     print("## stmorph with the H&E vs its expression-only variant (ARI, mean +- sd over seeds)\n")
-    print("| section | " + " | ".join(f"with image, weight {w:g}" for w in weights) + " | expression only |")
-    print("|---|" + "---:|" * (len(weights) + 1))
+    print("| section | " + " | ".join(f"with image, weight {w:g}" + (f", context {p}" if len(pools) > 1 else "")
+                                     for w, p in variants) + " | expression only |")
+    print("|---|" + "---:|" * (len(variants) + 1))
     cases = []
     if data.is_dir():
         cases += [(s.name, lambda s=s: bm.load_section(s)) for s in bm.find_sections(data) if s.image]
@@ -102,13 +108,14 @@ def image_vs_expression(data: Path, seeds: int, weights: list[float] | None = No
             warnings.simplefilter("ignore")
             a = load()
             k = scored_labels(a, "annotation").nunique()
-            res = {w: [] for w in [*weights, None]}
+            res = {v: [] for v in [*variants, None]}
             for seed in range(seeds):
-                for w in res:
-                    opts = {"use_image": False} if w is None else {"use_image": True, "image_weight": w}
+                for v in res:
+                    opts = ({"use_image": False} if v is None else
+                            {"use_image": True, "image_weight": v[0], "context_pool": v[1]})
                     tl.run_methods(a, ["stmorph"], n_clusters=k, random_state=seed, progress=False,
                                    stmorph_options=opts)
-                    res[w].append(ev.ari(a, "stmorph"))
+                    res[v].append(ev.ari(a, "stmorph"))
         cells = [f"{np.mean(v):.3f} ± {np.std(v, ddof=1) if len(v) > 1 else 0:.3f}" for v in res.values()]
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
     print()
@@ -171,6 +178,8 @@ def main() -> None:
     p.add_argument("--image", action="store_true")
     p.add_argument("--weights", type=float, nargs="+", default=None, metavar="W",
                    help="with --image: image weights to compare (default: the method's)")
+    p.add_argument("--context-pool", nargs="+", default=None, choices=("section", "mean"),
+                   help="with --image: context poolings to compare (default: the method's)")
     p.add_argument("--radii", nargs="+", default=None, metavar="UM[,UM]",
                    help="stmorph_expr on every section at each set of neighbourhood radii, e.g. 100 100,200")
     p.add_argument("--update-md", type=Path, default=None, metavar="FILE")
@@ -182,7 +191,7 @@ def main() -> None:
     if args.autok:
         autok(args.data, args.seeds)
     if args.image:
-        image_vs_expression(args.data, args.seeds, args.weights)
+        image_vs_expression(args.data, args.seeds, args.weights, args.context_pool)
     if args.radii:
         radii(args.data, args.seeds, args.radii)
     if args.update_md is not None:

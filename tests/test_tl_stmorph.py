@@ -281,3 +281,9 @@ def test_stmorph_and_senca_read_the_context_patch_pooled_their_own_way_in_one_pa
     assert sec["computed_with"] == plain["computed_with"] and len(sec["computed_with"]) == 3  # one pass: 3 features, 2 sizes
     assert a.uns["X_stmorph_image"]["params"]["use_reps"] == ["X_image", "X_image_context_section"]
     assert not np.allclose(a.obsm["X_image_context"], a.obsm["X_image_context_section"])
+    # the whole-patch average stays available to the stmorph method, as an option
+    tl.stmorph(a, n_clusters=4, context_pool="mean", progress=False)
+    assert a.uns["X_stmorph_image"]["params"]["use_reps"] == ["X_image", "X_image_context"]
+    assert a.uns["stmorph"]["params"]["context_pool"] == "mean"
+    with pytest.raises(InputError, match="context_pool="):
+        tl.stmorph(a, n_clusters=4, context_pool="tissue", progress=False)

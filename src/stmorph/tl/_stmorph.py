@@ -61,7 +61,7 @@ IMAGE_WEIGHT = 0.3
 #: Defaults of :func:`stmorph` (and of the method in :func:`run_methods`, via ``stmorph_options``).
 DEFAULTS = {"use_image": None, "image_weight": IMAGE_WEIGHT, "sigmas_um": SIGMAS_UM, "n_top_genes": 3000,
             "n_comps": 20, "cluster_method": "gmm", "n_init": 10, "k_range": (2, 12), "refine": True,
-            "refine_radius_um": None}
+            "refine_radius_um": None, "context_pool": "section"}
 
 
 def _check_sigmas(sigmas_um) -> list[float]:
@@ -292,6 +292,10 @@ def _run_stmorph(adata, run, *, key: str = "stmorph", expression_only: bool = Fa
     o = {**DEFAULTS, **({"refine": run.refine} if run.refine is not None else {}), **run.stmorph_options}
     use_image, image_weight, sigmas = o["use_image"], float(o["image_weight"]), o["sigmas_um"]
     method, refine = o["cluster_method"], bool(o["refine"])
+    if o["context_pool"] not in ("section", "mean"):
+        msg = f"context_pool={o['context_pool']!r} must be 'section' or 'mean'."
+        raise InputError(msg)
+    context_name = "context_section" if o["context_pool"] == "section" else "context"  # "context": SENCA-st's
     if expression_only:
         use_image = False
     if use_image and not run.has_image:
@@ -306,8 +310,8 @@ def _run_stmorph(adata, run, *, key: str = "stmorph", expression_only: bool = Fa
                sigmas_um=sigmas, n_top_genes=o["n_top_genes"], n_comps=int(o["n_comps"]), random_state=rs)
     reps, weights = ["X_stmorph_expr"], [1.0]
     if use_image:
-        (spot, _), (context, context_patch) = run.patch_key("spot"), run.patch_key("context_section")
-        run.image_features((spot, context), (run.patch, context_patch), ("mean", run.patch_pool("context_section")))
+        (spot, _), (context, context_patch) = run.patch_key("spot"), run.patch_key(context_name)
+        run.image_features((spot, context), (run.patch, context_patch), ("mean", run.patch_pool(context_name)))
         run.step("stmorph_image", image_context_embedding, adata, use_reps=(spot, context), sigmas_um=sigmas,
                  random_state=rs)
         reps.append("X_stmorph_image")
@@ -321,7 +325,7 @@ def _run_stmorph(adata, run, *, key: str = "stmorph", expression_only: bool = Fa
     adata.uns[key]["params"].update(
         modalities=["expression", "image"] if use_image else ["expression"],
         image_weight=image_weight if use_image else 0.0, sigmas_um=list(_check_sigmas(sigmas)),
-        n_top_genes=o["n_top_genes"],
+        n_top_genes=o["n_top_genes"], context_pool=o["context_pool"] if use_image else None,
     )
 
 
@@ -348,6 +352,7 @@ def stmorph(
     k_range: tuple[int, int] = DEFAULTS["k_range"],
     refine: bool = DEFAULTS["refine"],
     refine_radius_um: float | None = None,
+    context_pool: str = DEFAULTS["context_pool"],
     image=None,
     encoder: str = "efficientnet_lite2",
     encoder_weights: str | None = None,
@@ -381,6 +386,10 @@ def stmorph(
         Mixture restarts and the counts considered without ``n_clusters``.
     refine, refine_radius_um
         Majority refinement over spatial neighbours (default radius 1.5 spot spacings).
+    context_pool
+        ``"section"`` (default): the context patch's feature map averaged over the tissue section only
+        (``obsm["X_image_context_section"]``); ``"mean"``: over the whole patch, glass included (SENCA-st's
+        ``obsm["X_image_context"]``), to see what the section pooling changes.
     image, encoder, encoder_weights, device
         Image features, as :func:`stmorph.im.features`.
     random_state
@@ -402,7 +411,7 @@ def stmorph(
     adata = adata.copy() if copy else adata
     opts = {"use_image": use_image, "image_weight": image_weight, "sigmas_um": sigmas_um,
             "n_top_genes": n_top_genes, "n_comps": n_comps, "cluster_method": cluster_method, "n_init": n_init,
-            "k_range": k_range, "refine": refine, "refine_radius_um": refine_radius_um}
+            "k_range": k_range, "refine": refine, "refine_radius_um": refine_radius_um, "context_pool": context_pool}
     run_methods(adata, ["stmorph"], n_clusters=n_clusters, image=image, encoder=encoder,
                 encoder_weights=encoder_weights, device=device, random_state=random_state, progress=progress,
                 stmorph_options=opts)
