@@ -210,6 +210,7 @@ def extract(
     read = sorted(set(sizes))  # each size cropped and encoded once, however many pools it has
     outs = [np.full((n, enc.dim), np.nan, dtype=np.float32) for _ in sizes]
     users = [[e for e, z in enumerate(sizes) if z == u] for u in read]
+    trunk = next((p.trunk for p in pools if p is not None), None)  # the map, for pooled sizes
     q: queue.Queue = queue.Queue(maxsize=2 * (num_workers + streams))
     stop = threading.Event()
     errors: list[BaseException] = []
@@ -269,8 +270,7 @@ def extract(
                                 outs[e][rows] = y
                             continue
                         # a pooled size: the map from PyTorch (ONNX Runtime's graph ends pooled)
-                        fmap = pools[next(e for e in entries if pools[e] is not None)].trunk(
-                            enc.preprocess(patches if keep.all() else patches[keep]))  # (B, C, h, w)
+                        fmap = trunk(enc.preprocess(patches if keep.all() else patches[keep]))  # (B, C, h, w)
                         for e in entries:
                             if pools[e] is None:
                                 outs[e][rows] = fmap.float().mean(dim=(2, 3)).cpu().numpy()
@@ -461,7 +461,8 @@ def features(
     if method not in ("auto", "patch", "dense"):
         raise InputError(f"method must be 'auto', 'patch' or 'dense'; got {method!r}.")
     rfill = read_fill(fill)
-    check_pool(pool, len(_patch_list(patch, key_added)[0]))
+    patches, keys = _patch_list(patch, key_added)
+    pools = check_pool(pool, len(patches))
     if method != "patch":
         from ._dense import choose_method, dense_features
 
@@ -471,14 +472,12 @@ def features(
                                  precision=precision, backend=backend, cache=cache, cache_dir=cache_dir,
                                  progress=progress, library_id=library_id, fill=fill, copy=copy)
             target = out if copy else adata
-            for key in _patch_list(patch, key_added)[1]:
+            for key in keys:
                 target.uns[key]["params"]["pool"] = "mean"  # windows averaged whole on the dense path
             return out
     adata = adata.copy() if copy else adata
     if adata.n_obs == 0:
         raise InputError("adata has no spots (n_obs == 0); nothing to extract features for.")
-    patches, keys = _patch_list(patch, key_added)
-    pools = check_pool(pool, len(patches))
     lib = _spatial.library_id(adata, library_id) if "spatial" in adata.uns or image is None else library_id
     xy = _spatial.coordinates(adata)
     sizes = [patch_size_px(adata, p, library_id=lib) for p in patches]

@@ -98,10 +98,10 @@ def _embed(counts: list, xys: list, sigmas: list[float], n_top_genes, n_comps: i
 
 
 def _refit(Z: np.ndarray, labels: np.ndarray, random_state: int) -> tuple[np.ndarray, dict]:
-    """One tied-mixture EM on a section's own embedding ``Z``, started from the means of its joint domains
-    ``labels`` (only the domains present in the section). Returns the labels, in the joint numbering, and a
-    record; the joint labels come back unchanged when a refitted domain holds mostly another joint domain's
-    spots (the identity would be lost)."""
+    """One tied-mixture EM on a section's own embedding ``Z``, started from its joint domains ``labels`` (their
+    weights, means and pooled covariance; only the domains present in the section). Returns the labels, in the
+    joint numbering, and a record; the joint labels come back unchanged when a refitted domain holds mostly
+    another joint domain's spots (the identity would be lost)."""
     from sklearn.mixture import GaussianMixture
 
     present = np.unique(labels)
