@@ -89,6 +89,19 @@ def test_cluster_gmm_exact_k_refine_and_params():
     p = a.uns["g"]["params"]
     assert p["method"] == "gmm" and p["covariance_type"] == "tied" and p["n_clusters"] == 4
     assert p["refine"]["method"] == "majority" and p["refine"]["radius_um"] == pytest.approx(150.0)
+    assert "note" not in p["refine"]
+    # legacy ST pitch (200 um): the default ring is capped at 150 um, so no spot has a neighbour and none changes
+    st_grid = _adata_from(X, truth)
+    st_grid.obsm["spatial"] = st_grid.obsm["spatial"] * 2.0
+    rng = np.random.default_rng(1)
+    st_grid.obsm["X_rep"] = st_grid.obsm["X_rep"] + rng.normal(scale=6.0, size=X.shape).astype(np.float32)
+    tl.cluster(st_grid, "X_rep", method="gmm", n_clusters=4, key_added="g", refine=True)
+    tl.cluster(st_grid, "X_rep", method="gmm", n_clusters=4, key_added="raw")
+    r = st_grid.uns["g"]["params"]["refine"]
+    assert r["radius_um"] == pytest.approx(150.0) and r["n_changed"] == 0 and "spacing" in r["note"]
+    assert (st_grid.obs["g"] == st_grid.obs["raw"]).all()
+    tl.cluster(st_grid, "X_rep", method="gmm", n_clusters=4, key_added="g3", refine=True, refine_radius_um=300.0)
+    assert st_grid.uns["g3"]["params"]["refine"]["n_changed"] > 0  # an explicit radius still reaches the ring
     tl.cluster(a, "X_rep", method="louvain", n_clusters=4, key_added="l")
     assert a.uns["l"]["params"]["refine"] is None  # off unless asked, for every method
     b = _adata_from(X, truth)

@@ -516,9 +516,10 @@ def cluster(
         Relabel each spot by the majority of its spatial neighbours when its own
         label holds less than half of them (SpaGCN/GraphST); off by default.
     refine_radius_um
-        Neighbourhood radius of the refinement in micrometres; default 1.5 times the
-        spot spacing (the first ring of neighbours on any platform). Needs
-        ``obsm["spatial"]`` and ``uns["spatial"]``.
+        Neighbourhood radius of the refinement in micrometres; default the first ring of
+        neighbours (1.5 spot spacings) but at most 150 um, so that on legacy ST (200 um
+        pitch) spots keep their labels (see :func:`stmorph.tl._neighbors.refine_radius`).
+        Needs ``obsm["spatial"]`` and ``uns["spatial"]``.
     key_added
         ``obs`` key of the labels; defaults to ``use_rep`` without ``X_``.
     random_state
@@ -619,16 +620,19 @@ def cluster(
                 stacklevel=2,
             )
     if refine:
-        from ._neighbors import coordinates_um, refine_labels, spot_spacing
+        from ._neighbors import coordinates_um, refine_labels, refine_radius, spot_spacing
 
         xy = coordinates_um(adata)
-        radius = float(refine_radius_um) if refine_radius_um is not None else 1.5 * spot_spacing(xy)
+        radius = float(refine_radius_um) if refine_radius_um is not None else refine_radius(xy)
         if not np.isfinite(radius) or radius <= 0:
             msg = f"refine_radius_um={refine_radius_um} must be a positive number of micrometres."
             raise InputError(msg)
         labels, n_changed = refine_labels(labels, xy, radius)
         labels = _relabel(labels)
         params["refine"] = {"method": "majority", "radius_um": radius, "n_changed": int(n_changed)}
+        if radius < spot_spacing(xy):  # legacy ST under the default cap: say why nothing changed
+            params["refine"]["note"] = ("radius below the spot spacing: spots without a neighbour within it keep "
+                                        "their label")
     else:
         params["refine"] = None
     n_found = int(labels.max()) + 1

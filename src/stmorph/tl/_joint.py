@@ -42,7 +42,7 @@ from threadpoolctl import threadpool_limits
 from ..errors import DependencyError, InputError
 from ._cluster import _relabel, cluster
 from ._embedding import _counts, log_normalize
-from ._neighbors import block_diag, coordinates_um, refine_labels, spot_spacing
+from ._neighbors import block_diag, coordinates_um, refine_labels, refine_radius
 from ._stmorph import (
     DEFAULTS,
     _check_sigmas,
@@ -246,7 +246,7 @@ def joint_domains(
     changed = []
     for xy, part in zip(xys, parts):
         if refine:
-            radius = 1.5 * spot_spacing(xy)
+            radius = refine_radius(xy)
             part, n = refine_labels(part, xy, radius) if np.isfinite(radius) else (part, 0)
             changed.append(int(n))
         refined.append(part)

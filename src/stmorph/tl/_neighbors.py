@@ -13,7 +13,8 @@ tree, so cost grows linearly with the number of spots for a fixed radius.
   spots) when it has hundreds or thousands (Visium HD bins: a 100 um kernel over 8 um bins reaches
   about 3,000 of them, which as a sparse matrix is 12 GB at 100,000 bins).
 - :func:`block_diag`: smoothers of several sections as one, a neighbourhood never crossing sections.
-- :func:`refine_labels`: majority vote over spatial neighbours (SpaGCN / GraphST style).
+- :func:`refine_labels`: majority vote over spatial neighbours (SpaGCN / GraphST style), by default within
+  :func:`refine_radius` (the first ring of neighbours, never farther than :data:`REFINE_MAX_UM`).
 """
 
 from __future__ import annotations
@@ -225,6 +226,24 @@ def block_diag(smoothers):
     if all(sp.issparse(b) for b in smoothers):
         return sp.block_diag(smoothers, format="csr")
     return _BlockSmoother(smoothers)
+
+
+#: The default refinement never reaches farther than this (micrometres): 1.5 Visium pitches.
+REFINE_MAX_UM = 150.0
+
+
+def refine_radius(xy_um: np.ndarray) -> float:
+    """Default radius of the majority refinement: the first ring of neighbours (1.5 spot spacings), at most
+    :data:`REFINE_MAX_UM`.
+
+    The refinement removes spot-level noise where the spots sample the tissue densely (Visium at 100 um pitch,
+    Visium HD bins): the ring is 150 um or less there. On legacy ST (200 um pitch, spots 100 um across) one spot
+    already stands for a 200 um piece of tissue and its first ring spans 600 um, so a majority over it erases
+    structures one or two spots wide (ducts, infiltrates) that pathologists annotate; with the cap no spot has a
+    neighbour within the radius there and the labels stay as the clustering put them. NaN for fewer than two
+    spots.
+    """
+    return min(1.5 * spot_spacing(xy_um), REFINE_MAX_UM)
 
 
 def refine_labels(labels: np.ndarray, xy_um: np.ndarray, radius_um: float) -> tuple[np.ndarray, int]:

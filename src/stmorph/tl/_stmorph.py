@@ -30,7 +30,9 @@ Why each step:
 - *Model-based clustering to exactly k* (GraphST's mclust EEE): one covariance shared by all
   domains suits embeddings where domains differ in their means; seeded, several restarts.
 - *Refinement* (SpaGCN, GraphST): a spot whose label is a minority among its first ring of
-  neighbours takes the majority's.
+  neighbours takes the majority's. The ring reaches at most 150 um (:func:`~stmorph.tl._neighbors.refine_radius`):
+  on legacy ST (200 um pitch) a majority over a 600 um ring erased narrow annotated structures, so the
+  spots keep the mixture's labels there.
 
 Without an image (or image features) the chain runs on expression alone and records so in
 ``uns["stmorph"]["params"]["modalities"]``.
@@ -385,7 +387,7 @@ def stmorph(
     n_init, k_range
         Mixture restarts and the counts considered without ``n_clusters``.
     refine, refine_radius_um
-        Majority refinement over spatial neighbours (default radius 1.5 spot spacings).
+        Majority refinement over spatial neighbours (default radius 1.5 spot spacings, at most 150 um).
     context_pool
         ``"section"`` (default): the context patch's feature map averaged over the tissue section only
         (``obsm["X_image_context_section"]``); ``"mean"``: over the whole patch, glass included (SENCA-st's
