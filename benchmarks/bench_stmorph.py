@@ -11,6 +11,8 @@ Prints, in one run:
    expression-only variant (mean +- sd, 3 seeds);
 3. ``--radii 100 100,200 ...``: ``stmorph_expr`` on every annotated section at each set of
    neighbourhood radii (micrometres), to check the default against alternatives on every section at once;
+   ``--refine-radii default none 1.5s 300``: the same for the majority refinement's radius (``1.5s``: 1.5 spot
+   spacings of each section);
 4. ``--update-md FILE``: runs ``stmorph benchmark`` (every method, ``--seeds``,
    peers from ``--peers``) and replaces the text between
    ``<!-- accuracy:begin -->`` and ``<!-- accuracy:end -->`` in FILE with its
@@ -121,18 +123,17 @@ def image_vs_expression(data: Path, seeds: int, weights: list[float] | None = No
     print()
 
 
-def radii(data: Path, seeds: int, options: list[str]) -> None:
-    """``stmorph_expr`` on every annotated section at each set of neighbourhood radii (``"100"``, ``"100,200"``)."""
+def _sweep(data: Path, seeds: int, title: str, column: str, options: list[tuple[str, object]]) -> None:
+    """``stmorph_expr`` on every annotated section for each ``(name, options_for(section))``, one table row each."""
     from stmorph import ev, tl
     from stmorph.ev import _benchmark as bm
     from stmorph.ev._metrics import scored_labels
 
     sections = [(s.name, bm.load_section(s)) for s in bm.find_sections(data)]
-    print("## stmorph on expression alone at each set of neighbourhood radii (ARI, mean over seeds)\n")
-    print("| radii (um) | " + " | ".join(n for n, _ in sections) + " | mean HER2ST | mean DLPFC |")
+    print(f"## {title} (ARI, mean over seeds)\n")
+    print(f"| {column} | " + " | ".join(n for n, _ in sections) + " | mean HER2ST | mean DLPFC |")
     print("|---|" + "---:|" * (len(sections) + 2))
-    for opt in options:
-        sig = tuple(float(v) for v in opt.split(","))
+    for name, options_for in options:
         means = []
         for _, a in sections:
             k = scored_labels(a, "annotation").nunique()
@@ -141,12 +142,36 @@ def radii(data: Path, seeds: int, options: list[str]) -> None:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     tl.run_methods(a, ["stmorph_expr"], n_clusters=k, random_state=seed, progress=False,
-                                   stmorph_options={"sigmas_um": sig})
+                                   stmorph_options=options_for(a))
                 r.append(ev.ari(a, "stmorph_expr"))
             means.append(float(np.mean(r)))
         groups = [np.mean([m for (n, _), m in zip(sections, means) if g in n] or [np.nan]) for g in ("her2st", "dlpfc")]
-        print(f"| {opt} | " + " | ".join(f"{m:.3f}" for m in means + groups) + " |", flush=True)
+        print(f"| {name} | " + " | ".join(f"{m:.3f}" for m in means + groups) + " |", flush=True)
     print()
+
+
+def radii(data: Path, seeds: int, options: list[str]) -> None:
+    """``stmorph_expr`` on every annotated section at each set of neighbourhood radii (``"100"``, ``"100,200"``)."""
+    _sweep(data, seeds, "stmorph on expression alone at each set of neighbourhood radii", "radii (um)",
+           [(opt, lambda a, sig=tuple(float(v) for v in opt.split(",")): {"sigmas_um": sig}) for opt in options])
+
+
+def refine_radii(data: Path, seeds: int, options: list[str]) -> None:
+    """``stmorph_expr`` on every annotated section at each refinement radius: ``default``, ``none`` (no
+    refinement), a radius in micrometres (``300``) or in spot spacings of each section (``1.5s``)."""
+    from stmorph.tl._neighbors import coordinates_um, spot_spacing
+
+    def options_for(opt: str):
+        if opt == "default":
+            return lambda a: {}
+        if opt == "none":
+            return lambda a: {"refine": False}
+        if opt.endswith("s"):
+            return lambda a: {"refine_radius_um": float(opt[:-1]) * spot_spacing(coordinates_um(a))}
+        return lambda a: {"refine_radius_um": float(opt)}
+
+    _sweep(data, seeds, "stmorph on expression alone at each refinement radius", "refinement radius",
+           [(opt, options_for(opt)) for opt in options])
 
 
 def update_md(path: Path, data: Path, seeds: int, peers: Path | None, from_dir: Path | None = None) -> None:
@@ -182,6 +207,9 @@ def main() -> None:
                    help="with --image: context poolings to compare (default: the method's)")
     p.add_argument("--radii", nargs="+", default=None, metavar="UM[,UM]",
                    help="stmorph_expr on every section at each set of neighbourhood radii, e.g. 100 100,200")
+    p.add_argument("--refine-radii", nargs="+", default=None, metavar="R",
+                   help="stmorph_expr on every section at each refinement radius: default, none, um (300) or "
+                        "spot spacings (1.5s)")
     p.add_argument("--update-md", type=Path, default=None, metavar="FILE")
     p.add_argument("--from-dir", type=Path, default=None, metavar="DIR",
                    help="with --update-md: take benchmark.md from a finished `stmorph benchmark --out DIR`")
@@ -194,6 +222,8 @@ def main() -> None:
         image_vs_expression(args.data, args.seeds, args.weights, args.context_pool)
     if args.radii:
         radii(args.data, args.seeds, args.radii)
+    if args.refine_radii:
+        refine_radii(args.data, args.seeds, args.refine_radii)
     if args.update_md is not None:
         update_md(args.update_md, args.data, args.seeds, args.peers if args.peers.is_file() else None, args.from_dir)
 
