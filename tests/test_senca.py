@@ -312,6 +312,35 @@ def test_spatial_batches_cover_every_spot_once_and_subgraphs():
     assert forward(m, sub).s.shape == (len(idx), 64)
 
 
+def test_small_sections_with_an_image_train_on_the_whole_section(monkeypatch):
+    from stmorph.tl.senca import _train
+    from stmorph.tl.senca._train import whole_section_steps
+
+    cfg = SencaConfig()
+    assert whole_section_steps(cfg, 346, True) and not whole_section_steps(cfg, 3600, True)
+    assert not whole_section_steps(cfg, 346, False)  # RNA alone: nothing to contrast, mini-batches
+    assert not whole_section_steps(cfg.replace(full_section_max_spots=None), 346, True)
+    assert not whole_section_steps(SencaConfig.preset("literal"), 346, True)  # its own schedule
+    with pytest.raises(InputError, match="full_section_max_spots"):
+        senca(tissue(), 3, full_section_max_spots=0, progress=False)
+    seen = []
+    real = _train.loss_terms
+
+    def spy(out, inp, cfg, **kw):
+        seen.append((out.s.shape[0], out.h is not None))
+        return real(out, inp, cfg, **kw)
+
+    monkeypatch.setattr(_train, "loss_terms", spy)
+    a = tissue()  # 168 spots: about 5-10 batches of 32 per pass
+    n_batches = len(_train.spatial_batches(np.asarray(a.obsm["spatial"]), 100.0, 32, np.random.default_rng(0)))
+    senca(a, 3, epochs=2, progress=False)
+    assert {n for n, _ in seen} == {a.n_obs} and all(h for _, h in seen)  # every step on every spot
+    assert abs(len(seen) - 2 * n_batches) <= 4  # as many steps as the mini-batches would make
+    seen.clear()
+    senca(a, 3, epochs=2, progress=False, full_section_max_spots=100)  # above the limit: mini-batches
+    assert max(n for n, _ in seen) < a.n_obs
+
+
 def test_reconstruction_targets():
     from stmorph.tl.senca._model import SENCA
     from stmorph.tl.senca._preprocess import prepare

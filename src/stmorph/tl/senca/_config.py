@@ -61,6 +61,8 @@ class SencaConfig:
     epochs: int = 10  #: paper: 10
     batch_spots: int | None = 32  #: an epoch is a pass over spatial subgraphs of about this many spots
     #: (*choice*; None = every step uses the whole section, the "literal" reading)
+    full_section_max_spots: int | None = 1000  #: with an image, sections up to this size train on the whole
+    #: section at each step (as many steps as mini-batches): NT-Xent then sees every window (*choice*; None: never)
     steps_per_epoch: int = 1  #: passes (batch_spots) or full-section steps (None) per epoch, with an image
     steps_per_epoch_rna_only: int = 1  #: the same without an image ("literal": 10)
     lr: float = 5e-4  #: Adam learning rate (paper: 5e-4)
@@ -118,6 +120,8 @@ class SencaConfig:
             (self.recon_target in ("expression", "features", "encoder_input"),
              "recon_target must be 'expression', 'features' or 'encoder_input'"),
             (self.batch_spots is None or self.batch_spots >= 4, "batch_spots must be None or >= 4"),
+            (self.full_section_max_spots is None or self.full_section_max_spots >= 1,
+             "full_section_max_spots must be None or >= 1"),
             (self.train_threads is None or self.train_threads >= 1, "train_threads must be None or >= 1"),
             (self.lr_schedule in ("cosine", "constant"), "lr_schedule must be 'cosine' or 'constant'"),
             (self.epochs >= 0 and min(self.steps_per_epoch, self.steps_per_epoch_rna_only) >= 1,
