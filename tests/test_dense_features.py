@@ -11,7 +11,8 @@ torch = pytest.importorskip("torch")
 import stmorph as st
 from stmorph.errors import InputError
 from stmorph.im import encoders
-from stmorph.im._dense import cell_geometry, otsu_threshold
+from stmorph.im._fmap import cell_geometry
+from stmorph.im._tissue import otsu_threshold
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,8 @@ from ._patches import MultiPatchBatch, PatchBatch, crop_patches, iter_patches, i
 from .slide import Slide, open_slide, slide_for  # noqa: E402
 from . import encoders  # noqa: E402
 from ._features import features  # noqa: E402
-from ._dense import dense_features, tissue_mask  # noqa: E402
+from ._dense import dense_features  # noqa: E402
+from ._tissue import tissue_mask  # noqa: E402
 from .encoders import get_encoder, list_encoders, register_encoder  # noqa: E402
 
 __all__ = [

@@ -47,11 +47,13 @@ import numpy as np
 from .. import _spatial
 from ..errors import InputError
 from . import _cache
+from ._fmap import _trunk, cell_geometry
 from ._patches import patch_size_px
+from ._tissue import tissue_mask
 from .slide import Slide, slide_for
 from .slide._fill import GLASS_FILL, fill_params, read_fill
 
-__all__ = ["cell_geometry", "dense_features", "otsu_threshold", "tissue_mask"]
+__all__ = ["choose_method", "dense_features"]
 
 #: Finest default working scale (micrometres per pixel): 20x magnification, where nuclei are resolved
 #: and a 6.5 mm Visium HD capture area is about 170 Mpx; finer scales cost (0.5 / mpp)^2 more.
@@ -63,104 +65,8 @@ DEFAULT_OVERLAP_CELLS = 12
 #: Default tile core side in working pixels (rounded to the stride): 1536 + 2 x 384 = 2304 px input,
 #: about 1.4 GB of activations for EfficientNet-Lite2 in float32.
 DEFAULT_TILE_PX = 1536
-#: Saturation thresholds bounding Otsu's (see :func:`tissue_mask`).
-MIN_SATURATION, MAX_SATURATION = 0.03, 0.10
 #: Number of spots above which ``features(method="auto")`` takes the dense path.
 AUTO_DENSE_MIN_SPOTS = 50_000
-
-
-# --------------------------------------------------------------------------- tissue mask
-def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
-    """Otsu's threshold of values in [0, 1] (maximises the between-class variance of a histogram)."""
-    hist, edges = np.histogram(np.asarray(values, np.float64).ravel(), bins=bins, range=(0.0, 1.0))
-    centres = (edges[:-1] + edges[1:]) / 2
-    w0 = np.cumsum(hist).astype(np.float64)
-    w1 = w0[-1] - w0
-    m0 = np.cumsum(hist * centres)
-    mu0 = m0 / np.maximum(w0, 1)
-    mu1 = (m0[-1] - m0) / np.maximum(w1, 1)
-    between = w0 * w1 * (mu0 - mu1) ** 2
-    best = np.flatnonzero(between >= between.max() * (1 - 1e-9))  # a flat top (an empty gap): its middle
-    return float(edges[(best[0] + best[-1]) // 2 + 1])
-
-
-def tissue_mask(image, *, max_side: int = 2048) -> tuple[np.ndarray, float, float]:
-    """Tissue pixels of a slide's thumbnail.
-
-    The saturation ``(max - min) / max`` of each RGB thumbnail pixel is thresholded at Otsu's
-    threshold, clipped to [0.03, 0.10]: stained tissue is saturated, glass and white background
-    are not; the clip keeps a sensible mask when the section has no background (Otsu would then
-    split tissue from tissue) or the background is noise-free (Otsu near 0). Black fill (a
-    background masked black, whose JPEG noise such as ``(3, 0, 1)`` is fully saturated) is
-    painted as glass first (:func:`stmorph.im.slide._fill.paint_fill`), so it is never tissue.
-
-    Parameters
-    ----------
-    image
-        A :class:`Slide`, a path or an array (see :func:`open_slide`).
-    max_side
-        Longer side of the thumbnail.
-
-    Returns
-    -------
-    ``(mask, scale, threshold)``: bool ``(h, w)``, thumbnail pixels per level-0 pixel, and the
-    saturation threshold used.
-    """
-    from .slide import open_slide
-
-    own = not isinstance(image, Slide)
-    slide = open_slide(image) if own else image
-    try:
-        thumb, scale = slide.thumbnail(max_side, fill=GLASS_FILL)
-    finally:
-        if own:
-            slide.close()
-    rgb = thumb.astype(np.float32)
-    mx, mn = rgb.max(axis=2), rgb.min(axis=2)
-    sat = (mx - mn) / np.maximum(mx, 1.0)
-    t = float(np.clip(otsu_threshold(sat), MIN_SATURATION, MAX_SATURATION))
-    return sat > t, scale, t
-
-
-# --------------------------------------------------------------------------- encoder trunk and its geometry
-def _trunk(enc):
-    """A function ``x (B, 3, H, W) -> map (B, C, h, w)`` from an encoder, or an InputError."""
-    return getattr(enc.model, "forward_features", None) or enc.model  # ViTs' forward_features: tokens, refused later
-
-
-def cell_geometry(enc, device="cpu") -> tuple[int, int, int]:
-    """``(stride, lost, channels)`` of an encoder's feature map, measured with two probe inputs.
-
-    A map of an input ``n`` pixels wide has ``(n - lost) / stride + 1`` cells; cell ``j``'s
-    centre is taken at input pixel ``(lost - 1) / 2 + stride * j`` (the cells centred in the
-    input: for "SAME"-padded networks such as EfficientNet-Lite2 and ResNet-50, ``lost = stride``
-    and the centre is the middle of the cell's ``stride`` x ``stride`` block).
-    """
-    import torch
-
-    fn = _trunk(enc)
-    side = 256
-    shapes = []
-    with torch.inference_mode():
-        for w in (side, 2 * side):
-            x = torch.zeros(1, 3, side, w, device=device).contiguous(memory_format=torch.channels_last)
-            y = fn(x)
-            if not isinstance(y, torch.Tensor) or y.ndim != 4:
-                shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-                msg = (f"encoder {enc.name!r} returns {shape}, not a feature map (B, C, h, w): the dense path needs a "
-                       "convolutional encoder (efficientnet_lite2, resnet50 or a module returning a map); "
-                       "use method='patch'.")
-                raise InputError(msg)
-            shapes.append(tuple(y.shape))
-    (_, c, _, w1), (_, _, _, w2) = shapes
-    stride = side / max(w2 - w1, 1e-9)
-    if w2 <= w1 or abs(stride - round(stride)) > 1e-6:
-        msg = (f"encoder {enc.name!r} maps widths {side} and {2 * side} to {w1} and {w2} cells: not a fully "
-               "convolutional map with an integer stride; use method='patch'.")
-        raise InputError(msg)
-    stride = int(round(stride))
-    lost = side - stride * (w1 - 1)
-    return stride, int(lost), int(c)
 
 
 # --------------------------------------------------------------------------- reading at a working scale

@@ -10,7 +10,7 @@ cells that lie inside the section only:
     section mask   :func:`~stmorph.im.tissue_mask` (saturation above Otsu's threshold) on the slide's
                    thumbnail, closed and with its holes filled, so adipose tissue, lumens and vessels
                    inside the section count as section while the glass around it does not
-    cell weights   each cell of the encoder's map (:func:`~stmorph.im._dense.cell_geometry` gives where
+    cell weights   each cell of the encoder's map (:func:`~stmorph.im._fmap.cell_geometry` gives where
                    its centre lies in the patch) weighs 1 inside the section and 0 outside it or outside
                    the image; a spot whose cells all fall outside the mask keeps the plain average
 
@@ -23,6 +23,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import InputError
+from ._fmap import _trunk, cell_geometry
+from ._tissue import tissue_mask
 from .slide import Slide
 
 #: Closing of the thumbnail's tissue mask before its holes are filled (iterations of a 5 x 5 square).
@@ -36,8 +38,6 @@ def section_mask(image, *, max_side: int = 2048) -> tuple[np.ndarray, float]:
     filled: what lies inside the section's outline counts, whatever its stain.
     """
     from scipy import ndimage as ndi
-
-    from ._dense import tissue_mask
 
     mask, scale, _ = tissue_mask(image, max_side=max_side)
     closed = ndi.binary_closing(mask, structure=np.ones((5, 5), bool), iterations=CLOSING_ITERATIONS)
@@ -53,8 +53,6 @@ class SectionPool:
 
     def __init__(self, slide: Slide, xy: np.ndarray, enc, *, device="cpu"):
         import threading
-
-        from ._dense import _trunk, cell_geometry
 
         try:
             self.stride, self.lost, _ = cell_geometry(enc, device=device)
