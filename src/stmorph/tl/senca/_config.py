@@ -61,8 +61,9 @@ class SencaConfig:
     epochs: int = 10  #: paper: 10
     batch_spots: int | None = 32  #: an epoch is a pass over spatial subgraphs of about this many spots
     #: (*choice*; None = every step uses the whole section, the "literal" reading)
-    full_section_max_spots: int | None = 1000  #: with an image, sections up to this size train on the whole
-    #: section at each step (as many steps as mini-batches): NT-Xent then sees every window (*choice*; None: never)
+    full_section_max_spots: int | None = 1000  #: with cached image features, sections up to this size train on
+    #: the whole section at each step (as many steps as mini-batches): NT-Xent then sees every window
+    #: (*choice*; None: never)
     steps_per_epoch: int = 1  #: passes (batch_spots) or full-section steps (None) per epoch, with an image
     steps_per_epoch_rna_only: int = 1  #: the same without an image ("literal": 10)
     lr: float = 5e-4  #: Adam learning rate (paper: 5e-4)

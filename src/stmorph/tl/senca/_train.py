@@ -25,7 +25,8 @@ the subgraph it induces (its block of the normalised adjacency, self-attention
 among its spots, cross-attention neighbourhoods cut to it: a missing neighbour
 is replaced by the spot itself). So 10 epochs on a 346-spot section are about
 110 steps, on a 3,600-spot section about 1,100 cheap ones. With an image, a section
-of at most ``full_section_max_spots`` (1,000) spots makes the same number of steps,
+of at most ``full_section_max_spots`` (1,000) spots makes the same number of steps
+(unless the CNN is fine-tuned),
 each on the whole section, so that both NT-Xent terms contrast every window of it
 (a 32-spot batch holds only 1-3 of the global regions). Embedding (``embed``)
 always runs on the whole section. ``batch_spots=None`` is the literal reading:
@@ -152,9 +153,10 @@ def spatial_batches(xy: np.ndarray, spacing: float, batch_spots: int | None,
 
 
 def whole_section_steps(cfg: SencaConfig, n_spots: int, with_image: bool) -> bool:
-    """Whether each step trains on the whole section instead of a mini-batch: with an image, on sections of at
-    most ``cfg.full_section_max_spots`` spots. The contrastive terms need many windows per step: a 32-spot batch
-    holds 1-3 of the 6 x 6-spacing regions NT-Xent_g contrasts, the whole of a HER2ST section 12-18."""
+    """Whether each step trains on the whole section instead of a mini-batch: with (cached) image features, on
+    sections of at most ``cfg.full_section_max_spots`` spots. The contrastive terms need many windows per step: a
+    32-spot batch holds 1-3 of the 6 x 6-spacing regions NT-Xent_g contrasts, the whole of a HER2ST section 12-18.
+    Not when the CNN is fine-tuned (``finetune_image``): every step would run it on every patch."""
     return (with_image and cfg.batch_spots is not None and cfg.full_section_max_spots is not None
             and n_spots <= cfg.full_section_max_spots)
 
@@ -215,7 +217,7 @@ def _train(model, inp, t, cfg, *, hierarchical, random_state, progress) -> Histo
     for ep in epochs:
         acc = {"total": 0.0, "mse": 0.0, "ntxent_w": 0.0, "ntxent_g": 0.0}
         plan = [b for _ in range(passes) for b in spatial_batches(inp.xy, inp.spacing, cfg.batch_spots, rng)]
-        if whole_section_steps(cfg, inp.x.shape[0], model.image is not None):
+        if whole_section_steps(cfg, inp.x.shape[0], model.image is not None and model.image.cnn is None):
             plan = [np.arange(inp.x.shape[0])] * len(plan)  # the same number of steps, each on every spot
         for i, idx in enumerate(plan):
             if cfg.lr_schedule == "cosine":
