@@ -26,7 +26,9 @@ Why each step:
   :func:`stmorph.im.features`): averaged over the whole patch, a spot near the section's edge is
   described by the glass beyond it, and the clustering spent a domain on a band along the border.
 - *Balance*: blocks of different widths and scales would let one modality drown the other;
-  each is scaled to unit total variance before the image weight is applied.
+  each is scaled to unit total variance before the image weight is applied. This balance acts on
+  distances (Louvain/Leiden, and the mixture's Ward and k-means starting points); the tied mixture
+  itself whitens the concatenation, so its fit does not depend on a block's scale.
 - *Model-based clustering to exactly k* (GraphST's mclust EEE): one covariance shared by all
   domains suits embeddings where domains differ in their means; seeded, several restarts.
 - *Refinement* (SpaGCN, GraphST): a spot whose label is a minority among its first ring of
@@ -58,7 +60,9 @@ from ._neighbors import coordinates_um, gaussian_smoother
 SIGMAS_UM = (100.0,)
 #: Scaled expression is clipped at this many standard deviations (scanpy's ``scale(max_value=10)``).
 MAX_Z = 10.0
-#: Weight of the image block against expression's, both at unit total variance.
+#: Weight of the image block against expression's, both at unit total variance. With the tied Gaussian mixture
+#: (the default clustering) it moves only the restarts' starting points (Ward, k-means): the mixture's likelihood
+#: does not depend on a block's scale. With Louvain/Leiden it weighs the modalities in the kNN distances.
 IMAGE_WEIGHT = 0.3
 #: Defaults of :func:`stmorph` (and of the method in :func:`run_methods`, via ``stmorph_options``).
 DEFAULTS = {"use_image": None, "image_weight": IMAGE_WEIGHT, "sigmas_um": SIGMAS_UM, "n_top_genes": 3000,
@@ -377,7 +381,10 @@ def stmorph(
         ``None``: use the H&E when there is one (or image features in ``obsm``);
         ``False``: expression only; ``True``: refuse to run without one.
     image_weight
-        Weight of the image block after both are scaled to unit total variance.
+        Weight of the image block after both are scaled to unit total variance. With
+        ``cluster_method="gmm"`` it changes only where the mixture's restarts start (a
+        full shared covariance makes the likelihood blind to a block's scale); with
+        ``"louvain"``/``"leiden"`` it weighs the image in the kNN graph.
     sigmas_um
         Neighbourhood radii (Gaussian sigma, micrometres).
     n_top_genes, n_comps
