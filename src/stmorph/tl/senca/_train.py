@@ -24,11 +24,11 @@ batch holds at least half that many spots, and each batch is one Adam step on
 the subgraph it induces (its block of the normalised adjacency, self-attention
 among its spots, cross-attention neighbourhoods cut to it: a missing neighbour
 is replaced by the spot itself). So 10 epochs on a 346-spot section are about
-110 steps, on a 3,600-spot section about 1,100 cheap ones. With an image, a section
-of at most ``full_section_max_spots`` (1,000) spots makes the same number of steps
-(unless the CNN is fine-tuned),
-each on the whole section, so that both NT-Xent terms contrast every window of it
-(a 32-spot batch holds only 1-3 of the global regions). Embedding (``embed``)
+110 steps, on a 3,600-spot section about 1,100 cheap ones. With (cached) image
+features, a section of at most ``full_section_max_spots`` (1,000) spots makes the
+same number of steps, each on the whole section, so that both NT-Xent terms
+contrast every window of it (a 32-spot batch holds only 1-3 of the global
+regions); not when the CNN is fine-tuned. Embedding (``embed``)
 always runs on the whole section. ``batch_spots=None`` is the literal reading:
 every step is the whole section and an epoch is ``steps_per_epoch`` steps
 (``steps_per_epoch_rna_only`` without an image). The learning rate is the
