@@ -44,8 +44,9 @@ def add_common_options(p) -> None:
     g.add_argument("--cluster-method", choices=("louvain", "leiden"), default="louvain")
     g.add_argument("--n-neighbors", type=int, default=39, help="kNN graph size (stMIC paper: 39)")
     g.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None,
-                   help="majority refinement over spatial neighbours for every method "
-                        "(default: on for stmorph, off for the papers' methods)")
+                   help="majority refinement over each spot's first ring of neighbours, at most 150 um away, for "
+                        "every method (default: on for stmorph, off for the papers' methods; legacy ST spots, "
+                        "200 um apart, keep their labels)")
     g = p.add_argument_group("image features")
     g.add_argument("--encoder", default="efficientnet_lite2",
                    help="image encoder: efficientnet_lite2 (embedded, default), resnet50, or a pathology "
