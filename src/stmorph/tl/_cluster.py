@@ -623,14 +623,15 @@ def cluster(
         from ._neighbors import coordinates_um, refine_labels, refine_radius, spot_spacing
 
         xy = coordinates_um(adata)
-        radius = float(refine_radius_um) if refine_radius_um is not None else refine_radius(xy)
+        spacing = spot_spacing(xy)
+        radius = float(refine_radius_um) if refine_radius_um is not None else refine_radius(spacing)
         if not np.isfinite(radius) or radius <= 0:
             msg = f"refine_radius_um={refine_radius_um} must be a positive number of micrometres."
             raise InputError(msg)
         labels, n_changed = refine_labels(labels, xy, radius)
         labels = _relabel(labels)
         params["refine"] = {"method": "majority", "radius_um": radius, "n_changed": int(n_changed)}
-        if radius < spot_spacing(xy):  # legacy ST under the default cap: say why nothing changed
+        if radius < spacing:  # legacy ST under the default cap: say why nothing changed
             params["refine"]["note"] = ("radius below the spot spacing: spots without a neighbour within it keep "
                                         "their label")
     else:

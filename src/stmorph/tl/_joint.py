@@ -42,7 +42,7 @@ from threadpoolctl import threadpool_limits
 from ..errors import DependencyError, InputError
 from ._cluster import _relabel, cluster
 from ._embedding import _counts, log_normalize
-from ._neighbors import block_diag, coordinates_um, refine_labels, refine_radius
+from ._neighbors import block_diag, coordinates_um, refine_labels, refine_radius, spot_spacing
 from ._stmorph import (
     DEFAULTS,
     _check_sigmas,
@@ -74,26 +74,24 @@ def _harmony(Z: np.ndarray, batch: np.ndarray, random_state: int, theta: float) 
     return out.T if out.shape[0] != Z.shape[0] else out  # older harmonypy returns (PCs, spots)
 
 
-def _embed(counts: list, xys: list, sigmas: list[float], n_top_genes, n_comps: int, random_state: int):
-    """One embedding of stacked sections: the union of each section's variable genes, log-normalised and scaled
-    over all spots, ``[own | neighbourhood mean at each radius within the section]`` (no radii: own only), one
-    PCA. Returns ``(Z float64, number of genes used)``."""
+def _embed(counts: list, hvgs: list, smoothers: list, n_comps: int, random_state: int):
+    """One embedding of stacked sections: the union of the sections' variable genes ``hvgs`` (one index array
+    per section), log-normalised and scaled over all spots, ``[own | neighbourhood mean at each radius within
+    the section]`` (``smoothers``: per section, one smoother per radius; empty lists: own only), one PCA.
+    Returns ``(Z float64, number of genes used)``."""
     hvg = np.zeros(counts[0].shape[1], dtype=bool)
-    for X in counts:
-        _, genes = _log_hvg(X, n_top_genes, 1e4)
+    for genes in hvgs:
         hvg[genes] = True
     L = sp.vstack([log_normalize(X[:, hvg]) for X in counts]).tocsr()
     L, n_genes = _scale_sparse(L)
-    smoothers = []
-    if sigmas:  # one block per section: a neighbourhood never crosses sections
-        per_section = [_neighbourhood_means(xy, sigmas) for xy in xys]
-        smoothers = [block_diag([blocks[i] for blocks in per_section]) for i in range(len(sigmas))]
+    # one block per section and radius: a neighbourhood never crosses sections
+    blocks = [block_diag([own[i] for own in smoothers]) for i in range(len(smoothers[0]))]
     n_out = int(min(n_comps, min(L.shape) - 1))
     if n_out < 1:
         msg = f"{L.shape[0]} spot(s) x {L.shape[1]} variable gene(s) are too few for an embedding."
         raise InputError(msg)
     with threadpool_limits(1):
-        Z, _ = _context_pca(L, smoothers, n_out, random_state)
+        Z, _ = _context_pca(L, blocks, n_out, random_state)
     return np.asarray(Z, dtype=np.float64), int(n_genes)
 
 
@@ -222,7 +220,10 @@ def joint_domains(
     batch = np.repeat(np.asarray(names, dtype=object), sizes)
     xys = [coordinates_um(a) for a in sections]
     smooth = method == "stmorph"
-    Z, n_genes = _embed(counts, xys, sig if smooth else [], n_top_genes, n_comps, random_state)
+    # each section's variable genes and neighbourhood smoothers, computed once for the joint and the own embeddings
+    hvgs = [_log_hvg(X, n_top_genes, 1e4)[1] for X in counts]
+    smoothers = [_neighbourhood_means(xy, sig) if smooth else [] for xy in xys]
+    Z, n_genes = _embed(counts, hvgs, smoothers, n_comps, random_state)
     n_out = Z.shape[1]
     if batch_correction == "harmony" and len(names) > 1:  # one section: nothing to correct
         Z = _harmony(Z, batch, random_state, theta)
@@ -234,8 +235,8 @@ def joint_domains(
     parts = np.split(labels, np.cumsum(sizes)[:-1])
     refits = []
     if refit and len(names) > 1:  # one section: its own embedding is the joint one
-        for i, (X, xy) in enumerate(zip(counts, xys)):
-            own, _ = _embed([X], [xy], sig if smooth else [], n_top_genes, n_comps, random_state)
+        for i in range(len(names)):
+            own, _ = _embed([counts[i]], [hvgs[i]], [smoothers[i]], n_comps, random_state)
             parts[i], record = _refit(own, parts[i], random_state)
             refits.append(record)
         lost = [n for n, r in zip(names, refits) if r["kept"] == "joint"]
@@ -246,7 +247,7 @@ def joint_domains(
     changed = []
     for xy, part in zip(xys, parts):
         if refine:
-            radius = refine_radius(xy)
+            radius = refine_radius(spot_spacing(xy))
             part, n = refine_labels(part, xy, radius) if np.isfinite(radius) else (part, 0)
             changed.append(int(n))
         refined.append(part)

@@ -232,18 +232,18 @@ def block_diag(smoothers):
 REFINE_MAX_UM = 150.0
 
 
-def refine_radius(xy_um: np.ndarray) -> float:
-    """Default radius of the majority refinement: the first ring of neighbours (1.5 spot spacings), at most
-    :data:`REFINE_MAX_UM`.
+def refine_radius(spacing_um: float) -> float:
+    """Default radius of the majority refinement for spots ``spacing_um`` apart (:func:`spot_spacing`): the first
+    ring of neighbours (1.5 spot spacings), at most :data:`REFINE_MAX_UM`.
 
     The refinement removes spot-level noise where the spots sample the tissue densely (Visium at 100 um pitch,
     Visium HD bins): the ring is 150 um or less there. On legacy ST (200 um pitch, spots 100 um across) one spot
     already stands for a 200 um piece of tissue and its first ring spans 600 um, so a majority over it erases
     structures one or two spots wide (ducts, infiltrates) that pathologists annotate; with the cap no spot has a
-    neighbour within the radius there and the labels stay as the clustering put them. NaN for fewer than two
-    spots.
+    neighbour within the radius there and the labels stay as the clustering put them. NaN for a NaN spacing
+    (fewer than two spots).
     """
-    return min(1.5 * spot_spacing(xy_um), REFINE_MAX_UM)
+    return float("nan") if np.isnan(spacing_um) else min(1.5 * float(spacing_um), REFINE_MAX_UM)
 
 
 def refine_labels(labels: np.ndarray, xy_um: np.ndarray, radius_um: float) -> tuple[np.ndarray, int]:
