@@ -358,3 +358,17 @@ def test_no_patch_strip_from_a_coarse_image(tmp_path):
     page = _parse(report.write_report(out, viewer=False))
     assert all(len(c["imgs"]) == 1 for c in page.cards)  # the map only
     assert "No H&E strips: the hires image is too coarse" in " ".join(page.text)
+
+
+def test_card_notes_a_domain_along_the_section_border(tmp_path):
+    adata = _toy()
+    r, c = adata.obs["array_row"].to_numpy(), adata.obs["array_col"].to_numpy()
+    outer = np.minimum.reduce([r, c, 15 - r, 15 - c]) == 0
+    lab = adata.obs["stmic"].astype(str).to_numpy().copy()
+    lab[outer] = "3"
+    adata.obs["stmic"] = pd.Categorical(lab)
+    page = _parse(report.write_report(_run_dir(tmp_path, adata=adata), viewer=False))
+    cards = {card["id"]: " ".join(card["text"]) for card in page.cards}
+    assert "Along the section's border: 100% of its spots" in cards["domain-3"]
+    assert "edge artefact" in cards["domain-3"]
+    assert not [k for k, t in cards.items() if k != "domain-3" and "Along the section's border" in t]

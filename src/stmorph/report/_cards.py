@@ -134,8 +134,10 @@ def card_html(
     patches: bytes | None,
     composition: list[tuple[str, float]] | None,
     method: str,
+    border: pd.Series | None = None,
 ) -> str:
-    """The HTML of one domain card."""
+    """The HTML of one domain card; ``border``: the domain's row of :func:`stmorph.ev.border_domains`, noted
+    on the card when the domain lies along the section's border."""
     parts = [f'<article class="card" id="domain-{_esc(label)}">',
              f'<h3><i class="sw" style="background:{_esc(color)}"></i>{_esc(name)}</h3>',
              f'<p class="stat"><b>{n_spots}</b> spots · <b>{100 * n_spots / max(n_total, 1):.1f}%</b> of the tissue']
@@ -143,6 +145,11 @@ def card_html(
         comp = ", ".join(f"{100 * f:.0f}% {_esc(a)}" for a, f in composition)
         parts.append(f" · annotated as {comp}")
     parts.append("</p>")
+    if border is not None and bool(border["along_border"]):
+        parts.append(f'<p class="warn">Along the section\'s border: {100 * border["share_in_band"]:.0f}% of its spots '
+                     f'lie on the outermost row of spots, against {100 * border["section_share_in_band"]:.0f}% of the '
+                     "section. A cut edge often looks and measures differently from the tissue inside; check on the "
+                     "H&amp;E that this is a tissue structure (a capsule, a surface layer) and not an edge artefact.</p>")
     parts.append('<div class="cardrow">')
     parts.append(f'<img class="map" alt="where {_esc(method)} domain {_esc(label)} lies" '
                  f'src="{data_uri(map_png, "image/png")}">')

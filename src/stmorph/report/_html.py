@@ -331,6 +331,11 @@ def build_report(
         lab_arr = adata.obs[method].astype(str).to_numpy()
         valid = adata.obs[method].notna().to_numpy()
         ann = ev.scored_labels(adata) if has_ann else None
+        try:
+            border = ev.border_domains(adata, method)
+        except InputError as exc:  # too few spots, or positions that draw no outline
+            border = None
+            log(f"report: no border check ({exc})")
         cards, any_patches = [], False
         for lab in labels:
             mask = (lab_arr == lab) & valid
@@ -354,7 +359,8 @@ def build_report(
                 label=lab, name=f"Domain {names.get(lab, lab)}", color=color, n_spots=int(mask.sum()),
                 n_total=int(valid.sum()), map_png=painter.draw(mask, color),
                 markers=top[top["domain"].astype(str) == lab] if top is not None else None,
-                gsea=g, patches=patches, composition=comp, method=method))
+                gsea=g, patches=patches, composition=comp, method=method,
+                border=border.loc[lab] if border is not None and lab in border.index else None))
         if not any_patches:
             why = (f"the {_esc(image.kind)} image is too coarse (fewer than 32 pixels across a patch)" if image
                    else "the result has no image")
