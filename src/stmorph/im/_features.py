@@ -422,8 +422,9 @@ def features(
     pool
         How the encoder's last feature map becomes one vector: ``"mean"`` (default; the encoder's own
         global average over the whole patch) or ``"section"``: the average over the map cells that lie
-        inside the tissue section, so glass beyond the section's edge does not enter a context patch's
-        features (see :mod:`stmorph.im._section`; convolutional encoders only, computed by PyTorch). One
+        inside the tissue section, so the map cells lying on glass beyond the section's edge are left out
+        (their neighbours inside still see the glass through their receptive fields: see
+        :mod:`stmorph.im._section`; convolutional encoders only, computed by PyTorch). One
         value, or one per patch. Part of the cache key and of the recorded parameters; the dense path
         averages whole windows and records ``"mean"``.
     copy
