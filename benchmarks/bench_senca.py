@@ -6,6 +6,7 @@ Usage (from the repository root)::
     .venv/bin/python benchmarks/bench_senca.py --only speed    # the two timings
     .venv/bin/python benchmarks/bench_senca.py --only ari --sections A1 B1
     .venv/bin/python benchmarks/bench_senca.py --only ablation  # Tables 4 and 5 on A1 + synthetic, 3 seeds
+    .venv/bin/python benchmarks/bench_senca.py --only schedule  # large sections with an image: batch sizes
     .venv/bin/python benchmarks/bench_senca.py --threads 1     # torch threads (default: torch's)
 
 Speed (image feature extraction excluded, as the bar says):
@@ -133,6 +134,38 @@ def bench_ablation(data, seeds=(0, 1, 2)):
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
 
+def bench_schedule(sizes=(2000, 4000), seeds=(0, 1, 2)):
+    """Sections above ``full_section_max_spots`` with an image: ~500-spot spatial batches (the default) against
+    32-spot mini-batches (``large_section_batch_spots=None``), the same number of steps; ARI and seconds per run.
+
+    Synthetic sections with a rendered image whose "vessel-rich" region differs from stroma only in the image;
+    image features computed once per section (cached), training and clustering timed.
+    """
+    import stmorph
+    from stmorph.tl.senca import senca
+
+    runs = [("~500-spot batches (default)", {}), ("32-spot mini-batches", {"large_section_batch_spots": None})]
+    print(f"\n== large sections with an image: ARI mean (sd) and seconds per run over seeds {list(seeds)} ==",
+          flush=True)
+    print("| section | " + " | ".join(r for r, _ in runs) + " |")
+    print("|---|" + "---|" * len(runs))
+    for n in sizes:
+        a0 = stmorph.datasets.synthetic(n, image=True, random_state=0)
+        k = int(stmorph.ev._metrics.scored_labels(a0).nunique())
+        senca(a0, k, progress=False, epochs=0)  # image features once
+        cells = []
+        for _, kw in runs:
+            vals, secs = [], []
+            for seed in seeds:
+                a = a0.copy()
+                t0 = time.perf_counter()
+                senca(a, k, progress=False, random_state=seed, **kw)
+                secs.append(time.perf_counter() - t0)
+                vals.append(stmorph.ev.ari(a, "senca"))
+            cells.append(f"{np.mean(vals):.3f} ({np.std(vals):.3f}), {np.mean(secs):.1f} s")
+        print(f"| synthetic {n:,} (image-only region) | " + " | ".join(cells) + " |", flush=True)
+
+
 def bench_large(n=50_000):
     """One run on a large synthetic section: local attention, kNN-restricted Ward; time and peak RSS."""
     import resource
@@ -218,7 +251,7 @@ def _fmt(v):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DATA)
-    ap.add_argument("--only", choices=["speed", "ari", "large", "ablation"], default=None)
+    ap.add_argument("--only", choices=["speed", "ari", "large", "ablation", "schedule"], default=None)
     ap.add_argument("--sections", nargs="*", default=None, help="e.g. A1 B1 151673")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = ap.parse_args(argv)
@@ -235,6 +268,8 @@ def main(argv=None):
         bench_large()
     if args.only in (None, "ablation"):
         bench_ablation(args.data)
+    if args.only in (None, "schedule"):
+        bench_schedule()
     if args.only in (None, "ari"):
         if not args.data.exists():
             print(f"{args.data} not found: ARI part skipped")

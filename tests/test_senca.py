@@ -337,7 +337,7 @@ def test_small_sections_with_an_image_train_on_the_whole_section(monkeypatch):
     assert {n for n, _ in seen} == {a.n_obs} and all(h for _, h in seen)  # every step on every spot
     assert abs(len(seen) - 2 * n_batches) <= 4  # as many steps as the mini-batches would make
     seen.clear()
-    senca(a, 3, epochs=2, progress=False, full_section_max_spots=100)  # above the limit: mini-batches
+    senca(a, 3, epochs=2, progress=False, full_section_max_spots=100, large_section_batch_spots=None)  # mini-batches
     assert max(n for n, _ in seen) < a.n_obs
 
 
@@ -372,3 +372,44 @@ def test_training_moves_the_embedding_towards_the_truth():
     ari0 = adjusted_rand_score(a.obs["annotation"], a.obs["senca"])
     ari1 = adjusted_rand_score(b.obs["annotation"], b.obs["senca"])
     assert ari1 > 0.8 and ari1 >= ari0
+
+
+def test_larger_sections_with_an_image_train_on_large_spatial_batches(monkeypatch):
+    from stmorph.tl.senca import _train
+    from stmorph.tl.senca._train import epoch_plan
+
+    rng = np.random.default_rng(0)
+    xy = np.stack(np.meshgrid(np.arange(60.0), np.arange(60.0)), axis=-1).reshape(-1, 2) * 100.0  # 3,600 spots
+    cfg = SencaConfig()
+    small = epoch_plan(cfg, xy, 100.0, 1, False, rng)  # RNA alone: 32-spot mini-batches
+    assert max(map(len, small)) < 100 and sum(map(len, small)) == len(xy)
+    big = epoch_plan(cfg, xy, 100.0, 1, True, rng)
+    assert abs(len(big) - len(small)) <= 0.1 * len(small)  # as many steps as the mini-batches (offsets differ) ...
+    assert min(map(len, big)) >= 250 and np.median([len(b) for b in big]) >= 400  # ... each on ~500 spots
+    assert all(np.all(np.diff(b) > 0) for b in big)  # sorted, no repeats within a step
+    assert len({len(b) for b in epoch_plan(cfg.replace(large_section_batch_spots=None), xy, 100.0, 1, True, rng)}
+               ) > 1 and max(map(len, epoch_plan(cfg.replace(large_section_batch_spots=None), xy, 100.0, 1, True,
+                                                 rng))) < 100
+    assert [len(b) for b in epoch_plan(cfg, xy[:900], 100.0, 1, True, rng)] == [900] * len(
+        epoch_plan(cfg, xy[:900], 100.0, 1, False, np.random.default_rng(1)))  # at most 1,000: whole section
+    capped = epoch_plan(cfg.replace(large_section_max_spots=3000), xy, 100.0, 1, True, rng)  # Visium HD scale
+    assert max(map(len, capped)) < 100
+    with pytest.raises(InputError, match="large_section_batch_spots"):
+        senca(tissue(), 3, large_section_batch_spots=2, progress=False)
+    seen = []
+    real = _train.loss_terms
+
+    def spy(out, inp, cfg, **kw):
+        seen.append(out.s.shape[0])
+        return real(out, inp, cfg, **kw)
+
+    monkeypatch.setattr(_train, "loss_terms", spy)
+    a = tissue()  # 168 spots with image features
+    senca(a, 3, epochs=1, progress=False, full_section_max_spots=100, large_section_batch_spots=64)
+    assert min(seen) >= 32 and max(seen) < a.n_obs  # above the whole-section limit: large batches
+    assert a.uns["senca"]["params"]["schedule_resolved"] == "large batches"
+    senca(a, 3, epochs=0, progress=False)
+    assert a.uns["senca"]["params"]["schedule_resolved"] == "whole section"
+    del a.obsm["X_image_senca"]
+    senca(a, 3, epochs=0, progress=False, compute_image_features=False)
+    assert a.uns["senca"]["params"]["schedule_resolved"] == "mini-batches"

@@ -64,6 +64,11 @@ class SencaConfig:
     full_section_max_spots: int | None = 1000  #: with cached image features, sections up to this size train on
     #: the whole section at each step (as many steps as mini-batches): NT-Xent then sees every window
     #: (*choice*; None: never)
+    large_section_batch_spots: int | None = 500  #: with cached image features, larger sections train on
+    #: spatial batches of about this many spots (as many steps as the ``batch_spots`` mini-batches), so a step holds
+    #: many of NT-Xent_g's 6 x 6-spacing windows (500 spots: about 14, as a HER2ST section) (*choice*; None: batch_spots)
+    large_section_max_spots: int | None = 10_000  #: ... up to this many spots (a Visium capture area holds 4,992):
+    #: each step costs ~15x a 32-spot one, so above it (Visium HD) the 32-spot mini-batches stay (None: no limit)
     steps_per_epoch: int = 1  #: passes (batch_spots) or full-section steps (None) per epoch, with an image
     steps_per_epoch_rna_only: int = 1  #: the same without an image ("literal": 10)
     lr: float = 5e-4  #: Adam learning rate (paper: 5e-4)
@@ -123,6 +128,10 @@ class SencaConfig:
             (self.batch_spots is None or self.batch_spots >= 4, "batch_spots must be None or >= 4"),
             (self.full_section_max_spots is None or self.full_section_max_spots >= 1,
              "full_section_max_spots must be None or >= 1"),
+            (self.large_section_batch_spots is None or self.large_section_batch_spots >= 4,
+             "large_section_batch_spots must be None or >= 4"),
+            (self.large_section_max_spots is None or self.large_section_max_spots >= 1,
+             "large_section_max_spots must be None or >= 1"),
             (self.train_threads is None or self.train_threads >= 1, "train_threads must be None or >= 1"),
             (self.lr_schedule in ("cosine", "constant"), "lr_schedule must be 'cosine' or 'constant'"),
             (self.epochs >= 0 and min(self.steps_per_epoch, self.steps_per_epoch_rna_only) >= 1,

@@ -156,7 +156,7 @@ def senca(
     from ._cluster import agglomerative
     from ._model import SENCA
     from ._preprocess import prepare, use_global_attention
-    from ._train import Tensors, embed, train
+    from ._train import Tensors, embed, step_schedule, train
 
     cfg = (config or SencaConfig.preset(preset)).replace(**overrides)
     cfg.validate()
@@ -244,6 +244,7 @@ def senca(
             "spot_spacing_px": float(inp.spacing),
             "n_genes_used": int(inp.x.shape[1]),
             "attention_resolved": "global" if use_global_attention(adata.n_obs, cfg) else "local",
+            "schedule_resolved": step_schedule(cfg, adata.n_obs, feats is not None and cnn is None),
             "cluster_knn_connectivity": bool(used_connectivity),
             "device": dev,
             "random_state": int(random_state),

@@ -28,7 +28,10 @@ is replaced by the spot itself). So 10 epochs on a 346-spot section are about
 features, a section of at most ``full_section_max_spots`` (1,000) spots makes the
 same number of steps, each on the whole section, so that both NT-Xent terms
 contrast every window of it (a 32-spot batch holds only 1-3 of the global
-regions); not when the CNN is fine-tuned. Embedding (``embed``)
+regions); a larger section makes that number of steps on spatial batches of about
+``large_section_batch_spots`` (500; tiles merged to at least half that) spots, a 500-spot tile holding
+about 14 of those regions (up to ``large_section_max_spots``, 10,000: a Visium capture area; Visium HD
+keeps the mini-batches); not when the CNN is fine-tuned. Embedding (``embed``)
 always runs on the whole section. ``batch_spots=None`` is the literal reading:
 every step is the whole section and an epoch is ``steps_per_epoch`` steps
 (``steps_per_epoch_rna_only`` without an image). The learning rate is the
@@ -161,6 +164,42 @@ def whole_section_steps(cfg: SencaConfig, n_spots: int, with_image: bool) -> boo
             and n_spots <= cfg.full_section_max_spots)
 
 
+def step_schedule(cfg: SencaConfig, n_spots: int, with_image: bool) -> str:
+    """What one training step holds: ``"whole section"`` (every step, the literal reading or a small section with an
+    image), ``"large batches"`` (~``large_section_batch_spots`` spots, a larger section with an image up to
+    ``large_section_max_spots``) or ``"mini-batches"`` (~``batch_spots`` spots). Recorded in ``params``."""
+    if cfg.batch_spots is None or whole_section_steps(cfg, n_spots, with_image):
+        return "whole section"
+    big, most = cfg.large_section_batch_spots, cfg.large_section_max_spots
+    if with_image and big is not None and big > cfg.batch_spots and (most is None or n_spots <= most):
+        return "large batches"
+    return "mini-batches"
+
+
+def epoch_plan(cfg: SencaConfig, xy: np.ndarray, spacing: float, passes: int, with_image: bool,
+               rng: np.random.Generator) -> list[np.ndarray]:
+    """The spot indices of each step of one epoch.
+
+    ``passes`` passes over ``batch_spots`` mini-batches (:func:`spatial_batches`); with (cached) image features
+    (``with_image``) the same number of steps, each on the whole section (:func:`whole_section_steps`) or, on a
+    larger section of at most ``large_section_max_spots``, on a spatial batch of about
+    ``large_section_batch_spots`` spots: the contrastive terms need many windows per step, which a 32-spot batch
+    does not hold (above that size each such step would cost too much: the mini-batches stay). See
+    :func:`step_schedule`.
+    """
+    n = len(xy)
+    plan = [b for _ in range(passes) for b in spatial_batches(xy, spacing, cfg.batch_spots, rng)]
+    schedule = step_schedule(cfg, n, with_image)
+    if schedule == "whole section":
+        return [np.arange(n)] * len(plan)
+    if schedule == "large batches":
+        steps: list[np.ndarray] = []
+        while len(steps) < len(plan):  # passes over large batches until the mini-batches' number of steps
+            steps += spatial_batches(xy, spacing, cfg.large_section_batch_spots, rng)
+        return steps[:len(plan)]
+    return plan
+
+
 def loss_terms(out: SencaOutput, inp: SencaInputs, cfg: SencaConfig, *, hierarchical: bool,
                rng: np.random.Generator, xy: np.ndarray | None = None) -> dict[str, torch.Tensor]:
     """The terms of eq 1 for one forward pass (``xy``: the coordinates of its spots; default all)."""
@@ -216,9 +255,7 @@ def _train(model, inp, t, cfg, *, hierarchical, random_state, progress) -> Histo
     model.train()
     for ep in epochs:
         acc = {"total": 0.0, "mse": 0.0, "ntxent_w": 0.0, "ntxent_g": 0.0}
-        plan = [b for _ in range(passes) for b in spatial_batches(inp.xy, inp.spacing, cfg.batch_spots, rng)]
-        if whole_section_steps(cfg, inp.x.shape[0], model.image is not None and model.image.cnn is None):
-            plan = [np.arange(inp.x.shape[0])] * len(plan)  # the same number of steps, each on every spot
+        plan = epoch_plan(cfg, inp.xy, inp.spacing, passes, model.image is not None and model.image.cnn is None, rng)
         for i, idx in enumerate(plan):
             if cfg.lr_schedule == "cosine":
                 for g in opt.param_groups:
