@@ -12,7 +12,8 @@ biology. These functions say which domains hug the border, from the spot positio
     distance      from each spot to the outline, in spot spacings (about 0 on the outermost row, 1 on the
                   row inside it, ...)
 
-Measured on HER2ST A1 (BENCHMARKS.md section 7): the domain the H&E adds there is such a band.
+Measured (BENCHMARKS.md section 7): the domain the H&E adds on HER2ST A1 is such a band; the annotated fat at
+the edge of A1 and C1 is flagged too, a real region along the border.
 """
 
 from __future__ import annotations
