@@ -413,3 +413,18 @@ def test_larger_sections_with_an_image_train_on_large_spatial_batches(monkeypatc
     del a.obsm["X_image_senca"]
     senca(a, 3, epochs=0, progress=False, compute_image_features=False)
     assert a.uns["senca"]["params"]["schedule_resolved"] == "mini-batches"
+
+
+def test_rna_only_contrasts_two_dropout_views():
+    a = tissue()
+    del a.obsm["X_image_senca"]
+    senca(a, 3, epochs=2, progress=False, compute_image_features=False)
+    loss = a.uns["senca"]["loss"]
+    assert min(loss["ntxent_g"]) > 0 and min(loss["ntxent_w"]) > 0  # hierarchical learning acts without an image
+    assert a.uns["senca"]["params"]["rna_only_contrast"] is True
+    senca(a, 3, epochs=2, progress=False, compute_image_features=False, rna_only_contrast=False)
+    loss = a.uns["senca"]["loss"]
+    assert max(loss["ntxent_g"]) == 0 and max(loss["ntxent_w"]) == 0  # the MSE alone
+    senca(a, 3, epochs=2, progress=False, compute_image_features=False, hierarchical=False)
+    assert max(a.uns["senca"]["loss"]["ntxent_g"]) == 0  # the Table 4 ablation drops the contrast here too
+    assert SencaConfig.preset("literal").rna_only_contrast is False

@@ -56,6 +56,9 @@ class SencaConfig:
     pool_size: float = 6.0  #: global pooled regions, side in spot spacings (*choice*)
     ntxent_max_windows: int = 2048  #: at most this many windows per NT-Xent (memory O(n^2)); random subset
     contrastive_without_hierarchy: bool = False  #: hierarchical=False keeps a spot-level NT-Xent
+    rna_only_contrast: bool = True  #: without an image, both NT-Xent terms contrast two dropout views of the RNA
+    #: branch (R of two forward passes, SimCSE's augmentation), so hierarchical learning still acts (*choice*;
+    #: False: the MSE alone, as before)
 
     # ---- training (paper 4.1.1) ------------------------------------------------------
     epochs: int = 10  #: paper: 10
@@ -149,6 +152,6 @@ class SencaConfig:
 #: Named configurations for :meth:`SencaConfig.preset` (changes from the defaults).
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
-    "literal": {"recon_target": "encoder_input", "scale": False, "hvg_flavor": "seurat", "batch_spots": None, "steps_per_epoch": 1,
+    "literal": {"rna_only_contrast": False, "recon_target": "encoder_input", "scale": False, "hvg_flavor": "seurat", "batch_spots": None, "steps_per_epoch": 1,
                 "steps_per_epoch_rna_only": 10, "lr_schedule": "constant"},
 }

@@ -201,8 +201,12 @@ def epoch_plan(cfg: SencaConfig, xy: np.ndarray, spacing: float, passes: int, wi
 
 
 def loss_terms(out: SencaOutput, inp: SencaInputs, cfg: SencaConfig, *, hierarchical: bool,
-               rng: np.random.Generator, xy: np.ndarray | None = None) -> dict[str, torch.Tensor]:
-    """The terms of eq 1 for one forward pass (``xy``: the coordinates of its spots; default all)."""
+               rng: np.random.Generator, xy: np.ndarray | None = None,
+               view: SencaOutput | None = None) -> dict[str, torch.Tensor]:
+    """The terms of eq 1 for one forward pass (``xy``: the coordinates of its spots; default all).
+
+    The contrastive pairs are (H, R); without an image, (R of ``view``, R): a second forward pass of the same
+    spots, whose dropout masks differ (``rna_only_contrast``); without either, the MSE alone."""
     xy = inp.xy if xy is None else xy
     target = out.target.detach() if cfg.mse_stop_gradient else out.target
     if out.split is None:
@@ -212,21 +216,22 @@ def loss_terms(out: SencaOutput, inp: SencaInputs, cfg: SencaConfig, *, hierarch
             out.d[:, out.split:], target[:, out.split:])
     zero = mse * 0.0
     terms = {"mse": mse, "ntxent_w": zero, "ntxent_g": zero}
-    if out.h is None:
-        return terms  # RNA branch alone: nothing to contrast
+    if out.h is None and view is None:
+        return terms  # RNA branch alone, no second view: nothing to contrast
+    first = out.h if out.h is not None else view.r
     if hierarchical:
         for name, size in (("ntxent_w", cfg.window_size), ("ntxent_g", cfg.pool_size)):
             side = size * inp.spacing
             idx, n = window_index(xy, side, rng.uniform(0.0, side, size=2))
-            idx_t = torch.as_tensor(idx, device=out.h.device)
-            h_w, r_w = pool(out.h, idx_t, n), pool(out.r, idx_t, n)  # (n, E) each
+            idx_t = torch.as_tensor(idx, device=out.r.device)
+            h_w, r_w = pool(first, idx_t, n), pool(out.r, idx_t, n)  # (n, E) each
             if n > cfg.ntxent_max_windows:  # NT-Xent is O(n^2): a random subset of windows per step
                 keep = torch.as_tensor(np.sort(rng.choice(n, cfg.ntxent_max_windows, replace=False)),
-                                       device=out.h.device)
+                                       device=out.r.device)
                 h_w, r_w = h_w[keep], r_w[keep]
             terms[name] = nt_xent(h_w, r_w, cfg.temperature)
     elif cfg.contrastive_without_hierarchy:
-        terms["ntxent_w"] = nt_xent(out.h, out.r, cfg.temperature)
+        terms["ntxent_w"] = nt_xent(first, out.r, cfg.temperature)
     return terms
 
 
@@ -262,8 +267,11 @@ def _train(model, inp, t, cfg, *, hierarchical, random_state, progress) -> Histo
                     g["lr"] = cfg.lr * 0.5 * (1.0 + math.cos(math.pi * (ep + i / len(plan)) / cfg.epochs))
             whole = len(idx) == inp.x.shape[0]
             tb = t if whole else t.subgraph(inp, idx)
+            # without an image, a second pass (other dropout masks) is the view R is contrasted with
+            contrast = hierarchical or cfg.contrastive_without_hierarchy
+            view = forward(model, tb) if model.image is None and cfg.rna_only_contrast and contrast else None
             terms = loss_terms(forward(model, tb), inp, cfg, hierarchical=hierarchical, rng=rng,
-                               xy=None if whole else inp.xy[idx])
+                               xy=None if whole else inp.xy[idx], view=view)
             loss = terms["ntxent_g"] + terms["ntxent_w"] + cfg.lam * terms["mse"]  # eq 1
             opt.zero_grad(set_to_none=True)
             loss.backward()
