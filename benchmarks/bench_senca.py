@@ -7,6 +7,7 @@ Usage (from the repository root)::
     .venv/bin/python benchmarks/bench_senca.py --only ari --sections A1 B1
     .venv/bin/python benchmarks/bench_senca.py --only ablation  # Tables 4 and 5 on A1 + synthetic, 3 seeds
     .venv/bin/python benchmarks/bench_senca.py --only schedule  # large sections with an image: batch sizes
+    .venv/bin/python benchmarks/bench_senca.py --only rna-views  # sections without an image: two dropout views
     .venv/bin/python benchmarks/bench_senca.py --threads 1     # torch threads (default: torch's)
 
 Speed (image feature extraction excluded, as the bar says):
@@ -166,6 +167,40 @@ def bench_schedule(sizes=(2000, 4000), seeds=(0, 1, 2)):
         print(f"| synthetic {n:,} (image-only region) | " + " | ".join(cells) + " |", flush=True)
 
 
+def bench_rna_views(data, seeds_her2st=10, seeds_dlpfc=3):
+    """Sections without an image: SENCA-st with two dropout views contrasted (the default) against the MSE alone
+    (``rna_only_contrast=False``) and the expression baseline; ARI mean (sd) over seeds, k = scored labels."""
+    import stmorph
+    from stmorph.ev._benchmark import find_sections, load_section
+
+    runs = [("two dropout views (default)", {}), ("MSE alone", {"rna_only_contrast": False})]
+    print("\n== sections without an image: SENCA-st's RNA branch, ARI mean (sd) ==", flush=True)
+    print("| section | seeds | " + " | ".join(r for r, _ in runs) + " | expression | SENCA-st s/run |")
+    print("|---|---|" + "---|" * (len(runs) + 2))
+    for sec in find_sections(data):
+        a = load_section(sec)
+        if stmorph.tl._methods.has_image(a):
+            continue
+        k = int(stmorph.ev._metrics.scored_labels(a).nunique())
+        seeds = range(seeds_dlpfc if a.n_obs > 1000 else seeds_her2st)
+        cells, secs = [], []
+        for _, kw in runs:
+            vals = []
+            for seed in seeds:
+                t0 = time.perf_counter()
+                stmorph.tl.run_methods(a, ["senca"], n_clusters=k, random_state=seed, progress=False, senca_options=kw)
+                if not kw:  # the default's time
+                    secs.append(time.perf_counter() - t0)
+                vals.append(stmorph.ev.ari(a, "senca"))
+            cells.append(f"{np.mean(vals):.3f} ({np.std(vals):.3f})")
+        ex = []
+        for seed in seeds:
+            stmorph.tl.run_methods(a, ["expression"], n_clusters=k, random_state=seed, progress=False)
+            ex.append(stmorph.ev.ari(a, "expression"))
+        print(f"| {sec.name} | 0-{len(seeds) - 1} | " + " | ".join(cells) +
+              f" | {np.mean(ex):.3f} ({np.std(ex):.3f}) | {np.mean(secs):.1f} |", flush=True)
+
+
 def bench_large(n=50_000):
     """One run on a large synthetic section: local attention, kNN-restricted Ward; time and peak RSS."""
     import resource
@@ -251,7 +286,7 @@ def _fmt(v):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DATA)
-    ap.add_argument("--only", choices=["speed", "ari", "large", "ablation", "schedule"], default=None)
+    ap.add_argument("--only", choices=["speed", "ari", "large", "ablation", "schedule", "rna-views"], default=None)
     ap.add_argument("--sections", nargs="*", default=None, help="e.g. A1 B1 151673")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = ap.parse_args(argv)
@@ -270,6 +305,9 @@ def main(argv=None):
         bench_ablation(args.data)
     if args.only in (None, "schedule"):
         bench_schedule()
+    if args.only in (None, "rna-views"):
+        if args.data.exists():
+            bench_rna_views(args.data)
     if args.only in (None, "ari"):
         if not args.data.exists():
             print(f"{args.data} not found: ARI part skipped")
