@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._fields import _smooth_field
+
 __all__ = ["render", "downsample", "texture_params", "TEXTURES"]
 
 TILE = 1024
@@ -322,8 +324,6 @@ def render(labels: np.ndarray, textures: list[str], *, width_px: int, height_px:
     # smooth fields at 40 um: stain variation (E, H) and fibre orientation (cos 2t, sin 2t)
     fcell = 40.0
     fh, fw = int(math.ceil(Hc * label_cell_um / fcell)) + 1, int(math.ceil(Wc * label_cell_um / fcell)) + 1
-    from ._synthetic import _smooth_field
-
     stain = np.stack([_smooth_field(rng, (fh, fw), 6.0), _smooth_field(rng, (fh, fw), 6.0)])
     stain = (1.0 + 0.10 * noise * stain).astype(np.float32)
     o1, o2 = _smooth_field(rng, (fh, fw), 1.6), _smooth_field(rng, (fh, fw), 1.6)

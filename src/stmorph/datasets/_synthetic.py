@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._fields import _smooth_field
+
 __all__ = ["synthetic", "REGIONS"]
 
 PITCH_UM = 100.0
@@ -80,20 +82,6 @@ def _rng(random_state) -> np.random.Generator:
     if isinstance(random_state, np.random.Generator):
         return random_state
     return np.random.default_rng(random_state)
-
-
-def _smooth_field(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
-    """Gaussian random field (mean 0, sd 1) smoothed with ``sigma`` cells (FFT, non-periodic via padding)."""
-    pad = int(math.ceil(3 * sigma))
-    h, w = shape[0] + 2 * pad, shape[1] + 2 * pad
-    noise = rng.standard_normal((h, w))
-    fy = np.fft.fftfreq(h)[:, None]
-    fx = np.fft.rfftfreq(w)[None, :]
-    kern = np.exp(-2.0 * (math.pi * sigma) ** 2 * (fy**2 + fx**2))
-    f = np.fft.irfft2(np.fft.rfft2(noise) * kern, s=(h, w))[pad:pad + shape[0], pad:pad + shape[1]]
-    f -= f.mean()
-    sd = f.std()
-    return f / sd if sd > 0 else f
 
 
 def _zoom_to(field: np.ndarray, shape: tuple[int, int], cell_ratio: float) -> np.ndarray:

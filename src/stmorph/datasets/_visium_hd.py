@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DependencyError, InputError
+from ._fields import _smooth_field
 from ._synthetic import (
     EXPRESSION_ONLY,
     FIELD_CELL_UM,
@@ -43,7 +44,6 @@ from ._synthetic import (
     _region,
     _region_map,
     _rng,
-    _smooth_field,
 )
 
 __all__ = ["synthetic_visium_hd", "write_visium_hd"]
