@@ -51,6 +51,14 @@ def image_identity(path: str | os.PathLike | None = None, array: np.ndarray | No
     raise ValueError(msg)
 
 
+def slide_identity(slide) -> str:
+    """:func:`image_identity` of a :class:`~stmorph.im.Slide`: its file, or the RGB pixels of an in-memory image
+    (the pixels the patches are cut from)."""
+    if slide.path:
+        return image_identity(path=slide.path)
+    return image_identity(array=slide.read_region(0, 0, slide.width, slide.height))
+
+
 def module_sha256(model) -> str:
     """SHA-256 of a torch module's state dict (names, shapes, dtypes, values), for custom encoders."""
     import torch

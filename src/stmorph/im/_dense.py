@@ -48,7 +48,8 @@ from .. import _spatial
 from ..errors import InputError
 from . import _cache
 from ._fmap import _trunk, cell_geometry
-from ._patches import patch_size_px
+from ._patches import patch_list, patch_size_px
+from ._runtime import _amp_dtype, _resolve_device, n_cores, resolve_backend
 from ._tissue import tissue_mask
 from .slide import Slide, slide_for
 from .slide._fill import GLASS_FILL, fill_params, read_fill
@@ -245,21 +246,13 @@ def dense_features(
 
     import torch
 
-    from ._features import (
-        _amp_dtype,
-        _image_identity,
-        _patch_list,
-        _resolve_device,
-        n_cores,
-        resolve_backend,
-    )
     from .encoders import get_encoder
 
     t_start = time.perf_counter()
     adata = adata.copy() if copy else adata
     if adata.n_obs == 0:
         raise InputError("adata has no spots (n_obs == 0); nothing to extract features for.")
-    patches, keys = _patch_list(patch, key_added)
+    patches, keys = patch_list(patch, key_added)
     lib = _spatial.library_id(adata, library_id) if "spatial" in adata.uns or image is None else library_id
     xy = _check_xy(_spatial.coordinates(adata))
     sizes = [patch_size_px(adata, p, library_id=lib) for p in patches]
@@ -306,7 +299,7 @@ def dense_features(
     own = not isinstance(image, Slide)
     slide = slide_for(adata, image=image, library_id=lib)
     try:
-        image_id = _image_identity(slide) if (cache or slide.path) else "in-memory"
+        image_id = _cache.slide_identity(slide) if (cache or slide.path) else "in-memory"
         cdir = cache_dir if cache_dir is not None else _cache.default_dir()
         dense_params.update(fill_params(slide, fill))
         ckeys = [_cache.make_key(image=image_id, xy=xy, patch_size_px=z,

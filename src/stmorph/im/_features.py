@@ -22,9 +22,19 @@ from typing import Any
 import numpy as np
 
 from .. import _spatial
-from ..errors import DependencyError, InputError
+from ..errors import InputError
 from . import _cache
-from ._patches import MultiPatchBatch, iter_patches, iter_patches_multi, patch_size_px
+from ._runtime import (  # noqa: F401 - n_cores, cpu_has_native_bf16, PRECISIONS and BACKENDS are re-exported
+    BACKENDS,
+    PRECISIONS,
+    _amp_dtype,
+    _resolve_device,
+    cpu_has_native_bf16,
+    n_cores,
+    plan_threads,
+    resolve_backend,
+)
+from ._patches import MultiPatchBatch, iter_patches, iter_patches_multi, patch_list, patch_size_px
 from ._section import SectionPool, check_pool, pooled
 from ._slide import Slide, slide_for
 from .encoders import Encoder, get_encoder
@@ -33,94 +43,6 @@ from .slide._fill import fill_params, read_fill
 __all__ = ["features"]
 
 _DONE = object()
-
-
-def n_cores() -> int:
-    """CPU cores this process may use."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
-def _resolve_device(device: str):
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        msg = f"device={device!r} is not a torch device; use 'auto', 'cpu' or 'cuda[:i]'."
-        raise InputError(msg) from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        msg = "device='cuda' was requested but torch sees no CUDA GPU; use device='auto' or 'cpu'."
-        raise InputError(msg)
-    return dev
-
-
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU has bfloat16 instructions (AVX512-BF16 or AMX), where bf16 autocast pays off."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:  # pragma: no cover - not Linux
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
-PRECISIONS = ("auto", "float32", "bfloat16", "float16", "int8")
-BACKENDS = ("auto", "torch", "onnxruntime")
-
-
-def _amp_dtype(dev, precision: str = "auto"):
-    """Autocast dtype, or None for plain float32.
-
-    ``"auto"``: bf16 (else fp16) on CUDA; bf16 on CPUs with native bf16
-    instructions (about 2x faster there); float32 otherwise.
-    """
-    import torch
-
-    if precision not in PRECISIONS:
-        msg = f"precision must be one of {PRECISIONS}; got {precision!r}."
-        raise InputError(msg)
-    if precision in ("float32", "int8"):  # int8 is ONNX Runtime's (see resolve_backend)
-        return None
-    if precision == "auto":
-        if dev.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu_has_native_bf16() else None
-    if precision == "float16" and dev.type != "cuda":
-        msg = "precision='float16' needs a CUDA device; use 'bfloat16' or 'float32' on CPU."
-        raise InputError(msg)
-    return getattr(torch, precision)
-
-
-def resolve_backend(dev, backend: str, precision: str) -> str:
-    """``"torch"`` or ``"onnxruntime"``.
-
-    ``"auto"``: ONNX Runtime on CPU when it is installed and inference would
-    run in float32 (no bf16 instructions, or ``precision="float32"``/``"int8"``):
-    its fused kernels ran the forward 2.1x faster there (BENCHMARKS.md section 3b);
-    PyTorch otherwise (CUDA; bf16 autocast on CPUs with bf16).
-    """
-    from . import _onnx
-
-    if backend not in BACKENDS:
-        raise InputError(f"backend must be one of {BACKENDS}; got {backend!r}.")
-    fp32 = precision in ("float32", "int8") or (precision == "auto" and not cpu_has_native_bf16())
-    if backend == "auto":
-        backend = "onnxruntime" if dev.type == "cpu" and fp32 and _onnx.available() else "torch"
-    if backend == "onnxruntime":
-        if dev.type != "cpu":
-            raise InputError("backend='onnxruntime' runs on CPU only; use device='cpu' or backend='torch'.")
-        if not fp32:
-            raise InputError(f"backend='onnxruntime' runs float32 or int8, not precision={precision!r}.")
-        if not _onnx.available():
-            raise DependencyError("backend='onnxruntime' needs onnxruntime and onnx: pip install onnxruntime onnx")
-    elif precision == "int8":
-        raise InputError("precision='int8' needs the ONNX Runtime backend (pip install onnxruntime onnx) on CPU.")
-    return backend
 
 
 def _calibration(slide: Slide, xy: np.ndarray, size: int, enc: Encoder, n: int = 64, fill="glass") -> np.ndarray:
@@ -134,34 +56,10 @@ def _calibration(slide: Slide, xy: np.ndarray, size: int, enc: Encoder, n: int =
     return np.ascontiguousarray(enc.preprocess(patches).numpy())
 
 
-def _image_identity(slide: Slide) -> str:
-    if slide.path:
-        return _cache.image_identity(path=slide.path)
-    # in-memory image: hash the RGB pixels the patches are cut from
-    return _cache.image_identity(array=slide.read_region(0, 0, slide.width, slide.height))
-
-
 def _bands(xy: np.ndarray, k: int) -> list[np.ndarray]:
     """Split spot indices into ``k`` horizontal bands of equal count (one per producer)."""
     order = np.argsort(xy[:, 1], kind="stable")
     return [b for b in np.array_split(order, k) if len(b)]
-
-
-def plan_threads(dev, cores: int | None = None) -> tuple[int, int]:
-    """(inference streams, torch threads per stream) for a device.
-
-    On CPU the cores are split into independent streams of one or two threads,
-    each running whole batches, rather than one forward pass spread over all
-    cores: a batch-parallel stream never waits at an intra-op barrier, which
-    matters most when the machine is shared (measured in
-    ``benchmarks/bench_features.py``: 2 streams x 1 thread ran 1.5-2x faster than
-    1 stream x 2 threads on a busy 2-core machine). CUDA: one stream.
-    """
-    if dev.type == "cuda":
-        return 1, 1
-    cores = cores or n_cores()
-    streams = min(cores, 8)
-    return streams, max(1, cores // streams)
 
 
 def extract(
@@ -462,7 +360,7 @@ def features(
     if method not in ("auto", "patch", "dense"):
         raise InputError(f"method must be 'auto', 'patch' or 'dense'; got {method!r}.")
     rfill = read_fill(fill)
-    patches, keys = _patch_list(patch, key_added)
+    patches, keys = patch_list(patch, key_added)
     pools = check_pool(pool, len(patches))
     if method != "patch":
         from ._dense import choose_method, dense_features
@@ -501,7 +399,7 @@ def features(
     own = not isinstance(image, Slide)
     slide = slide_for(adata, image=image, library_id=lib)
     try:
-        image_id = _image_identity(slide)
+        image_id = _cache.slide_identity(slide)
         cdir = cache_dir if cache_dir is not None else _cache.default_dir()
         units = list(zip(sizes, pools))  # what is computed and cached: a patch size and a pooling
         unique = sorted(set(units))
@@ -591,17 +489,3 @@ def features(
     return adata if copy else None
 
 
-def _patch_list(patch, key_added) -> tuple[list, list[str]]:
-    """``patch`` / ``key_added`` as equal-length lists (one patch: ``(55, "um")`` stays one)."""
-    single = not isinstance(patch, (list, tuple)) or (
-        isinstance(patch, tuple) and len(patch) == 2 and isinstance(patch[0], (int, float, np.number))
-        and isinstance(patch[1], str) and not any(c.isdigit() for c in patch[1]))
-    patches = [patch] if single else list(patch)
-    keys = [key_added] if isinstance(key_added, str) else list(key_added)
-    if not patches or len(keys) != len(patches) or not all(isinstance(k, str) and k for k in keys):
-        msg = (f"key_added needs one obsm key per patch size: got patch={patch!r}, key_added={key_added!r} "
-               "(e.g. patch=('spot', '6spacing'), key_added=('X_image', 'X_image_senca')).")
-        raise InputError(msg)
-    if len(set(keys)) != len(keys):
-        raise InputError(f"key_added has a repeated key: {key_added!r}.")
-    return patches, keys

@@ -93,6 +93,22 @@ class MultiPatchBatch(NamedTuple):
     inside: np.ndarray
 
 
+def patch_list(patch, key_added) -> tuple[list, list[str]]:
+    """``patch`` / ``key_added`` as equal-length lists (one patch: ``(55, "um")`` stays one)."""
+    single = not isinstance(patch, (list, tuple)) or (
+        isinstance(patch, tuple) and len(patch) == 2 and isinstance(patch[0], (int, float, np.number))
+        and isinstance(patch[1], str) and not any(c.isdigit() for c in patch[1]))
+    patches = [patch] if single else list(patch)
+    keys = [key_added] if isinstance(key_added, str) else list(key_added)
+    if not patches or len(keys) != len(patches) or not all(isinstance(k, str) and k for k in keys):
+        msg = (f"key_added needs one obsm key per patch size: got patch={patch!r}, key_added={key_added!r} "
+               "(e.g. patch=('spot', '6spacing'), key_added=('X_image', 'X_image_senca')).")
+        raise InputError(msg)
+    if len(set(keys)) != len(keys):
+        raise InputError(f"key_added has a repeated key: {key_added!r}.")
+    return patches, keys
+
+
 def patch_size_px(adata, patch="spot", *, library_id: str | None = None) -> int:
     """Patch side in full-resolution pixels.
 
