@@ -68,7 +68,9 @@ def test_results_stranded_by_a_concurrent_run_are_kept_and_named(tmp_path):
 def test_sigterm_removes_the_temporary_folder(tmp_path):
     out = tmp_path / "demo"
     env = {**os.environ, "STMORPH_CACHE_DIR": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "stmorph", "demo", "--out", str(out), "--n-spots", "3000",
+    # a run of several seconds after its temporary folder appears (it is killed long before it ends): with 3,000
+    # spots it ended within ~1 s, and on a loaded machine it once finished before the signal was sent
+    proc = subprocess.Popen([sys.executable, "-m", "stmorph", "demo", "--out", str(out), "--n-spots", "8000",
                              "--method", "expression", "--quiet"], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
