@@ -26,10 +26,11 @@ from ..errors import InputError
 
 __all__ = ["border_distance", "border_domains"]
 
-#: Radius of the disc drawn around each spot (spot spacings) and raster pixels per spacing.
+#: Radius of the disc drawn around each spot (spot spacings).
 DISC_SPACINGS = 0.75
-RASTER_PER_SPACING = 4
-#: Largest raster drawn (pixels): a 1,000 x 1,000-spacing section at 4 pixels per spacing.
+#: Raster pixels per spot spacing, finest first: a large section (Visium HD bins) is drawn coarser.
+RASTER_PER_SPACING = (4, 2, 1)
+#: Largest raster drawn (pixels): a 4,000 x 4,000-spacing section at one pixel per spacing.
 MAX_RASTER = 16_000_000
 #: Spots at most this many spot spacings from the outline form the border band: the outermost row.
 BAND_SPACINGS = 0.5
@@ -45,8 +46,9 @@ def border_distance(adata) -> np.ndarray:
 
     The outline is that of the union of discs of 0.75 spacings around the spots (neighbouring spots' discs
     overlap on Visium's and legacy ST's grids) with every hole filled, drawn on a raster of a quarter
-    spacing: places without spots *inside* the section (spots removed in quality control, a lumen) do not
-    count as border. A spot on the outermost row is at about 0, the row inside it at about 1.
+    spacing (coarser for sections over 1,000 spacings across, such as Visium HD bins): places without spots
+    *inside* the section (spots removed in quality control, a lumen) do not count as border. A spot on the
+    outermost row is at about 0, the row inside it at about 1.
     """
     from scipy import ndimage as ndi
 
@@ -60,13 +62,15 @@ def border_distance(adata) -> np.ndarray:
     if not np.isfinite(spacing) or spacing <= 0:
         msg = "border distance needs distinct spot positions (obsm['spatial'] has them all in one place)."
         raise InputError(msg)
-    res = RASTER_PER_SPACING
-    g = (xy - xy.min(axis=0)) / spacing * res + 2 * res  # raster pixels, a margin of 2 spacings
-    shape = tuple(int(v) for v in np.ceil(g.max(axis=0) + 2 * res)[::-1])  # (rows, cols)
-    if shape[0] * shape[1] > MAX_RASTER:
-        msg = (f"border distance: the spots span {shape[1] // res} x {shape[0] // res} spacings, too large "
-               f"a raster; is obsm['spatial'] in one section's pixels?")
+    span = (xy.max(axis=0) - xy.min(axis=0)) / spacing + 4  # spacings, a margin of 2 on each side
+    fits = [r for r in RASTER_PER_SPACING if (span[0] * r + 1) * (span[1] * r + 1) <= MAX_RASTER]
+    if not fits:
+        msg = (f"border distance: the spots span {span[0]:.0f} x {span[1]:.0f} spot spacings, more than one "
+               f"raster of {MAX_RASTER:,} pixels holds; is obsm['spatial'] in one section's pixels?")
         raise InputError(msg)
+    res = fits[0]
+    g = (xy - xy.min(axis=0)) / spacing * res + 2 * res  # raster pixels
+    shape = tuple(int(v) for v in np.ceil(g.max(axis=0) + 2 * res)[::-1])  # (rows, cols)
     centres = np.zeros(shape, dtype=bool)
     rc = np.round(g[:, ::-1]).astype(np.int64)
     centres[rc[:, 0], rc[:, 1]] = True
@@ -84,8 +88,8 @@ def border_domains(adata, key: str, *, band: float = BAND_SPACINGS) -> pd.DataFr
     ``band`` spacings from the outline, by default the outermost row; see :func:`border_distance`);
     ``section_share_in_band`` (the same for the whole section); ``median_distance`` (spacings);
     ``along_border``: at least half the domain in the band while the band holds less than a third of the
-    section. A domain along the border may be an edge artefact
-    or a real border structure (a capsule, layer 1): look at it on the H&E.
+    section. A domain along the border may be an edge artefact or a real border structure (fat at the edge
+    of a biopsy, a capsule, layer 1): look at it on the H&E.
     """
     if key not in adata.obs:
         msg = f"{key!r} is not a column of adata.obs (columns: {', '.join(map(str, adata.obs.columns)) or 'none'})."

@@ -149,7 +149,8 @@ def card_html(
         parts.append(f'<p class="warn">Along the section\'s border: {100 * border["share_in_band"]:.0f}% of its spots '
                      f'lie on the outermost row of spots, against {100 * border["section_share_in_band"]:.0f}% of the '
                      "section. A cut edge often looks and measures differently from the tissue inside; check on the "
-                     "H&amp;E that this is a tissue structure (fat at the edge of a biopsy, a capsule, a surface layer) and not an edge artefact.</p>")
+                     "H&amp;E that this is a tissue structure (fat at the edge of a biopsy, a capsule, a surface "
+                     "layer) and not an edge artefact.</p>")
     parts.append('<div class="cardrow">')
     parts.append(f'<img class="map" alt="where {_esc(method)} domain {_esc(label)} lies" '
                  f'src="{data_uri(map_png, "image/png")}">')
