@@ -252,6 +252,10 @@ def _train(model, inp, t, cfg, *, hierarchical, random_state, progress) -> Histo
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     hist = History()
     passes = cfg.steps_per_epoch if model.image is not None else cfg.steps_per_epoch_rna_only
+    # without an image, a second pass of each step (other dropout masks) is the view R is contrasted with
+    two_views = (model.image is None and cfg.rna_only_contrast
+                 and (hierarchical or cfg.contrastive_without_hierarchy))
+    cached_image = model.image is not None and model.image.cnn is None  # image features, not a CNN fine-tuned
     epochs = range(cfg.epochs)
     if progress:
         from tqdm.auto import tqdm
@@ -260,16 +264,14 @@ def _train(model, inp, t, cfg, *, hierarchical, random_state, progress) -> Histo
     model.train()
     for ep in epochs:
         acc = {"total": 0.0, "mse": 0.0, "ntxent_w": 0.0, "ntxent_g": 0.0}
-        plan = epoch_plan(cfg, inp.xy, inp.spacing, passes, model.image is not None and model.image.cnn is None, rng)
+        plan = epoch_plan(cfg, inp.xy, inp.spacing, passes, cached_image, rng)
         for i, idx in enumerate(plan):
             if cfg.lr_schedule == "cosine":
                 for g in opt.param_groups:
                     g["lr"] = cfg.lr * 0.5 * (1.0 + math.cos(math.pi * (ep + i / len(plan)) / cfg.epochs))
             whole = len(idx) == inp.x.shape[0]
             tb = t if whole else t.subgraph(inp, idx)
-            # without an image, a second pass (other dropout masks) is the view R is contrasted with
-            contrast = hierarchical or cfg.contrastive_without_hierarchy
-            view = forward(model, tb) if model.image is None and cfg.rna_only_contrast and contrast else None
+            view = forward(model, tb) if two_views else None
             terms = loss_terms(forward(model, tb), inp, cfg, hierarchical=hierarchical, rng=rng,
                                xy=None if whole else inp.xy[idx], view=view)
             loss = terms["ntxent_g"] + terms["ntxent_w"] + cfg.lam * terms["mse"]  # eq 1
