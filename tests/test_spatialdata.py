@@ -59,8 +59,10 @@ def test_coordinates_follow_the_chosen_image(section):
     np.testing.assert_allclose(hires.obsm["spatial"], full.obsm["spatial"] * f, rtol=1e-6)
     d = hires.uns["spatial"]["sec"]["scalefactors"]["spot_diameter_fullres"]
     assert d == pytest.approx(55.0 * f)
-    # the same tissue in micrometres either way
-    assert st._spatial.microns_per_pixel(hires) * d == pytest.approx(55.0)
+    # the same tissue in micrometres either way: Visium's 100 um grid
+    for a in (full, hires):
+        xy = st._spatial.coordinates(a)
+        assert st._spatial.microns_per_pixel(a) * st._spatial.spot_spacing(xy) == pytest.approx(100.0)
 
 
 def test_in_memory_object(section):

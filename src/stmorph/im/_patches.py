@@ -43,17 +43,14 @@ _SIZE_RE = re.compile(
 
 
 def spot_spacing(xy: np.ndarray) -> float:
-    """Median distance from each spot to its nearest other spot (full-resolution px), as SENCA-st's."""
-    from scipy.spatial import cKDTree
-
-    xy = np.asarray(xy, np.float64)
+    """Median distance from each spot to its nearest other spot (full-resolution px), as SENCA-st's; refuses
+    fewer than two spots or a single shared position."""
     if len(xy) < 2:
         raise InputError("a patch in spot spacings needs at least two spots.")
-    d, _ = cKDTree(xy).query(xy, k=2)
-    d = d[:, 1][d[:, 1] > 0]
-    if d.size == 0:
+    d = _spatial.spot_spacing(xy)
+    if not np.isfinite(d):
         raise InputError('all spots share one position in obsm["spatial"]; the spot spacing is undefined.')
-    return float(np.median(d))
+    return d
 
 
 class PatchBatch(NamedTuple):

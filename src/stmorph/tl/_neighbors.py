@@ -5,7 +5,7 @@ the same radius means the same piece of tissue on legacy ST (200 um pitch),
 Visium (100 um) and Visium HD bins. Graphs are sparse and built with a k-d
 tree, so cost grows linearly with the number of spots for a fixed radius.
 
-- :func:`spot_spacing`: the median distance from a spot to its nearest other spot.
+- :func:`spot_spacing` (from :mod:`stmorph._spatial`): the median distance from a spot to its nearest other spot.
 - :func:`radius_graph`: every pair of spots closer than a radius, with their distance.
 - :func:`gaussian_smoother`: a row-stochastic Gaussian kernel (``W @ X`` = neighbourhood mean of ``X``):
   a sparse matrix when each spot has few neighbours within the kernel (ST, Visium), a
@@ -23,24 +23,13 @@ import numpy as np
 import scipy.sparse as sp
 
 from .. import _spatial
+from .._spatial import spot_spacing
 from ..errors import InputError
 
 
 def coordinates_um(adata) -> np.ndarray:
     """Spot centres in micrometres ``(n_obs, 2)``."""
     return _spatial.coordinates(adata) * _spatial.microns_per_pixel(adata)
-
-
-def spot_spacing(xy: np.ndarray) -> float:
-    """Median distance from a spot to its nearest other spot, in the units of ``xy``."""
-    from scipy.spatial import cKDTree
-
-    if xy.shape[0] < 2:
-        return float("nan")
-    d, _ = cKDTree(xy).query(xy, k=2)
-    d = d[:, 1]
-    d = d[d > 0]
-    return float(np.median(d)) if d.size else float("nan")
 
 
 def radius_graph(xy_um: np.ndarray, radius_um: float) -> sp.csr_matrix:
