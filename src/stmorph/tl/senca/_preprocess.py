@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
+from ... import _spatial
 from ..._spatial import coordinates
 from ...errors import InputError
 from ._config import SencaConfig
@@ -98,14 +99,12 @@ def _knn(xy: np.ndarray, k: int) -> np.ndarray:
 
 
 def spot_spacing(xy: np.ndarray) -> float:
-    """Median distance from each spot to its nearest other spot (px)."""
-    nb = _knn(xy, 1)[:, 0]
-    d = np.linalg.norm(xy - xy[nb], axis=1)
-    d = d[d > 0]
-    if d.size == 0:
+    """Median distance from each spot to its nearest other spot (px); refuses a single shared position."""
+    d = _spatial.spot_spacing(xy)
+    if not np.isfinite(d):
         msg = 'all spots share one position in obsm["spatial"]; cannot build a spatial graph.'
         raise InputError(msg)
-    return float(np.median(d))
+    return d
 
 
 def normalized_adjacency(knn: np.ndarray) -> sp.csr_matrix:
