@@ -239,3 +239,52 @@ def test_onnx_runtime_backend_equals_torch(he, convnet):
     np.testing.assert_allclose(out["onnxruntime"], out["torch"], rtol=1e-4, atol=1e-5)
     dense(a, enc, patch="spot", key_added="X_auto", tile_px=64, overlap_px=16)
     assert a.uns["X_auto"]["params"]["backend"] == "onnxruntime"
+
+
+def test_section_pool_equals_patch_path_and_ignores_the_glass(he, pointwise):
+    """pool="section" on the dense path: with a pointwise encoder at the image's scale it is the patch path's
+    section average; what lies beyond the section does not enter it; a window with no cell in the section
+    keeps the plain average (and is counted)."""
+    img = he.copy()
+    img[:, :150] = 245  # glass left of the section
+    grey = img.copy()
+    grey[:, :150] = 215  # another, still unstained, glass
+    xy = grid(20, 360, 23)  # odd windows around integer centres, some across the edge, some on glass only
+    enc = wrap(pointwise, 21, "pointwise21")
+    out = {}
+    for name, im in (("glass", img), ("grey", grey)):
+        a = bins(im, xy, 21)
+        # every tile encoded (tissue=False): a skipped glass tile would get the response to a white one
+        dense(a, enc, patch=21, key_added="X_dense", tile_px=64, overlap_px=4, pool="section", tissue=False)
+        st.im.features(a, enc, patch=21, key_added="X_patch", pool="section", method="patch", cache=False,
+                       progress=False, device="cpu", precision="float32", backend="torch")
+        np.testing.assert_allclose(a.obsm["X_dense"], a.obsm["X_patch"], rtol=1e-4, atol=1e-5)
+        p = a.uns["X_dense"]["params"]
+        assert p["pool"] == "section" and p["n_section_fallback"] == a.uns["X_patch"]["params"]["n_section_fallback"]
+        out[name] = a
+    on_glass = xy[:, 0] + 10 < 150  # windows wholly on glass: the plain average, which differs with the glass
+    across = (xy[:, 0] - 10 < 150) & ~on_glass
+    assert on_glass.any() and across.any()
+    assert out["glass"].uns["X_dense"]["params"]["n_section_fallback"] == on_glass.sum()
+    g, r = out["glass"].obsm["X_dense"], out["grey"].obsm["X_dense"]
+    np.testing.assert_allclose(g[~on_glass], r[~on_glass], rtol=1e-4, atol=1e-5)
+    assert not np.allclose(g[on_glass], r[on_glass], atol=1e-3)
+    # the plain average does see the glass across the edge
+    a = bins(img, xy, 21)
+    dense(a, enc, patch=21, key_added="X_mean", tile_px=64, overlap_px=4, tissue=False)
+    assert a.uns["X_mean"]["params"]["pool"] == "mean"
+    assert not np.allclose(a.obsm["X_mean"][across], g[across], atol=1e-3)
+
+
+def test_section_pool_is_cached_apart(he, convnet, tmp_path):
+    a = bins(he, grid(10, 380, 30), 8)
+    enc = wrap(convnet, 32, "conv")
+    kw = {"patch": "spot", "cache": True, "cache_dir": tmp_path, "tile_px": 64}
+    dense(a, enc, key_added="m", **kw)
+    dense(a, enc, key_added="s", pool="section", **kw)
+    assert not a.uns["s"]["params"]["from_cache"] and a.uns["s"]["params"]["cache_key"] != a.uns["m"]["params"]["cache_key"]
+    dense(a, enc, key_added="s2", pool="section", **kw)
+    assert a.uns["s2"]["params"]["from_cache"]
+    np.testing.assert_array_equal(a.obsm["s"], a.obsm["s2"])
+    with pytest.raises(InputError, match="pool="):
+        dense(a, enc, pool="tissue", patch="spot", key_added="x")

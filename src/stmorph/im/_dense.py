@@ -25,6 +25,11 @@ This path encodes the *tissue* once instead:
    a cell therefore gets the cell it falls in (nearest), or the area-weighted mix of the two
    to four cells it straddles. With a pointwise encoder at the image's own scale this is
    exactly the patch path's global average over the same square (``tests/test_dense_features.py``).
+   With ``pool="section"`` (the ``stmorph`` method's context window) a cell also weighs 1 when its
+   centre lies inside the tissue section (:func:`~stmorph.im._section.section_mask`: the tissue mask
+   closed and with its holes filled) and almost nothing (:data:`OUTSIDE_SECTION_WEIGHT`) outside it,
+   as the patch path's :class:`~stmorph.im._section.SectionPool` weighs a patch's cells; a window with no
+   cell inside the section keeps the plain average.
    A tile's map is pooled into running per-bin sums as soon as it is computed and dropped:
    memory holds a few tiles and the outputs, never a whole-slide map or image.
 
@@ -50,6 +55,7 @@ from . import _cache
 from ._fmap import _trunk, cell_geometry
 from ._patches import patch_list, patch_size_px
 from ._runtime import _amp_dtype, _resolve_device, n_cores, resolve_backend
+from ._section import check_pool, section_mask
 from ._tissue import tissue_mask
 from .slide import Slide, slide_for
 from .slide._fill import GLASS_FILL, fill_params, read_fill
@@ -68,6 +74,10 @@ DEFAULT_OVERLAP_CELLS = 12
 DEFAULT_TILE_PX = 1536
 #: Number of spots above which ``features(method="auto")`` takes the dense path.
 AUTO_DENSE_MIN_SPOTS = 50_000
+#: With ``pool="section"``, the weight of a map cell outside the section relative to one inside. Not 0, so a
+#: window with no cell inside the section gets the plain average from the same running sums (no second
+#: accumulator of bins x features); inside the section it moves the average by less than a part in 10^5.
+OUTSIDE_SECTION_WEIGHT = 1e-6
 
 
 # --------------------------------------------------------------------------- reading at a working scale
@@ -181,6 +191,7 @@ def dense_features(
     progress: bool = True,
     library_id: str | None = None,
     fill: str | None = "glass",
+    pool: str | tuple[str, ...] = "mean",
     copy: bool = False,
 ):
     """Image features of every spot or bin from one fully convolutional pass over the tissue.
@@ -217,6 +228,9 @@ def dense_features(
     image, weights, device, precision, cache, cache_dir, progress, library_id, fill, copy
         As in :func:`stmorph.im.features` (CPU inference runs one tile at a time on all cores;
         ``precision="auto"`` uses bf16 autocast only where the hardware has it).
+    pool
+        ``"mean"`` (each window's cells by area) or ``"section"`` (only the cells inside the tissue
+        section, as :func:`stmorph.im.features`' ``pool="section"``), one value or one per window.
     batch_size
         Tiles per forward pass (default 1; tiles are large).
     backend
@@ -240,7 +254,8 @@ def dense_features(
         window touches), ``n_tiles_encoded``, ``n_tiles_background`` (skipped: no tissue),
         ``tissue_mm2`` (area of the encoded tile cores), ``n_outside``, ``device``, ``dtype``,
         ``image``, ``library_id``, ``cache_key``, ``from_cache``, ``seconds``, ``fill`` (and with
-        ``"glass"``: ``glass_rgb``, ``black_fill_max``).
+        ``"glass"``: ``glass_rgb``, ``black_fill_max``), ``pool`` (and with ``"section"``:
+        ``n_section_fallback``, the windows with no cell inside the section, which kept the plain average).
     """
     import time
 
@@ -253,6 +268,7 @@ def dense_features(
     if adata.n_obs == 0:
         raise InputError("adata has no spots (n_obs == 0); nothing to extract features for.")
     patches, keys = patch_list(patch, key_added)
+    pools = check_pool(pool, len(patches))
     lib = _spatial.library_id(adata, library_id) if "spatial" in adata.uns or image is None else library_id
     xy = _check_xy(_spatial.coordinates(adata))
     sizes = [patch_size_px(adata, p, library_id=lib) for p in patches]
@@ -303,7 +319,9 @@ def dense_features(
         cdir = cache_dir if cache_dir is not None else _cache.default_dir()
         dense_params.update(fill_params(slide, fill))
         ckeys = [_cache.make_key(image=image_id, xy=xy, patch_size_px=z,
-                                 encoder={**enc.params(), "dtype": dtype, **dense_params}) for z in sizes]
+                                 encoder={**enc.params(), "dtype": dtype, **dense_params,
+                                          **({"pool_section": True} if pl == "section" else {})})
+                 for z, pl in zip(sizes, pools)]
         found = [_cache.load(cdir, k, (adata.n_obs, dim)) if cache else None for k in ckeys]
         stats: dict[str, Any] = {}
         if any(x is None for x in found):
@@ -313,7 +331,7 @@ def dense_features(
             try:
                 runner = _ort_trunk(enc, plan.n_in, n_cores(), stride) if backend == "onnxruntime" else None
                 feats = _run(slide, xy, sizes, enc, plan, dev, amp, tissue, batch_size, progress, stats, runner,
-                             fill=rfill)
+                             fill=rfill, pools=pools)
             finally:
                 torch.set_num_threads(threads)
             for i, a in enumerate(feats):
@@ -330,7 +348,7 @@ def dense_features(
             slide.close()
 
     seconds = round(time.perf_counter() - t_start, 3)
-    for p, z, key, feats, ck in zip(patches, sizes, keys, found, ckeys):
+    for k, (p, z, key, feats, ck) in enumerate(zip(patches, sizes, keys, found, ckeys)):
         n_outside = int(np.isnan(feats).all(axis=1).sum())
         if n_outside:
             warnings.warn(f"{n_outside} of {adata.n_obs} spots have windows entirely outside the {width} x {height} "
@@ -345,8 +363,12 @@ def dense_features(
             n_outside=n_outside,
             image=image_id.split("|")[0] if image_id.startswith("file:") else "in-memory",
             library_id=str(lib) if lib is not None else "", cache_key=ck, from_cache=from_cache, seconds=seconds,
-            tissue_mm2=round(stats.get("n_tiles_encoded", 0) * (plan.tile * float(mpp) / 1000) ** 2, 4), **stats,
+            tissue_mm2=round(stats.get("n_tiles_encoded", 0) * (plan.tile * float(mpp) / 1000) ** 2, 4),
+            **{n: v for n, v in stats.items() if n != "n_section_fallback"},
         )
+        params["pool"] = pools[k]
+        if pools[k] == "section" and not from_cache:
+            params["n_section_fallback"] = int(stats["n_section_fallback"][k])
         adata.uns[key] = {"params": params}
     return adata if copy else None
 
@@ -464,9 +486,10 @@ def _ort_trunk(enc, n_in: int, threads: int, stride: int):
 
 
 def _run(slide, xy, sizes, enc, plan: _Plan, dev, amp, tissue, batch_size, progress, stats,
-         runner=None, fill: int | str = 255) -> list[np.ndarray]:
+         runner=None, fill: int | str = 255, pools=None) -> list[np.ndarray]:
     """Encode the tiles and pool them into per-bin features, one array per window size (``runner``: the
-    trunk run by ONNX Runtime, else PyTorch; ``fill``: how tiles are read, see :func:`_read_scaled`)."""
+    trunk run by ONNX Runtime, else PyTorch; ``fill``: how tiles are read, see :func:`_read_scaled`;
+    ``pools``: ``"mean"`` or ``"section"`` per window size)."""
     import contextlib
     import time
 
@@ -484,6 +507,8 @@ def _run(slide, xy, sizes, enc, plan: _Plan, dev, amp, tissue, batch_size, progr
         is_tissue = _tile_is_tissue(tiles, plan, mask, scale)
     else:
         thr, is_tissue = float("nan"), np.ones(len(tiles), bool)
+    pools = list(pools or ["mean"] * len(sizes))
+    section = section_mask(slide) if "section" in pools else None
     stats["seconds_plan"] = round(time.perf_counter() - t0, 3)
     autocast = (torch.autocast(device_type=dev.type, dtype=amp) if amp is not None else contextlib.nullcontext())
     dim = enc.dim or None
@@ -503,6 +528,7 @@ def _run(slide, xy, sizes, enc, plan: _Plan, dev, amp, tissue, batch_size, progr
     dim = dim or (background.shape[0] if background is not None else None)
     accs: list[np.ndarray | None] = [None] * len(sizes)
     wsums = [np.zeros(n, np.float64) for _ in sizes]
+    insides = [np.zeros(n, np.float64) for _ in sizes]  # per bin, the window's area inside the section
     # bins whose window lies entirely outside the image get NaN, as on the patch path
     outside = []
     W, H = slide.width / plan.f, slide.height / plan.f
@@ -515,17 +541,24 @@ def _run(slide, xy, sizes, enc, plan: _Plan, dev, amp, tissue, batch_size, progr
         gx0 = math.ceil((tx * plan.tile - plan.offset) / plan.stride)
         cy = plan.offset + 0.5 + plan.stride * (gy0 + np.arange(plan.n_core))  # cell centres, edge coords
         cx = plan.offset + 0.5 + plan.stride * (gx0 + np.arange(plan.n_core))
+        inside = _inside_section(section, cy, cx, plan.f) if section is not None else None
         for k, ((a, b, _, _), (bins_all, starts)) in enumerate(zip(windows, pairs)):
             bins = bins_all[starts[ti]: starts[ti + 1]]
             if not len(bins):
                 continue
             wx = _cell_weights(a[bins, 0], b[bins, 0], cx, plan.stride)  # (nb, n_core)
             wy = _cell_weights(a[bins, 1], b[bins, 1], cy, plan.stride)
-            wsums[k][bins] += wy.sum(1) * wx.sum(1)
-            if fmap is None:  # background tile: every cell is the white tile's vector
-                contrib = np.outer((wy.sum(1) * wx.sum(1)).astype(np.float32), background)
+            if pools[k] == "section":
+                cw = np.where(inside, 1.0, OUTSIDE_SECTION_WEIGHT).astype(np.float32)  # (n_core, n_core)
+                w = _sparse_pool(sp, wy, wx, cw[None])[:, 0]
+                insides[k][bins] += _sparse_pool(sp, wy, wx, inside[None].astype(np.float32))[:, 0]
             else:
-                contrib = _sparse_pool(sp, wy, wx, fmap)
+                cw, w = None, wy.sum(1) * wx.sum(1)
+            wsums[k][bins] += w
+            if fmap is None:  # background tile: every cell is the white tile's vector
+                contrib = np.outer(w.astype(np.float32), background)
+            else:
+                contrib = _sparse_pool(sp, wy, wx, fmap if cw is None else fmap * cw[None])
             if accs[k] is None:
                 accs[k] = np.zeros((n, contrib.shape[1]), np.float32)
             accs[k][bins] += contrib
@@ -595,11 +628,24 @@ def _run(slide, xy, sizes, enc, plan: _Plan, dev, amp, tissue, batch_size, progr
         acc[outside[k]] = np.nan
         out.append(acc)
     stats.update(
+        n_section_fallback=[int(((insides[k] <= 0) & ~outside[k]).sum()) for k in range(len(sizes))],
         n_tiles=len(tiles), n_tiles_encoded=int(is_tissue.sum()), n_tiles_background=int((~is_tissue).sum()),
         tissue_threshold=round(thr, 4) if np.isfinite(thr) else None, tile_input_px=int(plan.n_in),
         seconds_read=round(sum(reads), 3), seconds_encode=round(t_enc, 3), seconds_pool=round(t_pool, 3),
     )
     return out
+
+
+def _inside_section(section, cy: np.ndarray, cx: np.ndarray, f: float) -> np.ndarray:
+    """bool ``(len(cy), len(cx))``: whether each map cell's centre (working-pixel edge coordinates) lies in the
+    section mask ``(mask, thumbnail px per level-0 px)``; outside the image it does not."""
+    mask, scale = section
+    mh, mw = mask.shape
+    yi = np.floor(cy * f * scale).astype(np.int64)
+    xi = np.floor(cx * f * scale).astype(np.int64)
+    oky, okx = (yi >= 0) & (yi < mh), (xi >= 0) & (xi < mw)
+    out = mask[np.clip(yi, 0, mh - 1)[:, None], np.clip(xi, 0, mw - 1)[None, :]]
+    return out & oky[:, None] & okx[None, :]
 
 
 def _sparse_pool(sp, wy: np.ndarray, wx: np.ndarray, fmap: np.ndarray) -> np.ndarray:

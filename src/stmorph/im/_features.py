@@ -324,7 +324,7 @@ def features(
         (their neighbours inside still see the glass through their receptive fields: see
         :mod:`stmorph.im._section`; convolutional encoders only, computed by PyTorch). One
         value, or one per patch. Part of the cache key and of the recorded parameters; the dense path
-        averages whole windows and records ``"mean"``.
+        weighs the cells of its windows the same way (:func:`stmorph.im.dense_features`).
     copy
         Return a modified copy instead of writing into ``adata``.
 
@@ -366,14 +366,10 @@ def features(
         from ._dense import choose_method, dense_features
 
         if method == "dense" or choose_method(adata, encoder, weights, library_id) == "dense":
-            out = dense_features(adata, encoder, patch=patch, key_added=key_added, image=image, weights=weights,
-                                 device=device, batch_size=batch_size if method == "dense" else None,
-                                 precision=precision, backend=backend, cache=cache, cache_dir=cache_dir,
-                                 progress=progress, library_id=library_id, fill=fill, copy=copy)
-            target = out if copy else adata
-            for key in keys:
-                target.uns[key]["params"]["pool"] = "mean"  # windows averaged whole on the dense path
-            return out
+            return dense_features(adata, encoder, patch=patch, key_added=key_added, image=image, weights=weights,
+                                  device=device, batch_size=batch_size if method == "dense" else None,
+                                  precision=precision, backend=backend, cache=cache, cache_dir=cache_dir,
+                                  progress=progress, library_id=library_id, fill=fill, pool=pools, copy=copy)
     adata = adata.copy() if copy else adata
     if adata.n_obs == 0:
         raise InputError("adata has no spots (n_obs == 0); nothing to extract features for.")
