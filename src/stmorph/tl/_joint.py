@@ -4,7 +4,7 @@ Run on each section alone, a method numbers its domains in its own order: domain
 section has nothing to do with domain ``3`` of the next. :func:`joint_domains` embeds the
 sections together so the labels are shared::
 
-    genes          shared by every section; the union of each section's most variable ones
+    genes          shared by every section; the union of each section's most variable ones (seurat_v3)
     per section    counts -> CPM 1e4 -> log1p (the sections' rows stacked)
     scale          each gene to unit variance over the cohort, clipped at 10 sd
     context        [own | Gaussian neighbourhood mean within the section] (method "stmorph"; a
@@ -221,7 +221,7 @@ def joint_domains(
     xys = [coordinates_um(a) for a in sections]
     smooth = method == "stmorph"
     # each section's variable genes and neighbourhood smoothers, computed once for the joint and the own embeddings
-    hvgs = [_log_hvg(X, n_top_genes, 1e4)[1] for X in counts]
+    hvgs = [_log_hvg(X, n_top_genes, 1e4, DEFAULTS["hvg_flavor"])[1] for X in counts]
     smoothers = [_neighbourhood_means(xy, sig) if smooth else [] for xy in xys]
     Z, n_genes = _embed(counts, hvgs, smoothers, n_comps, random_state)
     n_out = Z.shape[1]
@@ -256,7 +256,8 @@ def joint_domains(
     cats = [str(i) for i in range(k)]
     params = {"method": method, "batch_correction": batch_correction, "sections": names,
               "theta": float(theta) if batch_correction == "harmony" and len(names) > 1 else None,
-              "n_genes_used": n_genes, "n_top_genes": n_top_genes, "sigmas_um": sig if smooth else [],
+              "n_genes_used": n_genes, "n_top_genes": n_top_genes, "hvg_flavor": DEFAULTS["hvg_flavor"],
+              "sigmas_um": sig if smooth else [],
               "n_comps": n_out, "n_clusters": k, "n_clusters_requested": n_clusters, "n_init": int(n_init),
               "refine": {"method": "majority", "n_changed": changed} if refine else None,
               # per-section records as lists in the order of "sections" (names may hold "/", which h5ad nests)

@@ -2,7 +2,7 @@
 
 What the founding papers and the strongest peers teach, as one chain of named steps::
 
-    spatial_expression_embedding   counts -> CPM 1e4 -> log1p -> HVG -> scale
+    spatial_expression_embedding   counts -> CPM 1e4 -> log1p -> HVG (seurat_v3) -> scale
                                    -> [own | Gaussian neighbourhood mean at each radius (um)] -> PCA   obsm["X_stmorph_expr"]
     im.features (one pass)         spot patch + context patch (side 6 spacings: SENCA-st's radius),  obsm["X_image"],
                                    the context's map averaged over the tissue section only           ["X_image_context_section"]
@@ -50,7 +50,7 @@ import numpy as np
 import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
-from ..errors import InputError
+from ..errors import DependencyError, InputError
 from ._cluster import cluster
 from ._embedding import _counts, _pca, log_normalize, standardised_pca
 from ._methods import register_method, run_methods
@@ -64,8 +64,13 @@ MAX_Z = 10.0
 #: (the default clustering) it moves only the restarts' starting points (Ward, k-means): the mixture's likelihood
 #: does not depend on a block's scale. With Louvain/Leiden it weighs the modalities in the kNN distances.
 IMAGE_WEIGHT = 0.3
+#: Rankings of variable genes: scanpy's ``flavor``. ``"seurat_v3"`` (default; what GraphST and STAGATE use) ranks
+#: genes on the counts by their variance standardised for the mean; ``"seurat"`` ranks log-normalised dispersion
+#: (stmorph's default before 2026-12-01; BENCHMARKS.md section 7 compares them).
+HVG_FLAVORS = ("seurat_v3", "seurat")
 #: Defaults of :func:`stmorph` (and of the method in :func:`run_methods`, via ``stmorph_options``).
 DEFAULTS = {"use_image": None, "image_weight": IMAGE_WEIGHT, "sigmas_um": SIGMAS_UM, "n_top_genes": 3000,
+            "hvg_flavor": "seurat_v3",
             "n_comps": 20, "cluster_method": "gmm", "n_init": 10, "k_range": (2, 12), "refine": True,
             "refine_radius_um": None, "context_pool": "section"}
 
@@ -89,18 +94,33 @@ def _with_context(P: np.ndarray, xy_um: np.ndarray, sigmas_um: list[float]) -> n
     return np.hstack([P] + [np.asarray(W @ P) for W in _neighbourhood_means(xy_um, sigmas_um)])
 
 
-def _log_hvg(X: sp.csr_matrix, n_top_genes: int | None, target_sum: float) -> tuple[sp.csr_matrix, np.ndarray]:
-    """Log-normalised counts restricted to the most variable genes (scanpy's 'seurat' dispersion ranking)."""
+def _check_hvg_flavor(flavor: str) -> str:
+    if flavor not in HVG_FLAVORS:
+        msg = f"hvg_flavor={flavor!r} must be one of {HVG_FLAVORS}."
+        raise InputError(msg)
+    return flavor
+
+
+def _log_hvg(X: sp.csr_matrix, n_top_genes: int | None, target_sum: float,
+             flavor: str = "seurat_v3") -> tuple[sp.csr_matrix, np.ndarray]:
+    """Log-normalised counts restricted to the most variable genes: scanpy's ``"seurat_v3"`` ranking (the
+    variance of counts standardised by a loess fit of variance on mean, on the counts ``X``) or ``"seurat"``
+    (dispersion of the log-normalised values, binned by mean)."""
     L = log_normalize(X, target_sum=target_sum)
     genes = np.arange(L.shape[1])
     if n_top_genes is not None and n_top_genes < L.shape[1]:
         import anndata as ad
         import scanpy as sc
 
-        tmp = ad.AnnData(L)
+        _check_hvg_flavor(flavor)
+        tmp = ad.AnnData(sp.csr_matrix(X, dtype=np.float32) if flavor == "seurat_v3" else L)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            sc.pp.highly_variable_genes(tmp, n_top_genes=int(n_top_genes), flavor="seurat")
+            try:
+                sc.pp.highly_variable_genes(tmp, n_top_genes=int(n_top_genes), flavor=flavor)
+            except ImportError:
+                msg = "hvg_flavor='seurat_v3' needs scikit-misc (pip install scikit-misc), or use hvg_flavor='seurat'."
+                raise DependencyError(msg) from None
         genes = np.flatnonzero(tmp.var["highly_variable"].to_numpy())
         L = L[:, genes]
     return sp.csr_matrix(L), genes
@@ -175,6 +195,7 @@ def spatial_expression_embedding(
     *,
     sigmas_um: float | Sequence[float] = SIGMAS_UM,
     n_top_genes: int | None = 3000,
+    hvg_flavor: str = "seurat_v3",
     n_comps: int = 20,
     target_sum: float = 1e4,
     layer: str | None = None,
@@ -191,7 +212,10 @@ def spatial_expression_embedding(
     sigmas_um
         One or more neighbourhood radii (Gaussian sigma, micrometres; truncated at 2.5 sigma).
     n_top_genes
-        Most variable genes kept (scanpy's ``flavor="seurat"``); ``None`` keeps every gene.
+        Most variable genes kept; ``None`` keeps every gene.
+    hvg_flavor
+        How they are ranked (scanpy's ``flavor``): ``"seurat_v3"`` (variance of the counts standardised for
+        their mean; needs raw counts and scikit-misc) or ``"seurat"`` (dispersion of log-normalised values).
     n_comps
         Components of the final embedding.
     target_sum, layer
@@ -213,7 +237,7 @@ def spatial_expression_embedding(
     adata = adata.copy() if copy else adata
     sig = _check_sigmas(sigmas_um)
     X, _ = _counts(adata, layer)
-    L, _ = _log_hvg(X, n_top_genes, target_sum)
+    L, _ = _log_hvg(X, n_top_genes, target_sum, _check_hvg_flavor(hvg_flavor))
     L, n_genes_used = _scale_sparse(L)
     n_out = int(min(n_comps, min(L.shape) - 1))
     if n_out < 1:
@@ -224,7 +248,7 @@ def spatial_expression_embedding(
         Z, singular_values = _context_pca(L, _neighbourhood_means(xy, sig), n_out, random_state)
     adata.obsm[key_added] = Z
     adata.uns[key_added] = {
-        "params": {"sigmas_um": sig, "n_top_genes": n_top_genes, "n_genes_used": n_genes_used,
+        "params": {"sigmas_um": sig, "n_top_genes": n_top_genes, "hvg_flavor": hvg_flavor, "n_genes_used": n_genes_used,
                    "n_comps": n_out, "target_sum": float(target_sum), "layer": layer, "random_state": random_state},
         "singular_values": singular_values,
     }
@@ -313,7 +337,8 @@ def _run_stmorph(adata, run, *, key: str = "stmorph", expression_only: bool = Fa
     rs = run.random_state
     # the same embedding for both variants (same options and seed): computed once per run
     run.shared("stmorph_expression", "stmorph_expression" in run.steps, spatial_expression_embedding, adata,
-               sigmas_um=sigmas, n_top_genes=o["n_top_genes"], n_comps=int(o["n_comps"]), random_state=rs)
+               sigmas_um=sigmas, n_top_genes=o["n_top_genes"], hvg_flavor=o["hvg_flavor"], n_comps=int(o["n_comps"]),
+               random_state=rs)
     reps, weights = ["X_stmorph_expr"], [1.0]
     if use_image:
         (spot, _), (context, context_patch) = run.patch_key("spot"), run.patch_key(context_name)
@@ -331,7 +356,7 @@ def _run_stmorph(adata, run, *, key: str = "stmorph", expression_only: bool = Fa
     adata.uns[key]["params"].update(
         modalities=["expression", "image"] if use_image else ["expression"],
         image_weight=image_weight if use_image else 0.0, sigmas_um=list(_check_sigmas(sigmas)),
-        n_top_genes=o["n_top_genes"], context_pool=o["context_pool"] if use_image else None,
+        n_top_genes=o["n_top_genes"], hvg_flavor=o["hvg_flavor"], context_pool=o["context_pool"] if use_image else None,
     )
 
 
@@ -352,6 +377,7 @@ def stmorph(
     image_weight: float = IMAGE_WEIGHT,
     sigmas_um: float | Sequence[float] = SIGMAS_UM,
     n_top_genes: int | None = DEFAULTS["n_top_genes"],
+    hvg_flavor: str = DEFAULTS["hvg_flavor"],
     n_comps: int = DEFAULTS["n_comps"],
     cluster_method: str = DEFAULTS["cluster_method"],
     n_init: int = DEFAULTS["n_init"],
@@ -387,8 +413,9 @@ def stmorph(
         ``"louvain"``/``"leiden"`` it weighs the image in the kNN graph.
     sigmas_um
         Neighbourhood radii (Gaussian sigma, micrometres).
-    n_top_genes, n_comps
-        Variable genes and components of the expression embedding.
+    n_top_genes, hvg_flavor, n_comps
+        Variable genes (how many, how ranked: see :func:`spatial_expression_embedding`) and components of the
+        expression embedding.
     cluster_method
         ``"gmm"`` (default), ``"louvain"`` or ``"leiden"``.
     n_init, k_range
@@ -419,7 +446,8 @@ def stmorph(
     """
     adata = adata.copy() if copy else adata
     opts = {"use_image": use_image, "image_weight": image_weight, "sigmas_um": sigmas_um,
-            "n_top_genes": n_top_genes, "n_comps": n_comps, "cluster_method": cluster_method, "n_init": n_init,
+            "n_top_genes": n_top_genes, "hvg_flavor": hvg_flavor, "n_comps": n_comps, "cluster_method": cluster_method,
+            "n_init": n_init,
             "k_range": k_range, "refine": refine, "refine_radius_um": refine_radius_um, "context_pool": context_pool}
     run_methods(adata, ["stmorph"], n_clusters=n_clusters, image=image, encoder=encoder,
                 encoder_weights=encoder_weights, device=device, random_state=random_state, progress=progress,
