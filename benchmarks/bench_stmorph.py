@@ -12,7 +12,7 @@ Prints, in one run:
 3. ``--radii 100 100,200 ...``: ``stmorph_expr`` on every annotated section at each set of
    neighbourhood radii (micrometres), to check the default against alternatives on every section at once;
    ``--refine-radii default none 1.5s 300``: the same for the majority refinement's radius (``1.5s``: 1.5 spot
-   spacings of each section);
+   spacings of each section); ``--hvg-flavors seurat_v3 seurat``: the same for the ranking of variable genes;
 4. ``--border``: on every annotated section with an H&E, what the image changes: per seed, ``stmorph``'s ARI
    with and without the image, the share of the largest annotated region kept in one domain, the domains that
    lie along the section's border (``stmorph.ev.border_domains``), and how much of the distance to the border
@@ -223,6 +223,12 @@ def refine_radii(data: Path, seeds: int, options: list[str]) -> None:
            [(opt, options_for(opt)) for opt in options])
 
 
+def hvg_flavors(data: Path, seeds: int, options: list[str]) -> None:
+    """``stmorph_expr`` on every annotated section with each ranking of variable genes (scanpy's ``flavor``)."""
+    _sweep(data, seeds, "stmorph on expression alone with each ranking of variable genes", "hvg_flavor",
+           [(opt, lambda a, f=opt: {"hvg_flavor": f}) for opt in options])
+
+
 def update_md(path: Path, data: Path, seeds: int, peers: Path | None, from_dir: Path | None = None) -> None:
     """Splice a fresh ``stmorph benchmark`` (or the ``benchmark.md`` already in ``from_dir``) into ``path``."""
     text = path.read_text(encoding="utf-8")
@@ -259,6 +265,8 @@ def main() -> None:
     p.add_argument("--refine-radii", nargs="+", default=None, metavar="R",
                    help="stmorph_expr on every section at each refinement radius: default, none, um (300) or "
                         "spot spacings (1.5s)")
+    p.add_argument("--hvg-flavors", nargs="+", default=None, metavar="FLAVOR", choices=("seurat_v3", "seurat"),
+                   help="expression only, every section: each ranking of variable genes")
     p.add_argument("--border", action="store_true",
                    help="on sections with an H&E: what the image changes, domains along the section's border")
     p.add_argument("--update-md", type=Path, default=None, metavar="FILE")
@@ -277,6 +285,8 @@ def main() -> None:
         radii(args.data, args.seeds, args.radii)
     if args.refine_radii:
         refine_radii(args.data, args.seeds, args.refine_radii)
+    if args.hvg_flavors:
+        hvg_flavors(args.data, args.seeds, args.hvg_flavors)
     if args.update_md is not None:
         update_md(args.update_md, args.data, args.seeds, args.peers if args.peers.is_file() else None, args.from_dir)
 

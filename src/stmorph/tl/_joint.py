@@ -47,6 +47,7 @@ from ._stmorph import (
     DEFAULTS,
     _check_sigmas,
     _context_pca,
+    _expression_context,
     _log_hvg,
     _neighbourhood_means,
     _scale_sparse,
@@ -212,10 +213,11 @@ def joint_domains(
     if len(common) < 2:
         msg = f"the sections share {len(common)} gene name(s); joint domains need the same genes (var_names)."
         raise InputError(msg)
-    counts = []
+    counts, full = [], []
     for a in sections:
         X, _ = _counts(a, layer)
-        counts.append(sp.csr_matrix(X[:, pd.Index(a.var_names).get_indexer(common)]))
+        full.append(sp.csr_matrix(X))
+        counts.append(full[-1][:, pd.Index(a.var_names).get_indexer(common)])
     sizes = [a.n_obs for a in sections]
     batch = np.repeat(np.asarray(names, dtype=object), sizes)
     xys = [coordinates_um(a) for a in sections]
@@ -236,8 +238,10 @@ def joint_domains(
     refits = []
     if refit and len(names) > 1:  # one section: its own embedding is the joint one
         for i in range(len(names)):
-            own, _ = _embed([counts[i]], [hvgs[i]], [smoothers[i]], n_comps, random_state)
-            parts[i], record = _refit(own, parts[i], random_state)
+            # exactly the embedding a separate run computes: every gene of the section, its own variable genes
+            own = _expression_context(full[i], smoothers[i], n_top_genes=n_top_genes, hvg_flavor=DEFAULTS["hvg_flavor"],
+                                      n_comps=n_comps, target_sum=1e4, random_state=random_state)[0]
+            parts[i], record = _refit(np.asarray(own, dtype=np.float64), parts[i], random_state)
             refits.append(record)
         lost = [n for n, r in zip(names, refits) if r["kept"] == "joint"]
         if lost:

@@ -190,6 +190,21 @@ def _context_pca(L: sp.csr_matrix, smoothers: list, n_comps: int, random_state: 
     return (Z * signs).astype(np.float32), sv[:n_comps]
 
 
+def _expression_context(X: sp.csr_matrix, smoothers: list, *, n_top_genes: int | None, hvg_flavor: str, n_comps: int,
+                        target_sum: float, random_state: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """:func:`spatial_expression_embedding` on counts ``X`` and neighbourhood ``smoothers`` (empty: own expression
+    only): the embedding, its singular values and the number of genes used."""
+    L, _ = _log_hvg(X, n_top_genes, target_sum, hvg_flavor)
+    L, n_genes_used = _scale_sparse(L)
+    n_out = int(min(n_comps, min(L.shape) - 1))
+    if n_out < 1:
+        msg = f"{X.shape[0]} spot(s) x {L.shape[1]} variable gene(s) are too few for an expression embedding."
+        raise InputError(msg)
+    with threadpool_limits(1):  # tall-skinny QRs: BLAS threads only contend (10x slower on a busy 2-core machine)
+        Z, singular_values = _context_pca(L, smoothers, n_out, random_state)
+    return Z, singular_values, n_genes_used
+
+
 def spatial_expression_embedding(
     adata,
     *,
@@ -237,15 +252,11 @@ def spatial_expression_embedding(
     adata = adata.copy() if copy else adata
     sig = _check_sigmas(sigmas_um)
     X, _ = _counts(adata, layer)
-    L, _ = _log_hvg(X, n_top_genes, target_sum, _check_hvg_flavor(hvg_flavor))
-    L, n_genes_used = _scale_sparse(L)
-    n_out = int(min(n_comps, min(L.shape) - 1))
-    if n_out < 1:
-        msg = f"{adata.n_obs} spot(s) x {L.shape[1]} variable gene(s) are too few for an expression embedding."
-        raise InputError(msg)
-    xy = coordinates_um(adata)
-    with threadpool_limits(1):  # tall-skinny QRs: BLAS threads only contend (10x slower on a busy 2-core machine)
-        Z, singular_values = _context_pca(L, _neighbourhood_means(xy, sig), n_out, random_state)
+    smoothers = _neighbourhood_means(coordinates_um(adata), sig)
+    Z, singular_values, n_genes_used = _expression_context(X, smoothers, n_top_genes=n_top_genes,
+                                                           hvg_flavor=_check_hvg_flavor(hvg_flavor), n_comps=n_comps,
+                                                           target_sum=target_sum, random_state=random_state)
+    n_out = Z.shape[1]
     adata.obsm[key_added] = Z
     adata.uns[key_added] = {
         "params": {"sigmas_um": sig, "n_top_genes": n_top_genes, "hvg_flavor": hvg_flavor, "n_genes_used": n_genes_used,
