@@ -300,3 +300,28 @@ def test_stmorph_and_senca_read_the_context_patch_pooled_their_own_way_in_one_pa
     assert a.uns["stmorph"]["params"]["context_pool"] == "mean"
     with pytest.raises(InputError, match="context_pool="):
         tl.stmorph(a, n_clusters=4, context_pool="tissue", progress=False)
+
+
+def test_variable_genes_ranked_on_counts_by_seurat_v3_or_on_logs_by_seurat(section):
+    import anndata as ad
+    import scanpy as sc
+
+    from stmorph.tl._stmorph import _log_hvg
+
+    X = sp.csr_matrix(section.X)
+    ranked = {}
+    for flavor in ("seurat_v3", "seurat"):
+        L, genes = _log_hvg(X, 200, 1e4, flavor)
+        assert L.shape == (section.n_obs, 200) and genes.size == 200
+        ranked[flavor] = set(genes)
+    ref = ad.AnnData(X.astype(np.float32))
+    sc.pp.highly_variable_genes(ref, n_top_genes=200, flavor="seurat_v3")  # on the counts, as scanpy means it
+    assert ranked["seurat_v3"] == set(np.flatnonzero(ref.var["highly_variable"]))
+    assert ranked["seurat_v3"] != ranked["seurat"]
+    a = section.copy()
+    tl.spatial_expression_embedding(a, n_top_genes=200)
+    assert a.uns["X_stmorph_expr"]["params"]["hvg_flavor"] == "seurat_v3"
+    tl.run_methods(a, ["stmorph_expr"], n_clusters=3, stmorph_options={"hvg_flavor": "seurat", "n_top_genes": 200})
+    assert a.uns["stmorph_expr"]["params"]["hvg_flavor"] == "seurat"
+    with pytest.raises(InputError, match="hvg_flavor"):
+        tl.spatial_expression_embedding(a, n_top_genes=200, hvg_flavor="cell_ranger")
