@@ -61,3 +61,23 @@ def test_spot_diameter_when_the_grid_cannot_be_seen(xy):
 def test_unknown_technology_keeps_the_spot_diameter():
     a = _section(_hex(137.0), "slide_seq", 20.0, spot_diameter_um=10.0)
     assert _spatial.microns_per_pixel(a) == pytest.approx(10.0 / 20.0)
+
+
+def _with_array(a, n=12):
+    rows, cols = np.mgrid[0:n, 0:n]
+    a.obs["array_row"] = rows.ravel()
+    a.obs["array_col"] = (2 * cols + (rows % 2)).ravel()  # Visium: neighbours in a row are two columns apart
+    return a
+
+
+def test_a_subset_of_visium_spots_keeps_the_scale():
+    a = _with_array(_section(_hex(137.0, n=30), "visium", 96.4), n=30)
+    assert _spatial.visium_array_pitch(a) == pytest.approx(137.0)
+    sub = a[np.random.default_rng(0).random(a.n_obs) < 0.08].copy()  # a sparse subset: neighbours pushed apart
+    assert _spatial.spot_spacing(_spatial.coordinates(sub)) > 1.1 * 137.0
+    assert _spatial.microns_per_pixel(sub) == pytest.approx(100 / 137.0)
+    # array coordinates of another convention (not the hexagonal grid's): ignored
+    other = _section(_hex(137.0, n=30), "visium", 96.4)
+    other.obs["array_row"], other.obs["array_col"] = a.obs["array_row"].to_numpy(), a.obs["array_row"].to_numpy()
+    assert np.isnan(_spatial.visium_array_pitch(other))
+    assert _spatial.microns_per_pixel(other) == pytest.approx(100 / 137.0)

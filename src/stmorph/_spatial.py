@@ -71,6 +71,28 @@ def spot_spacing(xy: np.ndarray) -> float:
     return float(np.median(d)) if d.size else float("nan")
 
 
+def visium_array_pitch(adata) -> float:
+    """Pixels between neighbouring Visium spots from a least-squares fit of the spot centres on their array
+    coordinates (``obs["array_row"]``, ``obs["array_col"]``; neighbours in a row are two array columns apart), or
+    NaN when the coordinates are missing, too few, or not those of Visium's hexagonal grid (a row step of
+    sqrt(3)/2 pitches, within 5%). Unlike the nearest-neighbour spacing it does not grow when spots are left out."""
+    if adata.n_obs < 3 or not {"array_row", "array_col"} <= set(adata.obs.columns) or "spatial" not in adata.obsm:
+        return float("nan")
+    try:
+        rc = adata.obs[["array_col", "array_row"]].to_numpy(dtype=np.float64)
+    except (TypeError, ValueError):
+        return float("nan")
+    xy = coordinates(adata)
+    ok = np.isfinite(rc).all(axis=1) & np.isfinite(xy).all(axis=1)
+    A = np.column_stack([rc[ok], np.ones(int(ok.sum()))])
+    if A.shape[0] < 3 or np.linalg.matrix_rank(A) < 3:
+        return float("nan")
+    coef, *_ = np.linalg.lstsq(A, xy[ok], rcond=None)
+    pitch = 2.0 * float(np.linalg.norm(coef[0]))
+    row = float(np.linalg.norm(coef[1]))
+    return pitch if pitch > 0 and abs(row / pitch / (np.sqrt(3) / 2) - 1) < 0.05 else float("nan")
+
+
 def microns_per_pixel(adata, library_id_: str | None = None) -> float:
     """Full-resolution pixel size in micrometres.
 
@@ -78,9 +100,11 @@ def microns_per_pixel(adata, library_id_: str | None = None) -> float:
 
     1. ``metadata["microns_per_pixel"]`` when present (Visium HD, synthetic data, or given by the user);
     2. for a spot array of known pitch (:data:`ARRAY_PITCH_UM`: Visium's 100 um), the pitch over the spots'
-       median nearest-neighbour distance in pixels. Space Ranger's ``spot_diameter_fullres`` is not the 55 um
-       capture spot (10x defines it as a 65 um spot, and on the DLPFC sections it spans 70 um of the 100 um
-       grid), so a pixel size taken from it put Visium spots 78 um apart instead of 100;
+       median nearest-neighbour distance in pixels, or over :func:`visium_array_pitch` when the two differ by
+       more than 5% (spots left out, e.g. a subset of the section, push the nearest neighbours apart). Space
+       Ranger's ``spot_diameter_fullres`` is not the 55 um capture spot (10x defines it as a 65 um spot, and on
+       the DLPFC sections it spans 70 um of the 100 um grid), so a pixel size taken from it put Visium spots
+       78 um apart instead of 100;
     3. otherwise (legacy ST, whose reader derives ``spot_diameter_fullres`` from the array step), or when the
        spots are too few or too sparse for (2) (it would differ from (3) by more than a factor of two), the
        physical spot diameter over ``spot_diameter_fullres``.
@@ -94,7 +118,11 @@ def microns_per_pixel(adata, library_id_: str | None = None) -> float:
     by_diameter = float(um) / spot_diameter_fullres(adata, library_id_)
     pitch_um = ARRAY_PITCH_UM.get(technology)
     if pitch_um is not None and adata.n_obs >= 2 and "spatial" in adata.obsm:
-        by_pitch = pitch_um / spot_spacing(coordinates(adata))
+        px = spot_spacing(coordinates(adata))
+        lattice = visium_array_pitch(adata)
+        if np.isfinite(lattice) and not (abs(px / lattice - 1) <= 0.05):
+            px = lattice
+        by_pitch = pitch_um / px
         if np.isfinite(by_pitch) and 0.5 < by_pitch / by_diameter < 2.0:
             return float(by_pitch)
     return by_diameter

@@ -12,8 +12,8 @@ sections together so the labels are shared::
     one PCA        fitted on all spots at once (shared axes), sparse products as the stmorph method
     Harmony        (harmonypy) removes what separates the sections but not the tissue types
     one clustering tied Gaussian mixture on every spot (exactly k, or k chosen on the cohort)
-    refit          each section's own embedding (the same steps on that section alone, its own variable
-                   genes), one tied-mixture EM started from the joint domains there (their weights, means
+    refit          each section's own embedding (exactly a separate run's: every gene of the section, its own
+                   variable genes), one tied-mixture EM started from the joint domains there (their weights, means
                    and pooled covariance): the joint run says what each domain is, the section's own
                    embedding where its boundaries lie
     refinement     the majority refinement within each section
@@ -222,7 +222,8 @@ def joint_domains(
     batch = np.repeat(np.asarray(names, dtype=object), sizes)
     xys = [coordinates_um(a) for a in sections]
     smooth = method == "stmorph"
-    # each section's variable genes and neighbourhood smoothers, computed once for the joint and the own embeddings
+    # each section's variable genes among the shared ones (for the joint embedding) and its neighbourhood smoothers
+    # (for the joint embedding and the refit's own one)
     hvgs = [_log_hvg(X, n_top_genes, 1e4, DEFAULTS["hvg_flavor"])[1] for X in counts]
     smoothers = [_neighbourhood_means(xy, sig) if smooth else [] for xy in xys]
     Z, n_genes = _embed(counts, hvgs, smoothers, n_comps, random_state)
