@@ -98,3 +98,18 @@ def test_run_her2st_a1_produces_all_outputs(tmp_path):
                                            ".stmorph"}
     info = json.loads((out / "run.json").read_text())
     assert info["n_spots"] > 300 and set(info["ari"]) == {"expression", "image", "stmic"}
+
+
+def test_run_passes_the_stmorph_method_options(visium_folder, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["run", str(visium_folder), "--method", "stmorph_expr", "--n-clusters", "4", "--sigma-um", "80", "150",
+                 "--n-top-genes", "200", "--hvg-flavor", "seurat", "--out", str(out), "--quiet", "--no-plot"]) == 0
+    res = ad.read_h5ad(out / "result.h5ad")
+    p = res.uns["X_stmorph_expr"]["params"]
+    assert list(p["sigmas_um"]) == [80.0, 150.0] and p["n_top_genes"] == 200 and p["hvg_flavor"] == "seurat"
+    assert res.uns["stmorph_expr"]["params"]["hvg_flavor"] == "seurat"
+    for bad in (["--sigma-um", "-5"], ["--n-top-genes", "0"], ["--hvg-flavor", "pearson"]):
+        with pytest.raises(SystemExit):
+            main(["run", str(visium_folder), "--out", str(tmp_path / "x"), *bad])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err and bad[0] in err[-1]

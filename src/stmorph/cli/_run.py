@@ -34,6 +34,17 @@ def _positive_float(text: str) -> float:
     return v
 
 
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        msg = f"must be a positive whole number; got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return v
+
+
 def add_common_options(p) -> None:
     """Options shared by ``run`` and ``demo``."""
     g = p.add_argument_group("clustering")
@@ -47,6 +58,15 @@ def add_common_options(p) -> None:
                    help="majority refinement over each spot's first ring of neighbours, at most 150 um away, for "
                         "every method (default: on for stmorph, off for the papers' methods; legacy ST spots, "
                         "200 um apart, keep their labels)")
+    g = p.add_argument_group("the stmorph method (defaults: those of stmorph.tl.stmorph)")
+    g.add_argument("--sigma-um", type=_positive_float, nargs="+", default=None, metavar="UM",
+                   help="neighbourhood radius or radii (Gaussian sigma, micrometres of tissue; default 100)")
+    g.add_argument("--n-top-genes", type=_positive_int, default=None, metavar="N",
+                   help="variable genes of the expression embedding (default 3000)")
+    g.add_argument("--hvg-flavor", choices=("seurat_v3", "seurat"), default=None,
+                   help="how they are ranked: scanpy's seurat_v3 on the counts (default) or seurat on the logs")
+    g.add_argument("--image-weight", type=_positive_float, default=None, metavar="W",
+                   help="weight of the image block against expression's (default 0.3; see stmorph.tl.stmorph)")
     g = p.add_argument_group("image features")
     g.add_argument("--encoder", default="efficientnet_lite2",
                    help="image encoder: efficientnet_lite2 (embedded, default), resnet50, or a pathology "
@@ -181,6 +201,9 @@ def method_options(args) -> dict:
         "random_state": args.seed,
         "refine": args.refine,
         "senca_options": senca,
+        "stmorph_options": {name: value for name, value in (
+            ("sigmas_um", tuple(args.sigma_um) if args.sigma_um else None), ("n_top_genes", args.n_top_genes),
+            ("hvg_flavor", args.hvg_flavor), ("image_weight", args.image_weight)) if value is not None},
     }
 
 

@@ -311,16 +311,21 @@ def image_context_embedding(
 def balanced_integrate(adata, reps: Sequence[str], weights: Sequence[float], *, key_added: str = "X_stmorph"):
     """Concatenate embeddings, each scaled to unit total variance and multiplied by its weight.
 
-    Sets ``adata.obsm[key_added]`` and ``adata.uns[key_added]["params"]``.
+    Sets ``adata.obsm[key_added]`` and ``adata.uns[key_added]["params"]`` (when ``key_added`` is one of ``reps``,
+    as for the expression-only variant, its parameters are kept and these go under ``["params"]["integrate"]``).
     """
     blocks = []
     for rep, w in zip(reps, weights):
         E = np.asarray(adata.obsm[rep], dtype=np.float64)
         E = E - E.mean(axis=0)
         blocks.append(float(w) * E / np.sqrt(E.var(axis=0).sum() + 1e-12))
+    info = {"reps": list(reps), "weights": [float(w) for w in weights], "scaling": "unit total variance per block"}
+    previous = adata.uns.get(key_added) if key_added in reps else None
     adata.obsm[key_added] = np.hstack(blocks).astype(np.float32)
-    adata.uns[key_added] = {"params": {"reps": list(reps), "weights": [float(w) for w in weights],
-                                       "scaling": "unit total variance per block"}}
+    if isinstance(previous, dict) and isinstance(previous.get("params"), dict):
+        adata.uns[key_added] = {**previous, "params": {**previous["params"], "integrate": info}}
+    else:
+        adata.uns[key_added] = {"params": info}
 
 
 def _run_stmorph(adata, run, *, key: str = "stmorph", expression_only: bool = False) -> None:
