@@ -189,6 +189,10 @@ def test_features_dispatch(he, pointwise, convnet):
     hd = bins(he, xy, 8)
     st.im.features(hd, enc, patch="spot", cache=False, progress=False, device="cpu")
     assert hd.uns["X_image"]["params"]["path"] == "dense"
+    st.im.features(hd, enc, patch=("spot", "6spacing"), key_added=("s", "c"), pool=("mean", "section"), cache=False,
+                   progress=False, device="cpu")  # the stmorph method's request reaches the dense path
+    assert [hd.uns[k]["params"]["pool"] for k in ("s", "c")] == ["mean", "section"]
+    assert hd.uns["c"]["params"]["path"] == "dense" and "n_section_fallback" in hd.uns["c"]["params"]
     visium = bins(he, xy, 8, technology="visium")
     st.im.features(visium, enc, patch="spot", cache=False, progress=False, device="cpu", backend="torch")
     assert "path" not in visium.uns["X_image"]["params"]
