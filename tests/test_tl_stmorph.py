@@ -325,3 +325,22 @@ def test_variable_genes_ranked_on_counts_by_seurat_v3_or_on_logs_by_seurat(secti
     assert a.uns["stmorph_expr"]["params"]["hvg_flavor"] == "seurat"
     with pytest.raises(InputError, match="hvg_flavor"):
         tl.spatial_expression_embedding(a, n_top_genes=200, hvg_flavor="cell_ranger")
+
+
+def test_a_failing_seurat_v3_ranking_falls_back_with_a_warning(section, monkeypatch):
+    import scanpy as sc
+
+    from stmorph.tl._stmorph import _log_hvg
+
+    real = sc.pp.highly_variable_genes
+
+    def loess_fails(adata, **kw):
+        if kw.get("flavor") == "seurat_v3":
+            raise ValueError("span too small")
+        return real(adata, **kw)
+
+    monkeypatch.setattr(sc.pp, "highly_variable_genes", loess_fails)
+    X = sp.csr_matrix(section.X)
+    with pytest.warns(UserWarning, match="seurat_v3 ranking of variable genes failed"):
+        _, genes = _log_hvg(X, 200, 1e4, "seurat_v3")
+    assert set(genes) == set(_log_hvg(X, 200, 1e4, "seurat")[1])

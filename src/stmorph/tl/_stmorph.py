@@ -114,6 +114,7 @@ def _log_hvg(X: sp.csr_matrix, n_top_genes: int | None, target_sum: float,
 
         _check_hvg_flavor(flavor)
         tmp = ad.AnnData(sp.csr_matrix(X, dtype=np.float32) if flavor == "seurat_v3" else L)
+        failed = None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
@@ -121,6 +122,15 @@ def _log_hvg(X: sp.csr_matrix, n_top_genes: int | None, target_sum: float,
             except ImportError:
                 msg = "hvg_flavor='seurat_v3' needs scikit-misc (pip install scikit-misc), or use hvg_flavor='seurat'."
                 raise DependencyError(msg) from None
+            except ValueError as e:  # the loess fit of variance on mean can fail on unusual counts
+                if flavor != "seurat_v3":
+                    raise
+                failed = str(e).splitlines()[0] if str(e) else type(e).__name__
+                tmp = ad.AnnData(L)
+                sc.pp.highly_variable_genes(tmp, n_top_genes=int(n_top_genes), flavor="seurat")
+        if failed is not None:
+            warnings.warn(f"the seurat_v3 ranking of variable genes failed ({failed}); they were ranked by 'seurat' "
+                          "(log dispersion) instead.", UserWarning, stacklevel=3)
         genes = np.flatnonzero(tmp.var["highly_variable"].to_numpy())
         L = L[:, genes]
     return sp.csr_matrix(L), genes
