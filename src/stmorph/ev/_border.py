@@ -52,13 +52,11 @@ def border_distance(adata) -> np.ndarray:
     """
     from scipy import ndimage as ndi
 
-    from ..tl._neighbors import spot_spacing
-
     xy = _spatial.coordinates(adata)
     if xy.shape[0] < 3:
         msg = f"border distance needs at least 3 spots; the section has {xy.shape[0]}."
         raise InputError(msg)
-    spacing = spot_spacing(xy)
+    spacing = _spatial.spot_spacing(xy)
     if not np.isfinite(spacing) or spacing <= 0:
         msg = "border distance needs distinct spot positions (obsm['spatial'] has them all in one place)."
         raise InputError(msg)

@@ -26,7 +26,7 @@ This path encodes the *tissue* once instead:
    to four cells it straddles. With a pointwise encoder at the image's own scale this is
    exactly the patch path's global average over the same square (``tests/test_dense_features.py``).
    With ``pool="section"`` (the ``stmorph`` method's context window) a cell also weighs 1 when its
-   centre lies inside the tissue section (:func:`~stmorph.im._section.section_mask`: the tissue mask
+   centre lies inside the tissue section (:func:`~stmorph.im._section.section_of`: the tissue mask
    closed and with its holes filled) and almost nothing (:data:`OUTSIDE_SECTION_WEIGHT`) outside it,
    as the patch path's :class:`~stmorph.im._section.SectionPool` weighs a patch's cells; a window with no
    cell inside the section keeps the plain average.
@@ -55,7 +55,7 @@ from . import _cache
 from ._fmap import _trunk, cell_geometry
 from ._patches import patch_list, patch_size_px
 from ._runtime import _amp_dtype, _resolve_device, n_cores, resolve_backend
-from ._section import check_pool, section_mask
+from ._section import check_pool, section_of
 from ._tissue import tissue_mask
 from .slide import Slide, slide_for
 from .slide._fill import GLASS_FILL, fill_params, read_fill
@@ -502,13 +502,15 @@ def _run(slide, xy, sizes, enc, plan: _Plan, dev, amp, tissue, batch_size, progr
     t0 = time.perf_counter()
     windows = _windows(xy, sizes, plan)
     tiles, pairs = _tile_pairs(windows)
-    if tissue in ("auto", True):
+    pools = list(pools or ["mean"] * len(sizes))
+    skip_glass = tissue in ("auto", True)
+    if skip_glass or "section" in pools:  # one thumbnail mask for both
         mask, scale, thr = tissue_mask(slide)
+    if skip_glass:
         is_tissue = _tile_is_tissue(tiles, plan, mask, scale)
     else:
         thr, is_tissue = float("nan"), np.ones(len(tiles), bool)
-    pools = list(pools or ["mean"] * len(sizes))
-    section = section_mask(slide) if "section" in pools else None
+    section = (section_of(mask), float(scale)) if "section" in pools else None
     stats["seconds_plan"] = round(time.perf_counter() - t0, 3)
     autocast = (torch.autocast(device_type=dev.type, dtype=amp) if amp is not None else contextlib.nullcontext())
     dim = enc.dim or None

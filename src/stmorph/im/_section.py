@@ -46,11 +46,17 @@ def section_mask(image, *, max_side: int = 2048) -> tuple[np.ndarray, float]:
     :func:`~stmorph.im.tissue_mask`, closed (two iterations of a 5 x 5 square) and with every hole
     filled: what lies inside the section's outline counts, whatever its stain.
     """
+    mask, scale, _ = tissue_mask(image, max_side=max_side)
+    return section_of(mask), float(scale)
+
+
+def section_of(mask: np.ndarray) -> np.ndarray:
+    """The section from a thumbnail's tissue mask (:func:`~stmorph.im.tissue_mask`): closed (two iterations of a
+    5 x 5 square) and with every hole filled."""
     from scipy import ndimage as ndi
 
-    mask, scale, _ = tissue_mask(image, max_side=max_side)
     closed = ndi.binary_closing(mask, structure=np.ones((5, 5), bool), iterations=CLOSING_ITERATIONS)
-    return ndi.binary_fill_holes(closed | mask), float(scale)
+    return ndi.binary_fill_holes(closed | mask)
 
 
 class SectionPool:
