@@ -90,9 +90,9 @@ def autok(data: Path, seeds: int) -> None:
 
 
 def image_vs_expression(data: Path, seeds: int, weights: list[float] | None = None,
-                        pools: list[str] | None = None) -> None:
-    """ARI of ``stmorph`` with the image (at each image weight, default the method's, and each context pooling,
-    default the method's) and on expression alone."""
+                        pools: list[str] | None = None, sizes: list[str] | None = None) -> None:
+    """ARI of ``stmorph`` with the image (at each image weight, context pooling and context patch, default the
+    method's) and on expression alone."""
     from stmorph import datasets, ev, tl
     from stmorph.ev import _benchmark as bm
     from stmorph.ev._metrics import scored_labels
@@ -101,10 +101,12 @@ def image_vs_expression(data: Path, seeds: int, weights: list[float] | None = No
     from stmorph.tl._stmorph import DEFAULTS
 
     pools = list(pools or [DEFAULTS["context_pool"]])
-    variants = [(w, p) for p in pools for w in (weights or [IMAGE_WEIGHT])]
+    sizes = list(sizes or [DEFAULTS["context_patch"]])
+    variants = [(w, p, z) for z in sizes for p in pools for w in (weights or [IMAGE_WEIGHT])]
     print("## stmorph with the H&E vs its expression-only variant (ARI, mean +- sd over seeds)\n")
     print("| section | " + " | ".join(f"with image, weight {w:g}" + (f", context {p}" if len(pools) > 1 else "")
-                                     for w, p in variants) + " | expression only |")
+                                     + (f", patch {z}" if len(sizes) > 1 else "")
+                                     for w, p, z in variants) + " | expression only |")
     print("|---|" + "---:|" * (len(variants) + 1))
     cases = []
     if data.is_dir():
@@ -119,7 +121,7 @@ def image_vs_expression(data: Path, seeds: int, weights: list[float] | None = No
             for seed in range(seeds):
                 for v in res:
                     opts = ({"use_image": False} if v is None else
-                            {"use_image": True, "image_weight": v[0], "context_pool": v[1]})
+                            {"use_image": True, "image_weight": v[0], "context_pool": v[1], "context_patch": v[2]})
                     tl.run_methods(a, ["stmorph"], n_clusters=k, random_state=seed, progress=False,
                                    stmorph_options=opts)
                     res[v].append(ev.ari(a, "stmorph"))
@@ -132,7 +134,7 @@ def border(data: Path, seeds: int) -> None:
     """What the H&E changes on the annotated sections that have one: the domains along the section's border."""
     from sklearn.linear_model import LinearRegression
 
-    from stmorph import ev, tl
+    from stmorph import ev, im, tl
     from stmorph.ev import _benchmark as bm
     from stmorph.ev._metrics import scored_labels
     from stmorph.tl._embedding import standardised_pca
@@ -165,7 +167,9 @@ def border(data: Path, seeds: int) -> None:
                           f"{100 * kept:.0f}% | {along} |", flush=True)
             print("\nDistance to the border (capped at 3 spacings) predicted by each block, R^2 of a linear fit on "
                   "its first 10 principal components:\n")
-            for rep in ("X_image", "X_image_context_section", "X_stmorph_expr"):
+            if "X_image_context_section" not in a.obsm:  # SENCA-st's radius, to compare with the default ring
+                im.features(a, patch="6spacing", pool="section", key_added="X_image_context_section", progress=False)
+            for rep in ("X_image", "X_image_ring_section", "X_image_context_section", "X_stmorph_expr"):
                 P = standardised_pca(a.obsm[rep], 10, rep)[0] if rep.startswith("X_image") else a.obsm[rep][:, :10]
                 r2 = LinearRegression().fit(P, dist).score(P, dist)
                 print(f"- `obsm[{rep!r}]`: {r2:.2f}")
@@ -260,6 +264,8 @@ def main() -> None:
                    help="with --image: image weights to compare (default: the method's)")
     p.add_argument("--context-pool", nargs="+", default=None, choices=("section", "mean"),
                    help="with --image: context poolings to compare (default: the method's)")
+    p.add_argument("--context-patch", nargs="+", default=None, choices=("ring", "senca"),
+                   help="with --image: context patches to compare (default: the method's)")
     p.add_argument("--radii", nargs="+", default=None, metavar="UM[,UM]",
                    help="stmorph_expr on every section at each set of neighbourhood radii, e.g. 100 100,200")
     p.add_argument("--refine-radii", nargs="+", default=None, metavar="R",
@@ -278,7 +284,7 @@ def main() -> None:
     if args.autok:
         autok(args.data, args.seeds)
     if args.image:
-        image_vs_expression(args.data, args.seeds, args.weights, args.context_pool)
+        image_vs_expression(args.data, args.seeds, args.weights, args.context_pool, args.context_patch)
     if args.border:
         border(args.data, args.seeds)
     if args.radii:

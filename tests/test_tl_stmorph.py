@@ -216,7 +216,7 @@ def test_stmorph_image_beats_its_expression_only_variant(section):
         with_img.append(ev.ari(a, "stmorph"))
         tl.stmorph(a, n_clusters=k, use_image=False, random_state=seed, progress=False)
         expr_only.append(ev.ari(a, "stmorph"))
-    assert {"X_image", "X_image_context_section"} <= set(a.obsm)
+    assert {"X_image", "X_image_ring_section"} <= set(a.obsm)
     assert np.mean(with_img) > np.mean(expr_only) + 0.02, (with_img, expr_only)
     # the registered variant "stmorph_expr" is use_image=False, run beside the method in one call
     seconds = tl.run_methods(a, ["stmorph_expr", "stmorph"], n_clusters=k, random_state=2, progress=False)
@@ -228,7 +228,7 @@ def test_stmorph_image_beats_its_expression_only_variant(section):
 def test_stmorph_chooses_k_without_n_clusters(section):
     a = section.copy()
     tl.stmorph(a, use_image=False)
-    assert not {"X_image", "X_image_context_section"} & set(a.obsm)  # the image turned off is not read at all
+    assert not {"X_image", "X_image_ring_section"} & set(a.obsm)  # the image turned off is not read at all
     k = a.obs["stmorph"].nunique()
     assert 2 <= k <= 12 and a.uns["stmorph"]["params"]["n_clusters_chosen_by"] == "louvain"
 
@@ -282,24 +282,35 @@ def test_standardised_pca_in_chunks_equals_whole_matrix_pca():
     np.testing.assert_allclose(evr64, _pca(S[ok], 8, 0)[1], rtol=1e-10)
 
 
-def test_stmorph_and_senca_read_the_context_patch_pooled_their_own_way_in_one_pass(section, tmp_path, monkeypatch):
-    """The stmorph method reads the context patch averaged over the tissue section, SENCA-st the published
-    whole-patch average; run together, the context patches go through the encoder once."""
+def test_stmorph_and_senca_read_their_context_patches_in_one_pass(section, tmp_path, monkeypatch):
+    """The stmorph method reads the spot and its first ring (side 3 spacings) averaged over the tissue section,
+    SENCA-st its patch of radius 3 spacings averaged whole; run together, every patch goes through the encoder
+    in one pass."""
     monkeypatch.setenv("STMORPH_CACHE_DIR", str(tmp_path))  # an empty feature cache: everything is computed here
     a = section.copy()
     tl.run_methods(a, ["stmorph", "senca"], n_clusters=4, senca_options={"epochs": 1}, progress=False)
-    sec, plain = a.uns["X_image_context_section"]["params"], a.uns["X_image_context"]["params"]
-    assert (sec["pool"], plain["pool"]) == ("section", "mean")
-    assert sec["patch_size_px"] == plain["patch_size_px"]
-    assert sec["computed_with"] == plain["computed_with"] and len(sec["computed_with"]) == 3  # one pass: 3 features, 2 sizes
-    assert a.uns["X_stmorph_image"]["params"]["use_reps"] == ["X_image", "X_image_context_section"]
-    assert not np.allclose(a.obsm["X_image_context"], a.obsm["X_image_context_section"])
-    # the whole-patch average stays available to the stmorph method, as an option
+    ring, senca = a.uns["X_image_ring_section"]["params"], a.uns["X_image_context"]["params"]
+    assert (ring["pool"], senca["pool"]) == ("section", "mean")
+    from stmorph import _spatial
+
+    spacing = _spatial.spot_spacing(_spatial.coordinates(a))
+    assert ring["patch_size_px"] == round(3 * spacing) and senca["patch_size_px"] == round(6 * spacing)
+    assert ring["computed_with"] == senca["computed_with"] and len(ring["computed_with"]) == 3  # one pass, 3 sizes
+    assert a.uns["X_stmorph_image"]["params"]["use_reps"] == ["X_image", "X_image_ring_section"]
+    assert a.uns["stmorph"]["params"]["context_patch"] == "ring"
+    # SENCA-st's radius and the whole-patch average stay available to the stmorph method, as options
     tl.stmorph(a, n_clusters=4, context_pool="mean", progress=False)
-    assert a.uns["X_stmorph_image"]["params"]["use_reps"] == ["X_image", "X_image_context"]
+    assert a.uns["X_stmorph_image"]["params"]["use_reps"] == ["X_image", "X_image_ring"]
+    assert not np.allclose(a.obsm["X_image_ring"], a.obsm["X_image_ring_section"])
     assert a.uns["stmorph"]["params"]["context_pool"] == "mean"
+    tl.stmorph(a, n_clusters=4, context_patch="senca", progress=False)
+    assert a.uns["X_stmorph_image"]["params"]["use_reps"] == ["X_image", "X_image_context_section"]
+    tl.stmorph(a, n_clusters=4, context_patch="senca", context_pool="mean", progress=False)
+    assert a.uns["X_stmorph_image"]["params"]["use_reps"] == ["X_image", "X_image_context"]  # SENCA-st's own features
     with pytest.raises(InputError, match="context_pool="):
         tl.stmorph(a, n_clusters=4, context_pool="tissue", progress=False)
+    with pytest.raises(InputError, match="context_patch="):
+        tl.stmorph(a, n_clusters=4, context_patch="6spacing", progress=False)
 
 
 def test_variable_genes_ranked_on_counts_by_seurat_v3_or_on_logs_by_seurat(section):

@@ -37,7 +37,8 @@ class Method:
     run: Callable[[Any, MethodRun], None]
     image: str = "none"
     summary: str = ""
-    patches: tuple[str, ...] = ()
+    #: the declared patches (keys of :data:`PATCHES`), or ``patches(options)`` giving them for a run's options
+    patches: tuple[str, ...] | Callable[[dict], tuple[str, ...]] = ()
     #: ``reads_image(options)``: whether this run of the method reads image features (``None``: always, when
     #: there is an image); a method whose options turn the image off is left out of the one-pass prefetch
     reads_image: Callable[[dict], bool] | None = None
@@ -50,30 +51,46 @@ _REGISTRY: dict[str, Method] = {}
 #: (:func:`stmorph.im.features`' ``pool``); ``"spot"`` follows the run's ``feature_key``/``patch`` options.
 #: :func:`run_methods` computes every declared one the chosen methods need in one pass over the slide (each
 #: region decoded once, each patch size encoded once). ``"context"`` is SENCA-st's patch as published (the
-#: whole patch averaged); ``"context_section"`` the same patch averaged over the tissue section only (the
-#: ``stmorph`` method's, so glass beyond the section's edge does not make a domain of the border).
+#: whole patch averaged); ``"context_section"`` the same patch averaged over the tissue section only, so glass
+#: beyond the section's edge does not make a domain of the border. ``"ring"`` / ``"ring_section"``: a patch of
+#: side 3 spacings, the spot and its first ring of neighbours (the ``stmorph`` method's default context).
 PATCHES = {"spot": None, "context": ("X_image_context", "6spacing", "mean"),
-           "context_section": ("X_image_context_section", "6spacing", "section")}
+           "context_section": ("X_image_context_section", "6spacing", "section"),
+           "ring": ("X_image_ring", "3spacing", "mean"),
+           "ring_section": ("X_image_ring_section", "3spacing", "section")}
 
 
 def register_method(name: str, run: Callable, *, image: str = "none", summary: str = "",
-                    patches: tuple[str, ...] = (), reads_image: Callable[[dict], bool] | None = None) -> Method:
+                    patches: tuple[str, ...] | Callable[[dict], tuple[str, ...]] = (),
+                    reads_image: Callable[[dict], bool] | None = None) -> Method:
     """Register ``run(adata, method_run)`` under ``name`` (the ``obs`` key it writes).
 
-    ``patches`` names the image features the method reads (keys of :data:`PATCHES`), so that a run of
-    several methods extracts them all in one pass; ``reads_image(options)`` says whether a run with
-    these :func:`run_methods` options reads them at all (default: yes).
+    ``patches`` names the image features the method reads (keys of :data:`PATCHES`), or is a function of
+    the :func:`run_methods` options returning them, so that a run of several methods extracts them all in one
+    pass; ``reads_image(options)`` says whether a run with these options reads them at all (default: yes).
     """
     if image not in _IMAGE_USE:
         msg = f"image={image!r} is not one of {_IMAGE_USE}."
         raise ValueError(msg)
+    if not callable(patches):
+        _check_patches(tuple(patches))
+    m = Method(name, run, image, summary, patches if callable(patches) else tuple(patches), reads_image)
+    _REGISTRY[name] = m
+    return m
+
+
+def _check_patches(patches: tuple[str, ...]) -> tuple[str, ...]:
     unknown = [p for p in patches if p not in PATCHES]
     if unknown:
         msg = f"patches {unknown} are not among {list(PATCHES)}."
         raise ValueError(msg)
-    m = Method(name, run, image, summary, tuple(patches), reads_image)
-    _REGISTRY[name] = m
-    return m
+    return patches
+
+
+def method_patches(name: str, options: dict) -> tuple[str, ...]:
+    """The patches (keys of :data:`PATCHES`) the method ``name`` reads with these :func:`run_methods` options."""
+    p = get_method(name).patches
+    return _check_patches(tuple(p(options))) if callable(p) else p
 
 
 def available_methods() -> tuple[str, ...]:
@@ -300,14 +317,14 @@ def run_methods(
     }
     run = MethodRun(adata, options, n_clusters, image_ok)
     readers = [m for m in chosen if get_method(m).reads_image is None or get_method(m).reads_image(options)]
-    wanted = list(dict.fromkeys(p for m in readers for p in get_method(m).patches)) if image_ok else []
+    wanted = list(dict.fromkeys(p for m in readers for p in method_patches(m, options))) if image_ok else []
     if len(wanted) > 1:  # one pass over the slide for every patch size the chosen methods read
         keys, sizes = zip(*[run.patch_key(p) for p in wanted])
         run.current = "_prefetch"
         run.image_features(keys, sizes, [run.patch_pool(p) for p in wanted])
         prefetch = run.uses.pop("_prefetch", [])
         for m in readers:  # its time counts for every method that reads image features
-            if get_method(m).patches:
+            if method_patches(m, options):
                 run.uses.setdefault(m, []).extend(prefetch)
     for name in chosen:
         run.run_method(name)

@@ -4,8 +4,8 @@ What the founding papers and the strongest peers teach, as one chain of named st
 
     spatial_expression_embedding   counts -> CPM 1e4 -> log1p -> HVG (seurat_v3) -> scale
                                    -> [own | Gaussian neighbourhood mean at each radius (um)] -> PCA   obsm["X_stmorph_expr"]
-    im.features (one pass)         spot patch + context patch (side 6 spacings: SENCA-st's radius),  obsm["X_image"],
-                                   the context's map averaged over the tissue section only           ["X_image_context_section"]
+    im.features (one pass)         spot patch + context patch (side 3 spacings: the spot and its     obsm["X_image"],
+                                   first ring), the context's map averaged over the section only     ["X_image_ring_section"]
     image_context_embedding        standardise -> PCA per patch size -> neighbourhood mean -> PCA     obsm["X_stmorph_image"]
     integrate (balanced)           each modality scaled to unit total variance, image x weight        obsm["X_stmorph"]
     cluster                        tied-covariance Gaussian mixture (mclust EEE's role), exactly k
@@ -25,6 +25,10 @@ Why each step:
   patch's feature map is averaged over the tissue section only (``pool="section"`` of
   :func:`stmorph.im.features`): averaged over the whole patch, a spot near the section's edge is
   described by the glass beyond it, and the clustering spent a domain on a band along the border.
+  The context patch is the spot and its first ring of neighbours (side 3 spacings), not SENCA-st's
+  radius of 3 spacings (side 6, ``context_patch="senca"``): the encoder's receptive field sees glass
+  through a section-pooled map too, and the larger the patch, the more its features measure the
+  distance to the section's edge rather than the tissue (BENCHMARKS.md section 7).
 - *Balance*: blocks of different widths and scales would let one modality drown the other;
   each is scaled to unit total variance before the image weight is applied. This balance acts on
   distances (Louvain/Leiden, and the mixture's Ward and k-means starting points); the tied mixture
@@ -72,7 +76,10 @@ HVG_FLAVORS = ("seurat_v3", "seurat")
 DEFAULTS = {"use_image": None, "image_weight": IMAGE_WEIGHT, "sigmas_um": SIGMAS_UM, "n_top_genes": 3000,
             "hvg_flavor": "seurat_v3",
             "n_comps": 20, "cluster_method": "gmm", "n_init": 10, "k_range": (2, 12), "refine": True,
-            "refine_radius_um": None, "context_pool": "section"}
+            "refine_radius_um": None, "context_pool": "section", "context_patch": "ring"}
+#: Context patches of the image block: ``"ring"`` (default), the spot and its first ring of neighbours (side 3
+#: spot spacings); ``"senca"``, SENCA-st's radius of 3 spacings (side 6). Names of :data:`~._methods.PATCHES`.
+CONTEXT_PATCHES = {"ring": "ring", "senca": "context"}
 
 
 def _check_sigmas(sigmas_um) -> list[float]:
@@ -279,7 +286,7 @@ def spatial_expression_embedding(
 def image_context_embedding(
     adata,
     *,
-    use_reps: Sequence[str] = ("X_image", "X_image_context_section"),
+    use_reps: Sequence[str] = ("X_image", "X_image_ring_section"),
     sigmas_um: float | Sequence[float] = SIGMAS_UM,
     n_comps: int = 10,
     key_added: str = "X_stmorph_image",
@@ -348,10 +355,7 @@ def _run_stmorph(adata, run, *, key: str = "stmorph", expression_only: bool = Fa
     o = {**DEFAULTS, **({"refine": run.refine} if run.refine is not None else {}), **run.stmorph_options}
     use_image, image_weight, sigmas = o["use_image"], float(o["image_weight"]), o["sigmas_um"]
     method, refine = o["cluster_method"], bool(o["refine"])
-    if o["context_pool"] not in ("section", "mean"):
-        msg = f"context_pool={o['context_pool']!r} must be 'section' or 'mean'."
-        raise InputError(msg)
-    context_name = "context_section" if o["context_pool"] == "section" else "context"  # "context": SENCA-st's
+    context_name = _context_name(o)
     if expression_only:
         use_image = False
     if use_image and not run.has_image:
@@ -383,10 +387,25 @@ def _run_stmorph(adata, run, *, key: str = "stmorph", expression_only: bool = Fa
         modalities=["expression", "image"] if use_image else ["expression"],
         image_weight=image_weight if use_image else 0.0, sigmas_um=list(_check_sigmas(sigmas)),
         n_top_genes=o["n_top_genes"], hvg_flavor=o["hvg_flavor"], context_pool=o["context_pool"] if use_image else None,
+        context_patch=o["context_patch"] if use_image else None,
     )
 
 
-register_method("stmorph", _run_stmorph, image="optional", patches=("spot", "context_section"),
+def _context_name(options: dict) -> str:
+    """The declared patch (:data:`~._methods.PATCHES`) of the context for the ``stmorph`` options given."""
+    o = {**DEFAULTS, **options}
+    if o["context_pool"] not in ("section", "mean"):
+        msg = f"context_pool={o['context_pool']!r} must be 'section' or 'mean'."
+        raise InputError(msg)
+    if o["context_patch"] not in CONTEXT_PATCHES:
+        msg = f"context_patch={o['context_patch']!r} must be one of {tuple(CONTEXT_PATCHES)}."
+        raise InputError(msg)
+    name = CONTEXT_PATCHES[o["context_patch"]]
+    return f"{name}_section" if o["context_pool"] == "section" else name
+
+
+register_method("stmorph", _run_stmorph, image="optional",
+                patches=lambda options: ("spot", _context_name(options["stmorph_options"])),
                 reads_image=lambda options: options["stmorph_options"].get("use_image", DEFAULTS["use_image"]) is not False,
                 summary="stmorph: expression with spatial context (+ image spot and context patches), "
                         "tied Gaussian mixture, spatial refinement")
@@ -411,6 +430,7 @@ def stmorph(
     refine: bool = DEFAULTS["refine"],
     refine_radius_um: float | None = None,
     context_pool: str = DEFAULTS["context_pool"],
+    context_patch: str = DEFAULTS["context_patch"],
     image=None,
     encoder: str = "efficientnet_lite2",
     encoder_weights: str | None = None,
@@ -450,8 +470,12 @@ def stmorph(
         Majority refinement over spatial neighbours (default radius 1.5 spot spacings, at most 150 um).
     context_pool
         ``"section"`` (default): the context patch's feature map averaged over the tissue section only
-        (``obsm["X_image_context_section"]``); ``"mean"``: over the whole patch, glass included (SENCA-st's
-        ``obsm["X_image_context"]``), to see what the section pooling changes.
+        (``obsm["X_image_ring_section"]``); ``"mean"``: over the whole patch, glass included
+        (``obsm["X_image_ring"]``), to see what the section pooling changes.
+    context_patch
+        ``"ring"`` (default): the context patch is the spot and its first ring of neighbours (side 3 spot
+        spacings); ``"senca"``: SENCA-st's radius of 3 spacings (side 6; ``obsm["X_image_context_section"]``,
+        or SENCA-st's own ``obsm["X_image_context"]`` with ``context_pool="mean"``).
     image, encoder, encoder_weights, device
         Image features, as :func:`stmorph.im.features`.
     random_state
@@ -465,7 +489,7 @@ def stmorph(
 
     ``adata.obs["stmorph"]``
         Domain labels.
-    ``adata.obsm["X_stmorph_expr"]``, ``["X_stmorph_image"]``, ``["X_stmorph"]``, ``["X_image"]``, ``["X_image_context_section"]``
+    ``adata.obsm["X_stmorph_expr"]``, ``["X_stmorph_image"]``, ``["X_stmorph"]``, ``["X_image"]``, ``["X_image_ring_section"]``
         Embeddings and image features (image ones only with an image).
     ``adata.uns["stmorph"]["params"]``
         Every parameter used, the modalities and the refinement.
@@ -474,7 +498,8 @@ def stmorph(
     opts = {"use_image": use_image, "image_weight": image_weight, "sigmas_um": sigmas_um,
             "n_top_genes": n_top_genes, "hvg_flavor": hvg_flavor, "n_comps": n_comps, "cluster_method": cluster_method,
             "n_init": n_init,
-            "k_range": k_range, "refine": refine, "refine_radius_um": refine_radius_um, "context_pool": context_pool}
+            "k_range": k_range, "refine": refine, "refine_radius_um": refine_radius_um, "context_pool": context_pool,
+            "context_patch": context_patch}
     run_methods(adata, ["stmorph"], n_clusters=n_clusters, image=image, encoder=encoder,
                 encoder_weights=encoder_weights, device=device, random_state=random_state, progress=progress,
                 stmorph_options=opts)
