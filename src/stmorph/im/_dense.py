@@ -210,8 +210,9 @@ def dense_features(
         ``forward_features`` that does). Vision transformers need the patch path.
     patch
         Pooling windows, as in :func:`stmorph.im.features`: ``"spot"`` (the bin's own square,
-        ``spot_diameter_fullres`` = the bin side), ``"6spacing"`` (the ``stmorph`` method's
-        context: 6 bin pitches), pixels, ``"48um"``; one or a tuple, one ``key_added`` each.
+        ``spot_diameter_fullres`` = the bin side), ``"3spacing"`` (the ``stmorph`` method's
+        context: the bin and its first ring, 3 bin pitches), ``"6spacing"`` (SENCA-st's), pixels, ``"48um"``;
+        one or a tuple, one ``key_added`` each.
     key_added
         ``obsm`` key(s) of the features (and ``uns`` keys of the parameters).
     mpp

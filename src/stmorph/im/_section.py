@@ -15,13 +15,14 @@ cells that lie inside the section only:
                    the image; a spot whose cells all fall outside the mask keeps the plain average
 
 What it does not remove: a cell inside the section still sees the glass within its receptive field, which
-for EfficientNet-Lite2's last map spans most of the patch. On HER2ST A1 the section-pooled context features
-still predict a spot's distance to the section's border (R^2 0.80 of a linear fit on 10 principal
-components, against 0.14 for the spot patch's features; ``benchmarks/bench_stmorph.py --border``,
-BENCHMARKS.md section 7). Describing the context by encoding tissue tiles one by one would remove it. A
-glass-free stand-in measured in place of the context patch (the spot features' neighbourhood mean at 300 um)
-lowered the ``stmorph`` ARI on A1 (0.427 against 0.496) and on the synthetic section (0.882 against 0.945),
-5 seeds, so it was not pursued.
+for EfficientNet-Lite2's last map spans most of the patch. On HER2ST A1 the section-pooled features of
+SENCA-st's context patch (side 6 spacings) still predict a spot's distance to the section's border (R^2 0.80
+of a linear fit on 10 principal components, against 0.14 for the spot patch's features;
+``benchmarks/bench_stmorph.py --border``, BENCHMARKS.md section 7); a patch of the spot and its first ring
+(side 3 spacings, the ``stmorph`` method's default since 2026-12-01) halves the glass it can see (R^2 0.50).
+Describing the context by encoding tissue tiles one by one would remove it. A glass-free stand-in measured in
+place of the context patch (the spot features' neighbourhood mean at 300 um) lowered the ``stmorph`` ARI on A1
+(0.427 against 0.496) and on the synthetic section (0.882 against 0.945), 5 seeds, so it was not pursued.
 
 Only convolutional encoders whose module has ``forward_features`` returning the map (EfficientNet-Lite2,
 ResNet-50) support it; the map is computed by PyTorch even where ONNX Runtime runs the plain features.
