@@ -8,7 +8,8 @@ import pytest
 
 from conftest import DATA
 from stmorph import datasets
-from stmorph.cli import main
+from stmorph.cli import build_parser, main
+from stmorph.cli._run import method_options
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +109,10 @@ def test_run_passes_the_stmorph_method_options(visium_folder, tmp_path, capsys):
     p = res.uns["X_stmorph_expr"]["params"]
     assert list(p["sigmas_um"]) == [80.0, 150.0] and p["n_top_genes"] == 200 and p["hvg_flavor"] == "seurat"
     assert res.uns["stmorph_expr"]["params"]["hvg_flavor"] == "seurat"
-    for bad in (["--sigma-um", "-5"], ["--n-top-genes", "0"], ["--hvg-flavor", "pearson"]):
+    args = build_parser().parse_args(["run", str(visium_folder), "--out", str(tmp_path / "y"), "--context-patch", "senca",
+                                      "--image-weight", "0.5"])
+    assert method_options(args)["stmorph_options"] == {"context_patch": "senca", "image_weight": 0.5}
+    for bad in (["--sigma-um", "-5"], ["--n-top-genes", "0"], ["--hvg-flavor", "pearson"], ["--context-patch", "6"]):
         with pytest.raises(SystemExit):
             main(["run", str(visium_folder), "--out", str(tmp_path / "x"), *bad])
         err = capsys.readouterr().err.strip().splitlines()

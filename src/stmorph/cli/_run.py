@@ -67,6 +67,9 @@ def add_common_options(p) -> None:
                    help="how they are ranked: scanpy's seurat_v3 on the counts (default) or seurat on the logs")
     g.add_argument("--image-weight", type=_positive_float, default=None, metavar="W",
                    help="weight of the image block against expression's (default 0.3; see stmorph.tl.stmorph)")
+    g.add_argument("--context-patch", choices=("ring", "senca"), default=None,
+                   help="the image's context patch: the spot and its first ring of neighbours (ring, default) or "
+                        "SENCA-st's radius of 3 spot spacings (senca)")
     g = p.add_argument_group("image features")
     g.add_argument("--encoder", default="efficientnet_lite2",
                    help="image encoder: efficientnet_lite2 (embedded, default), resnet50, or a pathology "
@@ -203,7 +206,8 @@ def method_options(args) -> dict:
         "senca_options": senca,
         "stmorph_options": {name: value for name, value in (
             ("sigmas_um", tuple(args.sigma_um) if args.sigma_um else None), ("n_top_genes", args.n_top_genes),
-            ("hvg_flavor", args.hvg_flavor), ("image_weight", args.image_weight)) if value is not None},
+            ("hvg_flavor", args.hvg_flavor), ("image_weight", args.image_weight),
+            ("context_patch", args.context_patch)) if value is not None},
     }
 
 
