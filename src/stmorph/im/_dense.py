@@ -55,7 +55,7 @@ from . import _cache
 from ._fmap import _trunk, cell_geometry
 from ._patches import patch_list, patch_size_px
 from ._runtime import _amp_dtype, _resolve_device, n_cores, resolve_backend
-from ._section import check_pool, section_of
+from ._section import check_pool, in_mask, section_of
 from ._tissue import tissue_mask
 from .slide import Slide, slide_for
 from .slide._fill import GLASS_FILL, fill_params, read_fill
@@ -643,12 +643,7 @@ def _inside_section(section, cy: np.ndarray, cx: np.ndarray, f: float) -> np.nda
     """bool ``(len(cy), len(cx))``: whether each map cell's centre (working-pixel edge coordinates) lies in the
     section mask ``(mask, thumbnail px per level-0 px)``; outside the image it does not."""
     mask, scale = section
-    mh, mw = mask.shape
-    yi = np.floor(cy * f * scale).astype(np.int64)
-    xi = np.floor(cx * f * scale).astype(np.int64)
-    oky, okx = (yi >= 0) & (yi < mh), (xi >= 0) & (xi < mw)
-    out = mask[np.clip(yi, 0, mh - 1)[:, None], np.clip(xi, 0, mw - 1)[None, :]]
-    return out & oky[:, None] & okx[None, :]
+    return in_mask(mask, cy * f * scale, cx * f * scale)
 
 
 def _sparse_pool(sp, wy: np.ndarray, wx: np.ndarray, fmap: np.ndarray) -> np.ndarray:

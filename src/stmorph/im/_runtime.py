@@ -98,7 +98,6 @@ def resolve_backend(dev, backend: str, precision: str) -> str:
     return backend
 
 
-
 def plan_threads(dev, cores: int | None = None) -> tuple[int, int]:
     """(inference streams, torch threads per stream) for a device.
 

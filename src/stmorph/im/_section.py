@@ -51,6 +51,16 @@ def section_mask(image, *, max_side: int = 2048) -> tuple[np.ndarray, float]:
     return section_of(mask), float(scale)
 
 
+def in_mask(mask: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """bool ``(..., len(ys), len(xs))``: whether each grid point of the rows ``ys`` by the columns ``xs``
+    (thumbnail pixels, leading dimensions broadcast) lies in ``mask``; outside the mask's frame it does not."""
+    mh, mw = mask.shape
+    yi, xi = np.floor(ys).astype(np.int64), np.floor(xs).astype(np.int64)
+    oky, okx = (yi >= 0) & (yi < mh), (xi >= 0) & (xi < mw)
+    inside = mask[np.clip(yi, 0, mh - 1)[..., :, None], np.clip(xi, 0, mw - 1)[..., None, :]]
+    return inside & oky[..., :, None] & okx[..., None, :]
+
+
 def section_of(mask: np.ndarray) -> np.ndarray:
     """The section from a thumbnail's tissue mask (:func:`~stmorph.im.tissue_mask`): closed (two iterations of a
     5 x 5 square) and with every hole filled."""
@@ -94,11 +104,7 @@ class SectionPool:
         origin = patch_origins(self.xy[rows], int(size)).astype(np.float64)  # (B, 2) x0, y0
         ys = (origin[:, 1:2] + self.cell_offsets(size, h)[None]) * self.scale  # (B, h) thumbnail rows
         xs = (origin[:, 0:1] + self.cell_offsets(size, w)[None]) * self.scale  # (B, w)
-        mh, mw = self.mask.shape
-        yi, xi = np.floor(ys).astype(np.int64), np.floor(xs).astype(np.int64)
-        oky, okx = (yi >= 0) & (yi < mh), (xi >= 0) & (xi < mw)
-        wts = self.mask[np.clip(yi, 0, mh - 1)[:, :, None], np.clip(xi, 0, mw - 1)[:, None, :]]
-        wts = wts & oky[:, :, None] & okx[:, None, :]
+        wts = in_mask(self.mask, ys, xs)
         empty = ~wts.any(axis=(1, 2))
         with self._lock:
             self.n_fallback += int(empty.sum())
