@@ -34,6 +34,7 @@ def test_run_writes_every_output_and_refuses_to_clobber(visium_folder, tmp_path,
     assert len(info["encoder"]["weights_sha256"]) == 64 and info["encoder"]["patch_size_px"] > 0
     assert {"read", "expression_embedding", "image_features", "cluster_stmic"} <= set(info["timings_s"])
     assert "torch" in info["packages"] and set(info["ari"]) == {"expression", "image", "stmic"}
+    assert info["method_params"]["stmic"]["method"] == "louvain" and set(info["method_params"]) == set(info["ari"])
     res = ad.read_h5ad(out / "result.h5ad")
     assert {"X_expr_pca", "X_image", "X_image_pca", "X_stmic"} <= set(res.obsm)
     assert list(res.obs_names) == list(table.index.astype(str))
@@ -109,6 +110,9 @@ def test_run_passes_the_stmorph_method_options(visium_folder, tmp_path, capsys):
     p = res.uns["X_stmorph_expr"]["params"]
     assert list(p["sigmas_um"]) == [80.0, 150.0] and p["n_top_genes"] == 200 and p["hvg_flavor"] == "seurat"
     assert res.uns["stmorph_expr"]["params"]["hvg_flavor"] == "seurat"
+    # run.json says what the method did, not only the run's options (its clustering is the mixture, not Louvain)
+    done = json.loads((out / "run.json").read_text())["method_params"]["stmorph_expr"]
+    assert done["method"] == "gmm" and done["n_clusters"] == 4 and done["modalities"] == ["expression"]
     args = build_parser().parse_args(["run", str(visium_folder), "--out", str(tmp_path / "y"), "--context-patch", "senca",
                                       "--image-weight", "0.5"])
     assert method_options(args)["stmorph_options"] == {"context_patch": "senca", "image_weight": 0.5}

@@ -14,6 +14,7 @@ import argparse
 import sys
 import time
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 from ..errors import InputError
@@ -260,6 +261,10 @@ def execute(adata, methods, out_tmp: Path, options: dict, run_info: dict, *, plo
         "n_spots": int(adata.n_obs),
         "n_genes": int(adata.n_vars),
         "n_domains": {m: int(adata.obs[m].nunique()) for m in methods},
+        # what each method did (its clustering, k, refinement, modalities): "parameters" above are the run's
+        # options, some of which (e.g. cluster_method) only some methods use
+        "method_params": {m: dict(adata.uns[m].get("params", {})) for m in methods
+                          if isinstance(adata.uns.get(m), Mapping)},
         "encoder": image_params,
         "timings_s": {**run_info.get("timings_s", {}), **adata.uns["stmorph_run"]["steps_s"], "methods_total": t1 - t0},
         "methods_s": seconds,
