@@ -62,6 +62,21 @@ def test_labels_mean_the_same_tissue_in_every_section(two_sections):
     assert a.uns["joint"]["params"]["sections"] == ["A", "B"]
     assert refit["kept"] == ["refit", "refit"] and min(refit["agreement"]) > 0.8 and refit["domains"] == [5, 5]
     assert len(a.uns["joint"]["params"]["refine"]["n_changed"]) == 2
+    assert max(a.uns["joint"]["params"]["section_specific"]) < 0.2  # the same tissue: every domain is shared
+
+
+def test_domains_that_follow_the_sections_are_flagged(two_sections):
+    from stmorph.tl._joint import _section_specific
+
+    # a batch effect far beyond the tissue's differences, left uncorrected: the domains are the sections
+    secs = {"A": two_sections["A"].copy(), "B": _batch_copy(two_sections["A"], 2, strength=3.0)}
+    with pytest.warns(UserWarning, match="follow the sections"):
+        st.tl.joint_domains(secs, n_clusters=4, batch_correction=None, random_state=0)
+    assert min(secs["A"].uns["joint"]["params"]["section_specific"]) >= 0.8
+    # the measure itself: domain 0 is A's own, 1 is shared, 2 is B's own (19 of its 20 spots: 95%)
+    labels = np.array([0] * 6 + [1] * 3 + [2] + [1] * 5 + [2] * 19 + [1])
+    np.testing.assert_allclose(_section_specific(labels, [10, 25]), [0.6, 0.76])
+    np.testing.assert_allclose(_section_specific(np.zeros(5, int), [5]), [0.0])
 
 
 def test_refit_keeps_the_joint_identity(two_sections):
@@ -131,6 +146,7 @@ def test_cohort_joint(tmp_path):
     table = pd.read_csv(out / "cohort.csv", index_col="section")
     assert joint["joint"].nunique() == 4  # over the cohort (a section may hold only some of them)
     assert 1 <= table.loc["A", "n_domains_joint"] <= 4 and np.isfinite(table.loc["B", "ari_joint"])
+    assert 0.0 <= table.loc["A", "joint_section_specific"] <= 1.0
     assert "joint" in table.loc["broken", "error"]
     assert "Joint domains" in (out / "cohort.md").read_text() and "refit per section" in (out / "cohort.md").read_text()
     assert "joint.csv" in (out / ".stmorph").read_text()

@@ -16,7 +16,8 @@ a complete ``run.json`` made with the same options is skipped, so re-running res
 With ``joint=True`` the sections are also loaded (one task each) and embedded *together*
 (:func:`stmorph.tl.joint_domains`: shared genes and PCA axes, Harmony between sections, one clustering),
 so that a domain's number means the same tissue type in every section: ``joint.csv`` (section, barcode,
-domain) and the joint columns of the cohort table (``n_domains_joint``, ``ari_joint``, ``nmi_joint``).
+domain) and the joint columns of the cohort table (``n_domains_joint``, ``ari_joint``, ``nmi_joint``,
+``joint_section_specific``).
 Needs the optional extra ``stmorph[cohort]`` (``dask[distributed]``; ``stmorph[joint]`` for Harmony).
 """
 
@@ -382,8 +383,10 @@ def run_joint(sections: list[Section], out: Path, client, rows: dict[str, dict],
     joint_domains(adatas, method=method, n_clusters=n_clusters, batch_correction=batch_correction, refit=refit,
                   random_state=seed)
     frames = []
+    specific = dict(zip(adatas, next(iter(adatas.values())).uns["joint"]["params"]["section_specific"]))
     for name, a in adatas.items():
         rows[name]["n_domains_joint"] = int(a.obs["joint"].nunique())
+        rows[name]["joint_section_specific"] = round(float(specific[name]), 4)
         if "annotation" in a.obs and a.obs["annotation"].notna().any():
             rows[name]["ari_joint"] = round(float(ev.ari(a, "joint")), 4)
             rows[name]["nmi_joint"] = round(float(ev.nmi(a, "joint")), 4)

@@ -36,9 +36,12 @@ def _counts(adata, layer: str | None):
     return X, where
 
 
-def log_normalize(X: sp.csr_matrix, *, target_sum: float = 1e4) -> sp.csr_matrix:
-    """Counts scaled to ``target_sum`` per spot, then log1p (sparse); a spot with zero counts is refused."""
-    totals = np.asarray(X.sum(axis=1)).ravel()
+def log_normalize(X: sp.csr_matrix, *, target_sum: float = 1e4, totals: np.ndarray | None = None) -> sp.csr_matrix:
+    """Counts scaled to ``target_sum`` per spot, then log1p (sparse); a spot with zero counts is refused.
+
+    ``totals``: each spot's library size, when ``X`` holds only some of its genes (default: the row sums of ``X``).
+    """
+    totals = np.asarray(X.sum(axis=1)).ravel() if totals is None else np.asarray(totals, dtype=np.float64).ravel()
     if np.any(totals <= 0):
         n = int(np.sum(totals <= 0))
         msg = f"{n} spot(s) have zero total counts; filter them out before embedding."

@@ -75,15 +75,16 @@ def _harmony(Z: np.ndarray, batch: np.ndarray, random_state: int, theta: float) 
     return out.T if out.shape[0] != Z.shape[0] else out  # older harmonypy returns (PCs, spots)
 
 
-def _embed(counts: list, hvgs: list, smoothers: list, n_comps: int, random_state: int):
+def _embed(counts: list, totals: list, hvgs: list, smoothers: list, n_comps: int, random_state: int):
     """One embedding of stacked sections: the union of the sections' variable genes ``hvgs`` (one index array
-    per section), log-normalised and scaled over all spots, ``[own | neighbourhood mean at each radius within
-    the section]`` (``smoothers``: per section, one smoother per radius; empty lists: own only), one PCA.
+    per section), log-normalised (each spot to its library size ``totals``, over every gene of its section, as a
+    separate run normalises) and scaled over all spots, ``[own | neighbourhood mean at each radius within the
+    section]`` (``smoothers``: per section, one smoother per radius; empty lists: own only), one PCA.
     Returns ``(Z float64, number of genes used)``."""
     hvg = np.zeros(counts[0].shape[1], dtype=bool)
     for genes in hvgs:
         hvg[genes] = True
-    L = sp.vstack([log_normalize(X[:, hvg]) for X in counts]).tocsr()
+    L = sp.vstack([log_normalize(X[:, hvg], totals=t) for X, t in zip(counts, totals)]).tocsr()
     L, n_genes = _scale_sparse(L)
     # one block per section and radius: a neighbourhood never crosses sections
     blocks = [block_diag([own[i] for own in smoothers]) for i in range(len(smoothers[0]))]
@@ -122,6 +123,26 @@ def _refit(Z: np.ndarray, labels: np.ndarray, random_state: int) -> tuple[np.nda
     kept = _keeps_identity(new, labels)
     return (new if kept else labels), {"agreement": agreement, "kept": "refit" if kept else "joint",
                                        "domains": int(present.size)}
+
+
+#: A domain with at least this share of its spots in one section is that section's own (not shared).
+PRIVATE_DOMAIN = 0.95
+#: A warning when a section has at least this share of its spots in its own domains (see :func:`_section_specific`).
+SECTION_SPECIFIC_WARN = 0.8
+
+
+def _section_specific(labels: np.ndarray, sizes: list[int]) -> np.ndarray:
+    """Per section, the share of its spots in domains that hold almost only that section's spots (at least
+    :data:`PRIVATE_DOMAIN` of theirs). Near 1 for every section: the joint domains are the sections, not tissue
+    types they share. Zeros for a single section."""
+    if len(sizes) < 2:
+        return np.zeros(len(sizes))
+    section = np.repeat(np.arange(len(sizes)), sizes)
+    counts = np.zeros((int(labels.max()) + 1, len(sizes)))
+    np.add.at(counts, (labels, section), 1)
+    share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    owner = np.where(share.max(axis=1) >= PRIVATE_DOMAIN, share.argmax(axis=1), -1)
+    return np.array([counts[owner == i, i].sum() / n for i, n in enumerate(sizes)])
 
 
 def _keeps_identity(new: np.ndarray, old: np.ndarray) -> bool:
@@ -189,7 +210,9 @@ def joint_domains(
         Parameters, the sections, the genes used, the cluster count, the refinement (``"n_changed"``: spots
         changed per section) and the refit, each a list in the order of ``"sections"``: ``"agreement"`` (share
         of spots whose refitted domain is their joint one), ``"kept"`` (``"refit"``, or ``"joint"`` when the
-        refit changed which domain is which) and ``"domains"`` (joint domains present in the section).
+        refit changed which domain is which) and ``"domains"`` (joint domains present in the section);
+        ``"section_specific"``: per section, the share of its spots in domains (almost) no other section has (a
+        warning when it reaches 0.8: the domains then follow the sections, not tissue types they share).
     """
     import anndata as ad
 
@@ -218,6 +241,11 @@ def joint_domains(
         X, _ = _counts(a, layer)
         full.append(sp.csr_matrix(X))
         counts.append(full[-1][:, pd.Index(a.var_names).get_indexer(common)])
+    totals = [np.asarray(X.sum(axis=1)).ravel() for X in full]  # library sizes over every gene of the section
+    for name, t in zip(names, totals):
+        if np.any(t <= 0):
+            msg = f"section {name!r}: {int(np.sum(t <= 0))} spot(s) have zero total counts; filter them out first."
+            raise InputError(msg)
     sizes = [a.n_obs for a in sections]
     batch = np.repeat(np.asarray(names, dtype=object), sizes)
     xys = [coordinates_um(a) for a in sections]
@@ -226,7 +254,7 @@ def joint_domains(
     # (for the joint embedding and the refit's own one)
     hvgs = [_log_hvg(X, n_top_genes, 1e4, DEFAULTS["hvg_flavor"])[1] for X in counts]
     smoothers = [_neighbourhood_means(xy, sig) if smooth else [] for xy in xys]
-    Z, n_genes = _embed(counts, hvgs, smoothers, n_comps, random_state)
+    Z, n_genes = _embed(counts, totals, hvgs, smoothers, n_comps, random_state)
     n_out = Z.shape[1]
     if batch_correction == "harmony" and len(names) > 1:  # one section: nothing to correct
         Z = _harmony(Z, batch, random_state, theta)
@@ -258,6 +286,13 @@ def joint_domains(
         refined.append(part)
     labels = _relabel(np.concatenate(refined))  # "0" is the largest domain over the cohort
     k = int(labels.max()) + 1
+    specific = _section_specific(labels, sizes)
+    follow = [f"{n!r} ({share:.0%})" for n, share in zip(names, specific) if share >= SECTION_SPECIFIC_WARN]
+    if follow:
+        warnings.warn(f"joint_domains: the domains follow the sections rather than tissue types shared by them: "
+                      f"{', '.join(follow)} of the spots lie in domains that (almost) no other section has. The "
+                      f"sections may hold different tissue (other patients or organs), or the batch effect was not "
+                      f"removed; compare them with separate runs, or raise theta.", UserWarning, stacklevel=2)
     cats = [str(i) for i in range(k)]
     params = {"method": method, "batch_correction": batch_correction, "sections": names,
               "theta": float(theta) if batch_correction == "harmony" and len(names) > 1 else None,
@@ -267,6 +302,7 @@ def joint_domains(
               "refine": {"method": "majority", "n_changed": changed} if refine else None,
               # per-section records as lists in the order of "sections" (names may hold "/", which h5ad nests)
               "refit": {f: [r[f] for r in refits] for f in ("kept", "agreement", "domains")} if refits else None,
+              "section_specific": [float(v) for v in specific],
               "random_state": random_state}
     for a, part, emb in zip(sections, np.split(labels, np.cumsum(sizes)[:-1]),
                             np.split(Z.astype(np.float32), np.cumsum(sizes)[:-1])):
