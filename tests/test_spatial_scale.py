@@ -81,3 +81,16 @@ def test_a_subset_of_visium_spots_keeps_the_scale():
     other.obs["array_row"], other.obs["array_col"] = a.obs["array_row"].to_numpy(), a.obs["array_row"].to_numpy()
     assert np.isnan(_spatial.visium_array_pitch(other))
     assert _spatial.microns_per_pixel(other) == pytest.approx(100 / 137.0)
+
+
+def test_required_spot_spacing_says_what_needs_it():
+    from stmorph.errors import InputError
+    from stmorph.im._patches import spot_spacing as patch_spacing
+    from stmorph.tl.senca._preprocess import spot_spacing as graph_spacing
+
+    xy = np.array([[0.0, 0.0], [0.0, 10.0], [10.0, 0.0]])
+    assert patch_spacing(xy) == graph_spacing(xy) == _spatial.spot_spacing(xy) == 10.0
+    with pytest.raises(InputError, match="a patch in spot spacings needs at least two spots"):
+        patch_spacing(xy[:1])
+    with pytest.raises(InputError, match="share one position.*the spatial graph is undefined"):
+        graph_spacing(np.zeros((3, 2)))

@@ -71,6 +71,16 @@ def spot_spacing(xy: np.ndarray) -> float:
     return float(np.median(d)) if d.size else float("nan")
 
 
+def required_spot_spacing(xy: np.ndarray, needed_for: str) -> float:
+    """:func:`spot_spacing`, refused with an :class:`InputError` saying what ``needed_for`` it when undefined."""
+    if len(xy) < 2:
+        raise InputError(f"{needed_for} needs at least two spots.")
+    d = spot_spacing(xy)
+    if not np.isfinite(d):
+        raise InputError(f'all spots share one position in obsm["spatial"]; {needed_for} is undefined.')
+    return d
+
+
 def visium_array_pitch(adata) -> float:
     """Pixels between neighbouring Visium spots from a least-squares fit of the spot centres on their array
     coordinates (``obs["array_row"]``, ``obs["array_col"]``; neighbours in a row are two array columns apart), or

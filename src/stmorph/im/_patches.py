@@ -45,12 +45,7 @@ _SIZE_RE = re.compile(
 def spot_spacing(xy: np.ndarray) -> float:
     """Median distance from each spot to its nearest other spot (full-resolution px), as SENCA-st's; refuses
     fewer than two spots or a single shared position."""
-    if len(xy) < 2:
-        raise InputError("a patch in spot spacings needs at least two spots.")
-    d = _spatial.spot_spacing(xy)
-    if not np.isfinite(d):
-        raise InputError('all spots share one position in obsm["spatial"]; the spot spacing is undefined.')
-    return d
+    return _spatial.required_spot_spacing(xy, "a patch in spot spacings")
 
 
 class PatchBatch(NamedTuple):

@@ -100,11 +100,7 @@ def _knn(xy: np.ndarray, k: int) -> np.ndarray:
 
 def spot_spacing(xy: np.ndarray) -> float:
     """Median distance from each spot to its nearest other spot (px); refuses a single shared position."""
-    d = _spatial.spot_spacing(xy)
-    if not np.isfinite(d):
-        msg = 'all spots share one position in obsm["spatial"]; cannot build a spatial graph.'
-        raise InputError(msg)
-    return d
+    return _spatial.required_spot_spacing(xy, "the spatial graph")
 
 
 def normalized_adjacency(knn: np.ndarray) -> sp.csr_matrix:
