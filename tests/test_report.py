@@ -350,6 +350,8 @@ def test_cli_run_with_report(tmp_path, capsys):
     assert len(page.cards) == 3  # one per expression domain
     data = json.loads(page.json["stmorph-viewer-data"])
     assert data["image"] == "full-resolution" and data["default"] == "expression"
+    library = next(iter(adata.uns["spatial"]))  # the title names the section, not the file it came in
+    assert f"<h1>Spatial domains: {library}</h1>" in (out / "report.html").read_text()
 
 
 def test_no_patch_strip_from_a_coarse_image(tmp_path):

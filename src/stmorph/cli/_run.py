@@ -334,10 +334,11 @@ def check_report_options(args) -> None:
 
 def summary(info: dict, out: Path) -> str:
     lines = [f"stmorph: {info['n_spots']} spots x {info['n_genes']} genes -> {out}"]
+    width = max([11, *(len(m) for m in info["methods"])])
     for m in info["methods"]:
         ari = info.get("ari", {}).get(m)
         extra = f"  ARI {ari:.3f}" if ari is not None else ""
-        lines.append(f"  {m:<11} {info['n_domains'][m]:>3} domains  {info['methods_s'][m]:7.1f} s{extra}")
+        lines.append(f"  {m:<{width}} {info['n_domains'][m]:>3} domains  {info['methods_s'][m]:7.1f} s{extra}")
     for w in info.get("warnings", []):
         lines.append(f"  warning: {w}")
     return "\n".join(lines)

@@ -216,7 +216,9 @@ def build_report(
     ordered = [method, *[m for m in methods if m != method]]
     keys = (["annotation"] if has_ann else []) + ordered
     colors = pl.domain_colors(adata, keys, reference="annotation" if has_ann else method)
-    section = Path(str(info.get("input", ""))).name or _library_name(adata) or "section"
+    # the section's library id (its sample name: "151673", "A1"), else the input's name ("outs" names its parent)
+    given = Path(str(info.get("input", "")))
+    section = _library_name(adata) or (given.parent.name if given.name == "outs" else given.name) or "section"
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     labels = label_order(adata.obs[method])
 
