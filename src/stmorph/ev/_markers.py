@@ -56,6 +56,34 @@ def lognormalized(adata, *, layer: str | None = None, target_sum: float = 1e4, n
     return out
 
 
+def _seurat_log2fc(tmp, groupby: str, key: str) -> None:
+    """Replace scanpy's log2 fold changes in ``tmp.uns[key]`` by Seurat's (``FindMarkers``, pseudo-count 1 on
+    the normalised scale): ``log2(mean_in + 1) - log2(mean_out + 1)`` of the normalised expression (``expm1`` of
+    the log data). scanpy's ratio of means has a pseudo-count of 1e-9, so a gene absent outside a domain
+    reads log2 FC ~28 whatever its level inside; with 1 it reads as its level."""
+    X = tmp.X
+    E = (sparse.csr_matrix(X, dtype=np.float64, copy=True) if sparse.issparse(X)
+         else sparse.csr_matrix(np.asarray(X, np.float64)))
+    E.data = np.expm1(E.data)
+    lab = tmp.obs[groupby].astype(str).to_numpy()
+    res = tmp.uns[key]
+    groups = list(res["names"].dtype.names)
+    total = np.asarray(E.sum(axis=0)).ravel()
+    n = E.shape[0]
+    lfc = {}
+    for g in groups:
+        inside = lab == g
+        s_in = np.asarray(E[inside].sum(axis=0)).ravel()
+        m_in = s_in / max(int(inside.sum()), 1)
+        m_out = (total - s_in) / max(n - int(inside.sum()), 1)
+        lfc[g] = pd.Series(np.log2(m_in + 1.0) - np.log2(m_out + 1.0), index=tmp.var_names)
+    rec = res["logfoldchanges"]
+    out = np.empty(len(rec), dtype=rec.dtype)
+    for g in groups:
+        out[g] = lfc[g].reindex(np.asarray(res["names"][g]).astype(str)).to_numpy(dtype=rec.dtype[g])
+    res["logfoldchanges"] = out
+
+
 def markers(
     adata,
     groupby: str,
@@ -102,13 +130,16 @@ def markers(
     Returns
     -------
     Tidy table with columns ``gene, domain, logfoldchange, score, pval, pval_adj, pct_in, pct_out``
-    (Benjamini-Hochberg adjusted p; ``pct_*`` = fraction of spots with non-zero expression inside/outside
+    (``logfoldchange``: Seurat's ``log2(mean_in + 1) - log2(mean_out + 1)`` of the normalised expression;
+    Benjamini-Hochberg adjusted p; ``pct_*`` = fraction of spots with non-zero expression inside/outside
     the domain), sorted by domain then score (descending).
 
     Sets the following fields
     -------------------------
     ``adata.uns[key_added]``
-        scanpy's ``rank_genes_groups`` result, with ``params`` (groupby, method, normalisation).
+        scanpy's ``rank_genes_groups`` result, with ``params`` (groupby, method, normalisation); its
+        ``logfoldchanges`` are Seurat's (above), not scanpy's ratio of means with a 1e-9 pseudo-count, which
+        reads ~28 for any gene absent outside the domain.
     """
     import scanpy as sc
 
@@ -147,6 +178,7 @@ def markers(
             tmp, groupby, groups=groups, method="wilcoxon", pts=True, tie_correct=tie_correct,
             key_added=key_added, use_raw=False, n_genes=tmp.n_vars,
         )
+    _seurat_log2fc(tmp, groupby, key_added)
     df = sc.get.rank_genes_groups_df(tmp, group=None, key=key_added)
     if "group" not in df:  # a single tested group
         df.insert(0, "group", groups[0] if groups != "all" else counts.index[0])

@@ -326,7 +326,8 @@ def build_report(
                 f"(the representation {_esc(method)} clustered)" if rep else
                 f"the {n_patches} spots nearest the domain's centre on the slide")
         parts.append(f'<p class="note">Markers: Wilcoxon rank-sum test of the domain against all other spots on '
-                     "log-normalised expression (scanpy rank_genes_groups, as Seurat FindAllMarkers); z = rank-sum "
+                     "log-normalised expression (scanpy rank_genes_groups, as Seurat FindAllMarkers); log2 FC = "
+                     "log2(mean + 1) inside minus outside, on the normalised scale (Seurat's); z = rank-sum "
                      "z score, p adjusted by Benjamini-Hochberg; genes expressed in at least 10% of the spots inside "
                      f"or outside the domain. H&amp;E strip: {note}, each patch centred on the spot (outlined).</p>")
         painter = _cards.MapPainter(adata, image, library_id=library_id)
