@@ -140,13 +140,16 @@ def test_cohort_joint(tmp_path):
     m.write_text("section,input,method,n_clusters,no_plot\nA,s1/outs,expression,4,true\n"
                  "B,s2/outs,expression,4,true\nbroken,nowhere/outs,expression,4,true\n")
     out = tmp_path / "out"
-    assert main(["cohort", str(m), "--out", str(out), "--workers", "2", "--joint", "--quiet"]) == 1  # broken failed
+    # two synthetic seeds draw different gene programs for their regions: no tissue type is shared, and the joint
+    # run says so
+    with pytest.warns(UserWarning, match="follow the sections"):
+        assert main(["cohort", str(m), "--out", str(out), "--workers", "2", "--joint", "--quiet"]) == 1  # broken failed
     joint = pd.read_csv(out / "joint.csv")
     assert set(joint["section"]) == {"A", "B"} and set(joint["joint"].astype(str)) <= {"0", "1", "2", "3"}
     table = pd.read_csv(out / "cohort.csv", index_col="section")
     assert joint["joint"].nunique() == 4  # over the cohort (a section may hold only some of them)
     assert 1 <= table.loc["A", "n_domains_joint"] <= 4 and np.isfinite(table.loc["B", "ari_joint"])
-    assert 0.0 <= table.loc["A", "joint_section_specific"] <= 1.0
+    assert table.loc["A", "joint_section_specific"] >= 0.8
     assert "joint" in table.loc["broken", "error"]
     assert "Joint domains" in (out / "cohort.md").read_text() and "refit per section" in (out / "cohort.md").read_text()
     assert "joint.csv" in (out / ".stmorph").read_text()
