@@ -352,6 +352,24 @@ def test_a_failing_seurat_v3_ranking_falls_back_with_a_warning(section, monkeypa
 
     monkeypatch.setattr(sc.pp, "highly_variable_genes", loess_fails)
     X = sp.csr_matrix(section.X)
-    with pytest.warns(UserWarning, match="seurat_v3 ranking of variable genes failed"):
+    with pytest.warns(UserWarning, match="seurat_v3 ranking of variable genes failed.*'seurat' .log dispersion"):
         _, genes = _log_hvg(X, 200, 1e4, "seurat_v3")
-    assert set(genes) == set(_log_hvg(X, 200, 1e4, "seurat")[1])
+    detected = np.asarray((X > 0).sum(axis=0)).ravel() >= max(3, np.ceil(0.01 * X.shape[0]))
+    ref = _log_hvg(X[:, detected], 200, 1e4, "seurat")[1]
+    assert set(genes) == set(np.flatnonzero(detected)[ref])
+
+
+def test_a_singular_loess_is_fitted_again_without_genes_seen_in_one_spot():
+    """Thousands of genes seen once share one mean and variance: scikit-misc's loess fails on them. The ranking
+    is made again among the genes detected in at least 1% of the spots, still by seurat_v3."""
+    from stmorph.tl._stmorph import _log_hvg
+
+    a = datasets.synthetic(400, n_genes=300, image=False, random_state=0)
+    rng = np.random.default_rng(0)
+    once = sp.csr_matrix((np.ones(3000, np.float32), (rng.integers(0, a.n_obs, 3000), np.arange(3000))),
+                         shape=(a.n_obs, 3000))
+    X = sp.hstack([sp.csr_matrix(a.X, dtype=np.float32), once]).tocsr()
+    with pytest.warns(UserWarning, match="ranked by seurat_v3 again on the genes detected in at least 1%"):
+        _, genes = _log_hvg(X, 200, 1e4, "seurat_v3")
+    assert len(genes) == 200 and genes.max() < 300  # none of the genes seen once
+    assert set(genes) == set(_log_hvg(X[:, :300], 200, 1e4, "seurat_v3")[1])

@@ -68,6 +68,9 @@ MAX_Z = 10.0
 #: (the default clustering) it moves only the restarts' starting points (Ward, k-means): the mixture's likelihood
 #: does not depend on a block's scale. With Louvain/Leiden it weighs the modalities in the kNN distances.
 IMAGE_WEIGHT = 0.3
+#: When the ``seurat_v3`` loess fails, genes are ranked again among those detected in at least this many spots
+#: (and 1% of them).
+MIN_SPOTS_PER_GENE = 3
 #: Rankings of variable genes: scanpy's ``flavor``. ``"seurat_v3"`` (default; what GraphST and STAGATE use) ranks
 #: genes on the counts by their variance standardised for the mean; ``"seurat"`` ranks log-normalised dispersion
 #: (stmorph's default before 2026-12-01; BENCHMARKS.md section 7 compares them).
@@ -120,12 +123,19 @@ def _log_hvg(X: sp.csr_matrix, n_top_genes: int | None, target_sum: float,
         import scanpy as sc
 
         _check_hvg_flavor(flavor)
-        tmp = ad.AnnData(sp.csr_matrix(X, dtype=np.float32) if flavor == "seurat_v3" else L)
+        counts = sp.csr_matrix(X, dtype=np.float32)
+
+        def rank(columns, how):  # the top genes among `columns` (gene indices) by scanpy's flavor `how`
+            M = counts if how == "seurat_v3" else L
+            tmp = ad.AnnData(M if len(columns) == M.shape[1] else M[:, columns])  # no copy of every gene (HD)
+            sc.pp.highly_variable_genes(tmp, n_top_genes=int(min(n_top_genes, len(columns))), flavor=how)
+            return columns[tmp.var["highly_variable"].to_numpy()]
+
         failed = None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                sc.pp.highly_variable_genes(tmp, n_top_genes=int(n_top_genes), flavor=flavor)
+                genes = rank(genes, flavor)
             except ImportError:
                 msg = "hvg_flavor='seurat_v3' needs scikit-misc (pip install scikit-misc), or use hvg_flavor='seurat'."
                 raise DependencyError(msg) from None
@@ -133,12 +143,24 @@ def _log_hvg(X: sp.csr_matrix, n_top_genes: int | None, target_sum: float,
                 if flavor != "seurat_v3":
                     raise
                 failed = str(e).splitlines()[0] if str(e) else type(e).__name__
-                tmp = ad.AnnData(L)
-                sc.pp.highly_variable_genes(tmp, n_top_genes=int(n_top_genes), flavor="seurat")
         if failed is not None:
-            warnings.warn(f"the seurat_v3 ranking of variable genes failed ({failed}); they were ranked by 'seurat' "
-                          "(log dispersion) instead.", UserWarning, stacklevel=3)
-        genes = np.flatnonzero(tmp.var["highly_variable"].to_numpy())
+            # thousands of genes seen in one or two spots share one mean and variance, which can make the loess
+            # singular; without them (Seurat's min.cells) it usually fits, and ranking by dispersion then does not
+            # fill the list with them either
+            detected = np.flatnonzero(np.asarray((counts > 0).sum(axis=0)).ravel()
+                                      >= max(MIN_SPOTS_PER_GENE, int(np.ceil(0.01 * counts.shape[0]))))
+            how = "seurat_v3"
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    genes = rank(detected, how)
+                except ValueError:
+                    how = "seurat"
+                    genes = rank(detected, how)
+            fallback = ("seurat_v3 again on the genes detected in at least 1% of the spots" if how == "seurat_v3"
+                        else "'seurat' (log dispersion) on the genes detected in at least 1% of the spots")
+            warnings.warn(f"the seurat_v3 ranking of variable genes failed ({failed}); they were ranked by "
+                          f"{fallback} instead.", UserWarning, stacklevel=3)
         L = L[:, genes]
     return sp.csr_matrix(L), genes
 
