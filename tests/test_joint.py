@@ -143,7 +143,8 @@ def test_cohort_joint(tmp_path):
     # two synthetic seeds draw different gene programs for their regions: no tissue type is shared, and the joint
     # run says so
     with pytest.warns(UserWarning, match="follow the sections"):
-        assert main(["cohort", str(m), "--out", str(out), "--workers", "2", "--joint", "--quiet"]) == 1  # broken failed
+        assert main(["cohort", str(m), "--out", str(out), "--workers", "2", "--joint", "--theta", "1",
+                     "--quiet"]) == 1  # broken failed
     joint = pd.read_csv(out / "joint.csv")
     assert set(joint["section"]) == {"A", "B"} and set(joint["joint"].astype(str)) <= {"0", "1", "2", "3"}
     table = pd.read_csv(out / "cohort.csv", index_col="section")
@@ -151,5 +152,8 @@ def test_cohort_joint(tmp_path):
     assert 1 <= table.loc["A", "n_domains_joint"] <= 4 and np.isfinite(table.loc["B", "ari_joint"])
     assert table.loc["A", "joint_section_specific"] >= 0.8
     assert "joint" in table.loc["broken", "error"]
-    assert "Joint domains" in (out / "cohort.md").read_text() and "refit per section" in (out / "cohort.md").read_text()
+    md = (out / "cohort.md").read_text()
+    assert "Joint domains" in md and "refit per section" in md and "harmony (theta 1)" in md
+    assert main(["cohort", str(m), "--out", str(tmp_path / "bad"), "--joint", "--theta", "-1", "--quiet"]) == 2
+    assert not (tmp_path / "bad").exists()
     assert "joint.csv" in (out / ".stmorph").read_text()

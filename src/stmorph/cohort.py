@@ -299,8 +299,10 @@ def _write_report(rows: list[dict], out: Path, manifest: Path, where: str, wall:
               f"{counts['skipped']} skipped (already complete), {counts['failed']} failed; {wall:.1f} s wall."), "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     if joint:
+        theta = "" if joint.get("theta") is None else f" (theta {joint['theta']:g})"
         lines[3:3] = [(f"Joint domains (`{JOINT_TABLE}`): method {joint['method']}, batch correction "
-                       f"{joint['batch_correction']}, {'' if joint.get('refit', True) else 'no '}refit per section, "
+                       f"{joint['batch_correction']}{theta}, "
+                       f"{'' if joint.get('refit', True) else 'no '}refit per section, "
                        f"{joint['n_clusters']} domains shared by "
                        f"{len(joint['sections'])} sections, seed {joint['random_state']}; {joint['seconds']:.1f} s."), ""]
     for r in rows:
@@ -351,7 +353,7 @@ def load_one(argv: list[str]):
 
 def run_joint(sections: list[Section], out: Path, client, rows: dict[str, dict], *, method: str = "stmorph",
               n_clusters: int | None = None, batch_correction: str | None = "harmony", refit: bool = True,
-              log=None) -> dict:
+              theta: float | None = None, log=None) -> dict:
     """Load every section as a task, embed them jointly (:func:`stmorph.tl.joint_domains`) and write
     ``out/joint.csv``; the joint columns go into ``rows``. A section that cannot be read is left out
     (its row says so). Returns the joint run's parameters and seconds."""
@@ -381,7 +383,7 @@ def run_joint(sections: list[Section], out: Path, client, rows: dict[str, dict],
     if not adatas:
         raise InputError("joint domains: no section could be read")
     joint_domains(adatas, method=method, n_clusters=n_clusters, batch_correction=batch_correction, refit=refit,
-                  random_state=seed)
+                  **({} if theta is None else {"theta": float(theta)}), random_state=seed)
     frames = []
     specific = dict(zip(adatas, next(iter(adatas.values())).uns["joint"]["params"]["section_specific"]))
     for name, a in adatas.items():
@@ -415,7 +417,8 @@ def needs_gpu(section: Section) -> bool:
 def run_cohort(manifest: str | os.PathLike, out: str | os.PathLike, *, scheduler: str | None = None,
                workers: int | None = None, force: bool = False, gpu_resource: str | None = None,
                joint: bool = False, joint_method: str = "stmorph", joint_clusters: int | None = None,
-               batch_correction: str | None = "harmony", joint_refit: bool = True, log=None) -> list[dict]:
+               batch_correction: str | None = "harmony", joint_refit: bool = True, joint_theta: float | None = None,
+               log=None) -> list[dict]:
     """Run every section of ``manifest`` into ``out/<section>/``; returns the cohort table's rows.
 
     Parameters
@@ -434,12 +437,13 @@ def run_cohort(manifest: str | os.PathLike, out: str | os.PathLike, *, scheduler
     force
         Run every section again, replacing its folder (under ``stmorph run --force``'s rules);
         without it a complete section is skipped.
-    joint, joint_method, joint_clusters, batch_correction, joint_refit
+    joint, joint_method, joint_clusters, batch_correction, joint_refit, joint_theta
         Also find joint domains over all sections (:func:`run_joint`): the method (``stmorph`` or
         ``expression``), the number of domains (default: the manifest's ``n_clusters`` when every section
-        gives the same one, else chosen from the data), the batch correction (``harmony`` or None) and
+        gives the same one, else chosen from the data), the batch correction (``harmony`` or None),
         whether each section's domains are refitted in its own embedding (``refit`` of
-        :func:`stmorph.tl.joint_domains`).
+        :func:`stmorph.tl.joint_domains`) and Harmony's diversity penalty (default
+        :data:`stmorph.tl._joint.HARMONY_THETA`; higher when the domains follow the sections).
     log
         Called with one line per finished section.
     """
@@ -517,7 +521,8 @@ def run_cohort(manifest: str | os.PathLike, out: str | os.PathLike, *, scheduler
             if joint:
                 record_entries(out, [JOINT_TABLE])
                 joint_info = run_joint(sections, out, client, rows, method=joint_method, n_clusters=joint_clusters,
-                                       batch_correction=batch_correction, refit=joint_refit, log=log)
+                                       batch_correction=batch_correction, refit=joint_refit, theta=joint_theta,
+                                       log=log)
         finally:
             client.close()
             if cluster is not None:

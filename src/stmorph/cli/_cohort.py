@@ -40,6 +40,9 @@ def add_parser(sub) -> None:
                         "else chosen from the data)")
     g.add_argument("--batch-correction", choices=("harmony", "none"), default="harmony",
                    help="between sections (default harmony: pip install 'stmorph[joint]')")
+    g.add_argument("--theta", type=float, default=None, metavar="THETA",
+                   help="Harmony's diversity penalty (default 1); raise it (2-8) when the joint run warns that the "
+                        "domains follow the sections")
     g.add_argument("--joint-no-refit", action="store_true",
                    help="keep the joint mixture's labels instead of refitting each section's domains in its own "
                         "embedding, started from the joint ones")
@@ -54,13 +57,15 @@ def main(args) -> int:
     if args.workers is not None and args.workers < 1:
         raise InputError(f"--workers must be at least 1; got {args.workers}")
     log = None if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    if args.theta is not None and not args.theta >= 0:
+        raise InputError(f"--theta must be a number >= 0; got {args.theta}")
     if args.joint_clusters is not None and args.joint_clusters < 2:
         raise InputError(f"--joint-clusters must be at least 2; got {args.joint_clusters}")
     rows = run_cohort(args.manifest, args.out, scheduler=args.scheduler, workers=args.workers,
                       force=args.force, gpu_resource=args.gpu_resource, joint=args.joint,
                       joint_method=args.joint_method, joint_clusters=args.joint_clusters,
                       batch_correction=None if args.batch_correction == "none" else args.batch_correction,
-                      joint_refit=not args.joint_no_refit, log=log)
+                      joint_refit=not args.joint_no_refit, joint_theta=args.theta, log=log)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "failed")}
     if not args.quiet:
         print(f"stmorph cohort: {len(rows)} sections -> {args.out}: {counts['ok']} ok, "

@@ -292,7 +292,8 @@ def joint_domains(
         warnings.warn(f"joint_domains: the domains follow the sections rather than tissue types shared by them: "
                       f"{', '.join(follow)} of the spots lie in domains that (almost) no other section has. The "
                       f"sections may hold different tissue (other patients or organs), or the batch effect was not "
-                      f"removed; compare them with separate runs, or raise theta.", UserWarning, stacklevel=2)
+                      f"removed; compare them with separate runs, or raise theta (`stmorph cohort --theta`).",
+                      UserWarning, stacklevel=2)
     cats = [str(i) for i in range(k)]
     params = {"method": method, "batch_correction": batch_correction, "sections": names,
               "theta": float(theta) if batch_correction == "harmony" and len(names) > 1 else None,
