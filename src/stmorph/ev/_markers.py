@@ -70,17 +70,18 @@ def _seurat_log2fc(tmp, groupby: str, key: str) -> None:
     groups = list(res["names"].dtype.names)
     total = np.asarray(E.sum(axis=0)).ravel()
     n = E.shape[0]
-    lfc = {}
+    # scanpy lists genes by name; a name's first column (var_names from an h5ad may repeat a name)
+    position = pd.Series(np.arange(E.shape[1]), index=pd.Index(tmp.var_names.astype(str)))
+    position = position[~position.index.duplicated()]
+    rec = res["logfoldchanges"]
+    out = np.empty(len(rec), dtype=rec.dtype)
     for g in groups:
         inside = lab == g
         s_in = np.asarray(E[inside].sum(axis=0)).ravel()
         m_in = s_in / max(int(inside.sum()), 1)
         m_out = (total - s_in) / max(n - int(inside.sum()), 1)
-        lfc[g] = pd.Series(np.log2(m_in + 1.0) - np.log2(m_out + 1.0), index=tmp.var_names)
-    rec = res["logfoldchanges"]
-    out = np.empty(len(rec), dtype=rec.dtype)
-    for g in groups:
-        out[g] = lfc[g].reindex(np.asarray(res["names"][g]).astype(str)).to_numpy(dtype=rec.dtype[g])
+        lfc = np.log2(m_in + 1.0) - np.log2(m_out + 1.0)
+        out[g] = lfc[position.loc[np.asarray(res["names"][g]).astype(str)].to_numpy()]
     res["logfoldchanges"] = out
 
 
