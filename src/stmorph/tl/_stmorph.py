@@ -149,6 +149,8 @@ def _log_hvg(X: sp.csr_matrix, n_top_genes: int | None, target_sum: float,
             # fill the list with them either
             detected = np.flatnonzero(np.asarray((counts > 0).sum(axis=0)).ravel()
                                       >= max(MIN_SPOTS_PER_GENE, int(np.ceil(0.01 * counts.shape[0]))))
+            if detected.size < 2:  # (almost) every gene that rare: rank them all
+                detected = np.arange(counts.shape[1])
             how = "seurat_v3"
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
