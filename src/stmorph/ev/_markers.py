@@ -73,13 +73,14 @@ def _seurat_log2fc(tmp, groupby: str, key: str) -> None:
     # scanpy lists genes by name; a name's first column (var_names from an h5ad may repeat a name)
     position = pd.Series(np.arange(E.shape[1]), index=pd.Index(tmp.var_names.astype(str)))
     position = position[~position.index.duplicated()]
+    member = sparse.csr_matrix((lab[:, None] == np.asarray(groups)[None, :]).astype(np.float64))  # spots x groups
+    sums = np.asarray((member.T @ E).todense())  # groups x genes, one product instead of a row copy per group
+    sizes = np.asarray(member.sum(axis=0)).ravel()
     rec = res["logfoldchanges"]
     out = np.empty(len(rec), dtype=rec.dtype)
-    for g in groups:
-        inside = lab == g
-        s_in = np.asarray(E[inside].sum(axis=0)).ravel()
-        m_in = s_in / max(int(inside.sum()), 1)
-        m_out = (total - s_in) / max(n - int(inside.sum()), 1)
+    for j, g in enumerate(groups):
+        m_in = sums[j] / max(sizes[j], 1.0)
+        m_out = (total - sums[j]) / max(n - sizes[j], 1.0)
         lfc = np.log2(m_in + 1.0) - np.log2(m_out + 1.0)
         out[g] = lfc[position.loc[np.asarray(res["names"][g]).astype(str)].to_numpy()]
     res["logfoldchanges"] = out
