@@ -146,6 +146,9 @@ def test_marker_fold_change_is_seurats_not_a_pseudo_count_artefact():
     assert 0 < row["logfoldchange"] < 10 and row["pct_out"] == 0
     names = list(adata.uns["mk"]["names"]["a"])
     assert adata.uns["mk"]["logfoldchanges"]["a"][names.index("g4")] == pytest.approx(row["logfoldchange"], rel=1e-5)
+    adata.var_names = ["g0", "g1", "g2", "g2", "g4"]  # scanpy's table would repeat rows
+    with pytest.raises(InputError, match="repeat 1 gene name.*'g2'.*var_names_make_unique"):
+        ev.markers(adata, "d")
 
 
 def test_markers_on_a_sample_of_many_spots_keep_every_domain():

@@ -70,9 +70,7 @@ def _seurat_log2fc(tmp, groupby: str, key: str) -> None:
     groups = list(res["names"].dtype.names)
     total = np.asarray(E.sum(axis=0)).ravel()
     n = E.shape[0]
-    # scanpy lists genes by name; a name's first column (var_names from an h5ad may repeat a name)
-    position = pd.Series(np.arange(E.shape[1]), index=pd.Index(tmp.var_names.astype(str)))
-    position = position[~position.index.duplicated()]
+    position = pd.Series(np.arange(E.shape[1]), index=pd.Index(tmp.var_names.astype(str)))  # scanpy lists names
     member = sparse.csr_matrix((lab[:, None] == np.asarray(groups)[None, :]).astype(np.float64))  # spots x groups
     sums = np.asarray((member.T @ E).todense())  # groups x genes, one product instead of a row copy per group
     sizes = np.asarray(member.sum(axis=0)).ravel()
@@ -147,6 +145,11 @@ def markers(
 
     if groupby not in adata.obs:
         msg = f"groupby {groupby!r} is not a column of adata.obs (columns: {list(adata.obs.columns)})."
+        raise InputError(msg)
+    if not adata.var_names.is_unique:  # scanpy's tables would repeat rows and mix up the repeated genes
+        dup = adata.var_names[adata.var_names.duplicated()].unique()
+        msg = (f"var_names repeat {len(dup)} gene name(s), e.g. {str(dup[0])!r}; markers need unique names "
+               "(call adata.var_names_make_unique()).")
         raise InputError(msg)
     labels = adata.obs[groupby]
     keep = labels.notna().to_numpy()
