@@ -123,26 +123,26 @@ def _log_hvg(X: sp.csr_matrix, n_top_genes: int | None, target_sum: float,
         import scanpy as sc
 
         _check_hvg_flavor(flavor)
-        counts = sp.csr_matrix(X, dtype=np.float32)
+        counts = sp.csr_matrix(X, dtype=np.float32) if flavor == "seurat_v3" else None  # seurat ranks the logs
 
         def rank(columns, how):  # the top genes among `columns` (gene indices) by scanpy's flavor `how`
             M = counts if how == "seurat_v3" else L
             tmp = ad.AnnData(M if len(columns) == M.shape[1] else M[:, columns])  # no copy of every gene (HD)
-            sc.pp.highly_variable_genes(tmp, n_top_genes=int(min(n_top_genes, len(columns))), flavor=how)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                sc.pp.highly_variable_genes(tmp, n_top_genes=int(min(n_top_genes, len(columns))), flavor=how)
             return columns[tmp.var["highly_variable"].to_numpy()]
 
-        failed = None
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                genes = rank(genes, flavor)
-            except ImportError:
-                msg = "hvg_flavor='seurat_v3' needs scikit-misc (pip install scikit-misc), or use hvg_flavor='seurat'."
-                raise DependencyError(msg) from None
-            except ValueError as e:  # the loess fit of variance on mean can fail on unusual counts
-                if flavor != "seurat_v3":
-                    raise
-                failed = str(e).splitlines()[0] if str(e) else type(e).__name__
+        try:
+            genes = rank(genes, flavor)
+            failed = None
+        except ImportError:
+            msg = "hvg_flavor='seurat_v3' needs scikit-misc (pip install scikit-misc), or use hvg_flavor='seurat'."
+            raise DependencyError(msg) from None
+        except ValueError as e:  # the loess fit of variance on mean can fail on unusual counts
+            if flavor != "seurat_v3":
+                raise
+            failed = str(e).splitlines()[0] if str(e) else type(e).__name__
         if failed is not None:
             # thousands of genes seen in one or two spots share one mean and variance, which can make the loess
             # singular; without them (Seurat's min.cells) it usually fits, and ranking by dispersion then does not
@@ -151,18 +151,13 @@ def _log_hvg(X: sp.csr_matrix, n_top_genes: int | None, target_sum: float,
                                       >= max(MIN_SPOTS_PER_GENE, int(np.ceil(0.01 * counts.shape[0]))))
             if detected.size < 2:  # (almost) every gene that rare: rank them all
                 detected = np.arange(counts.shape[1])
-            how = "seurat_v3"
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                try:
-                    genes = rank(detected, how)
-                except ValueError:
-                    how = "seurat"
-                    genes = rank(detected, how)
-            fallback = ("seurat_v3 again on the genes detected in at least 1% of the spots" if how == "seurat_v3"
-                        else "'seurat' (log dispersion) on the genes detected in at least 1% of the spots")
+            try:
+                genes, fallback = rank(detected, "seurat_v3"), "seurat_v3 again"
+            except ValueError:
+                genes, fallback = rank(detected, "seurat"), "'seurat' (log dispersion)"
             warnings.warn(f"the seurat_v3 ranking of variable genes failed ({failed}); they were ranked by "
-                          f"{fallback} instead.", UserWarning, stacklevel=3)
+                          f"{fallback} on the genes detected in at least 1% of the spots instead.", UserWarning,
+                          stacklevel=3)
         L = L[:, genes]
     return sp.csr_matrix(L), genes
 
