@@ -307,6 +307,12 @@ def robust_clip(X: np.ndarray, n_mad: float = 5.0) -> np.ndarray:
 #: this size (as mclust initialises on a subset for large data); one EM on every spot then starts from the
 #: chosen restart. Below it, every spot is used and results are as without the subset.
 FIT_SUBSET = 20_000
+#: The mixture's EM stops when the mean log-likelihood per spot changes by less than this between iterations
+#: (scikit-learn's ``tol``). Its default, 1e-3, stopped the tied mixture well short of convergence on the
+#: development sections, so the labels depended on where EM happened to stop; mclust, whose EEE model the mixture
+#: stands for, iterates to a relative change of 1e-5. At 1e-5 (with at most ``max_iter`` iterations) the labels are
+#: those of EM run to 1e-7 (BENCHMARKS.md section 7).
+EM_TOL = 1e-5
 
 
 def gaussian_mixture(
@@ -350,8 +356,9 @@ def gaussian_mixture(
         sub = np.sort(rng.choice(X.shape[0], int(fit_subset), replace=False))
         start = _mixture_restarts(X[sub], n_clusters, covariance_type, n_init, rng, min_size, max_iter)
         gm = GaussianMixture(n_components=start.n_components, covariance_type=covariance_type, max_iter=max_iter,
-                             reg_covar=start.reg_covar, weights_init=start.weights_, means_init=start.means_,
-                             precisions_init=start.precisions_, random_state=int(rng.integers(2**31)))
+                             tol=EM_TOL, reg_covar=start.reg_covar, weights_init=start.weights_,
+                             means_init=start.means_, precisions_init=start.precisions_,
+                             random_state=int(rng.integers(2**31)))
         with warnings.catch_warnings(), threadpool_limits(1):
             warnings.filterwarnings("ignore", message=".*did not converge.*")
             gm.fit(X)
@@ -375,7 +382,7 @@ def _mixture_restarts(X, n_clusters, covariance_type, n_init, rng, min_size, max
     for r in range(max(1, int(n_init)) + 1):
         # restart 0 starts from Ward's hierarchical clustering (mclust's own initialisation), the others from k-means
         gm = GaussianMixture(n_components=k, covariance_type=covariance_type, random_state=int(rng.integers(2**31)),
-                             max_iter=max_iter, reg_covar=1e-6 * max(scale, 1e-12),
+                             max_iter=max_iter, tol=EM_TOL, reg_covar=1e-6 * max(scale, 1e-12),
                              means_init=ward_means if r == 0 else None)
         # n x ~20 matrices: BLAS threads cost more than they give (5x slower on a busy 2-core machine)
         with warnings.catch_warnings(), threadpool_limits(1):

@@ -40,7 +40,7 @@ import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
 from ..errors import DependencyError, InputError
-from ._cluster import _relabel, cluster
+from ._cluster import EM_TOL, _relabel, cluster
 from ._embedding import _counts, log_normalize
 from ._neighbors import block_diag, coordinates_um, refine_labels, refine_radius, spot_spacing
 from ._stmorph import (
@@ -114,8 +114,8 @@ def _refit(Z: np.ndarray, labels: np.ndarray, random_state: int) -> tuple[np.nda
     R = Z - means[codes]
     cov = R.T @ R / Z.shape[0] + reg * np.eye(Z.shape[1])
     gm = GaussianMixture(n_components=present.size, covariance_type="tied", weights_init=np.bincount(codes) / codes.size,
-                         means_init=means, precisions_init=np.linalg.inv(cov), max_iter=300, reg_covar=reg,
-                         random_state=int(random_state))
+                         means_init=means, precisions_init=np.linalg.inv(cov), max_iter=300, tol=EM_TOL,
+                         reg_covar=reg, random_state=int(random_state))
     with warnings.catch_warnings(), threadpool_limits(1):
         warnings.filterwarnings("ignore", message=".*did not converge.*")
         new = present[gm.fit(Z).predict(Z)]
