@@ -154,3 +154,30 @@ def test_resolution_search_is_recorded():
     trace = a.uns["dom"]["resolution_search"]
     assert len(trace["resolution"]) >= 1 and set(trace["algorithm"]) == {"louvain"}
     assert trace["n_clusters"][-1] == 4 and trace["resolution"][-1] == a.uns["dom"]["params"]["resolution"]
+
+
+def test_mixture_em_runs_to_convergence(monkeypatch):
+    # overlapping domains, a few hundred spots in 20 dimensions (a legacy ST section's embedding): EM stopped at
+    # scikit-learn's default tolerance (1e-3) leaves labels that more EM iterations still move; run to EM_TOL,
+    # continuing EM much further moves far fewer
+    from sklearn.mixture import GaussianMixture
+
+    import stmorph.tl._cluster as C
+
+    def moved():
+        n = 0
+        for seed in range(5):
+            rng = np.random.default_rng(seed)
+            truth = rng.integers(0, 5, 300)
+            X = rng.normal(0, 1, (5, 20))[truth] + rng.normal(0, 2, (300, 20))
+            gm = C._mixture_restarts(X, 5, "tied", 10, np.random.default_rng(seed), 0.01, 300)
+            further = GaussianMixture(5, covariance_type="tied", tol=1e-9, max_iter=2000, weights_init=gm.weights_,
+                                      means_init=gm.means_, precisions_init=gm.precisions_,
+                                      reg_covar=gm.reg_covar).fit(X)
+            n += int((further.predict(X) != gm.predict(X)).sum())
+        return n
+
+    converged = moved()
+    monkeypatch.setattr(C, "EM_TOL", 1e-3)  # scikit-learn's default
+    stopped_early = moved()
+    assert stopped_early >= 50 and converged * 4 <= stopped_early
