@@ -345,6 +345,9 @@ def gaussian_mixture(
     Above ``fit_subset`` spots (Visium HD) the restarts are fitted on a random
     subset of that many spots and one EM over every spot starts from the kept
     restart's weights, means and covariance (``None``: always every spot).
+
+    Every EM runs until the mean log-likelihood per spot changes by less than
+    :data:`EM_TOL` (or ``max_iter`` iterations), not scikit-learn's looser default.
     """
     from sklearn.mixture import GaussianMixture
 
