@@ -8,6 +8,7 @@ Usage (from the repository root)::
     .venv/bin/python benchmarks/bench_senca.py --only ablation  # Tables 4 and 5 on A1 + synthetic, 3 seeds
     .venv/bin/python benchmarks/bench_senca.py --only schedule  # large sections with an image: batch sizes
     .venv/bin/python benchmarks/bench_senca.py --only rna-views  # sections without an image: two dropout views
+    .venv/bin/python benchmarks/bench_senca.py --only presets    # default vs the "mixture" preset, every section
     .venv/bin/python benchmarks/bench_senca.py --threads 1     # torch threads (default: torch's)
 
 Speed (image feature extraction excluded, as the bar says):
@@ -201,6 +202,39 @@ def bench_rna_views(data, seeds_her2st=10, seeds_dlpfc=3):
               f" | {np.mean(ex):.3f} ({np.std(ex):.3f}) | {np.mean(secs):.1f} |", flush=True)
 
 
+def bench_presets(data, seeds=(0, 1, 2), presets=("default", "mixture")):
+    """SENCA-st's presets on every annotated section (with its H&E where there is one, as ``stmorph benchmark``
+    runs it) beside the expression baseline: ARI mean (sd) over seeds, k = scored labels, seconds per run."""
+    import stmorph
+    from stmorph.ev._benchmark import find_sections, load_section
+
+    print("\n== SENCA-st presets against the expression baseline, ARI mean (sd) ==", flush=True)
+    print("| section | image | " + " | ".join(f"`{p}`" for p in presets) + " | expression | s/run (" +
+          ", ".join(presets) + ") |")
+    print("|---|---|" + "---|" * (len(presets) + 2))
+    for sec in find_sections(data):
+        a = load_section(sec)
+        k = int(stmorph.ev._metrics.scored_labels(a).nunique())
+        cells, secs = [], []
+        for preset in presets:
+            vals, ts = [], []
+            for seed in seeds:
+                t0 = time.perf_counter()
+                stmorph.tl.run_methods(a, ["senca"], n_clusters=k, random_state=seed, progress=False,
+                                       senca_options={"preset": preset})
+                ts.append(time.perf_counter() - t0)
+                vals.append(stmorph.ev.ari(a, "senca"))
+            cells.append(f"{np.mean(vals):.3f} ({np.std(vals):.3f})")
+            secs.append(f"{np.mean(ts):.1f}")
+        ex = []
+        for seed in seeds:
+            stmorph.tl.run_methods(a, ["expression"], n_clusters=k, random_state=seed, progress=False)
+            ex.append(stmorph.ev.ari(a, "expression"))
+        image = "yes" if stmorph.tl._methods.has_image(a) else "no"
+        print(f"| {sec.name} | {image} | " + " | ".join(cells) + f" | {np.mean(ex):.3f} ({np.std(ex):.3f}) | " +
+              ", ".join(secs) + " |", flush=True)
+
+
 def bench_large(n=50_000):
     """One run on a large synthetic section: local attention, kNN-restricted Ward; time and peak RSS."""
     import resource
@@ -286,7 +320,7 @@ def _fmt(v):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DATA)
-    ap.add_argument("--only", choices=["speed", "ari", "large", "ablation", "schedule", "rna-views"], default=None)
+    ap.add_argument("--only", choices=["speed", "ari", "large", "ablation", "schedule", "rna-views", "presets"], default=None)
     ap.add_argument("--sections", nargs="*", default=None, help="e.g. A1 B1 151673")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = ap.parse_args(argv)
@@ -308,6 +342,9 @@ def main(argv=None):
     if args.only in (None, "rna-views"):
         if args.data.exists():
             bench_rna_views(args.data)
+    if args.only in (None, "presets"):
+        if args.data.exists():
+            bench_presets(args.data)
     if args.only in (None, "ari"):
         if not args.data.exists():
             print(f"{args.data} not found: ARI part skipped")

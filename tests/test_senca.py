@@ -282,6 +282,41 @@ def test_presets_and_literal_reading():
     assert a.uns["senca"]["loss"]["total"].shape == (2,)
 
 
+def test_mixture_preset_clusters_s_with_the_tied_mixture(monkeypatch):
+    import importlib
+
+    import stmorph.tl._cluster as tlc
+
+    calls = []
+    real = tlc.gaussian_mixture
+    monkeypatch.setattr(tlc, "gaussian_mixture", lambda *a, **k: calls.append(k) or real(*a, **k))
+
+    def no_agglomerative(*a, **k):
+        raise AssertionError("the mixture preset must not cluster agglomeratively")
+
+    monkeypatch.setattr(importlib.import_module("stmorph.tl.senca._cluster"), "agglomerative", no_agglomerative)
+    mix = SencaConfig.preset("mixture")
+    assert mix.epochs == 30 and mix.clustering == "mixture" and SencaConfig().clustering == "agglomerative"
+    a = tissue()
+    with pytest.raises(InputError, match="clustering"):
+        senca(a, 3, progress=False, clustering="kmeans")
+    senca(a, 3, progress=False, preset="mixture", epochs=6, steps_per_epoch=5, n_top_genes=60)
+    p = a.uns["senca"]["params"]
+    assert p["preset"] == "mixture" and p["clustering"] == "mixture" and not p["cluster_knn_connectivity"]
+    assert calls == [{"random_state": 0}]
+    assert list(a.obs["senca"].cat.categories) == ["0", "1", "2"]
+    sizes = a.obs["senca"].value_counts(sort=False).to_numpy()
+    assert list(sizes) == sorted(sizes, reverse=True)  # named by decreasing size, as the agglomerative labels
+    # the labels are the tied mixture's on S, with the run's seed
+    from stmorph.tl._cluster import _relabel
+
+    expected, _ = real(np.asarray(a.obsm["X_senca"], dtype=np.float64), 3, random_state=0)
+    assert np.array_equal(a.obs["senca"].astype(int).to_numpy(), _relabel(expected))
+    from sklearn.metrics import adjusted_rand_score
+
+    assert adjusted_rand_score(a.obs["annotation"], a.obs["senca"]) > 0.5
+
+
 def test_spatial_batches_cover_every_spot_once_and_subgraphs():
     from stmorph.tl.senca._preprocess import prepare
     from stmorph.tl.senca._train import Tensors, forward, spatial_batches

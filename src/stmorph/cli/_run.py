@@ -83,6 +83,9 @@ def add_common_options(p) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="random seed (same input + seed = same labels)")
     g.add_argument("--senca-epochs", type=int, default=None, help="SENCA-st training epochs (paper: 10)")
+    g.add_argument("--senca-preset", choices=("default", "literal", "mixture"), default=None,
+                   help="SENCA-st configuration: default; literal (the first reading of the paper); mixture (30 "
+                        "epochs and a tied Gaussian mixture on S instead of the paper's agglomerative clustering)")
     g.add_argument("--force", action="store_true", help="replace an existing output folder")
     g.add_argument("--quiet", action="store_true", help="no progress bars or summary")
     g.add_argument("--no-plot", action="store_true", help="skip spatial_domains.png")
@@ -193,6 +196,8 @@ def method_options(args) -> dict:
     senca = {}
     if args.senca_epochs is not None:
         senca["epochs"] = args.senca_epochs
+    if args.senca_preset is not None:
+        senca["preset"] = args.senca_preset
     return {
         "n_clusters": args.n_clusters,
         "resolution": args.resolution,

@@ -84,7 +84,8 @@ def senca(
     patches into image embeddings H, a neighbourhood cross-attention shared
     auto-encoder turns both into the shared embedding S, trained with
     NT-Xent between pooled H and R at two scales plus lambda times the
-    reconstruction MSE (paper eq 1); S is clustered agglomeratively.
+    reconstruction MSE (paper eq 1); S is clustered agglomeratively (``clustering="mixture"``, as in the
+    ``"mixture"`` preset: a tied Gaussian mixture instead, not the paper's).
 
     Parameters
     ----------
@@ -145,7 +146,7 @@ def senca(
     ``adata.obsm["X_" + key_added]`` : float32 ``(n_obs, shared_dim)``
         Shared embedding S.
     ``adata.obs[key_added]`` : categorical of ``"0"``, ``"1"``, ...
-        Domains (agglomerative clustering of S).
+        Domains (agglomerative clustering of S, or the tied mixture's with ``clustering="mixture"``).
     ``adata.uns[key_added]["params"]`` : dict
         Config, ablation switches, device, seed, image source, genes used, timings.
     ``adata.uns[key_added]["loss"]`` : dict of arrays
@@ -222,8 +223,14 @@ def senca(
         s = embed(model, tensors)  # (N, shared_dim)
     t_train = time.perf_counter() - t2
 
-    labels, used_connectivity = agglomerative(s, int(n_clusters), linkage=cfg.linkage,
-                                              connectivity_above=cfg.cluster_connectivity_above)
+    if cfg.clustering == "mixture":  # not the paper's: stmorph's tied mixture (docs/senca.md)
+        from .._cluster import _relabel, gaussian_mixture
+
+        labels, _ = gaussian_mixture(s, int(n_clusters), random_state=random_state)
+        labels, used_connectivity = _relabel(labels), False
+    else:
+        labels, used_connectivity = agglomerative(s, int(n_clusters), linkage=cfg.linkage,
+                                                  connectivity_above=cfg.cluster_connectivity_above)
     cats = [str(i) for i in range(int(labels.max()) + 1)]
     adata.obsm[f"X_{key_added}"] = s.astype(np.float32)
     adata.obs[key_added] = pd.Categorical(labels.astype(str), categories=cats)
