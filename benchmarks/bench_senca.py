@@ -96,8 +96,9 @@ def bench_dlpfc_speed(data):
           f"{'PASS' if dt < 60 else 'FAIL'}  [ARI {stmorph.ev.ari(a, 'senca'):.3f}]", flush=True)
 
 
-def bench_ablation(data, seeds=(0, 1, 2)):
-    """Table 4 (full vs w/o cross-attention vs w/o hierarchy) and Table 5 (4, 8, 16 neighbours), mean of seeds.
+def bench_ablation(data, seeds=(0, 1, 2), preset="default"):
+    """Table 4 (full vs w/o cross-attention vs w/o hierarchy) and Table 5 (4, 8, 16 neighbours), mean of seeds,
+    each run from the SencaConfig ``preset``.
 
     On HER2ST A1 with its H&E (features cached on disk after the first run) and
     on a 600-spot synthetic section with a rendered image whose "vessel-rich"
@@ -116,7 +117,7 @@ def bench_ablation(data, seeds=(0, 1, 2)):
     runs = [("full", {}), ("w/o cross-attention", {"cross_attention": False}),
             ("w/o hierarchical", {"hierarchical": False}), ("RNA only (no image)", {"compute_image_features": False}),
             ("8 neighbours", {"n_neighbors": 8}), ("16 neighbours", {"n_neighbors": 16})]
-    print(f"\n== ablations, mean (sd) over seeds {list(seeds)} ==", flush=True)
+    print(f"\n== ablations (preset {preset!r}), mean (sd) over seeds {list(seeds)} ==", flush=True)
     print("| section | " + " | ".join(r for r, _ in runs) + " |")
     print("|---|" + "---|" * len(runs))
     for name, ad0 in cases:
@@ -130,7 +131,7 @@ def bench_ablation(data, seeds=(0, 1, 2)):
                 a = ad0.copy()
                 if kw.get("compute_image_features") is False:
                     del a.obsm["X_image_senca"]
-                senca(a, k, progress=False, random_state=seed, **kw)
+                senca(a, k, progress=False, random_state=seed, preset=preset, **kw)
                 vals.append(stmorph.ev.ari(a, "senca"))
             cells.append(f"{np.mean(vals):.3f} ({np.std(vals):.3f})")
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
@@ -161,7 +162,7 @@ def bench_schedule(sizes=(2000, 4000), seeds=(0, 1, 2)):
             for seed in seeds:
                 a = a0.copy()
                 t0 = time.perf_counter()
-                senca(a, k, progress=False, random_state=seed, **kw)
+                senca(a, k, progress=False, random_state=seed, preset=preset, **kw)
                 secs.append(time.perf_counter() - t0)
                 vals.append(stmorph.ev.ari(a, "senca"))
             cells.append(f"{np.mean(vals):.3f} ({np.std(vals):.3f}), {np.mean(secs):.1f} s")
@@ -323,6 +324,7 @@ def main(argv=None):
     ap.add_argument("--only", choices=["speed", "ari", "large", "ablation", "schedule", "rna-views", "presets"], default=None)
     ap.add_argument("--sections", nargs="*", default=None, help="e.g. A1 B1 151673")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--preset", default="default", help="SencaConfig preset of the ablation runs (default, mixture)")
     args = ap.parse_args(argv)
     import torch
 
@@ -336,7 +338,7 @@ def main(argv=None):
     if args.only in (None, "large"):
         bench_large()
     if args.only in (None, "ablation"):
-        bench_ablation(args.data)
+        bench_ablation(args.data, preset=args.preset)
     if args.only in (None, "schedule"):
         bench_schedule()
     if args.only in (None, "rna-views"):
