@@ -162,7 +162,7 @@ def bench_schedule(sizes=(2000, 4000), seeds=(0, 1, 2)):
             for seed in seeds:
                 a = a0.copy()
                 t0 = time.perf_counter()
-                senca(a, k, progress=False, random_state=seed, preset=preset, **kw)
+                senca(a, k, progress=False, random_state=seed, **kw)
                 secs.append(time.perf_counter() - t0)
                 vals.append(stmorph.ev.ari(a, "senca"))
             cells.append(f"{np.mean(vals):.3f} ({np.std(vals):.3f}), {np.mean(secs):.1f} s")
@@ -321,7 +321,8 @@ def _fmt(v):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DATA)
-    ap.add_argument("--only", choices=["speed", "ari", "large", "ablation", "schedule", "rna-views", "presets"], default=None)
+    ap.add_argument("--only", choices=["speed", "ari", "large", "ablation", "schedule", "rna-views", "presets"],
+                    default=None)
     ap.add_argument("--sections", nargs="*", default=None, help="e.g. A1 B1 151673")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--preset", default="default", help="SencaConfig preset of the ablation runs (default, mixture)")
