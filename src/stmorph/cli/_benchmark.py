@@ -34,6 +34,8 @@ def add_parser(sub) -> None:
     p.add_argument("--ignore", nargs="*", default=["undetermined"], metavar="LABEL",
                    help="labels left out of scoring and of the cluster count (default: undetermined)")
     p.add_argument("--senca-epochs", type=int, default=None, help="SENCA-st training epochs (default: the paper's)")
+    p.add_argument("--senca-preset", choices=("default", "literal", "mixture"), default=None,
+                   help="SENCA-st configuration (see stmorph run --help; mixture is not the paper's clustering)")
     p.add_argument("--device", default="auto", help="torch device for image features and SENCA-st")
     p.add_argument("--scheduler", default=None, metavar="ADDRESS",
                    help="run each section as a task of this running dask scheduler (as stmorph cohort does)")
@@ -111,8 +113,13 @@ def main(args) -> int:
     if args.seeds < 1:
         raise InputError(f"--seeds must be at least 1; got {args.seeds}")
     options = {"progress": False, "device": args.device}
+    senca = {}
     if args.senca_epochs is not None:
-        options["senca_options"] = {"epochs": args.senca_epochs}
+        senca["epochs"] = args.senca_epochs
+    if args.senca_preset is not None:
+        senca["preset"] = args.senca_preset
+    if senca:
+        options["senca_options"] = senca
 
     def runner(adata, ms, *, n_clusters, random_state):
         from ..tl import run_methods
