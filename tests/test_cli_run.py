@@ -116,7 +116,14 @@ def test_run_passes_the_stmorph_method_options(visium_folder, tmp_path, capsys):
     args = build_parser().parse_args(["run", str(visium_folder), "--out", str(tmp_path / "y"), "--context-patch", "senca",
                                       "--image-weight", "0.5"])
     assert method_options(args)["stmorph_options"] == {"context_patch": "senca", "image_weight": 0.5}
-    for bad in (["--sigma-um", "-5"], ["--n-top-genes", "0"], ["--hvg-flavor", "pearson"], ["--context-patch", "6"]):
+    args = build_parser().parse_args(["run", str(visium_folder), "--out", str(tmp_path / "y"), "--senca-preset",
+                                      "mixture", "--senca-epochs", "12"])
+    assert method_options(args)["senca_options"] == {"epochs": 12, "preset": "mixture"}
+    from stmorph.tl.senca._config import PRESETS
+
+    assert set(PRESETS) == {"default", "literal", "mixture"}  # the choices of --senca-preset
+    for bad in (["--sigma-um", "-5"], ["--n-top-genes", "0"], ["--hvg-flavor", "pearson"], ["--context-patch", "6"],
+                ["--senca-preset", "paper"]):
         with pytest.raises(SystemExit):
             main(["run", str(visium_folder), "--out", str(tmp_path / "x"), *bad])
         err = capsys.readouterr().err.strip().splitlines()
