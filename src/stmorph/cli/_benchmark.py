@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..ev._benchmark import DEFAULT_METHODS
+from ._run import senca_options
 
 
 def add_parser(sub) -> None:
@@ -113,11 +114,7 @@ def main(args) -> int:
     if args.seeds < 1:
         raise InputError(f"--seeds must be at least 1; got {args.seeds}")
     options = {"progress": False, "device": args.device}
-    senca = {}
-    if args.senca_epochs is not None:
-        senca["epochs"] = args.senca_epochs
-    if args.senca_preset is not None:
-        senca["preset"] = args.senca_preset
+    senca = senca_options(args)
     if senca:
         options["senca_options"] = senca
 

@@ -192,12 +192,13 @@ def read_input(path: str, *, image=None, spots=None, labels=None, pixel_scale: f
     raise InputError(msg, p)
 
 
+def senca_options(args) -> dict:
+    """SENCA-st's options from ``--senca-epochs`` and ``--senca-preset`` (``stmorph run`` and ``benchmark``)."""
+    return {key: value for key, value in (("epochs", args.senca_epochs), ("preset", args.senca_preset))
+            if value is not None}
+
+
 def method_options(args) -> dict:
-    senca = {}
-    if args.senca_epochs is not None:
-        senca["epochs"] = args.senca_epochs
-    if args.senca_preset is not None:
-        senca["preset"] = args.senca_preset
     return {
         "n_clusters": args.n_clusters,
         "resolution": args.resolution,
@@ -209,7 +210,7 @@ def method_options(args) -> dict:
         "device": args.device,
         "random_state": args.seed,
         "refine": args.refine,
-        "senca_options": senca,
+        "senca_options": senca_options(args),
         "stmorph_options": {name: value for name, value in (
             ("sigmas_um", tuple(args.sigma_um) if args.sigma_um else None), ("n_top_genes", args.n_top_genes),
             ("hvg_flavor", args.hvg_flavor), ("image_weight", args.image_weight),
