@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..ev._benchmark import DEFAULT_METHODS
-from ._run import senca_options
+from ._run import SENCA_PRESETS, senca_options
 
 
 def add_parser(sub) -> None:
@@ -35,7 +35,7 @@ def add_parser(sub) -> None:
     p.add_argument("--ignore", nargs="*", default=["undetermined"], metavar="LABEL",
                    help="labels left out of scoring and of the cluster count (default: undetermined)")
     p.add_argument("--senca-epochs", type=int, default=None, help="SENCA-st training epochs (default: the paper's)")
-    p.add_argument("--senca-preset", choices=("default", "literal", "mixture"), default=None,
+    p.add_argument("--senca-preset", choices=tuple(SENCA_PRESETS), default=None,
                    help="SENCA-st configuration (see stmorph run --help; mixture is not the paper's clustering)")
     p.add_argument("--device", default="auto", help="torch device for image features and SENCA-st")
     p.add_argument("--scheduler", default=None, metavar="ADDRESS",

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ..errors import InputError
+from ..tl.senca._config import PRESETS as SENCA_PRESETS
 
 METHOD_CHOICES = ("stmorph", "stmorph_expr", "stmic", "expression", "image", "senca", "all")
 #: What ``stmorph run`` runs without ``--method``.
@@ -83,7 +84,7 @@ def add_common_options(p) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="random seed (same input + seed = same labels)")
     g.add_argument("--senca-epochs", type=int, default=None, help="SENCA-st training epochs (paper: 10)")
-    g.add_argument("--senca-preset", choices=("default", "literal", "mixture"), default=None,
+    g.add_argument("--senca-preset", choices=tuple(SENCA_PRESETS), default=None,
                    help="SENCA-st configuration: default; literal (the first reading of the paper); mixture (30 "
                         "epochs and a tied Gaussian mixture on S instead of the paper's agglomerative clustering)")
     g.add_argument("--force", action="store_true", help="replace an existing output folder")

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._cluster import _relabel
+
 
 def agglomerative(s: np.ndarray, n_clusters: int, *, linkage: str = "ward",
                   connectivity_above: int = 20_000) -> tuple[np.ndarray, bool]:
@@ -25,9 +27,4 @@ def agglomerative(s: np.ndarray, n_clusters: int, *, linkage: str = "ward",
         connectivity = connectivity.maximum(connectivity.T)
     model = AgglomerativeClustering(n_clusters=n_clusters, linkage=linkage, connectivity=connectivity)
     labels = model.fit_predict(np.asarray(s, dtype=np.float64))
-    # name clusters by decreasing size (ties by first occurrence): stable, readable labels
-    uniq, first, counts = np.unique(labels, return_index=True, return_counts=True)
-    order = uniq[np.lexsort((first, -counts))]
-    remap = np.empty(uniq.max() + 1, dtype=np.int64)
-    remap[order] = np.arange(len(order))
-    return remap[labels], connectivity is not None
+    return _relabel(labels), connectivity is not None  # by decreasing size, ties by first occurrence
