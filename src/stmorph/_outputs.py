@@ -193,11 +193,46 @@ _STARTED = time.time()
 with contextlib.suppress(OSError, ValueError, IndexError, StopIteration):
     _btime = int(next(x for x in Path("/proc/stat").read_text().splitlines() if x.startswith("btime")).split()[1])
     _STARTED = _btime + int(_proc_start(os.getpid())) / os.sysconf("SC_CLK_TCK")
-_OWNER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?:(?P<host>[A-Za-z0-9]+)_(?P<pid>\d+)_(?P<ticks>\d+)-)?[^/]+$")
+#: The name of a staging folder: ``.<name>.<kind>-<host>_<pid>_<ticks>-<random>``; every part is required.
+_OWNER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<host>[A-Za-z0-9]+)_(?P<pid>\d+)_(?P<ticks>\d+)-"
+                    r"[A-Za-z0-9_]+$")
+#: Written by :func:`staging_dir` into every staging folder it makes: only a folder holding this file,
+#: naming the folder it stages and its owner, may ever be removed by :func:`clean_stale`.
+STAGING_MARKER = ".stmorph-staging"
 
 
 def _owner_tag() -> str:
     return f"{_HOST}_{os.getpid()}_{_proc_start(os.getpid()) or 0}-"
+
+
+def _staging_info(name: str, kind: str) -> dict:
+    return {"written_by": "stmorph", "kind": kind, "for": name, "owner": _owner_tag().rstrip("-")}
+
+
+def staging_dir(dest: str | os.PathLike, kind: str = "tmp", *, parent: str | os.PathLike | None = None) -> Path:
+    """A new hidden staging folder for ``dest`` (``kind`` ``tmp``: being built; ``old``: the previous
+    one moved aside), in ``parent`` (default: beside ``dest``), with this process in its name and
+    :data:`STAGING_MARKER` inside, so that :func:`clean_stale` can tell it from anything else."""
+    dest = Path(dest)
+    folder = Path(tempfile.mkdtemp(prefix=f".{dest.name}.{kind}-{_owner_tag()}",
+                                   dir=dest.parent if parent is None else parent))
+    try:
+        (folder / STAGING_MARKER).write_text(json.dumps(_staging_info(dest.name, kind)) + "\n", encoding="utf-8")
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return folder
+
+
+def _is_staging(folder: Path, m: re.Match) -> bool:
+    """``folder`` holds the staging marker that :func:`staging_dir` wrote for the name it carries."""
+    try:
+        info = json.loads((folder / STAGING_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    owner = f"{m['host']}_{m['pid']}_{m['ticks']}"
+    return (isinstance(info, dict) and info.get("written_by") == "stmorph" and info.get("kind") == m["kind"]
+            and info.get("for") == m["name"] and info.get("owner") == owner)
 
 
 def _owner_alive(host: str, pid: str, ticks: str) -> bool:
@@ -217,12 +252,14 @@ def _owner_alive(host: str, pid: str, ticks: str) -> bool:
 
 
 def clean_stale(path: str | os.PathLike) -> list[Path]:
-    """Remove the temporary folders that interrupted runs (SIGKILL, power loss) left beside ``path``.
+    """Remove the staging folders that interrupted runs (SIGKILL, power loss) left beside ``path``.
 
-    Only hidden ``.<name>.tmp-*`` folders whose run is over: its process has exited, or (folders of an
-    older stmorph, which carry no process id) last changed before this process started. A leftover
-    ``.<name>.old-*`` (the previous output while being replaced) is removed only when ``path`` exists
-    again; otherwise it holds the only copy and is left where it is, with a warning.
+    A folder is removed only when stmorph made it for ``path``: its name is
+    ``.<path's name>.tmp-<host>_<pid>_<start>-*`` (or ``.old-``) with this machine as host, it holds the
+    :data:`STAGING_MARKER` naming the same folder and owner, and that process is over. A leftover
+    ``.old-`` folder (the previous output while being replaced) is removed only when ``path`` exists
+    again; otherwise it holds the only copy and is left where it is, with a warning. Every removal is
+    reported as a warning; anything else, whatever its name, is never touched.
     """
     path = Path(path)
     removed: list[Path] = []
@@ -235,13 +272,9 @@ def clean_stale(path: str | os.PathLike) -> list[Path]:
         if m is None or m["name"] != path.name or d.is_symlink() or not d.is_dir():
             continue
         try:
-            if m["pid"] is not None:
-                stale = not _owner_alive(m["host"], m["pid"], m["ticks"])
-            else:
-                stale = d.stat().st_mtime < _STARTED
+            if _owner_alive(m["host"], m["pid"], m["ticks"]) or not _is_staging(d, m):
+                continue
         except OSError:
-            continue
-        if not stale:
             continue
         if m["kind"] == "old" and not path.exists():
             warnings.warn(f"{d}/previous may hold the previous {path.name} of an interrupted run; left in place.",
@@ -250,6 +283,8 @@ def clean_stale(path: str | os.PathLike) -> list[Path]:
         shutil.rmtree(d, ignore_errors=True)
         if not d.exists():
             removed.append(d)
+            warnings.warn(f"removed {d}: the staging folder of an interrupted stmorph run (process {m['pid']}, "
+                          "now ended).", stacklevel=3)
     return removed
 
 
@@ -293,11 +328,12 @@ def atomic_dir(path: str | os.PathLike, *, force: bool = False,
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         clean_stale(path)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{_owner_tag()}", dir=path.parent))
+        tmp = staging_dir(path)
     except OSError as exc:
         raise _output_error(exc, path) from None
     try:
         yield tmp
+        (tmp / STAGING_MARKER).unlink()
         record_entries(tmp)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -317,11 +353,12 @@ def atomic_dir(path: str | os.PathLike, *, force: bool = False,
             check_writable(path, force=force, inputs=inputs)
         except OutputExistsError:
             raise _strand(tmp, path, "was created or changed by another process during this run") from None
-        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-{_owner_tag()}", dir=path.parent))
         try:
+            old = staging_dir(path, "old")
             os.replace(path, old / "previous")
         except OSError as exc:
-            shutil.rmtree(old, ignore_errors=True)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
             raise _strand(tmp, path, f"could not be moved aside ({exc.strerror})") from None
     try:
         os.replace(tmp, path)
@@ -347,7 +384,7 @@ def swap_into_place(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
     if not (out.exists() or out.is_symlink()):
         os.replace(tmp, out)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{_owner_tag()}", dir=out.parent))
+    old = staging_dir(out, "old")
     try:
         os.replace(out, old / "previous")
     except BaseException:

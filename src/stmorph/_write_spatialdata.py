@@ -241,14 +241,14 @@ def _write_table(sdata, store: Path, table_name: str) -> None:
     import zarr
     from spatialdata import SpatialData
 
-    from ._outputs import _owner_tag, clean_stale, swap_into_place
+    from ._outputs import clean_stale, staging_dir, swap_into_place
 
     beside = store.parent
     try:
         if not os.access(beside, os.W_OK | os.X_OK) or os.stat(beside).st_dev != os.stat(store).st_dev:
             beside = store
         clean_stale(beside / store.name)  # staging folders of killed runs
-        stage = Path(tempfile.mkdtemp(prefix=f".{store.name}.tmp-{_owner_tag()}", dir=beside))
+        stage = staging_dir(beside / store.name)
     except OSError as exc:
         raise OutputError(f"cannot write into {store}: {exc.strerror or exc}.") from None
     try:
