@@ -140,6 +140,24 @@ def test_cohort_refuses_a_folder_it_did_not_make(cohort_inputs, tmp_path, capsys
 
 
 @pytest.mark.slow
+def test_cohort_refuses_an_out_that_links_to_an_input(cohort_inputs, tmp_path, capsys):
+    """--out given as a symbolic link to (or into) an input folder is the input folder: refused, nothing written."""
+    from stmorph._outputs import record_entries
+
+    data = tmp_path / "data"
+    shutil.copytree(cohort_inputs / "s1", data / "s1")
+    record_entries(data / "s1")  # an input folder that an earlier stmorph run made
+    before = {p.relative_to(data): p.stat().st_mtime_ns for p in data.rglob("*")}
+    manifest = _manifest(tmp_path, [f"A,{data / 's1' / 'outs'},expression,4,0,true"])
+    for target in (data / "s1" / "outs", data / "s1"):
+        link = tmp_path / f"link-{target.name}"
+        link.symlink_to(target)
+        assert main(["cohort", str(manifest), "--out", str(link)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "overlaps the input" in err[0], err
+    assert {p.relative_to(data): p.stat().st_mtime_ns for p in data.rglob("*")} == before
+
+
 def test_cohort_resumes_after_a_killed_run(cohort_inputs, tmp_path):
     manifest = _manifest(cohort_inputs, ["A,s1/outs,expression,4,0,true", "B,s2/outs,expression,4,1,true",
                                          "C,s3/outs,expression,4,2,true"], name="kill.csv")

@@ -92,9 +92,27 @@ def _is_within(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 
 
+def _forms(path: str | os.PathLike) -> set[Path]:
+    """``path`` as given (made absolute) and with every symbolic link resolved."""
+    path = Path(path).expanduser()
+    return {Path(os.path.abspath(path)), path.resolve()}
+
+
+def overlapping_input(path: str | os.PathLike, inputs: Sequence[str | os.PathLike | None]) -> str | None:
+    """The first of ``inputs`` that is ``path``, lies inside it or holds it (symbolic links followed), or None."""
+    targets = _forms(path)
+    for given in inputs:
+        if given is None or str(given) == "":
+            continue
+        for i in _forms(given):
+            if any(_is_within(i, t) or _is_within(t, i) for t in targets):
+                return str(given)
+    return None
+
+
 def _protected(path: Path, inputs: Sequence[str | os.PathLike | None]) -> str | None:
     """Why ``path`` may never be replaced (the working directory, an ancestor of it, an input), or None."""
-    targets = {Path(os.path.abspath(path)), path.resolve()}
+    targets = _forms(path)
     cwd = Path.cwd().resolve()
     for t in targets:
         if _is_within(cwd, t):

@@ -32,6 +32,7 @@ import shlex
 import time
 from pathlib import Path
 
+from ._outputs import overlapping_input
 from .errors import DependencyError, InputError, OutputExistsError, StmorphError
 
 __all__ = ["COHORT_REPORT", "COHORT_TABLE", "JOINT_TABLE", "Section", "load_one", "make_client", "needs_gpu",
@@ -452,10 +453,10 @@ def run_cohort(manifest: str | os.PathLike, out: str | os.PathLike, *, scheduler
     sections = read_manifest(manifest)
     out = Path(out).expanduser().absolute()
     for s in sections:  # an output inside an input would be replaced by a later --force
-        for given in s.argv:
-            p = Path(given)
-            if p.is_absolute() and (p == out or out in p.parents or p in out.parents):
-                raise InputError(f"row {s.row}: --out {out} overlaps the input {p}", manifest)
+        inputs = [given for given in s.argv if Path(given).is_absolute()]
+        hit = overlapping_input(out, inputs)
+        if hit is not None:
+            raise InputError(f"row {s.row}: --out {out} overlaps the input {hit} (symbolic links followed)", manifest)
     _check_out(out)
     if gpu_resource and not scheduler:
         msg = (f"--gpu-resource {gpu_resource} needs --scheduler: a cluster whose GPU workers were started "
