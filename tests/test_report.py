@@ -374,3 +374,57 @@ def test_card_notes_a_domain_along_the_section_border(tmp_path):
     assert "Along the section's border: 100% of its spots" in cards["domain-3"]
     assert "edge artefact" in cards["domain-3"]
     assert not [k for k, t in cards.items() if k != "domain-3" and "Along the section's border" in t]
+
+
+HOSTILE = "<!--<script>x</script><b onmouseover=alert(1)>&amp;\u2028'\""
+
+
+def _hostile_run(tmp_path):
+    """A run whose every text field that reaches the page carries markup: barcodes, gene names, labels, the
+    section's name, the command and a warning."""
+    adata = _toy(fullres=True)
+    adata.obs_names = [f"{HOSTILE}{i}" for i in range(adata.n_obs)]
+    adata.var_names = [f"{HOSTILE}g{i}" for i in range(adata.n_vars)]
+    adata.obs["annotation"] = adata.obs["annotation"].cat.rename_categories(lambda c: f"{HOSTILE}{c}")
+    adata.uns["spatial"] = {HOSTILE.replace("/", "") + "lib": adata.uns["spatial"]["toy"]}  # h5 keys: no /
+    out = _run_dir(tmp_path, adata=adata)
+    info = json.loads((out / "run.json").read_text())
+    info.update(command=f"stmorph run {HOSTILE}", warnings=[HOSTILE])
+    (out / "run.json").write_text(json.dumps(info))
+    return out, adata
+
+
+def test_report_with_hostile_text_in_every_field_stays_intact(tmp_path):
+    out, adata = _hostile_run(tmp_path)
+    path = report.write_report(out)
+    raw = path.read_text(encoding="utf-8")
+    page = _parse(path)
+    assert len(page.cards) == adata.obs["stmic"].nunique()  # nothing swallowed the page after the viewer
+    assert page.sections[-1] == "run"
+    assert [t for t, a in page.scripts if t == "script"] == ["script", "script"]  # the data block and the viewer
+    data = json.loads(page.json["stmorph-viewer-data"])
+    assert data["spots"]["id"][0] == f"{HOSTILE}0"  # the text itself survives, escaped
+    block = raw[raw.index('id="stmorph-viewer-data">'):]
+    block = block[:block.index("</script>")]
+    assert not set("<&") & set(block.split(">", 1)[1])
+    assert "<b onmouseover" not in raw and "<!--<script>" not in raw
+
+
+@pytest.mark.skipif(_chromium() is None, reason="headless Chromium (Debian package `chromium`) not installed")
+def test_report_with_hostile_text_renders_whole_in_chromium(tmp_path):
+    out, adata = _hostile_run(tmp_path)
+    path = report.write_report(out)
+    probe = tmp_path / "probe.html"
+    js = """<script>window.addEventListener("load", function () { setTimeout(function () {
+      document.title = JSON.stringify({cards: document.querySelectorAll("article.card").length,
+        viewer: !!window.stmorphViewer, bold: document.querySelectorAll("b[onmouseover]").length});
+    }, 300); });</script>"""
+    probe.write_text(path.read_text(encoding="utf-8").replace("</body>", js + "</body>"), encoding="utf-8")
+    cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()]
+    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
+    m = re.search(r"<title>(\{.*?\})</title>", dom)
+    assert m, dom[:500]
+    res = json.loads(m.group(1).replace("&quot;", '"'))
+    assert res == {"cards": adata.obs["stmic"].nunique(), "viewer": True, "bold": 0}

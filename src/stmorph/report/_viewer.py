@@ -142,7 +142,9 @@ def _tiles_near_spots(xy: np.ndarray, reach: float, cols: int, rows: int) -> np.
 
 def viewer_html(data: Mapping) -> str:
     """The viewer's markup, its data (a JSON block) and its script."""
-    payload = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
+    # every <, > and & as a JSON escape: no text of the input can close the block or open a comment in it
+    payload = (json.dumps(data, separators=(",", ":"))
+               .replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026"))
     return (
         '<div id="viewer" class="viewer">'
         '<div class="vbar"><span class="vlayers"></span>'
