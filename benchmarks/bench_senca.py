@@ -190,7 +190,7 @@ def bench_rna_views(data, seeds_her2st=10, seeds_dlpfc=3):
             vals = []
             for seed in seeds:
                 t0 = time.perf_counter()
-                stmorph.tl.run_methods(a, ["senca"], n_clusters=k, random_state=seed, progress=False, senca_options=kw)
+                stmorph.tl.senca(a, k, random_state=seed, progress=False, **kw)
                 if not kw:  # the default's time
                     secs.append(time.perf_counter() - t0)
                 vals.append(stmorph.ev.ari(a, "senca"))
@@ -221,8 +221,7 @@ def bench_presets(data, seeds=(0, 1, 2), presets=("default", "mixture")):
             vals, ts = [], []
             for seed in seeds:
                 t0 = time.perf_counter()
-                stmorph.tl.run_methods(a, ["senca"], n_clusters=k, random_state=seed, progress=False,
-                                       senca_options={"preset": preset})
+                stmorph.tl.senca(a, k, preset=preset, random_state=seed, progress=False)
                 ts.append(time.perf_counter() - t0)
                 vals.append(stmorph.ev.ari(a, "senca"))
             cells.append(f"{np.mean(vals):.3f} ({np.std(vals):.3f})")

@@ -78,8 +78,7 @@ def autok(data: Path, seeds: int) -> None:
             k_true = scored_labels(a, "annotation").nunique()
             ks = []
             for seed in range(seeds):
-                tl.run_methods(a, ["stmorph"], random_state=seed, progress=False,
-                               stmorph_options={"use_image": False})
+                tl.stmorph(a, use_image=False, random_state=seed, progress=False)
                 ks.append(int(a.obs["stmorph"].nunique()))
         ok = sum(abs(k - k_true) <= 1 for k in ks)
         hits += ok
@@ -122,8 +121,7 @@ def image_vs_expression(data: Path, seeds: int, weights: list[float] | None = No
                 for v in res:
                     opts = ({"use_image": False} if v is None else
                             {"use_image": True, "image_weight": v[0], "context_pool": v[1], "context_patch": v[2]})
-                    tl.run_methods(a, ["stmorph"], n_clusters=k, random_state=seed, progress=False,
-                                   stmorph_options=opts)
+                    tl.stmorph(a, n_clusters=k, random_state=seed, progress=False, **opts)
                     res[v].append(ev.ari(a, "stmorph"))
         cells = [f"{np.mean(v):.3f} ± {np.std(v, ddof=1) if len(v) > 1 else 0:.3f}" for v in res.values()]
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
@@ -156,8 +154,7 @@ def border(data: Path, seeds: int) -> None:
             print("|---|---|---:|---:|---|")
             for seed in range(seeds):
                 for use_image in (False, True):
-                    tl.run_methods(a, ["stmorph"], n_clusters=k, random_state=seed, progress=False,
-                                   stmorph_options={"use_image": use_image})
+                    tl.stmorph(a, n_clusters=k, use_image=use_image, random_state=seed, progress=False)
                     lab = a.obs["stmorph"].astype(str).to_numpy()
                     kept = np.unique(lab[in_top], return_counts=True)[1].max() / in_top.sum()
                     tab = ev.border_domains(a, "stmorph")
@@ -169,7 +166,7 @@ def border(data: Path, seeds: int) -> None:
                   "its first 10 principal components:\n")
             if "X_image_context_section" not in a.obsm:  # SENCA-st's radius, to compare with the default ring
                 im.features(a, patch="6spacing", pool="section", key_added="X_image_context_section", progress=False)
-            for rep in ("X_image", "X_image_ring_section", "X_image_context_section", "X_stmorph_expr"):
+            for rep in ("X_image", "X_image_ring_section", "X_image_context_section", "X_stmorph_expression"):
                 P = standardised_pca(a.obsm[rep], 10, rep)[0] if rep.startswith("X_image") else a.obsm[rep][:, :10]
                 r2 = LinearRegression().fit(P, dist).score(P, dist)
                 print(f"- `obsm[{rep!r}]`: {r2:.2f}")
@@ -194,8 +191,8 @@ def _sweep(data: Path, seeds: int, title: str, column: str, options: list[tuple[
             for seed in range(seeds):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    tl.run_methods(a, ["stmorph_expr"], n_clusters=k, random_state=seed, progress=False,
-                                   stmorph_options=options_for(a))
+                    tl.stmorph(a, n_clusters=k, use_image=False, key_added="stmorph_expr", random_state=seed,
+                               progress=False, **options_for(a))
                 r.append(ev.ari(a, "stmorph_expr"))
             means.append(float(np.mean(r)))
         groups = [np.mean([m for (n, _), m in zip(sections, means) if g in n] or [np.nan]) for g in ("her2st", "dlpfc")]

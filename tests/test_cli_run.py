@@ -30,7 +30,8 @@ def test_run_writes_every_output_and_refuses_to_clobber(visium_folder, tmp_path,
     assert list(table.columns) == ["expression", "image", "stmic"]
     assert all(table[c].nunique() == 4 for c in table.columns)
     info = json.loads((out / "run.json").read_text())
-    assert info["parameters"]["n_clusters"] == 4 and info["parameters"]["n_neighbors"] == 39
+    assert info["parameters"] == {"n_clusters": 4, "random_state": 0}  # what was given
+    assert info["method_params"]["stmic"]["n_neighbors"] == 39  # what each method used
     assert len(info["encoder"]["weights_sha256"]) == 64 and info["encoder"]["patch_size_px"] > 0
     assert {"read", "expression_embedding", "image_features", "cluster_stmic"} <= set(info["timings_s"])
     assert "torch" in info["packages"] and set(info["ari"]) == {"expression", "image", "stmic"}
@@ -107,7 +108,7 @@ def test_run_passes_the_stmorph_method_options(visium_folder, tmp_path, capsys):
     assert main(["run", str(visium_folder), "--method", "stmorph_expr", "--n-clusters", "4", "--sigma-um", "80", "150",
                  "--n-top-genes", "200", "--hvg-flavor", "seurat", "--out", str(out), "--quiet", "--no-plot"]) == 0
     res = ad.read_h5ad(out / "result.h5ad")
-    p = res.uns["X_stmorph_expr"]["params"]
+    p = res.uns["X_stmorph_expr_expression"]["params"]
     assert list(p["sigmas_um"]) == [80.0, 150.0] and p["n_top_genes"] == 200 and p["hvg_flavor"] == "seurat"
     assert res.uns["stmorph_expr"]["params"]["hvg_flavor"] == "seurat"
     # run.json says what the method did, not only the run's options (its clustering is the mixture, not Louvain)
@@ -115,10 +116,10 @@ def test_run_passes_the_stmorph_method_options(visium_folder, tmp_path, capsys):
     assert done["method"] == "gmm" and done["n_clusters"] == 4 and done["modalities"] == ["expression"]
     args = build_parser().parse_args(["run", str(visium_folder), "--out", str(tmp_path / "y"), "--context-patch", "senca",
                                       "--image-weight", "0.5"])
-    assert method_options(args)["stmorph_options"] == {"context_patch": "senca", "image_weight": 0.5}
+    assert method_options(args, ["stmorph"]) == {"context_patch": "senca", "image_weight": 0.5, "random_state": 0}
     args = build_parser().parse_args(["run", str(visium_folder), "--out", str(tmp_path / "y"), "--senca-preset",
                                       "mixture", "--senca-epochs", "12"])
-    assert method_options(args)["senca_options"] == {"epochs": 12, "preset": "mixture"}
+    assert method_options(args, ["senca"]) == {"senca_epochs": 12, "senca_preset": "mixture", "random_state": 0}
     from stmorph.tl.senca._config import PRESETS
 
     assert set(PRESETS) == {"default", "literal", "mixture"}  # the choices of --senca-preset

@@ -51,7 +51,7 @@ def test_manifest_is_validated_up_front(tmp_path, capsys):
     cases = {
         "section,input,colour\nA,x,red\n": "row 1, column colour: unknown column",
         "section,input\nA,x\nA,y\n": "row 3, column section: duplicate section 'A'",
-        "section,input,n_clusters\nA,x,four\n": "row 2, column n_clusters: argument --n-clusters: invalid int",
+        "section,input,n_clusters\nA,x,four\n": "row 2, column n_clusters: argument --n-clusters: expected a whole number",
         "section,input,method\nA,x,expression+pixels\n": "row 2, column method",
         "section,input,out\nA,x,y\n": "row 1, column out: not allowed",
         "section,image\nA,x\n": "no 'input' column",

@@ -30,7 +30,7 @@ def test_stmic_beats_expression_and_image_baselines(tissue):
     assert scores["stmic"] > scores["image"] + 0.02, scores
     assert a.obsm["X_stmic"].shape == (a.n_obs, 20)
     assert a.uns["stmic"]["params"]["use_rep"] == "X_stmic"
-    assert set(a.uns["stmorph_run"]["methods_s"]) == {"expression", "image", "stmic"}
+    assert a.uns["stmic"]["params"]["modality"] == "joint" and a.uns["image"]["params"]["modality"] == "image"
 
 
 def test_stmic_matches_expression_cluster_count_by_default(tissue):

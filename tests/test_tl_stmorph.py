@@ -166,23 +166,31 @@ def test_cluster_refuses_or_clamps_impossible_parameters():
 
 
 def test_registry_runs_a_new_method_in_one_place():
-    def run_first_gene(adata, run):
+    def first_gene(adata, *, quantile: float = 0.5, random_state: int = 0):
         x = np.asarray(adata.X[:, 0].todense()).ravel()
-        adata.obs["first_gene"] = pd.Categorical((x > np.median(x)).astype(int).astype(str))
-        adata.uns["first_gene"] = {"params": {"seed": run.random_state}}
+        adata.obs["first_gene"] = pd.Categorical((x > np.quantile(x, quantile)).astype(int).astype(str))
+        adata.uns["first_gene"] = {"params": {"seed": random_state, "quantile": quantile}}
 
-    tl.register_method("first_gene", run_first_gene, summary="test method")
+    from stmorph.tl._options import between
+
+    tl.register_method("first_gene", first_gene, options=("quantile",), summary="test method",
+                       declare=(tl.Option("quantile", "where to split", between(0, 1)),))
     try:
         assert "first_gene" in tl.available_methods()
         a = datasets.synthetic(200, random_state=0, image=False)
-        secs = tl.run_methods(a, ["first_gene"], random_state=3)
-        assert "first_gene" in a.obs and a.uns["first_gene"]["params"]["seed"] == 3
+        secs = tl.run_methods(a, ["first_gene"], random_state=3, quantile=0.25)
+        assert "first_gene" in a.obs and a.uns["first_gene"]["params"] == {"seed": 3, "quantile": 0.25}
         assert set(secs) == {"first_gene"}
         assert a.uns["stmorph_run"]["primary"] == "first_gene"
+        with pytest.raises(InputError, match="--quantile.*at most 1"):
+            tl.run_methods(a, ["first_gene"], quantile=2)
+        with pytest.raises(InputError, match="--quantile is not used by the chosen method.*expression"):
+            tl.run_methods(a, ["expression"], quantile=0.3)
     finally:
         from stmorph.tl import _methods
 
         _methods._REGISTRY.pop("first_gene", None)
+        _methods.OPTIONS.pop("quantile", None)
 
 
 @pytest.fixture(scope="module")
@@ -288,7 +296,7 @@ def test_stmorph_and_senca_read_their_context_patches_in_one_pass(section, tmp_p
     in one pass."""
     monkeypatch.setenv("STMORPH_CACHE_DIR", str(tmp_path))  # an empty feature cache: everything is computed here
     a = section.copy()
-    tl.run_methods(a, ["stmorph", "senca"], n_clusters=4, senca_options={"epochs": 1}, progress=False)
+    tl.run_methods(a, ["stmorph", "senca"], n_clusters=4, senca_epochs=1, progress=False)
     ring, senca = a.uns["X_image_ring_section"]["params"], a.uns["X_image_context"]["params"]
     assert (ring["pool"], senca["pool"]) == ("section", "mean")
     from stmorph import _spatial
@@ -331,8 +339,8 @@ def test_variable_genes_ranked_on_counts_by_seurat_v3_or_on_logs_by_seurat(secti
     assert ranked["seurat_v3"] != ranked["seurat"]
     a = section.copy()
     tl.spatial_expression_embedding(a, n_top_genes=200)
-    assert a.uns["X_stmorph_expr"]["params"]["hvg_flavor"] == "seurat_v3"
-    tl.run_methods(a, ["stmorph_expr"], n_clusters=3, stmorph_options={"hvg_flavor": "seurat", "n_top_genes": 200})
+    assert a.uns["X_stmorph_expression"]["params"]["hvg_flavor"] == "seurat_v3"
+    tl.run_methods(a, ["stmorph_expr"], n_clusters=3, hvg_flavor="seurat", n_top_genes=200)
     assert a.uns["stmorph_expr"]["params"]["hvg_flavor"] == "seurat"
     with pytest.raises(InputError, match="hvg_flavor"):
         tl.spatial_expression_embedding(a, n_top_genes=200, hvg_flavor="cell_ranger")

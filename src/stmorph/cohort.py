@@ -105,9 +105,11 @@ def _cell_args(column: str, value: str, action: argparse.Action, base: Path) -> 
             long = next(o for o in action.option_strings if o.startswith("--") and not o.startswith("--no-"))
             return [long if v in _TRUE else "--no-" + long[2:]]
         return [opt] if v in _TRUE else []
+    parts = [p for p in re.split(r"[+;\s]+", value.strip()) if p]
     if isinstance(action, argparse._AppendAction):
-        parts = [p for p in re.split(r"[+;\s]+", value.strip()) if p]
         return [a for p in parts for a in (opt, p)]
+    if action.nargs == "+":  # a list, e.g. sigma_um "100 200"
+        return [opt, *parts]
     return [opt, value]
 
 
@@ -367,7 +369,7 @@ def run_joint(sections: list[Section], out: Path, client, rows: dict[str, dict],
     t0 = time.perf_counter()
     parsed = {s.name: _run_parser().parse_args([s.argv[0], "--out", "x", *s.argv[1:]]) for s in sections}
     if n_clusters is None:
-        given = {a.n_clusters for a in parsed.values()}
+        given = {getattr(a, "n_clusters", None) for a in parsed.values()}
         n_clusters = given.pop() if len(given) == 1 else None
     seed = parsed[sections[0].name].seed
     futures = {s.name: client.submit(load_one, s.argv, pure=False,
@@ -412,7 +414,7 @@ def needs_gpu(section: Section) -> bool:
     from .tl._methods import get_method
 
     args = _run_parser().parse_args([section.argv[0], "--out", "x", *section.argv[1:]])
-    return args.device != "cpu" and any(get_method(m).patches for m in resolve_methods(args.method))
+    return getattr(args, "device", "auto") != "cpu" and any(get_method(m).patches for m in resolve_methods(args.method))
 
 
 def run_cohort(manifest: str | os.PathLike, out: str | os.PathLike, *, scheduler: str | None = None,

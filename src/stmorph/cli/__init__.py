@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import signal
 import sys
 import threading
@@ -19,13 +20,25 @@ from ..errors import StmorphError
 _COMMANDS = ("run", "demo", "benchmark", "report", "cohort")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with one-line errors and help without the docstrings' RST markup."""
+
+    def __init__(self, *args, **kwargs):
+        if kwargs.get("description"):
+            kwargs["description"] = re.sub(r"``([^`]*)``", r"\1", kwargs["description"])
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="stmorph",
         description="Spatial domains from spatial transcriptomics and the H&E image of the same section.",
     )
     parser.add_argument("--version", action="version", version=f"stmorph {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     for name in _COMMANDS:
         importlib.import_module(f"{__name__}._{name}").add_parser(sub)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..ev._benchmark import DEFAULT_METHODS
-from ._run import SENCA_PRESETS, senca_options
+from ._options import add_method_options, given_options
 
 
 def add_parser(sub) -> None:
@@ -24,7 +24,7 @@ def add_parser(sub) -> None:
                        description=__doc__)
     p.add_argument("--data", required=True, metavar="DIR", help="folder searched recursively for annotated sections")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="METHOD",
-                   help=f"methods to run (space or comma separated; default: {' '.join(DEFAULT_METHODS)})")
+                   help="methods to run, each scored on its own (space or comma separated; default: all)")
     p.add_argument("--peers", default=None, metavar="FILE",
                    help="markdown table of peers' ARIs per section (e.g. ../shared/docs/peers.md): "
                         "benchmark.md then shows stmorph's methods beside them")
@@ -34,10 +34,8 @@ def add_parser(sub) -> None:
                    help="only sections whose name contains one of these (e.g. her2st/A1 151673)")
     p.add_argument("--ignore", nargs="*", default=["undetermined"], metavar="LABEL",
                    help="labels left out of scoring and of the cluster count (default: undetermined)")
-    p.add_argument("--senca-epochs", type=int, default=None, help="SENCA-st training epochs (default: the paper's)")
-    p.add_argument("--senca-preset", choices=tuple(SENCA_PRESETS), default=None,
-                   help="SENCA-st configuration (see stmorph run --help; mixture is not the paper's clustering)")
-    p.add_argument("--device", default="auto", help="torch device for image features and SENCA-st")
+    # every method's options, as stmorph run has them; the number of domains is each section's label count
+    add_method_options(p, exclude=("n_clusters",))
     p.add_argument("--scheduler", default=None, metavar="ADDRESS",
                    help="run each section as a task of this running dask scheduler (as stmorph cohort does)")
     p.add_argument("--workers", type=int, default=None, metavar="N",
@@ -48,17 +46,13 @@ def add_parser(sub) -> None:
 
 
 def _methods(values) -> list[str]:
-    from ..tl import METHODS
+    """Methods to score, in the order given: a method's name is that method alone (``stmic`` is not its group
+    here: each baseline is scored as its own column), a group's name its members, ``all`` every method."""
+    from ..tl._methods import resolve_methods
 
     out: list[str] = []
     for v in values:
-        out += [m.strip() for m in v.split(",") if m.strip()]
-    if "all" in out:
-        out = list(METHODS)
-    unknown = [m for m in out if m not in METHODS]
-    if unknown:
-        msg = f"unknown method(s) {unknown}; choose from {list(METHODS)} or all."
-        raise InputError(msg)
+        out += [m for part in v.split(",") if part.strip() for m in resolve_methods(part.strip())]
     return list(dict.fromkeys(out))
 
 
@@ -113,15 +107,16 @@ def main(args) -> int:
     methods = _methods(args.methods)
     if args.seeds < 1:
         raise InputError(f"--seeds must be at least 1; got {args.seeds}")
-    options = {"progress": False, "device": args.device}
-    senca = senca_options(args)
-    if senca:
-        options["senca_options"] = senca
+    from ..tl._methods import check_options
+
+    # an option none of the methods uses is refused before any work; each run gets what its method takes
+    per_method = check_options(methods, given_options(args))
 
     def runner(adata, ms, *, n_clusters, random_state):
         from ..tl import run_methods
 
-        return run_methods(adata, ms, n_clusters=n_clusters, random_state=random_state, **options)
+        options = {k: v for m in ms for k, v in per_method.get(m, {}).items()}
+        return run_methods(adata, ms, n_clusters=n_clusters, random_state=random_state, progress=False, **options)
 
     command = "stmorph " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["benchmark"] else None
     if args.workers is not None and args.workers < 1:

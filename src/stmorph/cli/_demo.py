@@ -11,15 +11,15 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ._run import (add_common_options, check_report_options, execute, input_paths, method_options, recording_warnings,
-                   METHOD_CHOICES, resolve_methods, summary)
+from ._run import (add_common_options, check_report_options, execute, input_paths, method_choices, method_options,
+                   recording_warnings, resolve_methods, summary)
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="run every method on built-in synthetic tissue", description=__doc__)
     p.add_argument("--out", "-o", required=True, help="output folder (must not exist unless --force)")
     p.add_argument("--n-spots", type=int, default=2000, help="spots in the synthetic section (default 2000)")
-    p.add_argument("--method", "-m", action="append", choices=METHOD_CHOICES,
+    p.add_argument("--method", "-m", action="append", choices=method_choices(),
                    default=None, help="method(s) to run (default: all)")
     add_common_options(p)
     p.set_defaults(func=main)
@@ -34,6 +34,7 @@ def main(args) -> int:
     check_writable(args.out, force=args.force, inputs=inputs)
     check_report_options(args)
     methods = resolve_methods(args.method or ["all"])
+    options = method_options(args, methods)
     timings = {}
     with atomic_dir(out, force=args.force, inputs=inputs) as tmp:
         t0 = time.perf_counter()
@@ -50,7 +51,7 @@ def main(args) -> int:
                 "n_spots_requested": args.n_spots, "timings_s": timings, "warnings": read_warnings}
         # the input is read from the temporary folder while the run is in progress; the
         # outputs record where it will live once the folder is renamed into place
-        info = execute(adata, methods, tmp, method_options(args), info, plot=not args.no_plot,
+        info = execute(adata, methods, tmp, options, info, plot=not args.no_plot,
                        quiet=args.quiet, rebase=(str(tmp), str(out.resolve())), report=args.report,
                        gene_sets=args.gene_sets)
     if not args.quiet:

@@ -18,75 +18,37 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ..errors import InputError
-from ..tl.senca._config import PRESETS as SENCA_PRESETS
+from ._options import add_method_options, given_options
 
-METHOD_CHOICES = ("stmorph", "stmorph_expr", "stmic", "expression", "image", "senca", "all")
 #: What ``stmorph run`` runs without ``--method``.
 DEFAULT_METHODS = ["stmorph"]
+#: The seed's bounds: numpy, torch and h5py all take it.
+MAX_SEED = 2**32 - 1
 
 
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        v = float("nan")
-    if not (v > 0 and v != float("inf")):
-        msg = f"must be a positive number; got {text!r}"
-        raise argparse.ArgumentTypeError(msg)
-    return v
+def method_choices() -> tuple[str, ...]:
+    """``--method``'s choices: every registered method and group, and ``all``."""
+    from ..tl import _methods
+
+    return tuple(dict.fromkeys([*_methods.available_methods(), *_methods.method_groups(), "all"]))
 
 
-def _positive_int(text: str) -> int:
+def _seed(text: str) -> int:
     try:
         v = int(text)
     except ValueError:
-        v = 0
-    if v < 1:
-        msg = f"must be a positive whole number; got {text!r}"
+        v = -1
+    if not 0 <= v <= MAX_SEED:
+        msg = f"must be a whole number from 0 to {MAX_SEED}; got {text!r}"
         raise argparse.ArgumentTypeError(msg)
     return v
 
 
 def add_common_options(p) -> None:
-    """Options shared by ``run`` and ``demo``."""
-    g = p.add_argument_group("clustering")
-    g.add_argument("--n-clusters", type=int, default=None, metavar="K",
-                   help="number of domains for every method (default: the expression baseline's count at --resolution)")
-    g.add_argument("--resolution", type=_positive_float, default=1.7,
-                   help="Louvain resolution when no --n-clusters is set (stMIC paper: 1.5-1.9; default 1.7)")
-    g.add_argument("--cluster-method", choices=("louvain", "leiden"), default="louvain")
-    g.add_argument("--n-neighbors", type=int, default=39, help="kNN graph size (stMIC paper: 39)")
-    g.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None,
-                   help="majority refinement over each spot's first ring of neighbours, at most 150 um away, for "
-                        "every method (default: on for stmorph, off for the papers' methods; legacy ST spots, "
-                        "200 um apart, keep their labels)")
-    g = p.add_argument_group("the stmorph method (defaults: those of stmorph.tl.stmorph)")
-    g.add_argument("--sigma-um", type=_positive_float, nargs="+", default=None, metavar="UM",
-                   help="neighbourhood radius or radii (Gaussian sigma, micrometres of tissue; default 100)")
-    g.add_argument("--n-top-genes", type=_positive_int, default=None, metavar="N",
-                   help="variable genes of the expression embedding (default 3000)")
-    g.add_argument("--hvg-flavor", choices=("seurat_v3", "seurat"), default=None,
-                   help="how they are ranked: scanpy's seurat_v3 on the counts (default) or seurat on the logs")
-    g.add_argument("--image-weight", type=_positive_float, default=None, metavar="W",
-                   help="weight of the image block against expression's (default 0.3; see stmorph.tl.stmorph)")
-    g.add_argument("--context-patch", choices=("ring", "senca"), default=None,
-                   help="the image's context patch: the spot and its first ring of neighbours (ring, default) or "
-                        "SENCA-st's radius of 3 spot spacings (senca)")
-    g = p.add_argument_group("image features")
-    g.add_argument("--encoder", default="efficientnet_lite2",
-                   help="image encoder: efficientnet_lite2 (embedded, default), resnet50, or a pathology "
-                        "foundation model preset (uni, uni2_h, virchow2, h_optimus_0, phikon_v2, gigapath, "
-                        "conch_vision); all but the default need --weights (a local file, never downloaded)")
-    g.add_argument("--weights", default=None, metavar="FILE", help="encoder weights file (e.g. torchvision resnet50-*.pth)")
-    g.add_argument("--patch", default="spot",
-                   help="patch side: 'spot' (spot diameter, the paper), pixels (e.g. 224) or micrometres (e.g. 100um)")
-    g.add_argument("--device", default="auto", help="torch device: auto (CUDA when present), cpu, cuda, cuda:1 ...")
+    """Options shared by ``run`` and ``demo``: the methods' own (declared where they register) and the run's."""
+    add_method_options(p)
     g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=0, help="random seed (same input + seed = same labels)")
-    g.add_argument("--senca-epochs", type=int, default=None, help="SENCA-st training epochs (paper: 10)")
-    g.add_argument("--senca-preset", choices=tuple(SENCA_PRESETS), default=None,
-                   help="SENCA-st configuration: default; literal (the first reading of the paper); mixture (30 "
-                        "epochs and a tied Gaussian mixture on S instead of the paper's agglomerative clustering)")
+    g.add_argument("--seed", type=_seed, default=0, help="random seed (same input + seed = same labels)")
     g.add_argument("--force", action="store_true", help="replace an existing output folder")
     g.add_argument("--quiet", action="store_true", help="no progress bars or summary")
     g.add_argument("--no-plot", action="store_true", help="skip spatial_domains.png")
@@ -103,7 +65,7 @@ def add_parser(sub) -> None:
         description=__doc__,
     )
     p.add_argument("input", help="Space Ranger outs/ folder, .h5ad file, SpatialData .zarr store, or legacy ST counts (.tsv[.gz])")
-    p.add_argument("--method", "-m", action="append", choices=METHOD_CHOICES, default=None,
+    p.add_argument("--method", "-m", action="append", choices=method_choices(), default=None,
                    help="method(s) to run; repeat for several (default: stmorph; stmic includes both of its "
                         "baselines)")
     p.add_argument("--out", "-o", required=True, help="output folder (must not exist unless --force)")
@@ -150,15 +112,9 @@ def _pixel_scale(text: str):
 
 
 def resolve_methods(chosen: list[str] | None) -> list[str]:
-    from ..tl import METHODS
+    from ..tl._methods import resolve_methods as resolve
 
-    chosen = chosen or DEFAULT_METHODS
-    if "all" in chosen:
-        return list(METHODS)
-    out = []
-    for m in chosen:
-        out += ["expression", "image", "stmic"] if m == "stmic" else [m]
-    return [m for m in METHODS if m in out]
+    return resolve(chosen, DEFAULT_METHODS, groups_first=True)
 
 
 def read_input(path: str, *, image=None, spots=None, labels=None, pixel_scale: float = 1.0, bin_size: int = 16):
@@ -193,30 +149,14 @@ def read_input(path: str, *, image=None, spots=None, labels=None, pixel_scale: f
     raise InputError(msg, p)
 
 
-def senca_options(args) -> dict:
-    """SENCA-st's options from ``--senca-epochs`` and ``--senca-preset`` (``stmorph run`` and ``benchmark``)."""
-    return {key: value for key, value in (("epochs", args.senca_epochs), ("preset", args.senca_preset))
-            if value is not None}
+def method_options(args, methods: list[str]) -> dict:
+    """The options ``run_methods`` gets from ``args``: those given, checked against the chosen methods (an
+    option none of them uses is refused here, before any work), and the seed."""
+    from ..tl._methods import check_options
 
-
-def method_options(args) -> dict:
-    return {
-        "n_clusters": args.n_clusters,
-        "resolution": args.resolution,
-        "cluster_method": args.cluster_method,
-        "n_neighbors": args.n_neighbors,
-        "encoder": args.encoder,
-        "encoder_weights": args.weights,
-        "patch": int(args.patch) if str(args.patch).isdigit() else args.patch,
-        "device": args.device,
-        "random_state": args.seed,
-        "refine": args.refine,
-        "senca_options": senca_options(args),
-        "stmorph_options": {name: value for name, value in (
-            ("sigmas_um", tuple(args.sigma_um) if args.sigma_um else None), ("n_top_genes", args.n_top_genes),
-            ("hvg_flavor", args.hvg_flavor), ("image_weight", args.image_weight),
-            ("context_patch", args.context_patch)) if value is not None},
-    }
+    given = given_options(args)
+    check_options(methods, given)
+    return {**given, "random_state": args.seed}
 
 
 def _rebase(obj, old: str, new: str):
@@ -275,6 +215,8 @@ def execute(adata, methods, out_tmp: Path, options: dict, run_info: dict, *, plo
         "encoder": image_params,
         "timings_s": {**run_info.get("timings_s", {}), **adata.uns["stmorph_run"]["steps_s"], "methods_total": t1 - t0},
         "methods_s": seconds,
+        # steps whose output served several methods: shown once, in no method's own time
+        "shared_s": {k: adata.uns["stmorph_run"]["steps_s"][k] for k in adata.uns["stmorph_run"]["shared_steps"]},
         "warnings": sorted({*run_info.get("warnings", []), *(str(w.message) for w in caught)}),
     }
     if "annotation" in adata.obs and adata.obs["annotation"].notna().any():
@@ -346,6 +288,10 @@ def summary(info: dict, out: Path) -> str:
         ari = info.get("ari", {}).get(m)
         extra = f"  ARI {ari:.3f}" if ari is not None else ""
         lines.append(f"  {m:<{width}} {info['n_domains'][m]:>3} domains  {info['methods_s'][m]:7.1f} s{extra}")
+    shared = {k: v for k, v in info.get("shared_s", {}).items() if v >= 0.05}
+    if shared:
+        lines.append("  shared steps (once, in no method's time): "
+                     + ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in shared.items()))
     for w in info.get("warnings", []):
         lines.append(f"  warning: {w}")
     return "\n".join(lines)
@@ -362,6 +308,7 @@ def run_section(args, command: str) -> dict:
     check_writable(args.out, force=args.force, inputs=inputs)  # before any work
     check_report_options(args)
     methods = resolve_methods(args.method)
+    options = method_options(args, methods)  # an option the methods do not use: refused before any work
     t0 = time.perf_counter()
     adata, read_warnings = recording_warnings(read_input, args.input, image=args.image, spots=args.spots,
                                               labels=args.labels, pixel_scale=args.pixel_scale,
@@ -372,7 +319,6 @@ def run_section(args, command: str) -> dict:
     from .. import __version__
 
     info["stmorph_version"] = __version__
-    options = method_options(args)
     with atomic_dir(out, force=args.force, inputs=inputs) as tmp:
         info = execute(adata, methods, tmp, options, info, plot=not args.no_plot, quiet=args.quiet,
                        report=args.report, gene_sets=args.gene_sets)

@@ -44,7 +44,8 @@ from ._metrics import DEFAULT_IGNORE, ari, nmi, scored_labels
 __all__ = ["Section", "find_sections", "load_section", "run_benchmark", "summarize", "benchmark_markdown",
            "read_peers", "peers_markdown", "DEFAULT_METHODS"]
 
-DEFAULT_METHODS = ("stmorph", "stmorph_expr", "stmic", "expression", "image", "senca")
+#: Run by default: every registered method (``"all"``).
+DEFAULT_METHODS = ("all",)
 IMAGE_EXT = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".btf", ".svs", ".ndpi", ".mrxs", ".scn", ".bif")
 CSV_COLUMNS = ["section", "method", "seed", "ARI", "NMI", "seconds", "status", "n_spots", "n_clusters", "reason"]
 
@@ -193,7 +194,8 @@ def run_benchmark(
     data_dir
         Folder searched by :func:`find_sections` (unless ``sections`` is given).
     methods
-        Method names passed to the runner (``stmic``, ``expression``, ``image``, ``senca``).
+        Method names passed to the runner (``stmorph``, ``expression``, ``image``, ``stmic``, ``senca``...);
+        ``"all"`` (default): every registered method.
     seeds
         Number of seeds (0, 1, ... N-1) or an explicit list.
     out
@@ -232,7 +234,11 @@ def run_benchmark(
     if not seed_list:
         msg = "seeds must be at least 1."
         raise InputError(msg)
-    methods = list(methods)
+    if "all" in methods:  # every registered method; the runner takes any other name it knows
+        from ..tl import available_methods
+
+        methods = [m for x in methods for m in (available_methods() if x == "all" else (x,))]
+    methods = list(dict.fromkeys(methods))
     if not methods:
         msg = "no method given."
         raise InputError(msg)

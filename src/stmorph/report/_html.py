@@ -28,13 +28,12 @@ import pandas as pd
 
 from .._outputs import atomic_write, record_entries, stmorph_entries
 from ..errors import InputError, OutputExistsError, StmorphError
+from ..tl._methods import available_methods, primary_method
 from . import _cards, _viewer
 from ._image import SectionImage
 
 __all__ = ["write_report", "build_report", "chosen_method", "report_methods"]
 
-#: Which method's domains get the cards when ``uns["stmorph"]["primary"]`` does not say: the first present.
-METHOD_PREFERENCE = ("stmorph", "senca", "stmic", "expression", "image")
 
 CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:0;color:#222;background:#fafafa}
@@ -155,20 +154,22 @@ def report_methods(adata, info: Mapping | None = None) -> list[str]:
     for c in adata.obs.columns:
         u = adata.uns.get(c)
         params = u.get("params") if isinstance(u, Mapping) else None
-        if c != "annotation" and (c in METHOD_PREFERENCE or (isinstance(params, Mapping) and "use_rep" in params)):
+        if c != "annotation" and (c in available_methods() or (isinstance(params, Mapping) and "use_rep" in params)):
             found.append(str(c))
     return found
 
 
 def chosen_method(adata, methods: Sequence[str]) -> str:
     """The run's primary method (``uns["stmorph_run"]["primary"]`` or ``uns["stmorph"]["primary"]``) when it
-    names a shown method, else the first of :data:`METHOD_PREFERENCE` present, else the first method."""
+    names a shown method, else the first shown method that is not a baseline (registered methods in run order
+    first), else the first method."""
     for key in ("stmorph_run", "stmorph"):
         st = adata.uns.get(key)
         primary = st.get("primary") if isinstance(st, Mapping) else None
         if isinstance(primary, str) and primary in methods:
             return primary
-    return next((m for m in METHOD_PREFERENCE if m in methods), methods[0])
+    known = [m for m in available_methods() if m in methods]
+    return primary_method([*known, *(m for m in methods if m not in known)])
 
 
 def build_report(

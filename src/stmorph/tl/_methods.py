@@ -1,96 +1,184 @@
-"""The registry of domain-finding methods and :func:`run_methods`, the dispatcher the CLI and benchmark use.
+"""The registry of domain-finding methods and :func:`run_methods`, which runs several on one section.
 
-A method is a function ``fn(adata, run)`` that writes ``obs[name]`` (and its
-embeddings and ``uns[name]["params"]``), using the :class:`MethodRun` it is
-handed for the run's options, for the steps methods share (expression PCA,
-image features, the expression baseline's cluster count) and for timing.
-Adding a method is one call to :func:`register_method` in the module that
-defines it (imported by ``stmorph/tl/__init__.py``, which fixes the run order)::
+A method is its algorithm: a function ``fn(adata, *, <its options>, random_state=0, progress=True)``
+that writes ``obs[name]`` (with its embeddings and ``uns[name]["params"]``), such as
+:func:`stmorph.tl.stmorph`. Registering it says which options it takes and what it does with the H&E;
+its defaults are its function's own. Adding a method is one module calling :func:`register_method`
+(imported by ``stmorph/tl/__init__.py``, which fixes the run order)::
 
-    register_method("mymethod", run_mymethod, image="optional", summary="...")
+    register_method("mymethod", my_function, options=("n_clusters", "my_option"),
+                    declare=(Option("my_option", "what it does", between(0, 1)),), summary="...")
 
-``image`` says what the method does with the H&E: ``"required"`` (refused, or
-skipped with ``skip_unavailable``, when no image or image features exist),
-``"optional"`` (uses it when there is one, otherwise runs on expression alone
-and records so) or ``"none"``.
+The command line (``stmorph run``, ``demo``, ``benchmark``) and cohort manifests then offer
+``--my-option`` for it without any other change. A method outside stmorph is a module named by an
+entry point of the group ``stmorph.methods`` (in its package's metadata): :func:`load_plugins`
+imports it when ``stmorph.tl`` is imported, in every process, cohort workers included. ``image`` says what the method does with the H&E:
+``"required"`` (refused, or skipped with ``skip_unavailable``, when no image or image features exist),
+``"optional"`` (uses it when there is one, otherwise runs on expression alone and records so) or
+``"none"``. A group (``register_group``) names several methods run together, as stMIC with its two
+baselines.
 """
 
 from __future__ import annotations
 
-import time
+import functools
+import inspect
 import warnings
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from .. import _spatial
 from ..errors import InputError
+from . import _steps
+from ._options import SHARED, Option, merge
 
 _IMAGE_USE = ("required", "optional", "none")
+#: Keywords :func:`run_methods` passes to every method function that takes them (never refused).
+RUN_KEYWORDS = ("random_state", "progress", "image")
 
 
 @dataclass(frozen=True)
 class Method:
-    """One registered method."""
+    """One registered method: its function, the options it takes and what it reads."""
 
     name: str
-    run: Callable[[Any, MethodRun], None]
+    function: Callable[..., None]
+    options: tuple[str, ...] = ()
     image: str = "none"
     summary: str = ""
-    #: the declared patches (keys of :data:`PATCHES`), or ``patches(options)`` giving them for a run's options
+    #: the declared patches (keys of :data:`~._steps.PATCHES`), or ``patches(options)`` giving them for its options
     patches: tuple[str, ...] | Callable[[dict], tuple[str, ...]] = ()
-    #: ``reads_image(options)``: whether this run of the method reads image features (``None``: always, when
-    #: there is an image); a method whose options turn the image off is left out of the one-pass prefetch
+    #: ``reads_image(options)``: whether the method reads image features with these options (``None``: always,
+    #: when there is an image); a method whose options turn the image off is left out of the one-pass prefetch
     reads_image: Callable[[dict], bool] | None = None
+    #: a baseline or variant shown beside a method (stMIC's expression-only and image-only, stmorph_expr), never
+    #: chosen as the run's main result when a method that is not one ran
+    baseline: bool = False
+
+    def defaults(self) -> dict[str, Any]:
+        """The method's default for each of its options: its function's keyword defaults."""
+        return {k: v for k, v in _signature_defaults(self.function).items() if k in self.options}
+
+    def accepts(self, keyword: str) -> bool:
+        return keyword in _signature_defaults(self.function)
+
+    def resolved(self, given: dict) -> dict:
+        """Its options with ``given`` applied over its defaults."""
+        return {**self.defaults(), **{k: v for k, v in given.items() if k in self.options}}
+
+    def uses(self, option: str, given: dict) -> bool:
+        """Whether this method uses ``option`` with the other options ``given``."""
+        if option not in self.options:
+            return False
+        applies = OPTIONS[option].applies
+        return applies is None or applies(self.resolved(given))
+
+    def read_patches(self, given: dict) -> tuple[str, ...]:
+        opts = self.resolved(given)
+        if self.reads_image is not None and not self.reads_image(opts):
+            return ()
+        p = self.patches(opts) if callable(self.patches) else self.patches
+        for name in p:
+            _steps.feature_spec(name)
+        return tuple(p)
+
+
+@functools.lru_cache(maxsize=None)
+def _signature_defaults(function: Callable) -> dict[str, Any]:
+    fixed = {}
+    while isinstance(function, functools.partial):  # a variant: the keywords it fixes are its defaults
+        fixed = {**function.keywords, **fixed}
+        function = function.func
+    params = inspect.signature(function).parameters
+    out = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+    return {**out, **{k: v for k, v in fixed.items() if k in params}}
 
 
 _REGISTRY: dict[str, Method] = {}
+_GROUPS: dict[str, tuple[str, str]] = {}  # name -> (summary, members joined by ",")
+#: Every option any method declares, by name (:data:`~._options.SHARED` and those methods declare).
+OPTIONS: dict[str, Option] = {o.name: o for o in SHARED}
 
 
-#: Image features methods can declare (``patches=``): obsm key, patch size and pooling of the encoder's map
-#: (:func:`stmorph.im.features`' ``pool``); ``"spot"`` follows the run's ``feature_key``/``patch`` options.
-#: :func:`run_methods` computes every declared one the chosen methods need in one pass over the slide (each
-#: region decoded once, each patch size encoded once). ``"context"`` is SENCA-st's patch as published (the
-#: whole patch averaged); ``"context_section"`` the same patch averaged over the tissue section only, so glass
-#: beyond the section's edge does not make a domain of the border. ``"ring"`` / ``"ring_section"``: a patch of
-#: side 3 spacings, the spot and its first ring of neighbours (the ``stmorph`` method's default context).
-PATCHES = {"spot": None, "context": ("X_image_context", "6spacing", "mean"),
-           "context_section": ("X_image_context_section", "6spacing", "section"),
-           "ring": ("X_image_ring", "3spacing", "mean"),
-           "ring_section": ("X_image_ring_section", "3spacing", "section")}
-
-
-def register_method(name: str, run: Callable, *, image: str = "none", summary: str = "",
+def register_method(name: str, function: Callable, *, options: Sequence[str] = (), declare: Sequence[Option] = (),
+                    image: str = "none", summary: str = "",
                     patches: tuple[str, ...] | Callable[[dict], tuple[str, ...]] = (),
-                    reads_image: Callable[[dict], bool] | None = None) -> Method:
-    """Register ``run(adata, method_run)`` under ``name`` (the ``obs`` key it writes).
+                    reads_image: Callable[[dict], bool] | None = None, baseline: bool = False) -> Method:
+    """Register ``function`` as the method ``name`` (the ``obs`` key it writes).
 
-    ``patches`` names the image features the method reads (keys of :data:`PATCHES`), or is a function of
-    the :func:`run_methods` options returning them, so that a run of several methods extracts them all in one
-    pass; ``reads_image(options)`` says whether a run with these options reads them at all (default: yes).
+    Parameters
+    ----------
+    name
+        The method's name: ``obs[name]``, ``--method name``.
+    function
+        ``function(adata, **options)`` writing ``obs[name]`` and ``uns[name]["params"]``; it also receives
+        ``random_state``, ``progress`` and ``image`` when its signature has them.
+    options
+        Names of the options it takes (shared ones, see :data:`~._options.SHARED`, and those in ``declare``);
+        each must be a keyword of ``function``, whose default is the method's default.
+    declare
+        :class:`~._options.Option` declarations of options this method brings.
+    image
+        ``"required"``, ``"optional"`` or ``"none"`` (see the module's description).
+    summary
+        One line for ``--help`` and the docs.
+    patches
+        The image features it reads (keys of :data:`~._steps.PATCHES`), or a function of its options giving
+        them, so that a run of several methods extracts them all in one pass over the slide.
+    reads_image
+        ``reads_image(options)``: whether it reads image features at all with these options (default: yes).
+    baseline
+        A baseline or variant of another method (shown beside it, never the run's main result when that one ran).
     """
     if image not in _IMAGE_USE:
         msg = f"image={image!r} is not one of {_IMAGE_USE}."
         raise ValueError(msg)
+    merge(declare, OPTIONS)
+    params = _signature_defaults(function)
+    missing = [o for o in options if o not in OPTIONS or o not in params]
+    if missing:
+        msg = (f"method {name!r}: options {missing} must be declared (SHARED or declare=) and be keywords with "
+               "defaults of its function.")
+        raise ValueError(msg)
     if not callable(patches):
-        _check_patches(tuple(patches))
-    m = Method(name, run, image, summary, patches if callable(patches) else tuple(patches), reads_image)
+        for p in patches:
+            _steps.feature_spec(p)
+    m = Method(name, function, tuple(options), image, summary, patches if callable(patches) else tuple(patches),
+               reads_image, baseline)
     _REGISTRY[name] = m
     return m
 
 
-def _check_patches(patches: tuple[str, ...]) -> tuple[str, ...]:
-    unknown = [p for p in patches if p not in PATCHES]
-    if unknown:
-        msg = f"patches {unknown} are not among {list(PATCHES)}."
+#: The entry-point group of methods defined outside stmorph: each entry names a module that registers one.
+PLUGIN_GROUP = "stmorph.methods"
+
+
+def load_plugins(group: str = PLUGIN_GROUP) -> list[str]:
+    """Import every module the entry points of ``group`` name (each registers its methods); one that fails to
+    load is reported as a warning and left out. Returns the entry points loaded."""
+    from importlib.metadata import entry_points
+
+    loaded = []
+    for ep in entry_points(group=group):
+        try:
+            ep.load()
+        except Exception as exc:  # noqa: BLE001 - a broken plugin must not break stmorph
+            warnings.warn(f"stmorph method plugin {ep.name!r} ({ep.value}) could not be loaded: "
+                          f"{type(exc).__name__}: {exc}", stacklevel=2)
+            continue
+        loaded.append(ep.name)
+    return loaded
+
+
+def register_group(name: str, members: Sequence[str], *, summary: str = "") -> None:
+    """``--method name`` runs every one of ``members`` (registered methods); a group may carry the name of
+    one of its members (``stmic``: the method and its two baselines)."""
+    unknown = [m for m in members if m not in _REGISTRY]
+    if unknown or (name in _REGISTRY and name not in members):
+        msg = f"group {name!r}: {'unknown members ' + str(unknown) if unknown else 'a method has that name'}."
         raise ValueError(msg)
-    return patches
-
-
-def method_patches(name: str, options: dict) -> tuple[str, ...]:
-    """The patches (keys of :data:`PATCHES`) the method ``name`` reads with these :func:`run_methods` options."""
-    p = get_method(name).patches
-    return _check_patches(tuple(p(options))) if callable(p) else p
+    _GROUPS[name] = (summary, ",".join(members))
 
 
 def available_methods() -> tuple[str, ...]:
@@ -98,11 +186,81 @@ def available_methods() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
+def method_groups() -> dict[str, tuple[str, ...]]:
+    """Groups: name -> the methods it runs (besides ``"all"``, every method)."""
+    return {g: tuple(members.split(",")) for g, (_, members) in _GROUPS.items()}
+
+
+def method_summary(name: str) -> str:
+    return _GROUPS[name][0] if name in _GROUPS else get_method(name).summary
+
+
 def get_method(name: str) -> Method:
     if name not in _REGISTRY:
         msg = f"unknown method {name!r}; choose from {list(_REGISTRY)} or 'all'."
         raise InputError(msg)
     return _REGISTRY[name]
+
+
+def resolve_methods(chosen: Iterable[str] | str | None, default: Sequence[str] = ("stmorph",), *,
+                    groups_first: bool = False) -> list[str]:
+    """Method names, groups and ``"all"`` expanded to registered methods, in run order. A name that is both a
+    method and a group (``stmic``) is the method, or with ``groups_first`` (the command line's ``--method``)
+    the group."""
+    if chosen is None:
+        chosen = list(default)
+    chosen = [chosen] if isinstance(chosen, str) else list(chosen)
+    if "all" in chosen:
+        return list(_REGISTRY)
+    groups = method_groups()
+    names = [n for c in chosen
+             for n in (groups[c] if c in groups and (groups_first or c not in _REGISTRY) else (c,))]
+    unknown = [m for m in names if m not in _REGISTRY]
+    if unknown:
+        msg = f"unknown method(s) {unknown}; choose from {[*_REGISTRY, *groups]} or 'all'."
+        raise InputError(msg)
+    return [m for m in _REGISTRY if m in names]
+
+
+def primary_method(methods: Sequence[str]) -> str:
+    """The result to show first among ``methods``: the first that is not a baseline (in run order), else the
+    first; "" for none. Unregistered names count as methods."""
+    main = [m for m in methods if m not in _REGISTRY or not _REGISTRY[m].baseline]
+    return (main or list(methods) or [""])[0]
+
+
+def users_of(option: str) -> list[str]:
+    """The registered methods that take ``option``."""
+    return [m.name for m in _REGISTRY.values() if option in m.options]
+
+
+def check_options(methods: Sequence[str], given: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each method's keywords from the options ``given`` (catalogue names), parsed and checked.
+
+    An option that is not declared, or that none of ``methods`` uses with these options, is refused with
+    one line naming it and who would use it; one that only some use goes to those.
+    """
+    parsed = {}
+    for name, raw in given.items():
+        if name not in OPTIONS:
+            msg = f"unknown option {name!r}; methods take: {', '.join(sorted(OPTIONS))}."
+            raise InputError(msg)
+        parsed[name] = OPTIONS[name].value(raw)
+    out: dict[str, dict[str, Any]] = {m: {} for m in methods}
+    for name, value in parsed.items():
+        takers = [m for m in methods if get_method(m).uses(name, parsed)]
+        if not takers:
+            opt = OPTIONS[name]
+            listing = [m for m in methods if name in get_method(m).options]
+            if listing:  # listed, but not with these options (e.g. a resolution for the Gaussian mixture)
+                msg = f"{opt.cli_flag} is not used by {', '.join(listing)} as run: it applies only {opt.when}."
+            else:
+                msg = (f"{opt.cli_flag} is not used by the chosen method(s) {', '.join(methods)}; "
+                       f"it is an option of {', '.join(users_of(name)) or 'no registered method'}.")
+            raise InputError(msg)
+        for m in takers:
+            out[m][name] = value
+    return out
 
 
 def has_image(adata, image=None, feature_key: str | None = "X_image") -> bool:
@@ -117,95 +275,25 @@ def has_image(adata, image=None, feature_key: str | None = "X_image") -> bool:
     return bool(lib.get("metadata", {}).get("source_image_path")) or "fullres" in lib.get("images", {})
 
 
-@dataclass
-class MethodRun:
-    """What a method sees while :func:`run_methods` runs it: options, shared steps, timing."""
-
-    adata: Any
-    options: dict
-    n_clusters: int | None
-    has_image: bool
-    steps: dict[str, float] = field(default_factory=dict)
-    uses: dict[str, list[str]] = field(default_factory=dict)
-    done: set[str] = field(default_factory=set)
-    current: str = ""
-
-    def __getattr__(self, name):  # run.resolution, run.random_state, ... read the options
-        try:
-            return self.__dict__["options"][name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-    def step(self, name: str, fn: Callable, *args, **kwargs):
-        """Run ``fn`` as the step ``name`` of the current method, timing it."""
-        t0 = time.perf_counter()
-        out = fn(*args, **kwargs)
-        self.steps[name] = self.steps.get(name, 0.0) + time.perf_counter() - t0
-        self.uses.setdefault(self.current, []).append(name)
-        return out
-
-    def shared(self, name: str, done: bool, fn: Callable, *args, **kwargs):
-        """A step several methods need: run once (``done`` says it already was), charged to each user."""
-        if done:
-            self.steps.setdefault(name, 0.0)
-            self.uses.setdefault(self.current, []).append(name)
-            return None
-        return self.step(name, fn, *args, **kwargs)
-
-    # ---- steps methods share ------------------------------------------------------------
-    def expression_pca(self) -> str:
-        """stMIC's expression embedding ``obsm["X_expr_pca"]`` (computed once per run)."""
-        from ._embedding import expression_embedding
-
-        self.shared("expression_embedding", "expression_embedding" in self.steps, expression_embedding, self.adata,
-                    n_comps=self.n_comps, random_state=self.random_state)
-        return "X_expr_pca"
-
-    def image_features(self, keys=("X_image",), patches=None, pools=None) -> tuple[str, ...]:
-        """``obsm[key]`` for each key from :func:`stmorph.im.features`, computed once (in one pass for several
-        patch sizes; the disk cache serves reruns). ``patches`` default: the run's ``patch`` for every key;
-        ``pools`` (``"mean"``/``"section"``) default: ``"mean"`` for every key."""
-        from .. import im
-
-        keys = (keys,) if isinstance(keys, str) else tuple(keys)
-        patches = (self.patch,) * len(keys) if patches is None else tuple(patches)
-        pools = ("mean",) * len(keys) if pools is None else tuple(pools)
-        todo = [(k, p, q) for k, p, q in zip(keys, patches, pools) if k not in self.adata.obsm]
-        name = "image_features" if keys[0] == "X_image" else f"image_features_{keys[0]}"
-        todo_keys, todo_patches, todo_pools = zip(*todo) if todo else ((), (), ())
-        one = len(todo) == 1
-        self.shared(name, not todo, im.features, self.adata, encoder=self.encoder, weights=self.encoder_weights,
-                    patch=todo_patches[0] if one else todo_patches, key_added=todo_keys[0] if one else todo_keys,
-                    pool=todo_pools[0] if one else (todo_pools or "mean"),
-                    image=self.image, device=self.device, progress=self.progress)
-        return keys
-
-    def patch_key(self, name: str) -> tuple[str, Any]:
-        """``(obsm key, patch size)`` of a declared patch (see :data:`PATCHES`)."""
-        return (self.feature_key, self.patch) if PATCHES[name] is None else PATCHES[name][:2]
-
-    def patch_pool(self, name: str) -> str:
-        """The pooling (``"mean"`` or ``"section"``) of a declared patch (see :data:`PATCHES`)."""
-        return "mean" if PATCHES[name] is None else PATCHES[name][2]
-
-    def expression_count(self) -> int | None:
-        """The cluster count for methods told to follow the expression baseline (stMIC's protocol)."""
-        if self.n_clusters is not None:
-            return self.n_clusters
-        self.run_method("expression")
-        self.uses.setdefault(self.current, []).extend(self.uses.get("expression", []))
-        return int(self.adata.obs["expression"].nunique())
-
-    def run_method(self, name: str) -> None:
-        """Run the registered method ``name`` unless this run already did."""
-        if name in self.done:
-            return
-        prev, self.current = self.current, name
-        try:
-            get_method(name).run(self.adata, self)
-        finally:
-            self.current = prev
-        self.done.add(name)
+def _prefetch(adata, chosen: Sequence[str], kwargs: dict[str, dict], *, image, progress: bool) -> None:
+    """Every image feature the chosen methods read, in one pass over the slide (each region decoded once,
+    each patch size encoded once): a step of the run, shared, not of any one method."""
+    specs, runtime = [], None
+    for m in chosen:
+        method = get_method(m)
+        names = method.read_patches(kwargs[m])
+        if not names:
+            continue
+        opts = method.resolved(kwargs[m])
+        for n in names:
+            spec = _steps.feature_spec(n, opts.get("patch", "spot"))
+            if spec not in specs:
+                specs.append(spec)
+        here = {k: opts.get(k, d) for k, d in (("encoder", "efficientnet_lite2"), ("encoder_weights", None),
+                                               ("device", "auto"))}
+        runtime = runtime or here
+    if specs:
+        _steps.image_features(adata, specs, image=image, progress=progress, **runtime)
 
 
 def run_methods(
@@ -213,91 +301,58 @@ def run_methods(
     methods: Iterable[str] | str = ("expression", "image", "stmic"),
     *,
     n_clusters: int | None = None,
-    resolution: float = 1.7,
-    match_expression: bool = True,
-    n_neighbors: int = 39,
-    cluster_method: str = "louvain",
-    n_comps: int = 10,
-    modality_weights: tuple[float, float] | None = None,
     image=None,
-    encoder: str = "efficientnet_lite2",
-    encoder_weights: str | None = None,
-    patch="spot",
-    feature_key: str = "X_image",
-    device: str = "auto",
-    refine: bool | None = None,
     skip_unavailable: bool = False,
-    senca_options: dict | None = None,
-    stmorph_options: dict | None = None,
     random_state: int = 0,
     progress: bool = True,
+    **options: Any,
 ) -> dict[str, float]:
-    """Run several domain-finding methods on one section, sharing common steps.
+    """Run several domain-finding methods on one section, sharing the steps they have in common.
 
     Parameters
     ----------
     adata
         A section in stmorph's data model (see :func:`stmorph.validate`).
     methods
-        Registered method names (:func:`methods`): ``"stmorph"`` (stmorph's own,
-        see :func:`stmorph.tl.stmorph`), ``"expression"`` (the stMIC paper's GEBC
-        baseline), ``"image"`` (image only), ``"stmic"``, ``"senca"``; ``"all"`` for every one.
+        Registered method names (:func:`available_methods`) or groups: ``"stmorph"`` (stmorph's own, see
+        :func:`stmorph.tl.stmorph`), ``"stmorph_expr"`` (the same on expression alone), ``"stmic"`` (stMIC
+        with its two baselines ``"expression"`` and ``"image"``), ``"senca"``; ``"all"`` for every method.
     n_clusters
-        Number of domains for every method. ``None``: ``stmorph`` chooses its
-        own count (see :func:`stmorph.tl.stmorph`); the expression baseline uses
-        ``resolution`` and, with ``match_expression``, ``image``/``stmic``/``senca``
-        take its cluster count (as the stMIC paper did).
-    resolution
-        Louvain resolution used when no cluster count is set (the paper: 1.5-1.9).
-    match_expression
-        Without ``n_clusters``, give ``image``/``stmic`` the expression
-        baseline's cluster count; otherwise they use ``resolution`` too
-        (SENCA-st always needs a count).
-    n_neighbors, cluster_method
-        kNN size and ``"louvain"``/``"leiden"`` of the stMIC-family methods
-        (see :func:`stmorph.tl.cluster`).
-    n_comps
-        Principal components per modality of stMIC (the paper: 10).
-    modality_weights
-        stMIC's ``(expression, image)`` multipliers in the concatenation; ``None`` = equal.
-    image, encoder, encoder_weights, patch, feature_key, device
-        Image features: an explicit image (path or array), the encoder name
-        and weights file, the patch size (``"spot"``, pixels, or ``"NNum"``),
-        the ``obsm`` key (reused when present, so features are computed once)
-        and the torch device. See :func:`stmorph.im.features`.
-    refine
-        Majority refinement over spatial neighbours for every method that clusters with
-        :func:`stmorph.tl.cluster`; ``None``: each method's default (on for ``stmorph``,
-        off for the papers' methods, which stay as published).
+        Number of domains for every method; ``None``: each method's own rule (``stmorph`` chooses its count,
+        the expression baseline uses its resolution, and ``image``, ``stmic`` and ``senca`` take the
+        expression baseline's count, as the stMIC paper did).
+    image
+        An explicit full-resolution image (path or array) for the methods that read one.
     skip_unavailable
         Skip methods that require an image when none is available instead of raising.
-    senca_options, stmorph_options
-        Keyword arguments for :func:`stmorph.tl.senca` and :func:`stmorph.tl.stmorph`.
     random_state
-        Seed for PCA, community detection, mixtures and SENCA-st.
+        Seed of every random step.
     progress
         Show progress bars.
+    **options
+        Options of the chosen methods, by name (``resolution=1.5``, ``sigmas_um=(100, 200)``,
+        ``epochs=20``...; see ``stmorph run --help``); each goes to the methods that take it. An option none
+        of them uses is refused.
 
     Returns
     -------
-    Seconds each method took, its shared steps included; a skipped method is absent.
+    Seconds each method took on its own steps; steps it found already computed (shared with another
+    method) are in ``uns["stmorph_run"]["steps_s"]``, once. A skipped method is absent.
 
     Sets the following fields:
 
-    ``adata.obs[method]`` for each method run, with its embeddings in ``obsm`` and
-    ``uns[method]["params"]``; ``uns["stmorph_run"]`` with ``steps_s`` (seconds per step),
-    ``methods_s``, ``skipped`` (method -> reason), ``n_clusters`` and ``primary`` (the
-    method to show first: ``stmorph`` when it ran).
+    ``adata.obs[method]`` for each method run, with its embeddings in ``obsm`` and ``uns[method]["params"]``;
+    ``adata.uns["stmorph_run"]``
+        ``steps_s`` (seconds per step), ``methods_s``, ``shared_steps`` (steps whose output more than one
+        method used), ``skipped`` (method -> reason), ``n_clusters`` and ``primary`` (the method to show
+        first: ``stmorph`` when it ran).
     """
-    registered = available_methods()
-    chosen = list(registered) if methods == "all" or "all" in list(methods) else list(dict.fromkeys(methods))
-    unknown = [m for m in chosen if m not in registered]
-    if unknown:
-        msg = f"unknown method(s) {unknown}; choose from {list(registered)} or 'all'."
-        raise InputError(msg)
-    chosen = [m for m in registered if m in chosen]
+    chosen = resolve_methods(methods)
+    if n_clusters is not None:
+        options["n_clusters"] = n_clusters
+    kwargs = check_options(chosen, options)
     skipped: dict[str, str] = {}
-    image_ok = has_image(adata, image, feature_key)
+    image_ok = has_image(adata, image)
     if not image_ok:
         reason = "no full-resolution image (give one with image=/--image) and no precomputed image features"
         for m in chosen:
@@ -307,36 +362,27 @@ def run_methods(
                     raise InputError(msg)
                 skipped[m] = reason
         chosen = [m for m in chosen if m not in skipped]
-
-    options = {
-        "resolution": resolution, "match_expression": match_expression, "n_neighbors": n_neighbors,
-        "cluster_method": cluster_method, "n_comps": n_comps, "modality_weights": modality_weights, "image": image,
-        "encoder": encoder, "encoder_weights": encoder_weights, "patch": patch, "feature_key": feature_key,
-        "device": device, "refine": refine, "senca_options": dict(senca_options or {}), "stmorph_options": dict(stmorph_options or {}),
-        "random_state": random_state, "progress": progress,
-    }
-    run = MethodRun(adata, options, n_clusters, image_ok)
-    readers = [m for m in chosen if get_method(m).reads_image is None or get_method(m).reads_image(options)]
-    wanted = list(dict.fromkeys(p for m in readers for p in method_patches(m, options))) if image_ok else []
-    if len(wanted) > 1:  # one pass over the slide for every patch size the chosen methods read
-        keys, sizes = zip(*[run.patch_key(p) for p in wanted])
-        run.current = "_prefetch"
-        run.image_features(keys, sizes, [run.patch_pool(p) for p in wanted])
-        prefetch = run.uses.pop("_prefetch", [])
-        for m in readers:  # its time counts for every method that reads image features
-            if method_patches(m, options):
-                run.uses.setdefault(m, []).extend(prefetch)
-    for name in chosen:
-        run.run_method(name)
-
-    seconds = {m: float(sum(run.steps.get(s, 0.0) for s in dict.fromkeys(run.uses.get(m, [])))) for m in chosen}
+    log = _steps.StepLog()
+    with _steps.recording(log):
+        if image_ok:
+            with _steps.running("_prefetch"):
+                _prefetch(adata, chosen, kwargs, image=image, progress=progress)
+        for name in chosen:
+            method = get_method(name)
+            run = {"random_state": random_state, "progress": progress, "image": image}
+            call = {**{k: v for k, v in run.items() if method.accepts(k)}, **kwargs[name]}
+            with _steps.running(name):
+                method.function(adata, **call)
+    seconds = {m: log.own_seconds(m) for m in chosen}
     counts = {int(adata.obs[m].nunique()) for m in chosen if m in adata.obs}
     adata.uns["stmorph_run"] = {
-        "steps_s": {k: float(v) for k, v in run.steps.items()},
+        "steps_s": {k: float(v) for k, v in log.seconds.items()},
         "methods_s": seconds,
+        "shared_steps": list(dict.fromkeys([*(["image_features"] if log.ran.get("_prefetch") else []),
+                                            *log.shared_steps()])),
         "skipped": skipped,
         "n_clusters": int(n_clusters) if n_clusters is not None else (counts.pop() if len(counts) == 1 else -1),
-        "primary": "stmorph" if "stmorph" in chosen else (chosen[-1] if chosen else ""),
+        "primary": primary_method(chosen),
     }
     for m, why in skipped.items():
         warnings.warn(f"skipped {m!r}: {why}", stacklevel=2)

@@ -47,6 +47,7 @@ Without an image (or image features) the chain runs on expression alone and reco
 from __future__ import annotations
 
 import functools
+import inspect
 import warnings
 from collections.abc import Sequence
 
@@ -55,10 +56,12 @@ import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
 from ..errors import DependencyError, InputError
+from . import _steps
 from ._cluster import cluster
 from ._embedding import _counts, _pca, log_normalize, standardised_pca
-from ._methods import register_method, run_methods
+from ._methods import has_image, register_method
 from ._neighbors import coordinates_um, gaussian_smoother
+from ._options import Option, between
 
 #: Default neighbourhood radii (Gaussian sigma, micrometres; truncated at 2.5 sigma).
 SIGMAS_UM = (100.0,)
@@ -72,16 +75,10 @@ IMAGE_WEIGHT = 0.3
 #: (and 1% of them).
 MIN_SPOTS_PER_GENE = 3
 #: Rankings of variable genes: scanpy's ``flavor``. ``"seurat_v3"`` (default; what GraphST and STAGATE use) ranks
-#: genes on the counts by their variance standardised for the mean; ``"seurat"`` ranks log-normalised dispersion
-#: (stmorph's default before 2026-12-01; BENCHMARKS.md section 7 compares them).
+#: genes on the counts by their variance standardised for the mean; ``"seurat"`` ranks log-normalised dispersion.
 HVG_FLAVORS = ("seurat_v3", "seurat")
-#: Defaults of :func:`stmorph` (and of the method in :func:`run_methods`, via ``stmorph_options``).
-DEFAULTS = {"use_image": None, "image_weight": IMAGE_WEIGHT, "sigmas_um": SIGMAS_UM, "n_top_genes": 3000,
-            "hvg_flavor": "seurat_v3",
-            "n_comps": 20, "cluster_method": "gmm", "n_init": 10, "k_range": (2, 12), "refine": True,
-            "refine_radius_um": None, "context_pool": "section", "context_patch": "ring"}
 #: Context patches of the image block: ``"ring"`` (default), the spot and its first ring of neighbours (side 3
-#: spot spacings); ``"senca"``, SENCA-st's radius of 3 spacings (side 6). Names of :data:`~._methods.PATCHES`.
+#: spot spacings); ``"senca"``, SENCA-st's radius of 3 spacings (side 6). Names of :data:`~._steps.PATCHES`.
 CONTEXT_PATCHES = {"ring": "ring", "senca": "context"}
 
 
@@ -250,7 +247,7 @@ def spatial_expression_embedding(
     n_comps: int = 20,
     target_sum: float = 1e4,
     layer: str | None = None,
-    key_added: str = "X_stmorph_expr",
+    key_added: str = "X_stmorph_expression",
     random_state: int = 0,
     copy: bool = False,
 ):
@@ -295,8 +292,10 @@ def spatial_expression_embedding(
     n_out = Z.shape[1]
     adata.obsm[key_added] = Z
     adata.uns[key_added] = {
+        "step": "spatial_expression_embedding",
         "params": {"sigmas_um": sig, "n_top_genes": n_top_genes, "hvg_flavor": hvg_flavor, "n_genes_used": n_genes_used,
-                   "n_comps": n_out, "target_sum": float(target_sum), "layer": layer, "random_state": random_state},
+                   "n_comps": n_out, "n_comps_requested": int(n_comps), "target_sum": float(target_sum),
+                   "layer": layer, "random_state": random_state},
         "singular_values": singular_values,
     }
     return adata if copy else None
@@ -337,100 +336,61 @@ def image_context_embedding(
     Z, evr = _pca(C, int(min(n_comps, min(C.shape) - 1)), random_state)
     adata.obsm[key_added] = Z
     adata.uns[key_added] = {
+        "step": "image_context_embedding",
         "params": {"use_reps": list(use_reps), "sigmas_um": sig, "n_comps": int(Z.shape[1]),
-                   "random_state": random_state},
+                   "n_comps_requested": int(n_comps), "random_state": random_state,
+                   "features": [_feature_id(adata, r) for r in use_reps]},
         "variance_ratio": evr,
     }
     return adata if copy else None
 
 
+def _feature_id(adata, key: str) -> str:
+    """What identifies the features in ``obsm[key]`` (their cache key), "" when unrecorded."""
+    entry = adata.uns.get(key)
+    params = entry.get("params") if isinstance(entry, dict) else None
+    return str(params.get("cache_key", "")) if isinstance(params, dict) else ""
+
+
 def balanced_integrate(adata, reps: Sequence[str], weights: Sequence[float], *, key_added: str = "X_stmorph"):
     """Concatenate embeddings, each scaled to unit total variance and multiplied by its weight.
 
-    Sets ``adata.obsm[key_added]`` and ``adata.uns[key_added]["params"]`` (when ``key_added`` is one of ``reps``,
-    as for the expression-only variant, its parameters are kept and these go under ``["params"]["integrate"]``).
+    Sets ``adata.obsm[key_added]`` and ``adata.uns[key_added]["params"]``.
     """
     blocks = []
     for rep, w in zip(reps, weights):
         E = np.asarray(adata.obsm[rep], dtype=np.float64)
         E = E - E.mean(axis=0)
         blocks.append(float(w) * E / np.sqrt(E.var(axis=0).sum() + 1e-12))
-    info = {"reps": list(reps), "weights": [float(w) for w in weights], "scaling": "unit total variance per block"}
-    previous = adata.uns.get(key_added) if key_added in reps else None
     adata.obsm[key_added] = np.hstack(blocks).astype(np.float32)
-    if isinstance(previous, dict) and isinstance(previous.get("params"), dict):
-        adata.uns[key_added] = {**previous, "params": {**previous["params"], "integrate": info}}
-    else:
-        adata.uns[key_added] = {"params": info}
+    adata.uns[key_added] = {"params": {"reps": list(reps), "weights": [float(w) for w in weights],
+                                       "scaling": "unit total variance per block"}}
 
 
-def _run_stmorph(adata, run, *, key: str = "stmorph", expression_only: bool = False) -> None:
-    """The ``stmorph`` method inside :func:`run_methods` (options from ``stmorph_options``); ``key``
-    ``"stmorph_expr"`` with ``expression_only`` is its expression-only variant, run beside it."""
-    unknown = sorted(set(run.stmorph_options) - set(DEFAULTS))
-    if unknown:
-        msg = f"unknown stmorph option(s) {unknown}; known: {sorted(DEFAULTS)}."
+def _reuse_or_run(adata, key: str, kind: str, params: dict, name: str, fn, **kwargs) -> None:
+    """``fn(adata, key_added=key, **kwargs)`` as the step ``name``, unless an output of the same step with the same
+    ``params`` exists: then ``obsm[key]`` is that output (the same array)."""
+    found = _steps.find_output(adata, params, prefer=key, kind=kind)
+    if found is None:
+        with _steps.step(name):
+            fn(adata, key_added=key, **kwargs)
+        return
+    if found != key:
+        adata.obsm[key] = adata.obsm[found]
+        adata.uns[key] = {**adata.uns[found], "params": {**adata.uns[found]["params"], "same_as": found}}
+    _steps.reuse(name)
+
+
+def _context_name(context_patch: str, context_pool: str) -> str:
+    """The declared patch (:data:`~._steps.PATCHES`) of the image context for these options."""
+    if context_pool not in ("section", "mean"):
+        msg = f"context_pool={context_pool!r} must be 'section' or 'mean'."
         raise InputError(msg)
-    o = {**DEFAULTS, **({"refine": run.refine} if run.refine is not None else {}), **run.stmorph_options}
-    use_image, image_weight, sigmas = o["use_image"], float(o["image_weight"]), o["sigmas_um"]
-    method, refine = o["cluster_method"], bool(o["refine"])
-    context_name = _context_name(o)
-    if expression_only:
-        use_image = False
-    if use_image and not run.has_image:
-        msg = "stmorph: use_image=True but there is no full-resolution image and no image features."
+    if context_patch not in CONTEXT_PATCHES:
+        msg = f"context_patch={context_patch!r} must be one of {tuple(CONTEXT_PATCHES)}."
         raise InputError(msg)
-    if use_image is None and not run.has_image:
-        warnings.warn("stmorph: no H&E image or image features; domains come from expression alone.", stacklevel=3)
-    use_image = run.has_image if use_image is None else bool(use_image)
-    rs = run.random_state
-    # the same embedding for both variants (same options and seed): computed once per run
-    run.shared("stmorph_expression", "stmorph_expression" in run.steps, spatial_expression_embedding, adata,
-               sigmas_um=sigmas, n_top_genes=o["n_top_genes"], hvg_flavor=o["hvg_flavor"], n_comps=int(o["n_comps"]),
-               random_state=rs)
-    reps, weights = ["X_stmorph_expr"], [1.0]
-    if use_image:
-        (spot, _), (context, context_patch) = run.patch_key("spot"), run.patch_key(context_name)
-        run.image_features((spot, context), (run.patch, context_patch), ("mean", run.patch_pool(context_name)))
-        run.step("stmorph_image", image_context_embedding, adata, use_reps=(spot, context), sigmas_um=sigmas,
-                 random_state=rs)
-        reps.append("X_stmorph_image")
-        weights.append(image_weight)
-    run.step(f"{key}_integrate", balanced_integrate, adata, reps, weights, key_added=f"X_{key}")
-    k = run.n_clusters
-    ckw = {"n_neighbors": run.n_neighbors, "resolution": run.resolution} if method != "gmm" else {}
-    run.step(f"cluster_{key}", cluster, adata, f"X_{key}", key_added=key, method=method, n_clusters=k,
-             n_init=int(o["n_init"]), k_range=tuple(o["k_range"]), refine=refine,
-             refine_radius_um=o["refine_radius_um"], random_state=rs, **ckw)
-    adata.uns[key]["params"].update(
-        modalities=["expression", "image"] if use_image else ["expression"],
-        image_weight=image_weight if use_image else 0.0, sigmas_um=list(_check_sigmas(sigmas)),
-        n_top_genes=o["n_top_genes"], hvg_flavor=o["hvg_flavor"], context_pool=o["context_pool"] if use_image else None,
-        context_patch=o["context_patch"] if use_image else None,
-    )
-
-
-def _context_name(options: dict) -> str:
-    """The declared patch (:data:`~._methods.PATCHES`) of the context for the ``stmorph`` options given."""
-    o = {**DEFAULTS, **options}
-    if o["context_pool"] not in ("section", "mean"):
-        msg = f"context_pool={o['context_pool']!r} must be 'section' or 'mean'."
-        raise InputError(msg)
-    if o["context_patch"] not in CONTEXT_PATCHES:
-        msg = f"context_patch={o['context_patch']!r} must be one of {tuple(CONTEXT_PATCHES)}."
-        raise InputError(msg)
-    name = CONTEXT_PATCHES[o["context_patch"]]
-    return f"{name}_section" if o["context_pool"] == "section" else name
-
-
-register_method("stmorph", _run_stmorph, image="optional",
-                patches=lambda options: ("spot", _context_name(options["stmorph_options"])),
-                reads_image=lambda options: options["stmorph_options"].get("use_image", DEFAULTS["use_image"]) is not False,
-                summary="stmorph: expression with spatial context (+ image spot and context patches), "
-                        "tied Gaussian mixture, spatial refinement")
-register_method("stmorph_expr", functools.partial(_run_stmorph, key="stmorph_expr", expression_only=True),
-                summary="stmorph on expression alone (the image ignored): the variant that shows what the "
-                        "H&E adds")
+    name = CONTEXT_PATCHES[context_patch]
+    return f"{name}_section" if context_pool == "section" else name
 
 
 def stmorph(
@@ -440,25 +400,40 @@ def stmorph(
     use_image: bool | None = None,
     image_weight: float = IMAGE_WEIGHT,
     sigmas_um: float | Sequence[float] = SIGMAS_UM,
-    n_top_genes: int | None = DEFAULTS["n_top_genes"],
-    hvg_flavor: str = DEFAULTS["hvg_flavor"],
-    n_comps: int = DEFAULTS["n_comps"],
-    cluster_method: str = DEFAULTS["cluster_method"],
-    n_init: int = DEFAULTS["n_init"],
-    k_range: tuple[int, int] = DEFAULTS["k_range"],
-    refine: bool = DEFAULTS["refine"],
+    n_top_genes: int | None = 3000,
+    hvg_flavor: str = "seurat_v3",
+    n_comps: int = 20,
+    cluster_method: str = "gmm",
+    resolution: float | None = None,
+    n_neighbors: int | None = None,
+    n_init: int = 10,
+    k_range: tuple[int, int] = (2, 12),
+    refine: bool = True,
     refine_radius_um: float | None = None,
-    context_pool: str = DEFAULTS["context_pool"],
-    context_patch: str = DEFAULTS["context_patch"],
+    context_pool: str = "section",
+    context_patch: str = "ring",
     image=None,
     encoder: str = "efficientnet_lite2",
     encoder_weights: str | None = None,
+    patch="spot",
     device: str = "auto",
+    key_added: str = "stmorph",
     random_state: int = 0,
     progress: bool = True,
     copy: bool = False,
 ):
     """stmorph's recommended domains: spatial-context expression (+ H&E context), Gaussian mixture, refinement.
+
+    The chain (see the module's description for why each step)::
+
+        spatial_expression_embedding   obsm[f"X_{key_added}_expression"]
+        im.features (one pass)         obsm["X_image"], obsm["X_image_ring_section"]   (with an image)
+        image_context_embedding        obsm[f"X_{key_added}_image"]                    (with an image)
+        balanced_integrate             obsm[f"X_{key_added}"]
+        cluster                        obs[key_added]
+
+    A step whose output exists with the same parameters (e.g. the expression embedding of another run
+    with other clustering options) is reused, not computed again.
 
     Parameters
     ----------
@@ -467,7 +442,7 @@ def stmorph(
     n_clusters
         Number of domains; ``None`` chooses it as the number of Louvain communities
         of the embedding's kNN graph (k = 15, resolution 0.5; see
-        :func:`stmorph.tl.choose_n_clusters`), within ``k_range``; recorded in ``uns["stmorph"]``.
+        :func:`stmorph.tl.choose_n_clusters`), within ``k_range``; recorded in ``uns[key_added]``.
     use_image
         ``None``: use the H&E when there is one (or image features in ``obsm``);
         ``False``: expression only; ``True``: refuse to run without one.
@@ -482,7 +457,10 @@ def stmorph(
         Variable genes (how many, how ranked: see :func:`spatial_expression_embedding`) and components of the
         expression embedding.
     cluster_method
-        ``"gmm"`` (default), ``"louvain"`` or ``"leiden"``.
+        ``"gmm"`` (default; tied Gaussian mixture), ``"louvain"`` or ``"leiden"``.
+    resolution, n_neighbors
+        ``"louvain"``/``"leiden"`` only: the modularity resolution without ``n_clusters`` (default 1.7) and the
+        kNN graph size (default 39). Refused with ``"gmm"``, which uses neither.
     n_init, k_range
         Mixture restarts and the counts considered without ``n_clusters``.
     refine, refine_radius_um
@@ -495,8 +473,10 @@ def stmorph(
         ``"ring"`` (default): the context patch is the spot and its first ring of neighbours (side 3 spot
         spacings); ``"senca"``: SENCA-st's radius of 3 spacings (side 6; ``obsm["X_image_context_section"]``,
         or SENCA-st's own ``obsm["X_image_context"]`` with ``context_pool="mean"``).
-    image, encoder, encoder_weights, device
-        Image features, as :func:`stmorph.im.features`.
+    image, encoder, encoder_weights, patch, device
+        Image features, as :func:`stmorph.im.features` (``patch``: the spot patch's side).
+    key_added
+        ``obs`` key of the domains, ``uns`` key of the parameters, and the stem of the embeddings' keys.
     random_state
         Seed of every random step.
     progress
@@ -504,22 +484,101 @@ def stmorph(
     copy
         Return a modified copy instead of writing into ``adata``.
 
+    Returns
+    -------
+    ``None``, or the modified copy with ``copy=True``.
+
     Sets the following fields:
 
-    ``adata.obs["stmorph"]``
-        Domain labels.
-    ``adata.obsm["X_stmorph_expr"]``, ``["X_stmorph_image"]``, ``["X_stmorph"]``, ``["X_image"]``, ``["X_image_ring_section"]``
-        Embeddings and image features (image ones only with an image).
-    ``adata.uns["stmorph"]["params"]``
+    ``adata.obs[key_added]``
+        Domain labels ``"0"``, ``"1"``, ... by decreasing size.
+    ``adata.obsm[f"X_{key_added}_expression"]``, ``[f"X_{key_added}_image"]``, ``[f"X_{key_added}"]``
+        The expression embedding, the image block (with an image) and their balanced concatenation.
+    ``adata.obsm["X_image"]``, ``["X_image_ring_section"]``
+        Image features of the spot and context patches (with an image).
+    ``adata.uns[key_added]["params"]``
         Every parameter used, the modalities and the refinement.
     """
     adata = adata.copy() if copy else adata
-    opts = {"use_image": use_image, "image_weight": image_weight, "sigmas_um": sigmas_um,
-            "n_top_genes": n_top_genes, "hvg_flavor": hvg_flavor, "n_comps": n_comps, "cluster_method": cluster_method,
-            "n_init": n_init,
-            "k_range": k_range, "refine": refine, "refine_radius_um": refine_radius_um, "context_pool": context_pool,
-            "context_patch": context_patch}
-    run_methods(adata, ["stmorph"], n_clusters=n_clusters, image=image, encoder=encoder,
-                encoder_weights=encoder_weights, device=device, random_state=random_state, progress=progress,
-                stmorph_options=opts)
+    graph = cluster_method != "gmm"
+    if not graph and (resolution is not None or n_neighbors is not None):
+        msg = (f"resolution/n_neighbors are options of cluster_method='louvain' or 'leiden'; the Gaussian mixture "
+               f"(cluster_method={cluster_method!r}) uses neither: leave them out or choose louvain or leiden.")
+        raise InputError(msg)
+    context_name = _context_name(context_patch, context_pool)
+    sig = _check_sigmas(sigmas_um)
+    available = has_image(adata, image)
+    if use_image and not available:
+        msg = "stmorph: use_image=True but there is no full-resolution image and no image features."
+        raise InputError(msg)
+    if use_image is None and not available:
+        warnings.warn("stmorph: no H&E image or image features; domains come from expression alone.", stacklevel=2)
+    with_image = available if use_image is None else bool(use_image)
+    expr_key = f"X_{key_added}_expression"
+    _reuse_or_run(adata, expr_key, "spatial_expression_embedding",
+                  {"sigmas_um": sig, "n_top_genes": n_top_genes, "hvg_flavor": hvg_flavor,
+                   "n_comps_requested": int(n_comps), "target_sum": 1e4, "layer": None, "random_state": random_state},
+                  "stmorph_expression", spatial_expression_embedding, sigmas_um=sig, n_top_genes=n_top_genes,
+                  hvg_flavor=_check_hvg_flavor(hvg_flavor), n_comps=int(n_comps), random_state=random_state)
+    reps, weights = [expr_key], [1.0]
+    if with_image:
+        specs = [_steps.feature_spec("spot", patch), _steps.feature_spec(context_name)]
+        use_reps = _steps.image_features(adata, specs, encoder=encoder, encoder_weights=encoder_weights,
+                                         device=device, image=image, progress=progress)
+        image_key = f"X_{key_added}_image"
+        _reuse_or_run(adata, image_key, "image_context_embedding",
+                      {"use_reps": list(use_reps), "sigmas_um": sig, "n_comps_requested": 10,
+                       "random_state": random_state, "features": [_feature_id(adata, r) for r in use_reps]},
+                      "stmorph_image", image_context_embedding, use_reps=use_reps, sigmas_um=sig,
+                      random_state=random_state)
+        reps.append(image_key)
+        weights.append(float(image_weight))
+    with _steps.step(f"{key_added}_integrate"):
+        balanced_integrate(adata, reps, weights, key_added=f"X_{key_added}")
+    graph_kw = {"n_neighbors": 39 if n_neighbors is None else n_neighbors,
+                "resolution": 1.7 if resolution is None else resolution} if graph else {}
+    with _steps.step(f"cluster_{key_added}"):
+        cluster(adata, f"X_{key_added}", key_added=key_added, method=cluster_method, n_clusters=n_clusters,
+                n_init=int(n_init), k_range=tuple(k_range), refine=bool(refine), refine_radius_um=refine_radius_um,
+                random_state=random_state, **graph_kw)
+    adata.uns[key_added]["params"].update(
+        modalities=["expression", "image"] if with_image else ["expression"],
+        image_weight=float(image_weight) if with_image else 0.0, sigmas_um=list(sig),
+        n_top_genes=n_top_genes, hvg_flavor=hvg_flavor, context_pool=context_pool if with_image else None,
+        context_patch=context_patch if with_image else None,
+    )
     return adata if copy else None
+
+
+#: Defaults of :func:`stmorph` (the method's, as registered).
+DEFAULTS = {k: p.default for k, p in inspect.signature(stmorph).parameters.items()
+            if p.default is not inspect.Parameter.empty and k not in ("copy", "progress", "image", "key_added")}
+
+_CLUSTERING = ("n_clusters", "cluster_method", "resolution", "n_neighbors", "refine")
+_EXPRESSION = ("sigmas_um", "n_top_genes", "hvg_flavor")
+_GROUP = "the stmorph method"
+OPTIONS = (
+    Option("sigmas_um", "neighbourhood radius or radii (Gaussian sigma, micrometres of tissue)",
+           between(0, 1e4, open_low=True), nargs="+", flag="--sigma-um", metavar="UM", group=_GROUP),
+    Option("n_top_genes", "variable genes of the expression embedding", between(2, 10**6, kind=int), metavar="N",
+           group=_GROUP),
+    Option("hvg_flavor", "how they are ranked: scanpy's seurat_v3 on the counts or seurat on the logs",
+           choices=HVG_FLAVORS, group=_GROUP),
+    Option("image_weight", "weight of the image block against expression's (see stmorph.tl.stmorph)",
+           between(0, 100, open_low=True), metavar="W", group=_GROUP),
+    Option("context_patch", "the image's context patch: the spot and its first ring of neighbours (ring) or "
+           "SENCA-st's radius of 3 spot spacings (senca)", choices=tuple(CONTEXT_PATCHES), group=_GROUP),
+)
+
+register_method("stmorph", stmorph, image="optional", declare=OPTIONS,
+                options=(*_CLUSTERING, *_EXPRESSION, "image_weight", "context_patch", "encoder", "encoder_weights",
+                         "patch", "device"),
+                patches=lambda o: ("spot", _context_name(o["context_patch"], o.get("context_pool", "section"))),
+                reads_image=lambda o: o.get("use_image", None) is not False,
+                summary="stmorph: expression with spatial context (+ image spot and context patches), "
+                        "tied Gaussian mixture, spatial refinement")
+register_method("stmorph_expr", functools.partial(stmorph, use_image=False, key_added="stmorph_expr"),
+                options=(*_CLUSTERING, *_EXPRESSION),
+                baseline=True,
+                summary="stmorph on expression alone (the image ignored): the variant that shows what the "
+                        "H&E adds")

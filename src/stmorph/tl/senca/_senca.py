@@ -57,7 +57,7 @@ def patch_side_px(spacing: float, cfg: SencaConfig) -> int:
 
 def senca(
     adata,
-    n_clusters: int,
+    n_clusters: int | None = None,
     *,
     config: SencaConfig | None = None,
     preset: str = "default",
@@ -92,7 +92,9 @@ def senca(
     adata
         Raw counts in ``X`` (or ``layers["counts"]``), ``obsm["spatial"]``.
     n_clusters
-        Number of domains.
+        Number of domains; ``None``: the count of stMIC's expression baseline at its default resolution
+        (:func:`stmorph.tl._stmic.expression_count`, reusing ``obs["expression"]`` when made that way), the
+        count SENCA-st is given when none is.
     config
         :class:`SencaConfig`; ``SencaConfig.preset(preset)`` when ``None``.
     preset
@@ -161,6 +163,10 @@ def senca(
 
     cfg = (config or SencaConfig.preset(preset)).replace(**overrides)
     cfg.validate()
+    if n_clusters is None:
+        from .._stmic import expression_count
+
+        n_clusters = expression_count(adata, random_state=random_state)
     if not isinstance(n_clusters, (int, np.integer)) or n_clusters < 1 or n_clusters > adata.n_obs:
         msg = f"n_clusters must be an integer in [1, n_obs={adata.n_obs}]; got {n_clusters!r}."
         raise InputError(msg)
