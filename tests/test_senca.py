@@ -463,3 +463,27 @@ def test_rna_only_contrasts_two_dropout_views():
     senca(a, 3, epochs=2, progress=False, compute_image_features=False, hierarchical=False)
     assert max(a.uns["senca"]["loss"]["ntxent_g"]) == 0  # the Table 4 ablation drops the contrast here too
     assert SencaConfig.preset("literal").rna_only_contrast is False
+
+
+def test_cross_attention_is_eq3_over_each_spots_neighbourhood():
+    """A_i = softmax(q_i k_j / sqrt(E)) v_j over the spot's neighbourhood j (eqs 3, 4): a neighbour's value moves
+    spot i's row, a spot outside the neighbourhood does not, and the row is the weighted sum eq 3 writes."""
+    from stmorph.tl.senca._model import CrossAttention
+
+    torch.manual_seed(0)
+    att = CrossAttention(SencaConfig(embed_dim=8))
+    n = 6
+    q, k, v = (torch.randn(n, 8) for _ in range(3))
+    nb = torch.tensor([[i, (i + 1) % n, (i + 2) % n] for i in range(n)])  # the spot itself first
+    with torch.no_grad():
+        out = att(q, k, v, nb)
+        Q, K, V = att.w_q(q), att.w_k(k), att.w_v(v)
+        w = torch.softmax(Q[0] @ K[nb[0]].T / np.sqrt(8), dim=0)
+        torch.testing.assert_close(out[0], w @ V[nb[0]])
+        assert float(w.min()) > 0.01  # every neighbour weighs: the row is not the spot's own value
+        v2 = v.clone()
+        v2[2] += 5.0  # spot 2 is in spot 0's neighbourhood, spot 4 is not
+        assert not torch.allclose(att(q, k, v2, nb)[0], out[0])
+        v4 = v.clone()
+        v4[4] += 5.0
+        torch.testing.assert_close(att(q, k, v4, nb)[0], out[0])

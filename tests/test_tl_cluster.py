@@ -181,3 +181,17 @@ def test_mixture_em_runs_to_convergence(monkeypatch):
     monkeypatch.setattr(C, "EM_TOL", 1e-3)  # scikit-learn's default
     stopped_early = moved()
     assert stopped_early >= 50 and converged * 4 <= stopped_early
+
+
+@pytest.mark.parametrize("method", ["louvain", "gmm"])
+def test_domains_are_named_by_decreasing_size(method):
+    """Domain "0" is the largest, "1" the next...: a small cluster met first is not "0"."""
+    rng = np.random.default_rng(0)
+    sizes = [20, 120, 60]  # the first rows belong to the smallest blob
+    X = np.concatenate([rng.normal(c * 10.0, 1.0, size=(s, 4)) for c, s in enumerate(sizes)])
+    a = ad.AnnData(np.zeros((X.shape[0], 1), np.float32))
+    a.obsm["X_b"] = X
+    tl.cluster(a, "X_b", method=method, n_clusters=3, n_neighbors=15, key_added="c")
+    counts = a.obs["c"].value_counts()
+    assert [counts[str(i)] for i in range(3)] == sorted(sizes, reverse=True)
+    assert a.obs["c"].iloc[0] == "2"  # the first spot's blob is the smallest

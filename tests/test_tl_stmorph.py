@@ -381,3 +381,20 @@ def test_a_singular_loess_is_fitted_again_without_genes_seen_in_one_spot():
         _, genes = _log_hvg(X, 200, 1e4, "seurat_v3")
     assert len(genes) == 200 and genes.max() < 300  # none of the genes seen once
     assert set(genes) == set(_log_hvg(X[:, :300], 200, 1e4, "seurat_v3")[1])
+
+
+def test_image_weight_scales_the_image_block_and_moves_graph_domains(section):
+    """X_stmorph is [expression | image_weight x image], each block at unit total variance; with Louvain the
+    weight moves the domains."""
+    a = section.copy()
+    n_expr = 20
+    labels = {}
+    for w in (0.3, 3.0):
+        tl.stmorph(a, n_clusters=4, image_weight=w, cluster_method="louvain", progress=False, key_added=f"w{w}")
+        Z = np.asarray(a.obsm[f"X_w{w}"], dtype=np.float64)
+        expr, img = Z[:, :n_expr], Z[:, n_expr:]
+        np.testing.assert_allclose(expr.var(axis=0).sum(), 1.0, rtol=1e-3)
+        np.testing.assert_allclose(img.var(axis=0).sum(), w**2, rtol=1e-3)
+        assert a.uns[f"w{w}"]["params"]["image_weight"] == w
+        labels[w] = a.obs[f"w{w}"].to_numpy()
+    assert ev.ari(a, "w0.3") != ev.ari(a, "w3.0") or (labels[0.3] != labels[3.0]).any()

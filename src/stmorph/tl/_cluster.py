@@ -542,7 +542,8 @@ def cluster(
     ``adata.obs[key_added]``
         Categorical cluster labels ``"0"``, ``"1"``, ... by decreasing size.
     ``adata.uns[key_added]["params"]``
-        Parameters, including the resolution, neighbour count and refinement finally used.
+        Parameters, including the resolution (and ``resolution_requested``, the one given), neighbour count and
+        refinement finally used.
     ``adata.uns[key_added]["n_clusters_matched"]``
         Whether ``n_clusters`` was reached exactly (when given).
     ``adata.uns[key_added]["n_clusters_scores"]``
@@ -616,7 +617,8 @@ def cluster(
         labels, res, matched = cluster_graph(
             A, method=method, resolution=resolution, n_clusters=n_clusters, random_state=random_state, trace=trace
         )
-        params.update(n_neighbors=k_used, resolution=float(res), weights=weights)
+        params.update(n_neighbors=k_used, resolution=float(res), resolution_requested=float(resolution),
+                      weights=weights)
         if n_clusters is not None:
             extra["resolution_search"] = {f: [t[f] for t in trace] for f in ("algorithm", "resolution",
                                                                               "n_clusters", "seconds")}

@@ -69,12 +69,12 @@ def expression_count(adata, *, resolution: float = 1.7, n_neighbors: int = 39, c
     kept); an ``obs["expression"]`` made otherwise is left as it is and the count computed aside.
     """
     wanted = {"modality": "expression", "n_clusters": None, "method": cluster_method, "random_state": random_state,
-              "requested_resolution": float(resolution), "n_neighbors_requested": int(n_neighbors),
-              "n_comps": int(n_comps), "refine_requested": bool(refine)}
+              "resolution_requested": float(resolution), "n_comps": int(n_comps), "refine_requested": bool(refine)}
     entry = adata.uns.get("expression")
     have = entry.get("params") if isinstance(entry, Mapping) else None
     if "expression" in adata.obs and isinstance(have, Mapping) and all(
-            k in have and _steps._same(have[k], v) for k, v in wanted.items()):
+            k in have and _steps._same(have[k], v) for k, v in wanted.items()) and _steps._same(
+            have.get("n_neighbors_requested", have.get("n_neighbors")), int(n_neighbors)):
         _steps.reuse("cluster_expression")
         return int(adata.obs["expression"].nunique())
     key = "expression" if "expression" not in adata.obs else "_expression_count"
@@ -196,8 +196,7 @@ def stmic(
     with _steps.step(f"cluster_{key}"):
         cluster(adata, rep, key_added=key, n_clusters=k, n_neighbors=n_neighbors, method=cluster_method,
                 resolution=resolution, refine=bool(refine), random_state=random_state)
-    adata.uns[key]["params"].update(modality=modality, n_comps=int(n_comps), requested_resolution=float(resolution),
-                                    n_neighbors_requested=int(n_neighbors), refine_requested=bool(refine))
+    adata.uns[key]["params"].update(modality=modality, n_comps=int(n_comps), refine_requested=bool(refine))
     if modality != "expression":
         adata.uns[key]["params"]["n_clusters_from"] = ("given" if n_clusters is not None else
                                                        "expression baseline" if match_expression else "resolution")
