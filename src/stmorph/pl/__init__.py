@@ -1,4 +1,5 @@
-"""Plots: domains over the H&E, spatial gene expression, marker dot plots, GSEA bars.
+"""Plots: domains over the H&E, their confidence, what the H&E changed, spatial gene expression, marker dot
+plots, GSEA bars.
 
 matplotlib is imported inside the functions (Agg backend, no display needed).
 Domain colours are matched between panels (see :func:`stmorph.pl.domain_colors`) and colour-blind safe
@@ -8,6 +9,7 @@ Functions return the figure (``save=`` also writes it, through :mod:`stmorph._ou
 """
 
 from ._colors import PALETTE, domain_colors, match_labels, palette
+from ._confidence import confidence, image_changes
 from ._domains import domains
 from ._dotplot import dotplot
 from ._gsea import gsea_bars
@@ -15,4 +17,4 @@ from ._names import domain_names, top_markers
 from ._spatial_genes import spatial
 
 __all__ = ["domains", "spatial", "dotplot", "gsea_bars", "domain_colors", "match_labels", "palette", "PALETTE",
-           "domain_names", "top_markers"]
+           "domain_names", "top_markers", "confidence", "image_changes"]

@@ -65,27 +65,43 @@ def spatial(
         msg = "genes is empty."
         raise InputError(msg)
     vals = gene_values(adata, genes, layer=layer, normalize=normalize)
+    fig = draw_values(adata, vals, genes, library_id=library_id, image=image, cmap=cmap, ncols=ncols,
+                      spot_size=spot_size, vmax=vmax, alpha=alpha, spot_shape=spot_shape, label="log1p(norm.)",
+                      italic=True)
+    fig.tight_layout()
+    _utils.save_figure(fig, save, dpi=dpi)
+    return fig
+
+
+def draw_values(adata, vals: np.ndarray, titles: Sequence[str], *, library_id: str | None = None, image=True,
+                cmap: str = "viridis", ncols: int | None = None, spot_size: float | None = None,
+                vmin: float = 0.0, vmax: str | float | None = "p99", alpha: float = 0.8, spot_shape: str = "auto",
+                label: str = "", italic: bool = False, low_first: bool = True):
+    """One panel per column of ``vals`` ``(n_obs, k)``: each spot coloured by its value over the H&E. ``vmax``:
+    ``"p99"`` (the column's 99th percentile), a number, or None (its maximum); ``low_first=False`` draws low
+    values last (on top), to show where they are."""
+    import matplotlib as mpl
+
     xy = _spatial.coordinates(adata)
     img, scale = _utils.background(adata, library_id=library_id, image=image)
     shape, size, angle = _utils.spot_shape(adata, xy, shape=spot_shape, library_id=library_id, spot_size=spot_size)
     diameter = size * scale
     xy_img = xy * scale
-    fig, axes = _utils.grid(len(genes), ncols, panel=(4.6, 4.2))
-    import matplotlib as mpl
-
+    fig, axes = _utils.grid(len(titles), ncols, panel=(4.6, 4.2))
     cm = mpl.colormaps[cmap]
-    for j, (ax, g) in enumerate(zip(axes, genes, strict=True)):
-        v = vals[:, j]
-        hi = float(np.percentile(v, 99)) if vmax == "p99" else (float(vmax) if vmax is not None else float(v.max()))
-        hi = hi if hi > 0 else (float(v.max()) or 1.0)
-        norm = mpl.colors.Normalize(vmin=0.0, vmax=hi)
+    for j, (ax, t) in enumerate(zip(axes, titles, strict=True)):
+        v = np.asarray(vals[:, j], dtype=float)
+        finite = v[np.isfinite(v)]
+        top = float(finite.max()) if finite.size else 1.0
+        hi = float(np.percentile(finite, 99)) if vmax == "p99" and finite.size else (
+            float(vmax) if vmax not in (None, "p99") else top)
+        hi = hi if hi > vmin else (top if top > vmin else vmin + 1.0)
+        norm = mpl.colors.Normalize(vmin=vmin, vmax=hi)
         _utils.setup_axis(ax, img, xy_img, diameter)
-        order = np.argsort(v)  # high values drawn last
+        order = np.argsort(v if low_first else -v)  # the values to see drawn last
         _utils.draw_spots(ax, xy_img[order], diameter, cm(norm(v[order])), shape=shape, angle=angle,
                           alpha=alpha if img is not None else 1.0)
-        ax.set_title(g, fontsize=12, style="italic")
+        ax.set_title(t, fontsize=12, style="italic" if italic else "normal")
         sm = mpl.cm.ScalarMappable(norm=norm, cmap=cm)
-        fig.colorbar(sm, ax=ax, fraction=0.04, pad=0.02, label="log1p(norm.)")
-    fig.tight_layout()
-    _utils.save_figure(fig, save, dpi=dpi)
+        fig.colorbar(sm, ax=ax, fraction=0.04, pad=0.02, label=label)
     return fig

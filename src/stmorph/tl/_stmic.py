@@ -20,6 +20,7 @@ from collections.abc import Mapping
 
 from . import _steps
 from ._cluster import cluster
+from ._confidence import add_confidence
 from ._embedding import expression_embedding, image_embedding, integrate
 from ._methods import register_group, register_method
 
@@ -162,6 +163,9 @@ def stmic(
         Domain labels.
     ``adata.obsm["X_expr_pca"]``, ``["X_image"]``, ``["X_image_pca"]``, ``["X_stmic"]``
         Embeddings (those the modality needs).
+    ``adata.obs[f"{key_added}_confidence"]``, ``adata.uns[key_added]["confidence"]``
+        Each spot's confidence (the posterior probability of its domain given the clustered embedding, see
+        :mod:`stmorph.tl._confidence`) and each domain's stability (its spots' mean confidence).
     ``adata.uns[key_added]["params"]``
         Clustering parameters, the modality and the components.
     """
@@ -197,6 +201,7 @@ def stmic(
         cluster(adata, rep, key_added=key, n_clusters=k, n_neighbors=n_neighbors, method=cluster_method,
                 resolution=resolution, refine=bool(refine), random_state=random_state)
     adata.uns[key]["params"].update(modality=modality, n_comps=int(n_comps), refine_requested=bool(refine))
+    add_confidence(adata, key)
     if modality != "expression":
         adata.uns[key]["params"]["n_clusters_from"] = ("given" if n_clusters is not None else
                                                        "expression baseline" if match_expression else "resolution")

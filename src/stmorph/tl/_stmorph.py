@@ -58,6 +58,7 @@ from threadpoolctl import threadpool_limits
 from ..errors import DependencyError, InputError
 from . import _steps
 from ._cluster import cluster
+from ._confidence import add_confidence
 from ._embedding import _counts, _pca, log_normalize, standardised_pca
 from ._methods import has_image, register_method
 from ._neighbors import coordinates_um, gaussian_smoother
@@ -496,6 +497,9 @@ def stmorph(
         The expression embedding, the image block (with an image) and their balanced concatenation.
     ``adata.obsm["X_image"]``, ``["X_image_ring_section"]``
         Image features of the spot and context patches (with an image).
+    ``adata.obs[f"{key_added}_confidence"]``, ``adata.uns[key_added]["confidence"]``
+        Each spot's confidence in [0, 1] and each domain's stability (its spots' mean confidence); which kind
+        (co-assignment frequency or posterior probability) is recorded there (see :mod:`stmorph.tl._confidence`).
     ``adata.uns[key_added]["params"]``
         Every parameter used, the modalities and the refinement.
     """
@@ -547,6 +551,8 @@ def stmorph(
         n_top_genes=n_top_genes, hvg_flavor=hvg_flavor, context_pool=context_pool if with_image else None,
         context_patch=context_patch if with_image else None,
     )
+    if "confidence" not in adata.uns[key_added]:  # the clustering gave none (cluster() rewrote uns[key_added])
+        add_confidence(adata, key_added)
     return adata if copy else None
 
 

@@ -151,6 +151,9 @@ def senca(
         Domains (agglomerative clustering of S, or the tied mixture's with ``clustering="mixture"``).
     ``adata.uns[key_added]["params"]`` : dict
         Config, ablation switches, device, seed, image source, genes used, timings.
+    ``adata.obs[key_added + "_confidence"]``, ``adata.uns[key_added]["confidence"]``
+        Each spot's confidence (posterior probability of its domain under a tied Gaussian model of S) and each
+        domain's stability (see :mod:`stmorph.tl._confidence`).
     ``adata.uns[key_added]["loss"]`` : dict of arrays
         Per-epoch mean of ``total``, ``mse``, ``ntxent_w``, ``ntxent_g``.
     ``adata.obsm[image_key]``, ``adata.uns[image_key]``
@@ -267,6 +270,9 @@ def senca(
         },
         "loss": hist.as_dict(),
     }
+    from .._confidence import add_confidence
+
+    add_confidence(adata, key_added, rep=f"X_{key_added}")
     return adata if copy else None
 
 
