@@ -346,7 +346,7 @@ def test_cli_run_with_report(tmp_path, capsys):
     assert "report.html" in info["outputs"] and info["timings_s"]["report"] > 0
     page = _parse(out / "report.html")
     _assert_offline(out / "report.html", page)
-    assert page.sections == ["summary", "domains", "viewer", "cards", "markers", "run"]
+    assert page.sections == ["summary", "domains", "confidence", "viewer", "cards", "markers", "run"]
     assert len(page.cards) == 3  # one per expression domain
     data = json.loads(page.json["stmorph-viewer-data"])
     assert data["image"] == "full-resolution" and data["default"] == "expression"
@@ -428,3 +428,31 @@ def test_report_with_hostile_text_renders_whole_in_chromium(tmp_path):
     assert m, dom[:500]
     res = json.loads(m.group(1).replace("&quot;", '"'))
     assert res == {"cards": adata.obs["stmic"].nunique(), "viewer": True, "bold": 0}
+
+
+def test_report_shows_confidence_and_what_the_image_changed(tmp_path):
+    """With stmorph and its expression-only run, the report maps the confidence, names the least certain
+    boundaries, and shows each region the H&E changed with its patches and genes."""
+    adata = _toy(fullres=True)
+    lab = adata.obs["stmic"].astype(str).to_numpy()
+    r = adata.obs["array_row"].to_numpy()
+    adata.obs["stmorph"] = pd.Categorical(lab)
+    changed = lab.copy()
+    changed[(lab == "1") & (r < 5)] = "2"  # without the image, a block of domain 1 sat in domain 2
+    adata.obs["stmorph_expr"] = pd.Categorical(changed)
+    conf = np.ones(adata.n_obs, np.float32)
+    conf[(lab == "1") & (r < 7)] = 0.3
+    for k in ("stmorph", "stmorph_expr"):
+        adata.obs[f"{k}_confidence"] = conf
+        adata.uns[k] = {"params": {"use_rep": "X_stmic"}, "confidence": {"kind": "co-assignment"}}
+    out = _run_dir(tmp_path, adata=adata, methods=("stmorph", "stmorph_expr"))
+    path = report.write_report(out, viewer=False)
+    page = _parse(path)
+    assert page.sections[:4] == ["summary", "domains", "confidence", "changes"]
+    text = " ".join(page.text)
+    assert "co-assignment" in text or "across the consensus" in text
+    assert "The least certain boundaries" in text
+    changes = [c for c in page.cards if c["id"].startswith("change-")]
+    assert len(changes) == 1 and len(changes[0]["imgs"]) == 1  # one region, its H&E strip
+    n = int(((lab == "1") & (r < 5)).sum())
+    assert re.search(rf"\b{n}\s+of {adata.n_obs:,} spots", text), text[:200]

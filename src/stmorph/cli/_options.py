@@ -9,7 +9,6 @@ an option nobody gave is never recorded as given.
 from __future__ import annotations
 
 import argparse
-import inspect
 import re
 
 from ..tl import _methods

@@ -6,7 +6,6 @@ second per card) and embedded as images.
 
 from __future__ import annotations
 
-import html
 from collections.abc import Mapping
 
 import numpy as np
@@ -15,10 +14,7 @@ import pandas as pd
 from .. import _spatial
 from ..errors import InputError
 from ._image import SectionImage, data_uri, encode
-
-
-def _esc(x) -> str:
-    return html.escape("" if x is None else str(x), quote=True)
+from ._parts import _esc
 
 
 def embedding_key(adata, method: str) -> str | None:

@@ -12,10 +12,8 @@ is inline JavaScript written here, so the one file works offline.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import datetime as _dt
-import html
 import json
 import os
 import sys
@@ -24,12 +22,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from .._outputs import atomic_write, record_entries, stmorph_entries
 from ..errors import InputError, OutputExistsError, StmorphError
 from ..tl._methods import available_methods, primary_method
-from . import _cards, _viewer
+from . import _cards, _trust, _viewer
+from ._parts import _esc, _figure, _kv_table, _table
 from ._image import SectionImage
 
 __all__ = ["write_report", "build_report", "chosen_method", "report_methods"]
@@ -65,60 +63,6 @@ nav a{margin-right:16px;color:#246;text-decoration:none}
 .card figure.patches{margin:.5em 0 0;padding:0;border:0}
 i.sw{display:inline-block;width:.95em;height:.95em;border-radius:2px;margin-right:6px;vertical-align:-2px}
 """
-
-def _esc(x) -> str:
-    return html.escape("" if x is None else str(x), quote=True)
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        if v != v:  # NaN
-            return "-"
-        return f"{v:.3g}" if (abs(v) < 1e-3 and v != 0) or abs(v) >= 1e5 else f"{v:.3f}".rstrip("0").rstrip(".")
-    if isinstance(v, Mapping | list | tuple):
-        return json.dumps(v, default=str)
-    return str(v)
-
-
-def _table(rows: Sequence[Sequence], header: Sequence[str], *, numeric: set[int] | None = None,
-           highlight: int | None = None) -> str:
-    numeric = numeric or set()
-    out = ["<table>", "<tr>" + "".join(f"<th>{_esc(h)}</th>" for h in header) + "</tr>"]
-    for j, r in enumerate(rows):
-        cells = []
-        for i, v in enumerate(r):
-            cls = ' class="num"' if i in numeric else ""
-            cells.append(f"<td{cls}>{_esc(_fmt(v))}</td>")
-        tr = '<tr class="chosen">' if j == highlight else "<tr>"
-        out.append(tr + "".join(cells) + "</tr>")
-    out.append("</table>")
-    return "\n".join(out)
-
-
-def _kv_table(d: Mapping) -> str:
-    return _table([(k, v) for k, v in d.items()], ["parameter", "value"])
-
-
-def _figure(fig, caption: str, *, dpi: int = 110, photo: bool = False) -> str:
-    """A matplotlib figure as an embedded image: PNG, or JPEG (quality 88, no chroma subsampling, so
-    legend text stays sharp) for figures over the H&E, where PNG would be 4-5x larger."""
-    import io
-
-    from ..pl._utils import fig_to_png_bytes, pyplot
-
-    png = fig_to_png_bytes(fig, dpi=dpi)
-    pyplot().close(fig)
-    mime = "image/png"
-    if photo:
-        from PIL import Image
-
-        buf = io.BytesIO()
-        Image.open(io.BytesIO(png)).convert("RGB").save(buf, "JPEG", quality=88, subsampling=0, optimize=True)
-        png, mime = buf.getvalue(), "image/jpeg"
-    data = base64.b64encode(png).decode("ascii")
-    return (f'<figure><img alt="{_esc(caption)}" src="data:{mime};base64,{data}">'
-            f"<figcaption>{_esc(caption)}</figcaption></figure>")
-
 
 def _read(out_dir: Path):
     import anndata as ad
@@ -222,6 +166,8 @@ def build_report(
     section = _library_name(adata) or (given.parent.name if given.name == "outs" else given.name) or "section"
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     labels = label_order(adata.obs[method])
+    base = method[:-len("_expr")] if method.endswith("_expr") else method  # a method and its expression-only run
+    changes = (base, f"{base}_expr") if {base, f"{base}_expr"} <= set(adata.obs.columns) else None
 
     # ------------------------------------------------------------ analyses of the chosen method
     log(f"report: marker genes of {method}")
@@ -248,9 +194,11 @@ def build_report(
         top = mk[mk["logfoldchange"] > 0].groupby("domain", sort=False, group_keys=False).head(n_markers)
 
     parts: list[str] = []
-    nav = ["summary", "domains"] + (["viewer"] if viewer else []) + ["cards", "markers"]
+    nav = ["summary", "domains"] + (["confidence"] if f"{method}_confidence" in adata.obs else [])
+    nav += (["viewer"] if viewer else []) + (["changes"] if changes is not None else []) + ["cards", "markers"]
     nav += (["gsea"] if gene_sets is not None else []) + ["run"]
-    titles = {"summary": "results", "domains": "domain maps", "viewer": "zoomable H&E", "cards": "domain cards",
+    titles = {"summary": "results", "domains": "domain maps", "confidence": "confidence", "viewer": "zoomable H&E",
+              "changes": "what the H&E changed", "cards": "domain cards",
               "markers": "markers", "gsea": "gene sets", "run": "run details"}
     parts.append("<nav>" + "".join(f'<a href="#{n}">{titles[n]}</a>' for n in nav) + "</nav>")
 
@@ -295,6 +243,7 @@ def build_report(
            "top two marker genes.")
     parts.append(_figure(fig, cap, dpi=90, photo=True))
     parts.append("</section>")
+    parts.append(_trust.confidence_section(adata, method, ordered, names, log))
 
     image = SectionImage(adata, library_id=library_id)
     try:
@@ -318,6 +267,11 @@ def build_report(
                          f"click a legend entry to show that domain alone. Image: {img}.</p>")
             parts.append(_viewer.viewer_html(data))
             parts.append("</section>")
+
+        if changes is not None:
+            parts.append(_trust.image_changes_section(adata, image, with_image=changes[0], without=changes[1],
+                                                      library_id=library_id, n_patches=n_patches, log=log,
+                                                      names=names if changes[0] == method else None))
 
         # -------------------------------------------------------- cards
         log("report: domain cards")
