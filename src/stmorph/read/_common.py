@@ -282,18 +282,28 @@ def check_spots_in_image(xy: np.ndarray, names: Sequence[str], width: int, heigh
 
 
 def open_image(path: str | os.PathLike):
-    """Open a full-resolution image with :func:`stmorph.im.open_slide` (ImageError when unreadable)."""
+    """Open a full-resolution image with :func:`stmorph.im.open_slide` (ImageError when unreadable).
+
+    Also refused here, before any work: an image whose full resolution could not be decoded within the
+    decode memory budget (:meth:`stmorph.im.Slide.check_decode`: a JPEG/PNG decoded whole, a TIFF strip).
+    """
     p = require_file(path, "image")
     from ..im import open_slide
 
     try:
-        return open_slide(p)
+        slide = open_slide(p)
     except (ImageError, InputError):
         raise
     except Exception as exc:  # noqa: BLE001 - any decoder failure means the file is unreadable
         text = first_line(exc)
         msg = f"image cannot be read ({text})."
         raise ImageError(msg, p) from None
+    try:
+        slide.check_decode()
+    except BaseException:
+        slide.close()
+        raise
+    return slide
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:

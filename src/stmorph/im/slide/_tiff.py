@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import ImageError
-from ._base import Slide, _ArrayLevel, _Level, _ToRGB8
+from ._base import DECODE_CHECK_FLOOR, Slide, _ArrayLevel, _Level, _ToRGB8
 
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _JPEG_COMPRESSIONS = {6, 7, 33007, 34892}
@@ -64,9 +64,21 @@ class _TiffSegmentLevel(_Level):
         if page.compression in _JPEG_COMPRESSIONS:
             self.decodeargs = {"jpegtables": page.jpegtables, "jpegheader": page.jpegheader}
         self.n_decoded = 0
+        th, tw = self.tile
+        samples = int(page.samplesperpixel)
+        raw = th * tw * samples * page.dtype.itemsize
+        self._decode_need = ((2 * raw if self.separate else raw) + max(self.bytecounts, default=0) * self.n_planes
+                             + th * tw * convert.work_bytes_per_px())
+
+    def decode_bytes(self) -> tuple[int, str]:
+        th, tw = self.tile
+        kind = "tile" if self.page.is_tiled else "strip"
+        return self._decode_need, f"one {tw} x {th} px {kind} of this {self.width} x {self.height} px TIFF"
 
     def _decode_tiles(self, tiles: list[int]) -> dict[int, np.ndarray]:
         """Read and decode tiles (linear index row * n_cols + col), return uint8 RGB arrays."""
+        if self._decode_need > DECODE_CHECK_FLOOR:
+            self.check_decode(self.slide.path)
         per_plane = self.n_rows * self.n_cols
         seg_index = [p * per_plane + t for t in tiles for p in range(self.n_planes)]
         offsets = [self.offsets[i] for i in seg_index]
@@ -159,8 +171,19 @@ class _ZarrLevel(_Level):
         shape = series.levels[level].shape
         self.height, self.width = int(shape[axes.index("Y")]), int(shape[axes.index("X")])
         self.tile = tile
+        self.path = None  # set by _tiff_levels, for messages
+        page = series.levels[level].keyframe
+        th, tw = tile
+        n_ch = int(shape[axes.index("C")]) if "C" in axes else int(shape[axes.index("S")]) if "S" in axes else 1
+        self._decode_need = th * tw * (2 * n_ch * page.dtype.itemsize + convert.work_bytes_per_px())
+
+    def decode_bytes(self) -> tuple[int, str]:
+        th, tw = self.tile
+        return self._decode_need, f"one {tw} x {th} px segment of this {self.width} x {self.height} px TIFF"
 
     def read(self, y0, y1, x0, x1, cache=True):
+        if self._decode_need > DECODE_CHECK_FLOOR:
+            self.check_decode(self.path)
         sel = tuple(slice(y0, y1) if i == "Y" else slice(x0, x1) if i == "X" else slice(None) if i == "C" else i
                     for i in self.index)
         with self.lock:
@@ -258,6 +281,7 @@ def _tiff_levels(slide: Slide, tif, path: str, lock) -> list[_Level]:
         tile = (int(page.tilelength), int(page.tilewidth)) if page.is_tiled else (
             max(1, min(int(page.rowsperstrip), int(page.imagelength))), int(page.imagewidth))
         levels.append(_ZarrLevel(series, k, convert, tuple(index), lock, tile))
+        levels[-1].path = path
     return levels
 
 
