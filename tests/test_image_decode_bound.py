@@ -251,3 +251,30 @@ def test_thumbnail_of_a_single_strip_tiff_decodes_the_strip_once(tmp_path):
     assert out["shape"] == [500, 500, 3] and out["decoded"] == 1
     assert out["peak_mib"] < 108 * 1.3 + 20, out
 
+
+def _run_cli(argv):
+    import contextlib
+
+    from stmorph.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(argv)
+    return rc, err.getvalue().strip().splitlines()
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_a_huge_space_ranger_png_is_refused_in_one_line(tmp_path, monkeypatch):
+    from stmorph import datasets
+
+    adata = datasets.synthetic(200, n_genes=300, random_state=0)
+    outs = datasets.write_visium(adata, tmp_path / "vis", fullres=None)
+    hires = outs / "spatial" / "tissue_hires_image.png"
+    _png_1bit(hires, 14000, 14000)  # over Pillow's decompression-bomb limit
+    rc, lines = _run_cli(["run", str(outs), "--out", str(tmp_path / "out"), "--quiet"])
+    assert rc == 2 and len(lines) == 1 and "tissue_hires_image.png" in lines[0] and "too large" in lines[0], lines
+    _png_1bit(hires, 5000, 5000)
+    monkeypatch.setenv("STMORPH_MAX_DECODE_BYTES", "50M")
+    rc, lines = _run_cli(["run", str(outs), "--out", str(tmp_path / "out"), "--quiet"])
+    assert rc == 2 and len(lines) == 1 and "tissue_hires_image.png (5000 x 5000 px" in lines[0], lines
+    assert not (tmp_path / "out").exists()

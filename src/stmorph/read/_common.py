@@ -316,8 +316,14 @@ def read_png(path: Path, what: str) -> np.ndarray:
     """A Space Ranger ``tissue_*_image.png`` as ``uint8`` (H, W, 3); ImageError when unreadable/truncated."""
     from PIL import Image, UnidentifiedImageError
 
+    from ..im.slide._base import check_decode
+
     try:
         with Image.open(path) as im:
+            w, h = im.size
+            # Pillow's buffer, its RGB conversion (4 bytes a pixel each) and the array copied out
+            check_decode(path, w * h * 11, f"{what} ({w} x {h} px; Space Ranger's are at most {HIRES_MAX_SIDE} "
+                                           "px, 6000 for Visium HD)", hint="give the image Space Ranger wrote")
             im.load()
             if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit/float grey: scale by the value range
                 raw = np.asarray(im, dtype=np.float64)
@@ -326,7 +332,11 @@ def read_png(path: Path, what: str) -> np.ndarray:
                 arr = np.repeat(grey[..., None], 3, axis=2)
             else:
                 arr = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except Image.DecompressionBombError as exc:
+        msg = (f"{what} is too large for a downscaled image ({first_line(exc)}); Space Ranger's are at most "
+               f"{HIRES_MAX_SIDE} px (6000 for Visium HD): give the image Space Ranger wrote.")
+        raise ImageError(msg, path) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
         text = first_line(exc)
         msg = f"{what} cannot be read or is truncated ({text})."
         raise ImageError(msg, path) from None
