@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .errors import OutputError, OutputExistsError, StmorphError
+from .errors import InputError, OutputError, OutputExistsError, StmorphError
 
 _PACKAGES = ("stmorph", "numpy", "scipy", "pandas", "anndata", "scanpy", "scikit-learn", "igraph",
              "leidenalg", "torch", "tifffile", "zarr", "pillow", "matplotlib", "gseapy")
@@ -196,16 +196,43 @@ def _output_error(exc: OSError, path: Path) -> OutputError:
     return OutputError(f"cannot write {path}: {text}{where}.")
 
 
+def printable(path: str | os.PathLike) -> str:
+    """``path`` with the bytes that are not UTF-8 shown as ``\\xNN`` (printable, storable)."""
+    try:
+        return os.fsencode(path).decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
+        return os.fspath(path).encode("utf-8", "backslashreplace").decode("ascii")
+
+
+def check_utf8_name(path: str | os.PathLike, what: str = "file") -> None:
+    """InputError when ``path`` is not valid UTF-8: stmorph records input names in result.h5ad, whose text
+    is UTF-8 only, so such a name failed when the results were written, after all the work."""
+    raw = os.fsencode(path)
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        msg = (f"the {what} name is not valid UTF-8 (byte 0x{raw[exc.start]:02x}); stmorph records names in its "
+               "outputs as UTF-8 text: rename it (e.g. convmv -f latin1 -t utf8 --notest NAME).")
+        raise InputError(msg, printable(path)) from None
+
+
+
+
 def check_writable(path: str | os.PathLike, *, force: bool, inputs: Sequence[str | os.PathLike | None] = ()) -> Path:
-    """Fail early, before any work, when ``path`` exists and may not be replaced.
+    """Fail early, before any work, when ``path`` exists and may not be replaced, or cannot be made.
 
     An existing ``path`` is replaced only with ``force``, and only when stmorph wrote it (its marker)
     and it holds nothing else; never the working directory or a parent of it, the home folder, or a
-    folder that is or contains one of ``inputs``.
+    folder that is or contains one of ``inputs``. ``path`` and every one of ``inputs`` must be valid
+    UTF-8 (:func:`check_utf8_name`).
     """
     if isinstance(path, str) and not path.strip():
         msg = "the output folder is an empty string (that would be the working directory); give a new folder name."
         raise OutputExistsError(msg)
+    for given in inputs:
+        if given is not None and str(given) != "":
+            check_utf8_name(given, "input")
+    check_utf8_name(path, "output")
     path = Path(path)
     if not (path.exists() or path.is_symlink()):
         _check_creatable(path)
@@ -482,10 +509,20 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
     return path
 
 
+def _storable(text: str) -> str:
+    """``text`` as UTF-8 can hold it: a file name's bytes that are not UTF-8 (lone surrogates) as ``\\xNN``."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return printable(text)
+    return text
+
+
 def h5ad_safe(obj: Any) -> Any:
-    """A copy of ``obj`` that anndata can write: None -> "None", tuples -> lists, paths -> str."""
+    """A copy of ``obj`` that anndata can write: None -> "None", tuples -> lists, paths -> str, and the bytes
+    of file names that are not UTF-8 as ``\\xNN`` (h5py stores UTF-8 text only)."""
     if isinstance(obj, Mapping):
-        return {str(k): h5ad_safe(v) for k, v in obj.items()}
+        return {_storable(str(k)): h5ad_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         items = [h5ad_safe(v) for v in obj]
         if items and all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in items):
@@ -495,8 +532,10 @@ def h5ad_safe(obj: Any) -> Any:
         return {str(i): v for i, v in enumerate(items)}
     if obj is None:
         return "None"
+    if isinstance(obj, str):
+        return _storable(obj)
     if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
+        return _storable(os.fspath(obj))
     if isinstance(obj, np.generic):
         return obj.item()
     return obj
