@@ -61,3 +61,13 @@ def test_names_that_are_not_utf8_are_stored_escaped_by_the_python_api(tmp_path):
     _outputs.write_h5ad(adata, tmp_path / "r.h5ad")
     back = ad.read_h5ad(tmp_path / "r.h5ad")
     assert back.uns["spatial"]["lib\\xfe"]["metadata"]["source_image_path"] == "/data/s\\xff.tif"
+
+
+@pytest.mark.parametrize("length", [300, 240])
+def test_an_output_name_too_long_is_refused_before_any_work(visium, tmp_path, capsys, no_work, length):
+    """300 characters: OSError from mkdtemp; 240: fits the file system, but not its staging folder's name."""
+    out = tmp_path / ("o" * length)
+    rc, err = _run(["run", str(visium), "--method", "expression", "--out", str(out), "--quiet"], capsys)
+    assert rc == 2 and len(err) == 1 and f"output name is {length} bytes long, too long" in err[0], err
+    assert "choose a name of at most" in err[0]
+    assert list(tmp_path.iterdir()) == []

@@ -218,13 +218,42 @@ def check_utf8_name(path: str | os.PathLike, what: str = "file") -> None:
 
 
 
+def check_name_length(path: str | os.PathLike) -> None:
+    """OutputError when ``path``, or the name stmorph stages it under, is longer than the file system allows."""
+    path = Path(os.path.abspath(path))
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    try:
+        name_max = os.pathconf(parent, "PC_NAME_MAX")
+        path_max = os.pathconf(parent, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        name_max, path_max = 255, 4096
+    for part in path.parts[1:-1]:
+        if len(os.fsencode(part)) > name_max:
+            msg = f"{printable(path)}: the folder name {printable(part)[:40]}... is longer than {name_max} bytes."
+            raise OutputError(msg)
+    # staging_dir: ".<name>.old-<owner>-" and mkdtemp's 8 characters; _strand: "<name>.stmorph-<date>-<time>-<n>"
+    extra = max(len(".") + len(".old-") + len(_owner_tag()) + 8, len(".stmorph-20260101-000000-99"))
+    longest = len(os.fsencode(path.name)) + extra
+    if longest > name_max:
+        most = max(1, name_max - longest + len(os.fsencode(path.name)))
+        msg = (f"{printable(path)}: the output name is {len(os.fsencode(path.name))} bytes long, too long: stmorph "
+               f"builds it under a temporary name {longest - len(os.fsencode(path.name))} bytes longer and the file "
+               f"system allows {name_max}; choose a name of at most {most} bytes.")
+        raise OutputError(msg)
+    if len(os.fsencode(path)) + 64 > path_max:
+        msg = f"{printable(path)[:60]}...: the output path is {len(os.fsencode(path))} bytes long, too long."
+        raise OutputError(msg)
+
+
 def check_writable(path: str | os.PathLike, *, force: bool, inputs: Sequence[str | os.PathLike | None] = ()) -> Path:
     """Fail early, before any work, when ``path`` exists and may not be replaced, or cannot be made.
 
     An existing ``path`` is replaced only with ``force``, and only when stmorph wrote it (its marker)
     and it holds nothing else; never the working directory or a parent of it, the home folder, or a
     folder that is or contains one of ``inputs``. ``path`` and every one of ``inputs`` must be valid
-    UTF-8 (:func:`check_utf8_name`).
+    UTF-8 (:func:`check_utf8_name`), and ``path`` short enough to stage (:func:`check_name_length`).
     """
     if isinstance(path, str) and not path.strip():
         msg = "the output folder is an empty string (that would be the working directory); give a new folder name."
@@ -233,6 +262,7 @@ def check_writable(path: str | os.PathLike, *, force: bool, inputs: Sequence[str
         if given is not None and str(given) != "":
             check_utf8_name(given, "input")
     check_utf8_name(path, "output")
+    check_name_length(path)
     path = Path(path)
     if not (path.exists() or path.is_symlink()):
         _check_creatable(path)
