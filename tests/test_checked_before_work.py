@@ -71,3 +71,51 @@ def test_an_output_name_too_long_is_refused_before_any_work(visium, tmp_path, ca
     assert rc == 2 and len(err) == 1 and f"output name is {length} bytes long, too long" in err[0], err
     assert "choose a name of at most" in err[0]
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def read_only_copy(tmp_path):
+    """``make(src)``: a read-only copy of folder ``src``: chmod for a user, a read-only tmpfs for root."""
+    mounted = []
+
+    def make(src):
+        dst = tmp_path / "ro"
+        if os.geteuid() != 0:
+            shutil.copytree(src, dst)
+            for p in [dst, *dst.iterdir()]:
+                p.chmod(0o555 if p.is_dir() else 0o444)
+            return dst
+        dst.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(dst)],
+                          capture_output=True).returncode != 0:
+            pytest.skip("cannot make a read-only folder here (root, and mounting is not permitted)")
+        mounted.append(dst)
+        for p in src.iterdir():
+            (shutil.copytree if p.is_dir() else shutil.copy2)(p, dst / p.name)
+        if subprocess.run(["mount", "-o", "remount,ro", str(dst)], capture_output=True).returncode != 0:
+            pytest.skip("cannot remount read-only")
+        return dst
+
+    yield make
+    for m in mounted:
+        subprocess.run(["umount", str(m)], capture_output=True)
+    for p in tmp_path.rglob("*"):
+        if not p.is_symlink():
+            p.chmod(0o755 if p.is_dir() else 0o644)
+
+
+def test_report_into_a_read_only_folder_fails_before_building_it(visium, tmp_path, capsys, read_only_copy,
+                                                                   monkeypatch):
+    out = tmp_path / "run"
+    assert _run(["run", str(visium), "--method", "expression", "--out", str(out), "--quiet", "--no-plot"],
+                capsys)[0] == 0
+    ro = read_only_copy(out)
+    import stmorph.report._html as html
+
+    def build_report(*args, **kwargs):
+        raise AssertionError("the report was built before the check")
+
+    monkeypatch.setattr(html, "build_report", build_report)
+    rc, err = _run(["report", str(ro), "--quiet"], capsys)
+    assert rc == 2 and len(err) == 1 and f"{ro}: cannot write in this folder" in err[0], err
+    assert not (ro / "report.html").exists()

@@ -247,6 +247,20 @@ def check_name_length(path: str | os.PathLike) -> None:
         raise OutputError(msg)
 
 
+def check_can_write_in(folder: str | os.PathLike) -> None:
+    """OutputError (one line) unless a file can be created in the existing ``folder``: tried with a temporary
+    file, removed at once (permission bits do not tell for root, a read-only mount or ACLs)."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".stmorph-write-check-", dir=folder)
+    except OSError as exc:
+        why = "the disk is full" if exc.errno in DISK_FULL else (exc.strerror or str(exc)).lower()
+        msg = f"{printable(folder)}: cannot write in this folder ({why}); choose another folder or make it writable."
+        raise OutputError(msg) from None
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
+
+
 def check_writable(path: str | os.PathLike, *, force: bool, inputs: Sequence[str | os.PathLike | None] = ()) -> Path:
     """Fail early, before any work, when ``path`` exists and may not be replaced, or cannot be made.
 
