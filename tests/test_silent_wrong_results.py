@@ -50,3 +50,45 @@ def test_ari_against_a_single_class_says_why_it_is_zero():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         st.ev.ari(a, "d")
+
+
+def test_feature_cache_is_keyed_on_the_image_content(tmp_path, tiny):
+    """An edit in place that keeps the size and the modification time: the features are computed again."""
+    from test_features import _adata, _image
+
+    path = tmp_path / "img.tif"
+    tifffile.imwrite(path, _image(0), photometric="rgb")
+    stat = os.stat(path)
+    a = _adata()
+    st.im.features(a, tiny, image=path, cache_dir=tmp_path / "cache", progress=False, precision="float32")
+    first = a.obsm["X_image"].copy()
+    with open(path, "r+b") as f:  # same layout, other pixels, written over the old ones
+        tifffile.imwrite(tmp_path / "other.tif", _image(1), photometric="rgb")
+        f.write((tmp_path / "other.tif").read_bytes())
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert os.stat(path).st_size == stat.st_size and os.stat(path).st_mtime_ns == stat.st_mtime_ns
+    b = _adata()
+    st.im.features(b, tiny, image=path, cache_dir=tmp_path / "cache", progress=False, precision="float32")
+    assert not b.uns["X_image"]["params"]["from_cache"]
+    assert not np.allclose(b.obsm["X_image"], first)
+    c = _adata()  # touched, content unchanged: still a hit
+    os.utime(path)
+    st.im.features(c, tiny, image=path, cache_dir=tmp_path / "cache", progress=False, precision="float32")
+    assert c.uns["X_image"]["params"]["from_cache"]
+    np.testing.assert_array_equal(c.obsm["X_image"], b.obsm["X_image"])
+
+
+def test_a_large_image_is_fingerprinted_by_a_sample_and_its_change_time(tmp_path, monkeypatch):
+    from stmorph.im import _cache
+
+    monkeypatch.setattr(_cache, "WHOLE_FILE_HASH_BYTES", 2**16)
+    path = tmp_path / "big.bin"
+    path.write_bytes(os.urandom(2**23))
+    one = _cache.image_identity(path)
+    assert "sample-sha256-ctime" in one and _cache.image_identity(path) == one
+    stat = os.stat(path)
+    with open(path, "r+b") as f:  # one byte far from any sampled block
+        f.seek(2**22 + 17)
+        f.write(b"\x00" if f.read(1) != b"\x00" else b"\x01")
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert _cache.image_identity(path) != one
