@@ -92,3 +92,22 @@ def test_a_large_image_is_fingerprinted_by_a_sample_and_its_change_time(tmp_path
         f.write(b"\x00" if f.read(1) != b"\x00" else b"\x01")
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert _cache.image_identity(path) != one
+
+
+def test_absurd_counts_are_refused_naming_the_file(tmp_path):
+    s = write_section(tmp_path / "s", image=False)
+    df = pd.read_csv(s["counts"], sep="\t", index_col=0).astype(float)
+    df.iloc[3, 2] = 1e30
+    df.to_csv(s["counts"], sep="\t")
+    with pytest.raises(InputError, match=r"S1\.tsv\.gz: counts file holds 1 value\(s\) above 1e\+08 "
+                                         r"\(the largest 1e\+30\)"):
+        st.read.legacy_st(s["counts"], s["spots"])
+
+
+def test_absurd_counts_in_an_h5ad_are_refused(tmp_path):
+    adata = datasets.synthetic(100, n_genes=300, image=False, random_state=0)
+    adata.X = adata.X.astype(np.float32)
+    adata.X[0, 0] = 1e30
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    with pytest.raises(InputError, match=r"above 1e\+08"):
+        st.read.h5ad(tmp_path / "a.h5ad")

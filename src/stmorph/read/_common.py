@@ -159,8 +159,13 @@ def make_unique(names: Sequence[str]) -> pd.Index:
     return make_index_unique(pd.Index([str(n) for n in names]))
 
 
+#: Largest value a count matrix may hold: no spot or bin has this many UMIs of one gene (float32 holds
+#: whole numbers exactly only up to 2**24; sums of larger values overflow the normalisation).
+MAX_COUNT = 1e8
+
+
 def check_matrix(X, path: Path, what: str) -> None:
-    """Raise InputError for an empty matrix, negative or non-finite counts."""
+    """Raise InputError for an empty matrix, negative, non-finite or absurdly large (> :data:`MAX_COUNT`) counts."""
     n_obs, n_vars = X.shape
     if n_obs == 0 or n_vars == 0:
         msg = f"{what} is empty ({n_obs} spots x {n_vars} genes)."
@@ -174,6 +179,11 @@ def check_matrix(X, path: Path, what: str) -> None:
         raise InputError(msg, path)
     if (data < 0).any():
         msg = f"{what} holds {int((data < 0).sum())} negative value(s); raw counts must be >= 0."
+        raise InputError(msg, path)
+    top = float(data.max())
+    if top > MAX_COUNT:
+        msg = (f"{what} holds {int((data > MAX_COUNT).sum())} value(s) above {MAX_COUNT:.0e} (the largest "
+               f"{top:.3g}); these are not UMI counts of one gene in one spot: is this the right file?")
         raise InputError(msg, path)
 
 
