@@ -111,3 +111,22 @@ def test_absurd_counts_in_an_h5ad_are_refused(tmp_path):
     adata.write_h5ad(tmp_path / "a.h5ad")
     with pytest.raises(InputError, match=r"above 1e\+08"):
         st.read.h5ad(tmp_path / "a.h5ad")
+
+
+def test_visium_spots_all_at_one_pixel_are_refused_naming_the_file(visium, tmp_path):
+    outs = _copy(visium, tmp_path)
+    pos = outs / "spatial" / "tissue_positions_list.csv"
+    df = pd.read_csv(pos, header=None)
+    df[4], df[5] = 100, 100
+    df.to_csv(pos, header=False, index=False)
+    with pytest.raises(InputError, match=r"tissue_positions_list\.csv: all \d+ spots lie at the same pixel"):
+        st.read.visium(outs)
+
+
+def test_legacy_spots_all_at_one_pixel_are_refused_naming_the_file(tmp_path):
+    s = write_section(tmp_path / "s", image=False)
+    sel = pd.read_csv(s["spots"], sep="\t")
+    sel["pixel_x"], sel["pixel_y"] = 10.0, 10.0
+    sel.to_csv(s["spots"], sep="\t", index=False)
+    with pytest.raises(InputError, match=r"S1_selection\.tsv: all \d+ spots lie at the same pixel"):
+        st.read.legacy_st(s["counts"], s["spots"])

@@ -237,21 +237,31 @@ def check_counts(adata, path: Path, what: str, *, inplace: bool = False):
 # --------------------------------------------------------------------------- spots
 
 
-def spot_diameter_from_spacing(xy: np.ndarray, factor: float = 0.5) -> float:
-    """``factor`` x the median nearest-neighbour distance between spot centres (pixels)."""
+def spot_diameter_from_spacing(xy: np.ndarray, factor: float = 0.5, path: Path | None = None) -> float:
+    """``factor`` x the median nearest-neighbour distance between spot centres (pixels); InputError naming
+    ``path`` (the file the positions came from) when it is undefined."""
     from scipy.spatial import cKDTree
 
     xy = np.asarray(xy, dtype=np.float64)
     if len(xy) < 2:
         msg = "need at least two spots to derive the spot diameter from their spacing."
-        raise InputError(msg)
+        raise InputError(msg, path)
     dist, _ = cKDTree(xy).query(xy, k=2)
     nn = dist[:, 1]
     nn = nn[nn > 0]
     if nn.size == 0:
         msg = "all spots share the same pixel position; cannot derive the spot diameter."
-        raise InputError(msg)
+        raise InputError(msg, path)
     return float(np.median(nn) * factor)
+
+
+def check_spot_positions(xy: np.ndarray, path: Path, columns: str) -> None:
+    """InputError naming ``path`` when every spot lies at the same pixel (the pixel columns hold no positions)."""
+    xy = np.asarray(xy, dtype=np.float64)
+    if len(xy) > 1 and np.all(xy == xy[0]):
+        msg = (f"all {len(xy)} spots lie at the same pixel (x={xy[0, 0]:g}, y={xy[0, 1]:g}); the columns {columns} "
+               "must hold each spot's centre in full-resolution pixels.")
+        raise InputError(msg, path)
 
 
 def array_pitch(xy: np.ndarray, array_col: np.ndarray, array_row: np.ndarray) -> float | None:

@@ -314,6 +314,7 @@ def legacy_st(
     sel, X = sel.loc[keep], X[np.flatnonzero(keep)]
     c.check_matrix(X, counts_path, "counts file (selected spots)")
     xy = sel[["pixel_x", "pixel_y"]].to_numpy(dtype=np.float64) * pixel_scale
+    c.check_spot_positions(xy, spots_path, "pixel_x, pixel_y")
     obs = pd.DataFrame(
         {
             "in_tissue": sel["selected"].to_numpy(dtype=np.int64),
@@ -326,7 +327,7 @@ def legacy_st(
 
     pitch = c.array_pitch(xy, obs["array_col"].to_numpy(), obs["array_row"].to_numpy())
     if pitch is None:  # array coordinates on one line: fall back to the spot spacing in pixels
-        diameter = c.spot_diameter_from_spacing(xy, DIAMETER_PER_SPACING)
+        diameter = c.spot_diameter_from_spacing(xy, DIAMETER_PER_SPACING, spots_path)
     else:
         diameter = DIAMETER_PER_SPACING * pitch
     scalefactors = {"spot_diameter_fullres": diameter}

@@ -332,6 +332,7 @@ def visium(
         obs, X = obs.loc[keep], X[np.flatnonzero(keep)]
     c.check_matrix(X, h5, "count matrix (in-tissue spots)")
     xy = obs[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(dtype=np.float64)
+    c.check_spot_positions(xy, pos_path, "pxl_row_in_fullres, pxl_col_in_fullres")
     obs = obs[["in_tissue", "array_row", "array_col"]].copy()
 
     # scale factors and the Space Ranger images
