@@ -130,3 +130,20 @@ def test_legacy_spots_all_at_one_pixel_are_refused_naming_the_file(tmp_path):
     sel.to_csv(s["spots"], sep="\t", index=False)
     with pytest.raises(InputError, match=r"S1_selection\.tsv: all \d+ spots lie at the same pixel"):
         st.read.legacy_st(s["counts"], s["spots"])
+
+
+def test_labels_of_another_section_are_warned_about(visium, tmp_path):
+    """DLPFC 151674's labels on 151673: 96% of the barcodes matched (Visium barcodes repeat across slides)."""
+    outs = _copy(visium, tmp_path)
+    own = pd.read_csv(visium / "labels.tsv", sep="\t", dtype=str)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        st.read.visium(outs, labels=visium / "labels.tsv")
+    other = own.copy()
+    n = max(5, len(own) // 20)
+    other.iloc[:n, 0] = [f"AAAC{i:012d}-1" for i in range(n)]  # barcodes of spots this section does not have
+    other.to_csv(tmp_path / "other.tsv", sep="\t", index=False)
+    with pytest.warns(UserWarning, match=rf"other\.tsv: {n} of its {len(own)} labelled spots are not spots of this "
+                                         rf"section .* cover {len(own) - n} of the \d+ spots; are these the labels "
+                                         "of another section"):
+        st.read.visium(outs, labels=tmp_path / "other.tsv")

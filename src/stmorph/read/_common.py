@@ -372,10 +372,17 @@ def downsample(slide, max_side: int) -> tuple[np.ndarray, float]:
 # --------------------------------------------------------------------------- labels
 
 
+#: Share of a labels file's labelled spots that may lie off the data's spots without a warning (a section's
+#: own labels match all, or all but a few, of its spots; another section's leave several percent out).
+UNMATCHED_LABELS = 0.02
+
+
 def attach_labels(obs: pd.DataFrame, labels: pd.Series, path: Path, key: str = "annotation") -> None:
     """Put ``labels`` (indexed like ``obs``) into ``obs[key]`` as a categorical, NaN where unlabelled.
 
-    Raises InputError when no label matches any spot (the label file belongs to another section).
+    Raises InputError when no label matches any spot (the label file belongs to another section); warns,
+    saying how many match, when more than :data:`UNMATCHED_LABELS` of the labelled spots are not spots of
+    the data (likely another section's labels, which match most barcodes on Visium).
     """
     labels = labels.astype(object).where(labels.notna(), None)
     labels = labels.map(lambda v: None if v is None or str(v).strip() in ("", "nan", "NaN", "NA") else str(v).strip())
@@ -386,6 +393,15 @@ def attach_labels(obs: pd.DataFrame, labels: pd.Series, path: Path, key: str = "
             f"(labels e.g. {examples(labels.index)}; spots e.g. {examples(obs.index)})."
         )
         raise InputError(msg, path)
+    labelled = labels.index[labels.notna()]
+    unmatched = labelled.difference(obs.index, sort=False)
+    if len(labelled) and len(unmatched) > UNMATCHED_LABELS * len(labelled):
+        covered = int(obs.index.isin(labelled).sum())
+        warnings.warn(
+            f"{path}: {len(unmatched)} of its {len(labelled)} labelled spots are not spots of this section "
+            f"(e.g. {examples(unmatched)}), and its labels cover {covered} of the {len(obs)} spots; are these the "
+            "labels of another section? (Visium barcodes repeat across slides, so another section's labels "
+            "match most spots, and ARI/NMI against them mean nothing.)", UserWarning, stacklevel=3)
     values = labels.reindex(obs.index)
     cats = sorted({v for v in values if v is not None and v == v})
     obs[key] = pd.Categorical(values.where(values.notna(), np.nan), categories=cats)
