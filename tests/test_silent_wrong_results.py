@@ -38,18 +38,36 @@ def _resized_tiff(src, dst, factor):
     return dst
 
 
-def test_ari_against_a_single_class_says_why_it_is_zero():
-    import anndata as ad
-
-    a = ad.AnnData(np.zeros((6, 1), np.float32))
-    a.obs["annotation"] = pd.Categorical(["L1"] * 6)
-    a.obs["d"] = pd.Categorical(list("001122"))
-    with pytest.warns(UserWarning, match=r"single class \('L1'\) on the 6 scored spots: ARI and NMI are 0"):
-        assert st.ev.ari(a, "d") == 0.0
-    a.obs["annotation"] = pd.Categorical(list("xxyyzz"))
+def test_a_full_resolution_image_upscaled_2x_is_refused(visium, tmp_path):
+    big = _resized_tiff(visium / "image.tif", tmp_path / "big.tif", 2.0)
+    with pytest.raises(InputError, match=r"big\.tif: the image is \d+ x \d+ px, but tissue_hires_image\.png .* "
+                                         r"\(2\.00x in width, 2\.00x in height\)") as info:
+        st.read.visium(visium, image=big)
+    assert "\n" not in str(info.value)
+    # the image itself, and a slightly different size (a crop by a few per cent): read, the latter with a warning
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        st.ev.ari(a, "d")
+        st.read.visium(visium, image=visium / "image.tif")
+    near = _resized_tiff(visium / "image.tif", tmp_path / "near.tif", 1.05)
+    with pytest.warns(UserWarning, match=r"near\.tif: the image is .*1\.05x in width"):
+        st.read.visium(visium, image=near)
+
+
+def test_labels_of_another_section_are_warned_about(visium, tmp_path):
+    """DLPFC 151674's labels on 151673: 96% of the barcodes matched (Visium barcodes repeat across slides)."""
+    outs = _copy(visium, tmp_path)
+    own = pd.read_csv(visium / "labels.tsv", sep="\t", dtype=str)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        st.read.visium(outs, labels=visium / "labels.tsv")
+    other = own.copy()
+    n = max(5, len(own) // 20)
+    other.iloc[:n, 0] = [f"AAAC{i:012d}-1" for i in range(n)]  # barcodes of spots this section does not have
+    other.to_csv(tmp_path / "other.tsv", sep="\t", index=False)
+    with pytest.warns(UserWarning, match=rf"other\.tsv: {n} of its {len(own)} labelled spots are not spots of this "
+                                         rf"section .* cover {len(own) - n} of the \d+ spots; are these the labels "
+                                         "of another section"):
+        st.read.visium(outs, labels=tmp_path / "other.tsv")
 
 
 def test_feature_cache_is_keyed_on_the_image_content(tmp_path, tiny):
@@ -94,25 +112,6 @@ def test_a_large_image_is_fingerprinted_by_a_sample_and_its_change_time(tmp_path
     assert _cache.image_identity(path) != one
 
 
-def test_absurd_counts_are_refused_naming_the_file(tmp_path):
-    s = write_section(tmp_path / "s", image=False)
-    df = pd.read_csv(s["counts"], sep="\t", index_col=0).astype(float)
-    df.iloc[3, 2] = 1e30
-    df.to_csv(s["counts"], sep="\t")
-    with pytest.raises(InputError, match=r"S1\.tsv\.gz: counts file holds 1 value\(s\) above 1e\+08 "
-                                         r"\(the largest 1e\+30\)"):
-        st.read.legacy_st(s["counts"], s["spots"])
-
-
-def test_absurd_counts_in_an_h5ad_are_refused(tmp_path):
-    adata = datasets.synthetic(100, n_genes=300, image=False, random_state=0)
-    adata.X = adata.X.astype(np.float32)
-    adata.X[0, 0] = 1e30
-    adata.write_h5ad(tmp_path / "a.h5ad")
-    with pytest.raises(InputError, match=r"above 1e\+08"):
-        st.read.h5ad(tmp_path / "a.h5ad")
-
-
 def test_visium_spots_all_at_one_pixel_are_refused_naming_the_file(visium, tmp_path):
     outs = _copy(visium, tmp_path)
     pos = outs / "spatial" / "tissue_positions_list.csv"
@@ -132,18 +131,34 @@ def test_legacy_spots_all_at_one_pixel_are_refused_naming_the_file(tmp_path):
         st.read.legacy_st(s["counts"], s["spots"])
 
 
-def test_labels_of_another_section_are_warned_about(visium, tmp_path):
-    """DLPFC 151674's labels on 151673: 96% of the barcodes matched (Visium barcodes repeat across slides)."""
-    outs = _copy(visium, tmp_path)
-    own = pd.read_csv(visium / "labels.tsv", sep="\t", dtype=str)
+def test_absurd_counts_are_refused_naming_the_file(tmp_path):
+    s = write_section(tmp_path / "s", image=False)
+    df = pd.read_csv(s["counts"], sep="\t", index_col=0).astype(float)
+    df.iloc[3, 2] = 1e30
+    df.to_csv(s["counts"], sep="\t")
+    with pytest.raises(InputError, match=r"S1\.tsv\.gz: counts file holds 1 value\(s\) above 1e\+08 "
+                                         r"\(the largest 1e\+30\)"):
+        st.read.legacy_st(s["counts"], s["spots"])
+
+
+def test_absurd_counts_in_an_h5ad_are_refused(tmp_path):
+    adata = datasets.synthetic(100, n_genes=300, image=False, random_state=0)
+    adata.X = adata.X.astype(np.float32)
+    adata.X[0, 0] = 1e30
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    with pytest.raises(InputError, match=r"above 1e\+08"):
+        st.read.h5ad(tmp_path / "a.h5ad")
+
+
+def test_ari_against_a_single_class_says_why_it_is_zero():
+    import anndata as ad
+
+    a = ad.AnnData(np.zeros((6, 1), np.float32))
+    a.obs["annotation"] = pd.Categorical(["L1"] * 6)
+    a.obs["d"] = pd.Categorical(list("001122"))
+    with pytest.warns(UserWarning, match=r"single class \('L1'\) on the 6 scored spots: ARI and NMI are 0"):
+        assert st.ev.ari(a, "d") == 0.0
+    a.obs["annotation"] = pd.Categorical(list("xxyyzz"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        st.read.visium(outs, labels=visium / "labels.tsv")
-    other = own.copy()
-    n = max(5, len(own) // 20)
-    other.iloc[:n, 0] = [f"AAAC{i:012d}-1" for i in range(n)]  # barcodes of spots this section does not have
-    other.to_csv(tmp_path / "other.tsv", sep="\t", index=False)
-    with pytest.warns(UserWarning, match=rf"other\.tsv: {n} of its {len(own)} labelled spots are not spots of this "
-                                         rf"section .* cover {len(own) - n} of the \d+ spots; are these the labels "
-                                         "of another section"):
-        st.read.visium(outs, labels=tmp_path / "other.tsv")
+        st.ev.ari(a, "d")

@@ -264,6 +264,38 @@ def check_spot_positions(xy: np.ndarray, path: Path, columns: str) -> None:
         raise InputError(msg, path)
 
 
+#: Relative mismatch between a full-resolution image and the size its Space Ranger hires/lowres image
+#: implies, beyond which the image is refused (a warning above 2%).
+SCALE_MISMATCH_REFUSED = 0.10
+SCALE_MISMATCH_WARNED = 0.02
+
+
+def check_fullres_size(width: int, height: int, image: Path, images: dict, scalefactors: dict, sf_path: Path) -> None:
+    """Compare an image given as the full resolution with the size that ``tissue_hires_image.png`` (else the
+    lowres one) and its scale factor imply: Space Ranger made that image from the full resolution one, so a
+    copy upscaled 2x (or a downscaled one) is refused, a slight mismatch warned about."""
+    for res in ("hires", "lowres"):
+        scalef = scalefactors.get(f"tissue_{res}_scalef")
+        if res not in images or not scalef or scalef <= 0:
+            continue
+        h, w = images[res].shape[:2]
+        ew, eh = w / scalef, h / scalef
+        off = max(abs(width / ew - 1), abs(height / eh - 1))
+        slack = 2.0 / (scalef * min(ew, eh))  # the rounding of the small image's size
+        if off <= SCALE_MISMATCH_WARNED + slack:
+            return
+        what = (f"the image is {width} x {height} px, but tissue_{res}_image.png ({w} x {h} px) at "
+                f"tissue_{res}_scalef={scalef:g} was made from a {ew:.0f} x {eh:.0f} px image "
+                f"({width / ew:.2f}x in width, {height / eh:.2f}x in height)")
+        if off > SCALE_MISMATCH_REFUSED:
+            msg = (f"{what}; give the full-resolution image the spots were aligned to (not a rescaled copy), or "
+                   f"scale factors from the same Space Ranger run ({sf_path.name}).")
+            raise InputError(msg, image)
+        warnings.warn(f"{image}: {what}; spot patches may be cut at a slightly wrong scale.", UserWarning,
+                      stacklevel=3)
+        return
+
+
 def array_pitch(xy: np.ndarray, array_col: np.ndarray, array_row: np.ndarray) -> float | None:
     """Pixels per array step, from a least-squares affine fit ``pixel ~ (array_col, array_row)``.
 

@@ -378,6 +378,7 @@ def visium(
             xy, obs.index, width, height, Path(image),
             hint="is this the full-resolution image the spots were aligned to (not a downscaled copy)?",
         )
+        c.check_fullres_size(width, height, Path(image), images, scalefactors, sf_path)
         source = str(Path(image).expanduser().resolve())
 
     if library_id is None:
