@@ -413,3 +413,17 @@ def test_pil_pixel_limit(tmp_path, monkeypatch):
     monkeypatch.setattr(slide_mod, "MAX_PIL_PIXELS", 5000)
     with pytest.raises(ImageError, match="tiled pyramidal TIFF"):
         open_slide(tmp_path / "a.png")
+
+
+def test_a_damaged_tiff_is_one_error_without_tifffile_log_lines(tmp_path, capfd):
+    """tifffile logged 'shaped series raised ...' twice before the error."""
+    a = _rgb(300, 200)
+    with tifffile.TiffWriter(tmp_path / "p.tif") as w:
+        w.write(a, photometric="rgb", tile=(64, 64), subifds=1)
+        w.write(a[::2, ::2], photometric="rgb", tile=(64, 64), subfiletype=1)
+    data = (tmp_path / "p.tif").read_bytes()
+    (tmp_path / "cut.tif").write_bytes(data[: len(data) // 3])
+    with pytest.raises(ImageError, match=r"cut\.tif: .*truncated"):
+        open_slide(tmp_path / "cut.tif")
+    out, err = capfd.readouterr()
+    assert out == "" and err == "", err

@@ -11,6 +11,8 @@ channel) go through tifffile's zarr store.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 import threading
@@ -86,14 +88,15 @@ class _TiffSegmentLevel(_Level):
         decode = self.page.decode
         raw: dict[int, np.ndarray | None] = {}
         try:
-            for data, index in self.tif.filehandle.read_segments(
-                offsets, counts, indices=seg_index, sort=True, lock=self.lock, flat=True
-            ):
-                if data is not None and len(data) < self.bytecounts[index]:
-                    msg = f"segment {index} ends beyond the end of the file (truncated TIFF?)."
-                    raise ImageError(msg, self.slide.path)
-                arr, _, shape = decode(data, index, **self.decodeargs)
-                raw[index] = None if arr is None else arr.reshape(shape[1:])  # (length, width, contig samples)
+            with quiet_tifffile():
+                for data, index in self.tif.filehandle.read_segments(
+                    offsets, counts, indices=seg_index, sort=True, lock=self.lock, flat=True
+                ):
+                    if data is not None and len(data) < self.bytecounts[index]:
+                        msg = f"segment {index} ends beyond the end of the file (truncated TIFF?)."
+                        raise ImageError(msg, self.slide.path)
+                    arr, _, shape = decode(data, index, **self.decodeargs)
+                    raw[index] = None if arr is None else arr.reshape(shape[1:])  # (length, width, contig samples)
         except ImageError:
             raise
         except Exception as e:  # noqa: BLE001 - any codec error means an unreadable file
@@ -186,7 +189,7 @@ class _ZarrLevel(_Level):
             self.check_decode(self.path)
         sel = tuple(slice(y0, y1) if i == "Y" else slice(x0, x1) if i == "X" else slice(None) if i == "C" else i
                     for i in self.index)
-        with self.lock:
+        with self.lock, quiet_tifffile():
             a = np.asarray(self.z[sel])
         # remaining axes are ordered as in the file; bring them to (y, x, c)
         kept = [i for i in self.index if not isinstance(i, int)]
@@ -202,6 +205,29 @@ class _ZarrLevel(_Level):
 
 
 # --------------------------------------------------------------------------- TIFF helpers
+_QUIET = {"depth": 0, "disabled": False}
+_QUIET_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def quiet_tifffile():
+    """tifffile's logger silenced meanwhile: it logs every problem it meets in a damaged file (lines printed
+    before the one-line error stmorph raises about the same problem)."""
+    log = logging.getLogger("tifffile")
+    with _QUIET_LOCK:
+        if _QUIET["depth"] == 0:
+            _QUIET["disabled"] = log.disabled
+            log.disabled = True
+        _QUIET["depth"] += 1
+    try:
+        yield
+    finally:
+        with _QUIET_LOCK:
+            _QUIET["depth"] -= 1
+            if _QUIET["depth"] == 0:
+                log.disabled = _QUIET["disabled"]
+
+
 def _tiff_converter(page, path) -> _ToRGB8:
     samples = int(page.samplesperpixel)
     if page.photometric == 6 and page.compression not in _JPEG_COMPRESSIONS:
@@ -287,6 +313,11 @@ def _tiff_levels(slide: Slide, tif, path: str, lock) -> list[_Level]:
 
 
 def open_tiff(path: str, cache_bytes: int) -> Slide:
+    with quiet_tifffile():
+        return _open_tiff(path, cache_bytes)
+
+
+def _open_tiff(path: str, cache_bytes: int) -> Slide:
     import tifffile
 
     try:
