@@ -427,3 +427,10 @@ def test_a_damaged_tiff_is_one_error_without_tifffile_log_lines(tmp_path, capfd)
         open_slide(tmp_path / "cut.tif")
     out, err = capfd.readouterr()
     assert out == "" and err == "", err
+
+
+def test_a_two_sample_array_saved_as_a_stack_is_refused_naming_its_shape(tmp_path):
+    """An (H, W, 2) array written by tifffile is H pages of W x 2 px: it was read as a 2 px wide image."""
+    tifffile.imwrite(tmp_path / "hw2.tif", np.zeros((300, 400, 2), np.uint8))
+    with pytest.raises(ImageError, match=r"hw2\.tif: TIFF holds an array of shape \(300, 400, 2\) \(axes 'QYX'\)"):
+        open_slide(tmp_path / "hw2.tif")

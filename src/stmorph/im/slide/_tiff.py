@@ -228,6 +228,19 @@ def quiet_tifffile():
                 log.disabled = _QUIET["disabled"]
 
 
+def _check_shape(series, path) -> None:
+    """ImageError for a series that is no image stmorph reads: one whose last axis, taken for X by tifffile,
+    is a handful of values (an (H, W, 2) array stored as H pages of W x 2 px)."""
+    axes, shape = series.axes, tuple(int(n) for n in series.shape)
+    if "X" not in axes or "Y" not in axes:
+        return  # refused with the axes by _tiff_levels
+    width, height = shape[axes.index("X")], shape[axes.index("Y")]
+    if len(shape) >= 3 and axes.endswith("X") and width <= 4:
+        msg = (f"TIFF holds an array of shape {shape} (axes {axes!r}), i.e. {shape[0]} planes of {width} x "
+               f"{height} px; if it is an image of {shape[-3]} x {shape[-2]} px with {width} values per pixel, "
+               "only grayscale, RGB and RGBA (1, 3 or 4 samples per pixel, or gray + alpha) are read: save it "
+               "as RGB.")
+        raise ImageError(msg, path)
 def _tiff_converter(page, path) -> _ToRGB8:
     samples = int(page.samplesperpixel)
     if page.photometric == 6 and page.compression not in _JPEG_COMPRESSIONS:
@@ -260,6 +273,7 @@ def _tiff_levels(slide: Slide, tif, path: str, lock) -> list[_Level]:
         msg = "TIFF file contains no image."
         raise ImageError(msg, path)
     series = _main_series(tif)
+    _check_shape(series, path)
     size = os.path.getsize(path)
     levels: list[_Level] = []
     for k, lev in enumerate(series.levels):
