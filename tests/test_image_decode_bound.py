@@ -176,15 +176,15 @@ def test_the_readers_refuse_an_image_too_large_to_decode_before_any_work(tmp_pat
 
     adata = datasets.synthetic(200, n_genes=300, random_state=0)
     datasets.write_visium(adata, tmp_path / "vis", fullres=None)
-    big = _png_1bit(tmp_path / "big.png", 6000, 6000)
-    monkeypatch.setenv("STMORPH_MAX_DECODE_BYTES", "10M")
+    big = _png_1bit(tmp_path / "big.png", 12000, 12000)  # 144 MB decoded; the hires PNG takes about 43 MB
+    monkeypatch.setenv("STMORPH_MAX_DECODE_BYTES", "100M")
     import contextlib
 
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         rc = main(["run", str(tmp_path / "vis"), "--image", str(big), "--out", str(tmp_path / "out"), "--quiet"])
     lines = err.getvalue().strip().splitlines()
-    assert rc == 2 and len(lines) == 1 and "big.png" in lines[0] and "6000 x 6000 px PNG whole" in lines[0], lines
+    assert rc == 2 and len(lines) == 1 and "big.png" in lines[0] and "12000 x 12000 px PNG whole" in lines[0], lines
     assert not (tmp_path / "out").exists()
 
 
@@ -277,4 +277,5 @@ def test_a_huge_space_ranger_png_is_refused_in_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("STMORPH_MAX_DECODE_BYTES", "50M")
     rc, lines = _run_cli(["run", str(outs), "--out", str(tmp_path / "out"), "--quiet"])
     assert rc == 2 and len(lines) == 1 and "tissue_hires_image.png (5000 x 5000 px" in lines[0], lines
+    assert "cannot be read" not in lines[0] and lines[0].endswith("give the image Space Ranger wrote.")
     assert not (tmp_path / "out").exists()

@@ -384,6 +384,8 @@ def read_png(path: Path, what: str) -> np.ndarray:
                 arr = np.repeat(grey[..., None], 3, axis=2)
             else:
                 arr = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
+    except ImageError:
+        raise
     except Image.DecompressionBombError as exc:
         msg = (f"{what} is too large for a downscaled image ({first_line(exc)}); Space Ranger's are at most "
                f"{HIRES_MAX_SIDE} px (6000 for Visium HD): give the image Space Ranger wrote.")
