@@ -415,8 +415,9 @@ def test_pil_pixel_limit(tmp_path, monkeypatch):
         open_slide(tmp_path / "a.png")
 
 
-def test_a_damaged_tiff_is_one_error_without_tifffile_log_lines(tmp_path, capfd):
+def test_a_damaged_tiff_is_one_error_without_tifffile_log_lines(tmp_path, capfd, caplog):
     """tifffile logged 'shaped series raised ...' twice before the error."""
+    caplog.set_level("DEBUG", logger="tifffile")
     a = _rgb(300, 200)
     with tifffile.TiffWriter(tmp_path / "p.tif") as w:
         w.write(a, photometric="rgb", tile=(64, 64), subifds=1)
@@ -427,6 +428,7 @@ def test_a_damaged_tiff_is_one_error_without_tifffile_log_lines(tmp_path, capfd)
         open_slide(tmp_path / "cut.tif")
     out, err = capfd.readouterr()
     assert out == "" and err == "", err
+    assert not [r for r in caplog.records if r.name.startswith("tifffile")], caplog.text
 
 
 def test_a_two_sample_array_saved_as_a_stack_is_refused_naming_its_shape(tmp_path):
