@@ -81,6 +81,45 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def _open_text(path: Path):
+    import bz2
+    import gzip
+    import lzma
+
+    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(path.suffix, open)
+    return opener(path, "rt", encoding="utf-8", errors="replace", newline="")
+
+
+def ragged_row(path: Path, sep: str, skip: int = 0) -> tuple[int, int, int, int] | None:
+    """``(line, fields, expected, first)`` of the first line of a delimited file (after ``skip`` lines) whose
+    number of fields differs from that of line ``first``, the first one read, or None. Quotes are not
+    interpreted (tables of counts and positions have none)."""
+    expected = first = None
+    try:
+        with _open_text(path) as fh:
+            for i, line in enumerate(fh, start=1):
+                line = line.rstrip("\r\n")
+                if i <= skip or not line.strip():
+                    continue
+                n = line.count(sep) + 1
+                if expected is None:
+                    expected, first = n, i
+                elif n != expected:
+                    return i, n, expected, first
+    except (OSError, EOFError, ValueError):
+        return None
+    return None
+
+
+def ragged_message(what: str, path: Path, sep: str, skip: int = 0) -> str | None:
+    """``"<what>: line N has M fields, expected K"`` for the first ragged line of ``path``, or None."""
+    found = ragged_row(path, sep, skip)
+    if found is None:
+        return None
+    line, n, expected, first = found
+    return f"{what}: line {line} has {n} fields, expected {expected} (as line {first} has); is the file cut or edited?"
+
+
 def read_table(path: Path, what: str, **kwargs) -> pd.DataFrame:
     """``pandas.read_csv`` with parse failures turned into InputError naming the file."""
     try:
@@ -88,7 +127,11 @@ def read_table(path: Path, what: str, **kwargs) -> pd.DataFrame:
     except pd.errors.EmptyDataError:
         msg = f"{what} is empty."
         raise InputError(msg, path) from None
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError, EOFError, OSError) as exc:
+    except pd.errors.ParserError as exc:
+        skip = kwargs.get("skiprows") if isinstance(kwargs.get("skiprows"), int) else 0
+        msg = ragged_message(what, path, kwargs.get("sep", ","), skip) or f"{what} cannot be parsed ({first_line(exc)})."
+        raise InputError(msg, path) from None
+    except (UnicodeDecodeError, ValueError, EOFError, OSError) as exc:
         # OSError/EOFError: a truncated or corrupt .gz; ValueError: bad dtype conversions.
         text = first_line(exc)
         msg = f"{what} cannot be parsed ({text})."

@@ -84,6 +84,10 @@ def read_counts(path: str | os.PathLike):
     # header read apart: pandas would rename duplicated gene names ("ACTB.1"); anndata's style is wanted
     names = [v.strip().strip('"') for v in _first_line(path).rstrip("\r\n").split(sep)]
     df = c.read_table(path, "counts file", sep=sep, header=None, skiprows=1, index_col=0)
+    if df.isna().to_numpy().any():  # a short row is filled with NaN by pandas: say which row
+        msg = c.ragged_message("counts file", path, sep, skip=1)
+        if msg is not None:
+            raise InputError(msg, path)
     if len(names) == df.shape[1] + 1:  # the usual layout: an empty (or named) first field above the ids
         names = names[1:]
     if len(names) != df.shape[1]:
