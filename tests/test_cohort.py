@@ -29,6 +29,7 @@ def cohort_inputs(tmp_path_factory):
     for i, name in enumerate(("s1", "s2", "s3")):
         tissue = datasets.synthetic(220, n_genes=300, image=False, random_state=i)
         datasets.write_visium(tissue, root / name / "outs", fullres=None)
+    (root / "nowhere" / "outs").mkdir(parents=True)  # a section folder without its files: fails when run
     return root
 
 
@@ -70,6 +71,13 @@ def test_manifest_is_validated_up_front(tmp_path, capsys):
 
     m = tmp_path / "ok.csv"
     m.write_text("section,input,pixel-scale,labels,method,refine\nA,data/x.tsv,0.5,lab.tsv,expression+stmorph,no\n")
+    for missing, column in (("data/x.tsv", "input"), ("lab.tsv", "labels")):  # every path cell must exist
+        assert main(["cohort", str(m), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{m}: row 2, column {column}: no such file or folder: {missing}" in err[0], err
+        (tmp_path / missing).parent.mkdir(exist_ok=True)
+        (tmp_path / missing).write_text("")
+    assert not out.exists()
     (s,) = read_manifest(m)
     assert s.name == "A" and s.argv == [str(tmp_path / "data/x.tsv"), "--pixel-scale", "0.5",
                                         "--labels", str(tmp_path / "lab.tsv"), "--method", "expression",
@@ -88,7 +96,7 @@ def test_cohort_on_a_local_cluster_keeps_failures_apart_and_resumes(cohort_input
     table = _table(out)
     assert list(table.index) == ["A", "B", "broken"]
     assert list(table["status"]) == ["ok", "ok", "failed"]
-    assert "no such file or folder" in table.loc["broken", "error"] and "nowhere" in table.loc["broken", "error"]
+    assert "not found" in table.loc["broken", "error"] and "nowhere" in table.loc["broken", "error"]
     assert (table.loc[["A", "B"], "n_domains_expression"] == 4).all()
     assert (table.loc[["A", "B"], "ari_expression"].astype(float) > 0.3).all()  # synthetic sections are labelled
     assert not (out / "broken").exists()

@@ -136,6 +136,7 @@ def test_cohort_joint(tmp_path):
     for i, name in enumerate(("s1", "s2")):
         st.datasets.write_visium(st.datasets.synthetic(220, n_genes=300, image=False, random_state=i),
                                  tmp_path / name / "outs", fullres=None)
+    (tmp_path / "nowhere" / "outs").mkdir(parents=True)  # a section folder without its files: fails when run
     m = tmp_path / "m.csv"
     m.write_text("section,input,method,n_clusters,no_plot\nA,s1/outs,expression,4,true\n"
                  "B,s2/outs,expression,4,true\nbroken,nowhere/outs,expression,4,true\n")

@@ -347,3 +347,20 @@ def test_comma_separated_counts_named_tsv(section):
     pd.read_csv(s["counts"], sep="\t", index_col=0).to_csv(s["counts"], sep=",")
     text = read_err(InputError, s["counts"], s["spots"])
     assert "single column" in text and "tab separated" in text and str(s["counts"]) in text
+
+
+@pytest.mark.parametrize("change", ["short", "long"])
+def test_a_ragged_counts_row_is_named_with_its_fields(tmp_path, change):
+    """A row with fields missing was reported as 'NaN or inf' values; one with extra fields as pandas' message."""
+    import gzip
+
+    s = write_section(tmp_path / "s", image=False)
+    lines = gzip.open(s["counts"], "rt").read().splitlines()
+    k = len(lines[0].split("\t"))
+    lines[4] = lines[4].rsplit("\t", 2)[0] if change == "short" else lines[4] + "\t5\t6"
+    path = tmp_path / "ragged.tsv"
+    path.write_text("\n".join(lines) + "\n")
+    n = k - 2 if change == "short" else k + 2
+    with pytest.raises(InputError, match=rf"ragged\.tsv: counts file: line 5 has {n} fields, expected {k} "
+                                         r"\(as line 2 has\)"):
+        st.read.legacy_st(path, s["spots"])

@@ -413,3 +413,26 @@ def test_pil_pixel_limit(tmp_path, monkeypatch):
     monkeypatch.setattr(slide_mod, "MAX_PIL_PIXELS", 5000)
     with pytest.raises(ImageError, match="tiled pyramidal TIFF"):
         open_slide(tmp_path / "a.png")
+
+
+def test_a_damaged_tiff_is_one_error_without_tifffile_log_lines(tmp_path, capfd, caplog):
+    """tifffile logged 'shaped series raised ...' twice before the error."""
+    caplog.set_level("DEBUG", logger="tifffile")
+    a = _rgb(300, 200)
+    with tifffile.TiffWriter(tmp_path / "p.tif") as w:
+        w.write(a, photometric="rgb", tile=(64, 64), subifds=1)
+        w.write(a[::2, ::2], photometric="rgb", tile=(64, 64), subfiletype=1)
+    data = (tmp_path / "p.tif").read_bytes()
+    (tmp_path / "cut.tif").write_bytes(data[: len(data) // 3])
+    with pytest.raises(ImageError, match=r"cut\.tif: .*truncated"):
+        open_slide(tmp_path / "cut.tif")
+    out, err = capfd.readouterr()
+    assert out == "" and err == "", err
+    assert not [r for r in caplog.records if r.name.startswith("tifffile")], caplog.text
+
+
+def test_a_two_sample_array_saved_as_a_stack_is_refused_naming_its_shape(tmp_path):
+    """An (H, W, 2) array written by tifffile is H pages of W x 2 px: it was read as a 2 px wide image."""
+    tifffile.imwrite(tmp_path / "hw2.tif", np.zeros((300, 400, 2), np.uint8))
+    with pytest.raises(ImageError, match=r"hw2\.tif: TIFF holds an array of shape \(300, 400, 2\) \(axes 'QYX'\)"):
+        open_slide(tmp_path / "hw2.tif")

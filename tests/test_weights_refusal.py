@@ -38,3 +38,27 @@ def test_cli_refuses_unsafe_weights_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "refused" in err[0] and "weights_only" not in err[0], err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("encoder", ["resnet50", "efficientnet_lite2"])
+def test_weights_with_the_right_keys_but_other_shapes_refused_in_one_line(tmp_path, encoder, capsys):
+    """Another variant of the network (same names, other widths): one line, not load_state_dict's RuntimeError."""
+    if encoder == "resnet50":
+        from stmorph.im.encoders.resnet import ResNet50
+
+        sd = ResNet50(include_top=False).state_dict()
+        key = "layer1.0.conv1.weight"
+    else:
+        from stmorph.im.encoders.efficientnet_lite import EfficientNetLite
+
+        sd = EfficientNetLite().state_dict()
+        key = next(k for k, v in sd.items() if v.ndim == 4)
+    sd[key] = torch.zeros(*(n + 1 for n in sd[key].shape))
+    path = tmp_path / f"{encoder}-variant.pth"
+    torch.save(sd, path)
+    rc = main(["demo", "--out", str(tmp_path / "o"), "--n-spots", "60", "--method", "image", "--encoder", encoder,
+               "--weights", str(path), "--quiet", "--no-plot"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert str(path) in err[0] and key in err[0] and "do not fit the network" in err[0]
+    assert not (tmp_path / "o").exists()

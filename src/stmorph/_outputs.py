@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
 import os
 import platform
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .errors import OutputError, OutputExistsError, StmorphError
+from .errors import InputError, OutputError, OutputExistsError, StmorphError
 
 _PACKAGES = ("stmorph", "numpy", "scipy", "pandas", "anndata", "scanpy", "scikit-learn", "igraph",
              "leidenalg", "torch", "tifffile", "zarr", "pillow", "matplotlib", "gseapy")
@@ -143,21 +144,139 @@ def _check_creatable(path: Path) -> None:
         raise OutputError(msg)
 
 
+#: errno values that mean the device (or the user's quota) is full.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def free_bytes(folder: str | os.PathLike) -> int | None:
+    """Bytes free for this user on the file system of ``folder`` (or of its first existing parent)."""
+    folder = Path(os.path.abspath(folder))
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return int(shutil.disk_usage(folder).free)
+    except OSError:
+        return None
+
+
+def _size(n: float) -> str:
+    for unit, k in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= k:
+            return f"{n / k:.1f} {unit}"
+    return f"{int(n)} bytes"
+
+
+def disk_full_error(folder: str | os.PathLike, need: int | None = None, writing: str | None = None,
+                    free: int | None = None) -> OutputError:
+    """The one-line error of a full disk: the folder, what was being written, the space needed and ``free``
+    (the bytes free before writing; default: now)."""
+    free = free_bytes(folder) if free is None else free
+    parts = [f"{folder}: no space left on the device" + (f" while writing {writing}" if writing else "")]
+    if need:
+        parts.append(f"the outputs need about {_size(need)}")
+    if free is not None:
+        parts.append(f"{_size(free)} {'was free before writing' if need else 'free'}")
+    return OutputError("; ".join(parts) + "; free some space or choose another output folder (nothing was replaced).")
+
+
+def check_free_space(folder: str | os.PathLike, need: int) -> None:
+    """OutputError (one line) when the file system of ``folder`` has less than ``need`` bytes free."""
+    free = free_bytes(folder)
+    if free is not None and need > free:
+        msg = (f"{folder}: not enough free space for the outputs: they need about {_size(need)}, the device has "
+               f"{_size(free)} free; free some space or choose another output folder.")
+        raise OutputError(msg)
+
+
 def _output_error(exc: OSError, path: Path) -> OutputError:
+    if exc.errno in DISK_FULL:
+        return disk_full_error(path.parent, writing=Path(exc.filename).name if exc.filename else None)
     where = f" ({exc.filename})" if exc.filename else ""
-    return OutputError(f"cannot write {path}: {exc.strerror or exc}{where}.")
+    text = " ".join(str(exc.strerror or exc).split())
+    return OutputError(f"cannot write {path}: {text}{where}.")
+
+
+def printable(path: str | os.PathLike) -> str:
+    """``path`` with the bytes that are not UTF-8 shown as ``\\xNN`` (printable, storable)."""
+    try:
+        return os.fsencode(path).decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
+        return os.fspath(path).encode("utf-8", "backslashreplace").decode("ascii")
+
+
+def check_utf8_name(path: str | os.PathLike, what: str = "file") -> None:
+    """InputError when ``path`` is not valid UTF-8: stmorph records input names in result.h5ad, whose text
+    is UTF-8 only, so such a name failed when the results were written, after all the work."""
+    raw = os.fsencode(path)
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        msg = (f"the {what} name is not valid UTF-8 (byte 0x{raw[exc.start]:02x}); stmorph records names in its "
+               "outputs as UTF-8 text: rename it (e.g. convmv -f latin1 -t utf8 --notest NAME).")
+        raise InputError(msg, printable(path)) from None
+
+
+
+
+def check_name_length(path: str | os.PathLike) -> None:
+    """OutputError when ``path``, or the name stmorph stages it under, is longer than the file system allows."""
+    path = Path(os.path.abspath(path))
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    try:
+        name_max = os.pathconf(parent, "PC_NAME_MAX")
+        path_max = os.pathconf(parent, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        name_max, path_max = 255, 4096
+    for part in path.parts[1:-1]:
+        if len(os.fsencode(part)) > name_max:
+            msg = f"{printable(path)}: the folder name {printable(part)[:40]}... is longer than {name_max} bytes."
+            raise OutputError(msg)
+    # staging_dir: ".<name>.old-<owner>-" and mkdtemp's 8 characters; _strand: "<name>.stmorph-<date>-<time>-<n>"
+    extra = max(len(".") + len(".old-") + len(_owner_tag()) + 8, len(".stmorph-20260101-000000-99"))
+    longest = len(os.fsencode(path.name)) + extra
+    if longest > name_max:
+        most = max(1, name_max - longest + len(os.fsencode(path.name)))
+        msg = (f"{printable(path)}: the output name is {len(os.fsencode(path.name))} bytes long, too long: stmorph "
+               f"builds it under a temporary name {longest - len(os.fsencode(path.name))} bytes longer and the file "
+               f"system allows {name_max}; choose a name of at most {most} bytes.")
+        raise OutputError(msg)
+    if len(os.fsencode(path)) + 64 > path_max:
+        msg = f"{printable(path)[:60]}...: the output path is {len(os.fsencode(path))} bytes long, too long."
+        raise OutputError(msg)
+
+
+def check_can_write_in(folder: str | os.PathLike) -> None:
+    """OutputError (one line) unless a file can be created in the existing ``folder``: tried with a temporary
+    file, removed at once (permission bits do not tell for root, a read-only mount or ACLs)."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".stmorph-write-check-", dir=folder)
+    except OSError as exc:
+        why = "the disk is full" if exc.errno in DISK_FULL else (exc.strerror or str(exc)).lower()
+        msg = f"{printable(folder)}: cannot write in this folder ({why}); choose another folder or make it writable."
+        raise OutputError(msg) from None
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
 
 
 def check_writable(path: str | os.PathLike, *, force: bool, inputs: Sequence[str | os.PathLike | None] = ()) -> Path:
-    """Fail early, before any work, when ``path`` exists and may not be replaced.
+    """Fail early, before any work, when ``path`` exists and may not be replaced, or cannot be made.
 
     An existing ``path`` is replaced only with ``force``, and only when stmorph wrote it (its marker)
     and it holds nothing else; never the working directory or a parent of it, the home folder, or a
-    folder that is or contains one of ``inputs``.
+    folder that is or contains one of ``inputs``. ``path`` and every one of ``inputs`` must be valid
+    UTF-8 (:func:`check_utf8_name`), and ``path`` short enough to stage (:func:`check_name_length`).
     """
     if isinstance(path, str) and not path.strip():
         msg = "the output folder is an empty string (that would be the working directory); give a new folder name."
         raise OutputExistsError(msg)
+    for given in inputs:
+        if given is not None and str(given) != "":
+            check_utf8_name(given, "input")
+    check_utf8_name(path, "output")
+    check_name_length(path)
     path = Path(path)
     if not (path.exists() or path.is_symlink()):
         _check_creatable(path)
@@ -356,7 +475,7 @@ def atomic_dir(path: str | os.PathLike, *, force: bool = False,
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty(created)
-        ours = str(exc.filename or "").startswith(str(tmp)) or exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+        ours = str(exc.filename or "").startswith(str(tmp)) or exc.errno in (*DISK_FULL, errno.EROFS)
         if isinstance(exc, StmorphError) or not ours:
             raise
         raise _output_error(exc, path) from exc  # disk full, quota: while writing the outputs
@@ -434,10 +553,20 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
     return path
 
 
+def _storable(text: str) -> str:
+    """``text`` as UTF-8 can hold it: a file name's bytes that are not UTF-8 (lone surrogates) as ``\\xNN``."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return printable(text)
+    return text
+
+
 def h5ad_safe(obj: Any) -> Any:
-    """A copy of ``obj`` that anndata can write: None -> "None", tuples -> lists, paths -> str."""
+    """A copy of ``obj`` that anndata can write: None -> "None", tuples -> lists, paths -> str, and the bytes
+    of file names that are not UTF-8 as ``\\xNN`` (h5py stores UTF-8 text only)."""
     if isinstance(obj, Mapping):
-        return {str(k): h5ad_safe(v) for k, v in obj.items()}
+        return {_storable(str(k)): h5ad_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         items = [h5ad_safe(v) for v in obj]
         if items and all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in items):
@@ -447,11 +576,181 @@ def h5ad_safe(obj: Any) -> Any:
         return {str(i): v for i, v in enumerate(items)}
     if obj is None:
         return "None"
+    if isinstance(obj, str):
+        return _storable(obj)
     if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
+        return _storable(os.fspath(obj))
     if isinstance(obj, np.generic):
         return obj.item()
     return obj
+
+
+class _RecordingFile(io.RawIOBase):
+    """A binary file for h5py's ``fileobj`` driver that never fails a write towards HDF5.
+
+    The first failed write (disk full, quota, I/O error) is kept in :attr:`error` and every later write
+    is only counted, so HDF5 finishes and closes the file normally; :func:`_write_h5ad_file` then raises
+    that error. (HDF5 left in an error state by a failed write or flush printed dozens of "Exception
+    ignored" tracebacks and crashed the interpreter at exit.) Reads past what reached the disk return zeros.
+    """
+
+    @staticmethod
+    def _open(path):
+        return open(path, "w+b", buffering=0)  # noqa: SIM115 - closed in close()
+
+    def __init__(self, path):
+        super().__init__()
+        self._f = self._open(path)
+        self.error: OSError | None = None
+        self._pos = 0
+        self._size = 0
+
+    def readable(self):
+        return True
+
+    def writable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def seek(self, pos, whence=0):
+        self._pos = pos if whence == 0 else self._pos + pos if whence == 1 else self._size + pos
+        return self._pos
+
+    def tell(self):
+        return self._pos
+
+    def readinto(self, buf):
+        n = max(0, min(len(buf), self._size - self._pos))
+        got = 0
+        if n:
+            self._f.seek(self._pos)
+            got = self._f.readinto(memoryview(buf)[:n]) or 0
+            if got < n:
+                memoryview(buf)[got:n] = bytes(n - got)
+        self._pos += n
+        return n
+
+    def write(self, b):
+        m = memoryview(b).cast("B")
+        n = m.nbytes
+        if self.error is None:
+            try:
+                self._f.seek(self._pos)
+                while m.nbytes:
+                    m = m[self._f.write(m):]
+            except OSError as exc:
+                self.error = exc
+        self._pos += n
+        self._size = max(self._size, self._pos)
+        return n
+
+    def truncate(self, size=None):
+        self._size = self._pos if size is None else int(size)
+        if self.error is None:
+            try:
+                self._f.truncate(self._size)
+            except OSError as exc:
+                self.error = exc
+        return self._size
+
+    def flush(self):
+        pass
+
+    def close(self):
+        if not self.closed:
+            self._f.close()
+        super().close()
+
+
+def _write_elem():
+    try:
+        from anndata.io import write_elem
+    except ImportError:  # anndata < 0.11
+        from anndata.experimental import write_elem
+    return write_elem
+
+
+def _write_h5ad_file(adata, path: str | os.PathLike, compression: str = "gzip") -> None:
+    """``adata.write_h5ad(path)`` through a :class:`_RecordingFile`: an error while writing (a full disk) is
+    raised as one OSError naming the file, after HDF5 has closed it cleanly."""
+    import h5py
+
+    write_elem = _write_elem()
+    adata.strings_to_categoricals()
+    kwargs = {"compression": compression}
+    fh = _RecordingFile(path)
+    try:
+        with h5py.File(fh, "w") as f:
+            f.attrs["encoding-type"] = "anndata"
+            f.attrs["encoding-version"] = "0.1.0"
+            write_elem(f, "X", adata.X, dataset_kwargs=kwargs)
+            for key in ("obs", "var"):
+                write_elem(f, key, getattr(adata, key), dataset_kwargs=kwargs)
+            for key in ("obsm", "varm", "obsp", "varp", "layers", "uns"):
+                write_elem(f, key, dict(getattr(adata, key)), dataset_kwargs=kwargs)
+    except Exception:
+        if fh.error is None:
+            raise
+    finally:
+        fh.close()
+    if fh.error is not None:
+        exc = fh.error
+        raise OSError(exc.errno, exc.strerror or str(exc), os.fspath(path)) from None
+
+
+def estimate_h5ad_bytes(adata) -> int:
+    """About how many bytes :func:`write_h5ad` writes for ``adata`` (gzip: counts shrink to about a third,
+    images to about two thirds, float embeddings hardly at all); a little under rather than over, so a
+    check against it refuses only a write that cannot fit."""
+    import scipy.sparse as sp
+
+    def arrays(obj):
+        if isinstance(obj, Mapping):
+            for v in obj.values():
+                yield from arrays(v)
+        elif sp.issparse(obj):
+            yield from (obj.data, getattr(obj, "indices", np.empty(0)))
+        elif isinstance(obj, np.ndarray):
+            yield obj
+        elif isinstance(obj, pd.DataFrame):
+            for col in obj.columns:
+                yield np.asarray(obj[col].cat.codes if isinstance(obj[col].dtype, pd.CategoricalDtype) else
+                                 obj[col].to_numpy(dtype=object if obj[col].dtype == object else None))
+
+    def packed(a) -> float:
+        a = np.asarray(a)
+        if a.dtype == object:
+            return 0.3 * sum(len(str(v)) for v in a.ravel()[:100_000]) * max(1, a.size / 100_000)
+        if a.dtype.kind == "f" and a.ndim == 2 and a.shape[1] > 1:
+            return 0.8 * a.nbytes  # embeddings
+        if a.ndim == 3:
+            return 0.6 * a.nbytes  # images
+        return 0.3 * a.nbytes  # counts, indices, codes
+
+    n = 0.0
+    for part in (adata.X, dict(adata.obsm), dict(adata.varm), dict(adata.layers), dict(adata.obsp),
+                 dict(adata.varp), adata.uns, adata.obs, adata.var):
+        n += sum(packed(a) for a in arrays(part))
+    n += 0.3 * sum(len(str(v)) for v in adata.obs_names) + 0.3 * sum(len(str(v)) for v in adata.var_names)
+    return int(n) + 64 * 2**10
+
+
+def estimate_run_bytes(adata, methods: Sequence[str] = (), pages: Mapping[str, str] | None = None,
+                       n_figures: int = 1) -> int:
+    """About how many bytes :func:`write_run_outputs` writes: result.h5ad, domains.csv, figures, pages."""
+    csv = adata.n_obs * (sum(len(str(v)) for v in adata.obs_names[:1000]) / max(1, min(1000, adata.n_obs))
+                         + 4 * len(methods) + 2)
+    figures = n_figures * 1_000_000
+    text = sum(len(t.encode("utf-8", "replace")) for t in (pages or {}).values())
+    return estimate_h5ad_bytes(adata) + int(csv) + figures + text
+
+
+def check_space_for(adata, out: str | os.PathLike, methods: Sequence[str] = ()) -> None:
+    """Before any work: OutputError when the device of ``out`` cannot take even the outputs of ``adata``
+    as read (counts, coordinates, images; the embeddings the methods add come on top)."""
+    check_free_space(Path(os.path.abspath(out)).parent, estimate_run_bytes(adata, methods))
 
 
 def write_h5ad(adata, path: str | os.PathLike) -> Path:
@@ -478,7 +777,7 @@ def write_h5ad(adata, path: str | os.PathLike) -> Path:
         uns["spatial"] = spatial
     out = ad.AnnData(X=adata.X, obs=adata.obs, var=adata.var, uns=h5ad_safe(uns), obsm=dict(adata.obsm),
                      varm=dict(adata.varm), obsp=dict(adata.obsp), varp=dict(adata.varp), layers=dict(adata.layers))
-    return atomic_write(path, lambda p: out.write_h5ad(p, compression="gzip"))
+    return atomic_write(path, lambda p: _write_h5ad_file(out, p))
 
 
 def write_domains_csv(adata, keys: Sequence[str], path: str | os.PathLike) -> Path:
@@ -545,17 +844,30 @@ def write_run_outputs(
     and the list of files).
     """
     out = Path(out)
-    files = {"result": write_h5ad(adata, out / "result.h5ad"),
-             "domains": write_domains_csv(adata, methods, out / "domains.csv")}
-    for name, write in (writers or {}).items():
-        write(out / name)
-        files[name] = out / name
-    for name, fig in (figures or {}).items():
-        files[Path(name).stem] = write_figure(fig, out / name)
-    for name, text in (pages or {}).items():
-        files[Path(name).stem] = atomic_write(out / name, lambda p, t=text: Path(p).write_text(t, encoding="utf-8"))
-    info = dict(run_info)
-    info["packages"] = package_versions()
-    info["outputs"] = sorted(p.name for p in files.values()) + ["run.json"]
-    files["run"] = write_json(info, out / "run.json")
+    need = estimate_run_bytes(adata, methods, pages, len(figures or {}))
+    folder = out.parent  # the folder the user named; ``out`` is the staging folder inside it
+    free = free_bytes(folder)
+    check_free_space(folder, need)
+    writing = "result.h5ad"
+    try:
+        files = {"result": write_h5ad(adata, out / writing)}
+        writing = "domains.csv"
+        files["domains"] = write_domains_csv(adata, methods, out / writing)
+        for writing, write in (writers or {}).items():
+            write(out / writing)
+            files[writing] = out / writing
+        for writing, fig in (figures or {}).items():
+            files[Path(writing).stem] = write_figure(fig, out / writing)
+        for writing, text in (pages or {}).items():
+            files[Path(writing).stem] = atomic_write(out / writing,
+                                                     lambda p, t=text: Path(p).write_text(t, encoding="utf-8"))
+        writing = "run.json"
+        info = dict(run_info)
+        info["packages"] = package_versions()
+        info["outputs"] = sorted(p.name for p in files.values()) + ["run.json"]
+        files["run"] = write_json(info, out / writing)
+    except OSError as exc:
+        if exc.errno not in DISK_FULL or isinstance(exc, StmorphError):
+            raise
+        raise disk_full_error(folder, need, writing, free) from None
     return files

@@ -57,6 +57,12 @@ def _check_matrix(X, where: str, out: list[str]) -> None:
     n_neg = int(np.count_nonzero(data < 0))
     if n_neg:
         out.append(f"{where} holds {n_neg} negative value(s); raw counts must be >= 0 (normalised or scaled data?)")
+    from .read._common import MAX_COUNT
+
+    n_big = int(np.count_nonzero(data > MAX_COUNT))
+    if n_big:
+        out.append(f"{where} holds {n_big} value(s) above {MAX_COUNT:.0e} (the largest {float(data.max()):.3g}); "
+                   "these are not UMI counts")
 
 
 def _check_coordinates(adata, out: list[str]) -> None:

@@ -115,7 +115,8 @@ def _cell_args(column: str, value: str, action: argparse.Action, base: Path) -> 
 
 def read_manifest(path: str | os.PathLike) -> list[Section]:
     """Read and validate a cohort manifest; every problem is one :class:`InputError` naming the file,
-    row (the line number in the file) and column."""
+    row (the line number in the file) and column. Every path cell (input, image, spots, labels, weights,
+    gene_sets) must name a file or folder that exists, so a missing one is found before any work."""
     path = Path(path)
     if not path.is_file():
         raise InputError("no such manifest file" if not path.exists() else "the manifest is not a file", path)
@@ -146,7 +147,7 @@ def read_manifest(path: str | os.PathLike) -> list[Section]:
             raise InputError(f"row 1, column {col}: not allowed in a manifest ({_REFUSED[col]})", path)
         if col not in options:
             raise InputError(f"row 1, column {col}: unknown column: not an option of stmorph run", path)
-    sections, names = [], {}
+    sections, names, paths = [], {}, []
     for line, row in rows[1:]:
         if len(row) != len(header):
             raise InputError(f"row {line}: {len(row)} cells for {len(header)} columns", path)
@@ -166,6 +167,9 @@ def read_manifest(path: str | os.PathLike) -> list[Section]:
         inp = Path(cells["input"]).expanduser()
         argv = [str(inp if inp.is_absolute() else base / inp)]
         for col, value in cells.items():
+            if col in _PATH_OPTIONS and value not in ("", "auto"):
+                given = Path(value).expanduser()
+                paths.append((line, col, value, given if given.is_absolute() else base / given))
             if col in ("section", "input") or value == "":
                 continue
             try:
@@ -177,6 +181,9 @@ def read_manifest(path: str | os.PathLike) -> list[Section]:
         sections.append(Section(name, argv, line))
     if not sections:
         raise InputError("the manifest lists no sections", path)
+    for line, col, value, resolved in paths:  # once the manifest itself is valid: the files it names
+        if not resolved.exists():
+            raise InputError(f"row {line}, column {col}: no such file or folder: {value}", path)
     return sections
 
 

@@ -301,7 +301,7 @@ def run_section(args, command: str) -> dict:
     """What ``stmorph run`` does with its parsed ``args``: read, run the methods, write ``args.out``
     atomically (``--force`` rules as usual); returns run.json's content. ``stmorph cohort`` runs each
     section through here, so a cohort's section folders are exactly what ``stmorph run`` writes."""
-    from .._outputs import atomic_dir, check_writable
+    from .._outputs import atomic_dir, check_space_for, check_writable
 
     out = Path(args.out)
     inputs = input_paths(args)
@@ -319,6 +319,7 @@ def run_section(args, command: str) -> dict:
     from .. import __version__
 
     info["stmorph_version"] = __version__
+    check_space_for(adata, out, methods)  # a disk too full for the outputs fails before the methods run
     with atomic_dir(out, force=args.force, inputs=inputs) as tmp:
         info = execute(adata, methods, tmp, options, info, plot=not args.no_plot, quiet=args.quiet,
                        report=args.report, gene_sets=args.gene_sets)

@@ -8,6 +8,7 @@ left out before scoring, which is the usual protocol on HER2ST and DLPFC.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 
 import numpy as np
@@ -67,6 +68,11 @@ def paired_labels(
     common = pred.index.intersection(truth.index)
     if isinstance(key, str) or not isinstance(annotation, pd.Series):
         common = common.intersection(adata.obs_names)
+    classes = pd.unique(truth.reindex(common).dropna()) if len(common) else []
+    if len(classes) == 1:
+        warnings.warn(f"the annotation has a single class ({classes[0]!r}) on the {len(common)} scored spots: "
+                      "ARI and NMI are 0 (or 1) whatever the domains, so they score nothing here.",
+                      UserWarning, stacklevel=3)
     if len(common) == 0:
         msg = (
             f"no spot has both a predicted domain ({key if isinstance(key, str) else 'Series'}) and a scored "

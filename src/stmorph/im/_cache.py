@@ -2,7 +2,8 @@
 
 One ``<key>.npy`` file per (image, coordinates, patch size, encoder, weights,
 input size, preprocessing); the key is the SHA-256 of those parts, so any
-change to one of them is a cache miss, never a stale hit. Files are written
+change to one of them is a cache miss, never a stale hit. An image file is
+identified by its content (:func:`file_fingerprint`), not its modification time. Files are written
 atomically (temporary file in the same folder, then ``os.replace``). A cache
 that cannot be written, or a damaged entry, gives a warning, never an error:
 the features are computed (again) and the run goes on.
@@ -39,12 +40,54 @@ def array_sha256(a: np.ndarray) -> str:
     return h.hexdigest()
 
 
+#: Files up to this size are hashed whole for their identity; larger ones by :func:`file_fingerprint`'s sample.
+WHOLE_FILE_HASH_BYTES = 256 * 2**20
+_SAMPLE_BLOCKS = 256
+_SAMPLE_BLOCK = 4096
+_EDGE = 2**20
+_FINGERPRINTS: dict[tuple, str] = {}
+
+
+def file_fingerprint(path: str | os.PathLike) -> str:
+    """A hash of a file's content: SHA-256 of the whole file up to :data:`WHOLE_FILE_HASH_BYTES`; of a larger
+    one, SHA-256 of its first and last MiB (the header, a TIFF's tile offsets and byte counts) and of 256
+    blocks spread evenly through it, plus its change time (``st_ctime_ns``, which every write moves and no
+    tool sets back), since a sample can miss an edit. Remembered per process while size and times stay."""
+    path = os.path.abspath(os.fspath(path))
+    st = os.stat(path)
+    memo = (path, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if memo in _FINGERPRINTS:
+        return _FINGERPRINTS[memo]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if st.st_size <= WHOLE_FILE_HASH_BYTES:
+            for chunk in iter(lambda: f.read(2**20), b""):
+                h.update(chunk)
+            kind = "sha256"
+        else:
+            h.update(f.read(_EDGE))
+            step = (st.st_size - 2 * _EDGE) // (_SAMPLE_BLOCKS + 1)
+            for k in range(1, _SAMPLE_BLOCKS + 1):
+                f.seek(_EDGE + k * step)
+                h.update(f.read(_SAMPLE_BLOCK))
+            f.seek(st.st_size - _EDGE)
+            h.update(f.read(_EDGE))
+            kind = f"sample-sha256-ctime{st.st_ctime_ns}"
+    _FINGERPRINTS[memo] = digest = f"{kind}:{h.hexdigest()}"
+    return digest
+
+
 def image_identity(path: str | os.PathLike | None = None, array: np.ndarray | None = None) -> str:
-    """Identity of an image: absolute path, size and mtime of a file; or the hash of an in-memory array."""
+    """Identity of an image: absolute path, size and content (:func:`file_fingerprint`) of a file, so an edit
+    in place that keeps the size and modification time is a cache miss; or the hash of an in-memory array."""
     if path is not None:
         path = os.path.abspath(os.fspath(path))
         st = os.stat(path)
-        return f"file:{path}|{st.st_size}|{st.st_mtime_ns}"
+        if os.path.isdir(path):  # an image stored as a folder (OME-Zarr): its entries' sizes and times
+            parts = sorted((os.path.relpath(os.path.join(d, n), path), os.stat(os.path.join(d, n)).st_size,
+                            os.stat(os.path.join(d, n)).st_mtime_ns) for d, _, names in os.walk(path) for n in names)
+            return f"file:{path}|{st.st_size}|tree:{hashlib.sha256(repr(parts).encode()).hexdigest()}"
+        return f"file:{path}|{st.st_size}|{file_fingerprint(path)}"
     if array is not None:
         return f"array:{array_sha256(array)}"
     msg = "image_identity needs a path or an array"
@@ -75,7 +118,7 @@ def module_sha256(model) -> str:
 def make_key(*, image: str, xy: np.ndarray, patch_size_px: int, encoder: dict[str, Any]) -> str:
     """Cache key: SHA-256 over the image identity, the coordinate bytes, the patch size and the encoder params."""
     h = hashlib.sha256()
-    h.update(b"stmorph-features-v1\0")
+    h.update(b"stmorph-features-v2\0")
     h.update(image.encode() + b"\0")
     h.update(array_sha256(np.asarray(xy, dtype=np.float64)).encode() + b"\0")
     h.update(str(int(patch_size_px)).encode() + b"\0")

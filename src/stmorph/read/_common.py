@@ -81,6 +81,45 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def _open_text(path: Path):
+    import bz2
+    import gzip
+    import lzma
+
+    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(path.suffix, open)
+    return opener(path, "rt", encoding="utf-8", errors="replace", newline="")
+
+
+def ragged_row(path: Path, sep: str, skip: int = 0) -> tuple[int, int, int, int] | None:
+    """``(line, fields, expected, first)`` of the first line of a delimited file (after ``skip`` lines) whose
+    number of fields differs from that of line ``first``, the first one read, or None. Quotes are not
+    interpreted (tables of counts and positions have none)."""
+    expected = first = None
+    try:
+        with _open_text(path) as fh:
+            for i, line in enumerate(fh, start=1):
+                line = line.rstrip("\r\n")
+                if i <= skip or not line.strip():
+                    continue
+                n = line.count(sep) + 1
+                if expected is None:
+                    expected, first = n, i
+                elif n != expected:
+                    return i, n, expected, first
+    except (OSError, EOFError, ValueError):
+        return None
+    return None
+
+
+def ragged_message(what: str, path: Path, sep: str, skip: int = 0) -> str | None:
+    """``"<what>: line N has M fields, expected K"`` for the first ragged line of ``path``, or None."""
+    found = ragged_row(path, sep, skip)
+    if found is None:
+        return None
+    line, n, expected, first = found
+    return f"{what}: line {line} has {n} fields, expected {expected} (as line {first} has); is the file cut or edited?"
+
+
 def read_table(path: Path, what: str, **kwargs) -> pd.DataFrame:
     """``pandas.read_csv`` with parse failures turned into InputError naming the file."""
     try:
@@ -88,7 +127,11 @@ def read_table(path: Path, what: str, **kwargs) -> pd.DataFrame:
     except pd.errors.EmptyDataError:
         msg = f"{what} is empty."
         raise InputError(msg, path) from None
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError, EOFError, OSError) as exc:
+    except pd.errors.ParserError as exc:
+        skip = kwargs.get("skiprows") if isinstance(kwargs.get("skiprows"), int) else 0
+        msg = ragged_message(what, path, kwargs.get("sep", ","), skip) or f"{what} cannot be parsed ({first_line(exc)})."
+        raise InputError(msg, path) from None
+    except (UnicodeDecodeError, ValueError, EOFError, OSError) as exc:
         # OSError/EOFError: a truncated or corrupt .gz; ValueError: bad dtype conversions.
         text = first_line(exc)
         msg = f"{what} cannot be parsed ({text})."
@@ -159,8 +202,13 @@ def make_unique(names: Sequence[str]) -> pd.Index:
     return make_index_unique(pd.Index([str(n) for n in names]))
 
 
+#: Largest value a count matrix may hold: no spot or bin has this many UMIs of one gene (float32 holds
+#: whole numbers exactly only up to 2**24; sums of larger values overflow the normalisation).
+MAX_COUNT = 1e8
+
+
 def check_matrix(X, path: Path, what: str) -> None:
-    """Raise InputError for an empty matrix, negative or non-finite counts."""
+    """Raise InputError for an empty matrix, negative, non-finite or absurdly large (> :data:`MAX_COUNT`) counts."""
     n_obs, n_vars = X.shape
     if n_obs == 0 or n_vars == 0:
         msg = f"{what} is empty ({n_obs} spots x {n_vars} genes)."
@@ -174,6 +222,11 @@ def check_matrix(X, path: Path, what: str) -> None:
         raise InputError(msg, path)
     if (data < 0).any():
         msg = f"{what} holds {int((data < 0).sum())} negative value(s); raw counts must be >= 0."
+        raise InputError(msg, path)
+    top = float(data.max())
+    if top > MAX_COUNT:
+        msg = (f"{what} holds {int((data > MAX_COUNT).sum())} value(s) above {MAX_COUNT:.0e} (the largest "
+               f"{top:.3g}); these are not UMI counts of one gene in one spot: is this the right file?")
         raise InputError(msg, path)
 
 
@@ -227,21 +280,63 @@ def check_counts(adata, path: Path, what: str, *, inplace: bool = False):
 # --------------------------------------------------------------------------- spots
 
 
-def spot_diameter_from_spacing(xy: np.ndarray, factor: float = 0.5) -> float:
-    """``factor`` x the median nearest-neighbour distance between spot centres (pixels)."""
+def spot_diameter_from_spacing(xy: np.ndarray, factor: float = 0.5, path: Path | None = None) -> float:
+    """``factor`` x the median nearest-neighbour distance between spot centres (pixels); InputError naming
+    ``path`` (the file the positions came from) when it is undefined."""
     from scipy.spatial import cKDTree
 
     xy = np.asarray(xy, dtype=np.float64)
     if len(xy) < 2:
         msg = "need at least two spots to derive the spot diameter from their spacing."
-        raise InputError(msg)
+        raise InputError(msg, path)
     dist, _ = cKDTree(xy).query(xy, k=2)
     nn = dist[:, 1]
     nn = nn[nn > 0]
     if nn.size == 0:
         msg = "all spots share the same pixel position; cannot derive the spot diameter."
-        raise InputError(msg)
+        raise InputError(msg, path)
     return float(np.median(nn) * factor)
+
+
+def check_spot_positions(xy: np.ndarray, path: Path, columns: str) -> None:
+    """InputError naming ``path`` when every spot lies at the same pixel (the pixel columns hold no positions)."""
+    xy = np.asarray(xy, dtype=np.float64)
+    if len(xy) > 1 and np.all(xy == xy[0]):
+        msg = (f"all {len(xy)} spots lie at the same pixel (x={xy[0, 0]:g}, y={xy[0, 1]:g}); the columns {columns} "
+               "must hold each spot's centre in full-resolution pixels.")
+        raise InputError(msg, path)
+
+
+#: Relative mismatch between a full-resolution image and the size its Space Ranger hires/lowres image
+#: implies, beyond which the image is refused (a warning above 2%).
+SCALE_MISMATCH_REFUSED = 0.10
+SCALE_MISMATCH_WARNED = 0.02
+
+
+def check_fullres_size(width: int, height: int, image: Path, images: dict, scalefactors: dict, sf_path: Path) -> None:
+    """Compare an image given as the full resolution with the size that ``tissue_hires_image.png`` (else the
+    lowres one) and its scale factor imply: Space Ranger made that image from the full resolution one, so a
+    copy upscaled 2x (or a downscaled one) is refused, a slight mismatch warned about."""
+    for res in ("hires", "lowres"):
+        scalef = scalefactors.get(f"tissue_{res}_scalef")
+        if res not in images or not scalef or scalef <= 0:
+            continue
+        h, w = images[res].shape[:2]
+        ew, eh = w / scalef, h / scalef
+        off = max(abs(width / ew - 1), abs(height / eh - 1))
+        slack = 2.0 / (scalef * min(ew, eh))  # the rounding of the small image's size
+        if off <= SCALE_MISMATCH_WARNED + slack:
+            return
+        what = (f"the image is {width} x {height} px, but tissue_{res}_image.png ({w} x {h} px) at "
+                f"tissue_{res}_scalef={scalef:g} was made from a {ew:.0f} x {eh:.0f} px image "
+                f"({width / ew:.2f}x in width, {height / eh:.2f}x in height)")
+        if off > SCALE_MISMATCH_REFUSED:
+            msg = (f"{what}; give the full-resolution image the spots were aligned to (not a rescaled copy), or "
+                   f"scale factors from the same Space Ranger run ({sf_path.name}).")
+            raise InputError(msg, image)
+        warnings.warn(f"{image}: {what}; spot patches may be cut at a slightly wrong scale.", UserWarning,
+                      stacklevel=3)
+        return
 
 
 def array_pitch(xy: np.ndarray, array_col: np.ndarray, array_row: np.ndarray) -> float | None:
@@ -282,18 +377,28 @@ def check_spots_in_image(xy: np.ndarray, names: Sequence[str], width: int, heigh
 
 
 def open_image(path: str | os.PathLike):
-    """Open a full-resolution image with :func:`stmorph.im.open_slide` (ImageError when unreadable)."""
+    """Open a full-resolution image with :func:`stmorph.im.open_slide` (ImageError when unreadable).
+
+    Also refused here, before any work: an image whose full resolution could not be decoded within the
+    decode memory budget (:meth:`stmorph.im.Slide.check_decode`: a JPEG/PNG decoded whole, a TIFF strip).
+    """
     p = require_file(path, "image")
     from ..im import open_slide
 
     try:
-        return open_slide(p)
+        slide = open_slide(p)
     except (ImageError, InputError):
         raise
     except Exception as exc:  # noqa: BLE001 - any decoder failure means the file is unreadable
         text = first_line(exc)
         msg = f"image cannot be read ({text})."
         raise ImageError(msg, p) from None
+    try:
+        slide.check_decode()
+    except BaseException:
+        slide.close()
+        raise
+    return slide
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
@@ -306,8 +411,14 @@ def read_png(path: Path, what: str) -> np.ndarray:
     """A Space Ranger ``tissue_*_image.png`` as ``uint8`` (H, W, 3); ImageError when unreadable/truncated."""
     from PIL import Image, UnidentifiedImageError
 
+    from ..im.slide._base import check_decode
+
     try:
         with Image.open(path) as im:
+            w, h = im.size
+            # Pillow's buffer, its RGB conversion (4 bytes a pixel each) and the array copied out
+            check_decode(path, w * h * 11, f"{what} ({w} x {h} px; Space Ranger's are at most {HIRES_MAX_SIDE} "
+                                           "px, 6000 for Visium HD)", hint="give the image Space Ranger wrote")
             im.load()
             if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit/float grey: scale by the value range
                 raw = np.asarray(im, dtype=np.float64)
@@ -316,7 +427,13 @@ def read_png(path: Path, what: str) -> np.ndarray:
                 arr = np.repeat(grey[..., None], 3, axis=2)
             else:
                 arr = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as exc:
+        msg = (f"{what} is too large for a downscaled image ({first_line(exc)}); Space Ranger's are at most "
+               f"{HIRES_MAX_SIDE} px (6000 for Visium HD): give the image Space Ranger wrote.")
+        raise ImageError(msg, path) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
         text = first_line(exc)
         msg = f"{what} cannot be read or is truncated ({text})."
         raise ImageError(msg, path) from None
@@ -332,10 +449,17 @@ def downsample(slide, max_side: int) -> tuple[np.ndarray, float]:
 # --------------------------------------------------------------------------- labels
 
 
+#: Share of a labels file's labelled spots that may lie off the data's spots without a warning (a section's
+#: own labels match all, or all but a few, of its spots; another section's leave several percent out).
+UNMATCHED_LABELS = 0.02
+
+
 def attach_labels(obs: pd.DataFrame, labels: pd.Series, path: Path, key: str = "annotation") -> None:
     """Put ``labels`` (indexed like ``obs``) into ``obs[key]`` as a categorical, NaN where unlabelled.
 
-    Raises InputError when no label matches any spot (the label file belongs to another section).
+    Raises InputError when no label matches any spot (the label file belongs to another section); warns,
+    saying how many match, when more than :data:`UNMATCHED_LABELS` of the labelled spots are not spots of
+    the data (likely another section's labels, which match most barcodes on Visium).
     """
     labels = labels.astype(object).where(labels.notna(), None)
     labels = labels.map(lambda v: None if v is None or str(v).strip() in ("", "nan", "NaN", "NA") else str(v).strip())
@@ -346,6 +470,15 @@ def attach_labels(obs: pd.DataFrame, labels: pd.Series, path: Path, key: str = "
             f"(labels e.g. {examples(labels.index)}; spots e.g. {examples(obs.index)})."
         )
         raise InputError(msg, path)
+    labelled = labels.index[labels.notna()]
+    unmatched = labelled.difference(obs.index, sort=False)
+    if len(labelled) and len(unmatched) > UNMATCHED_LABELS * len(labelled):
+        covered = int(obs.index.isin(labelled).sum())
+        warnings.warn(
+            f"{path}: {len(unmatched)} of its {len(labelled)} labelled spots are not spots of this section "
+            f"(e.g. {examples(unmatched)}), and its labels cover {covered} of the {len(obs)} spots; are these the "
+            "labels of another section? (Visium barcodes repeat across slides, so another section's labels "
+            "match most spots, and ARI/NMI against them mean nothing.)", UserWarning, stacklevel=3)
     values = labels.reindex(obs.index)
     cats = sorted({v for v in values if v is not None and v == v})
     obs[key] = pd.Categorical(values.where(values.notna(), np.nan), categories=cats)

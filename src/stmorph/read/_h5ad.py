@@ -52,6 +52,9 @@ def _attach_image(adata, image, library_id: str | None) -> None:
     width, height = c.image_size(image)
     c.check_spots_in_image(_spatial.coordinates(adata), adata.obs_names, width, height, Path(image),
                            hint="is it the full-resolution image of this section?")
+    sf = {k: v for k, v in (lib.get("scalefactors") or {}).items() if isinstance(v, (int, float, np.number))}
+    c.check_fullres_size(width, height, Path(image), dict(lib.get("images") or {}), sf,
+                         Path("uns['spatial'] scalefactors"))
     lib.setdefault("metadata", {})["source_image_path"] = str(Path(image).resolve())
 
 

@@ -84,6 +84,10 @@ def read_counts(path: str | os.PathLike):
     # header read apart: pandas would rename duplicated gene names ("ACTB.1"); anndata's style is wanted
     names = [v.strip().strip('"') for v in _first_line(path).rstrip("\r\n").split(sep)]
     df = c.read_table(path, "counts file", sep=sep, header=None, skiprows=1, index_col=0)
+    if df.isna().to_numpy().any():  # a short row is filled with NaN by pandas: say which row
+        msg = c.ragged_message("counts file", path, sep, skip=1)
+        if msg is not None:
+            raise InputError(msg, path)
     if len(names) == df.shape[1] + 1:  # the usual layout: an empty (or named) first field above the ids
         names = names[1:]
     if len(names) != df.shape[1]:
@@ -314,6 +318,7 @@ def legacy_st(
     sel, X = sel.loc[keep], X[np.flatnonzero(keep)]
     c.check_matrix(X, counts_path, "counts file (selected spots)")
     xy = sel[["pixel_x", "pixel_y"]].to_numpy(dtype=np.float64) * pixel_scale
+    c.check_spot_positions(xy, spots_path, "pixel_x, pixel_y")
     obs = pd.DataFrame(
         {
             "in_tissue": sel["selected"].to_numpy(dtype=np.int64),
@@ -326,7 +331,7 @@ def legacy_st(
 
     pitch = c.array_pitch(xy, obs["array_col"].to_numpy(), obs["array_row"].to_numpy())
     if pitch is None:  # array coordinates on one line: fall back to the spot spacing in pixels
-        diameter = c.spot_diameter_from_spacing(xy, DIAMETER_PER_SPACING)
+        diameter = c.spot_diameter_from_spacing(xy, DIAMETER_PER_SPACING, spots_path)
     else:
         diameter = DIAMETER_PER_SPACING * pitch
     scalefactors = {"spot_diameter_fullres": diameter}

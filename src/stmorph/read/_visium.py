@@ -332,6 +332,7 @@ def visium(
         obs, X = obs.loc[keep], X[np.flatnonzero(keep)]
     c.check_matrix(X, h5, "count matrix (in-tissue spots)")
     xy = obs[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(dtype=np.float64)
+    c.check_spot_positions(xy, pos_path, "pxl_row_in_fullres, pxl_col_in_fullres")
     obs = obs[["in_tissue", "array_row", "array_col"]].copy()
 
     # scale factors and the Space Ranger images
@@ -377,6 +378,7 @@ def visium(
             xy, obs.index, width, height, Path(image),
             hint="is this the full-resolution image the spots were aligned to (not a downscaled copy)?",
         )
+        c.check_fullres_size(width, height, Path(image), images, scalefactors, sf_path)
         source = str(Path(image).expanduser().resolve())
 
     if library_id is None:

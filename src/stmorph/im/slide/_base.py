@@ -15,6 +15,8 @@ change them on this module.
 from __future__ import annotations
 
 import math
+import os
+import resource
 import threading
 from collections import OrderedDict
 from typing import Any
@@ -32,6 +34,98 @@ DEFAULT_CACHE_BYTES = 256 * 2**20
 _THUMB_BAND_BYTES = 32 * 2**20
 #: Tile grid assumed for in-memory images (to order spot visits).
 _ARRAY_TILE = 512
+#: Environment variable: the most bytes one decode may allocate (``4e9``, ``4G``, ``512M``), instead of
+#: :data:`DECODE_FRACTION` of the memory available.
+DECODE_ENV = "STMORPH_MAX_DECODE_BYTES"
+#: Default share of the memory available now (:func:`available_memory`) that one decode may use.
+DECODE_FRACTION = 0.5
+#: Decode units smaller than this are never checked against the budget (a check reads /proc).
+DECODE_CHECK_FLOOR = 64 * 2**20
+#: How to make an image readable in pieces, for the messages that refuse to decode one whole.
+CONVERT_HINT = ("convert it to a tiled pyramidal TIFF (e.g. vips tiffsave IN OUT.tif --tile --pyramid "
+                "--compression jpeg), which is read tile by tile")
+
+
+# --------------------------------------------------------------------------- decode memory budget
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still allocate: the least of Linux ``MemAvailable``, the room left under the
+    cgroup's memory limit (v2 ``memory.max``, v1 ``memory.limit_in_bytes``) and the room left under
+    ``RLIMIT_AS``; None when none of them is known."""
+    room = []
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    room.append(int(line.split()[1]) * 1024)
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    for limit, used in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        lim, cur = _read_int(limit), _read_int(used)
+        if lim is not None and cur is not None and lim < 2**60:
+            room.append(max(0, lim - cur))
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        try:
+            with open("/proc/self/statm") as f:
+                vsize = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            vsize = 0
+        room.append(max(0, soft - vsize))
+    return min(room) if room else None
+
+
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def max_decode_bytes() -> int | None:
+    """Most bytes one image decode may allocate: ``$STMORPH_MAX_DECODE_BYTES`` (bytes, or with a K/M/G/T
+    suffix), else :data:`DECODE_FRACTION` of :func:`available_memory`, else None (no bound known)."""
+    env = os.environ.get(DECODE_ENV, "").strip()
+    if env:
+        text = env.upper().removesuffix("IB").removesuffix("B")
+        unit = text[-1:] if text[-1:] in _UNITS else ""
+        try:
+            value = float(text[: len(text) - len(unit)]) * _UNITS[unit]
+        except ValueError:
+            value = float("nan")
+        if not value > 0:
+            msg = f"${DECODE_ENV}={env!r} is not a positive number of bytes (e.g. 4e9, 4G or 512M)."
+            raise InputError(msg)
+        return int(value)
+    room = available_memory()
+    return None if room is None else int(room * DECODE_FRACTION)
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**28 else f"{n / 2**20:.0f} MiB"
+
+
+def check_decode(path, need: int, what: str, hint: str = CONVERT_HINT) -> None:
+    """ImageError naming ``path``, its size on disk and ``hint`` when decoding ``what`` would need more than
+    :func:`max_decode_bytes` (``need`` bytes)."""
+    budget = max_decode_bytes()
+    if budget is None or need <= budget:
+        return
+    where = "set by $" + DECODE_ENV if os.environ.get(DECODE_ENV, "").strip() else (
+        f"{DECODE_FRACTION:.0%} of the memory available; ${DECODE_ENV} sets another limit")
+    try:
+        size = f" ({_gib(os.path.getsize(path))} on disk)" if path is not None and os.path.isfile(path) else ""
+    except OSError:
+        size = ""
+    msg = (f"decoding {what}{size} would take about {_gib(need)} of memory, more than the {_gib(budget)} one "
+           f"decode may use ({where}); {hint}.")
+    raise ImageError(msg, path)
 
 
 # --------------------------------------------------------------------------- conversion to uint8 RGB
@@ -80,6 +174,24 @@ class _ToRGB8:
         else:
             msg = f"unsupported pixel type {dtype} (signed or complex); expected uint8 or uint16."
             raise ImageError(msg, path)
+
+    def work_bytes_per_px(self) -> int:
+        """Bytes per pixel that converting a decoded array allocates at most, besides the array itself."""
+        s = self.samples
+        if self.lut is not None:
+            return 3 + self.dtype.itemsize
+        if s == 3 and self.dtype == np.uint8 and not self.invert:
+            return 0  # returned as it is (a copy only of a region that is not contiguous)
+        b = 3  # the uint8 RGB result
+        if self.dtype == np.bool_:
+            b += 2 * s
+        elif self.scale is not None:
+            b += 5 * s  # float32 working copy and its uint8 result
+        if s in (2, 4) and self.alpha != "none":
+            b += 13 * (s - 1) + 4  # float32 alpha, colour and compositing temporaries
+        if self.invert:
+            b += s
+        return b
 
     def __call__(self, a: np.ndarray) -> np.ndarray:
         if a.ndim == 2:
@@ -131,6 +243,18 @@ class _Level:
     def thumbnail(self, max_side: int) -> np.ndarray | None:
         """A cheaper thumbnail than streaming the whole level (e.g. JPEG draft mode), or None."""
         return None
+
+    def decode_bytes(self) -> tuple[int, str]:
+        """``(bytes, what)``: the memory that decoding the smallest piece this level can decode takes (a tile,
+        a strip, the whole image), and what that piece is, for messages. ``(0, "")`` where reads cost only
+        what they return (memory-mapped or in-memory arrays)."""
+        return 0, ""
+
+    def check_decode(self, path) -> None:
+        """ImageError (:func:`check_decode`) when this level's decode unit does not fit the decode budget."""
+        need, what = self.decode_bytes()
+        if need:
+            check_decode(path, need, what)
 
     def close(self) -> None:
         pass
@@ -205,18 +329,21 @@ def _shrink_to(arr: np.ndarray, max_side: int, Image=None) -> np.ndarray:
 def _reduce_level(lv: _Level, f: int, Image, paint=None) -> np.ndarray:
     """Whole level area-averaged by an integer factor ``f``, streamed along tile rows.
 
-    Reads bands of whole tile rows (about 32 MB) without filling the tile cache,
+    Reads bands of whole tile rows (about 32 MB) without filling the tile cache (bands of one tile row,
+    kept in the cache, where a tile row is larger),
     carries the rows left over when a band is not a multiple of ``f`` into the
     next band, so the result equals ``Image.reduce(f)`` of the whole level while
     only one band is in memory. ``paint``, if given, is applied to each band in place first.
     """
     th = lv.tile[0]
-    step = th * max(1, _THUMB_BAND_BYTES // (3 * lv.width * th))
+    rows = max(1, _THUMB_BAND_BYTES // (3 * lv.width))
+    # whole tile rows per band when one fits; else bands of a tile row, which stays in the cache meanwhile
+    step, cache = (th * (rows // th), False) if th <= rows else (rows, True)
     parts = []
     carry = None
     for y0 in range(0, lv.height, step):
         y1 = min(lv.height, y0 + step)
-        a = lv.read(y0, y1, 0, lv.width, cache=False)
+        a = lv.read(y0, y1, 0, lv.width, cache=cache)
         if paint is not None:
             a = paint(np.array(a))  # a copy: a level may return a view of its cache or of the caller's array
         if carry is not None:
@@ -416,6 +543,12 @@ class Slide:
         elif paint is not None:
             thumb = paint(np.array(thumb))
         return thumb, thumb.shape[1] / self.width
+
+    def check_decode(self, level: int = 0) -> None:
+        """Raise ImageError now, before any pixel is decoded, when reading ``level`` would take more memory
+        than one decode may use (:func:`max_decode_bytes`): a JPEG/PNG decoded whole, a TIFF strip or tile,
+        a zarr chunk. Every read checks the same on first use; readers call this to fail before any work."""
+        self._level(level).check_decode(self.path)
 
     def cache_info(self) -> dict[str, int]:
         """Decoded-tile cache statistics (bytes held, hits, misses, tiles decoded)."""

@@ -17,7 +17,7 @@ import threading
 import numpy as np
 
 from ...errors import ImageError
-from ._base import Slide, _Level, _ToRGB8
+from ._base import DECODE_CHECK_FLOOR, Slide, _Level, _ToRGB8
 
 
 def _attributes(folder: str) -> dict | None:
@@ -56,8 +56,18 @@ class _ZarrArrayLevel(_Level):
         self.height, self.width = int(shape["y"]), int(shape["x"])
         chunks = dict(zip(axes, array.chunks))
         self.tile = (int(chunks["y"]), int(chunks["x"]))
+        self.path = None
+        chunk_px = self.tile[0] * self.tile[1]
+        self._decode_need = (2 * int(np.prod(array.chunks)) * np.dtype(array.dtype).itemsize
+                             + chunk_px * convert.work_bytes_per_px())
+
+    def decode_bytes(self) -> tuple[int, str]:
+        th, tw = self.tile
+        return self._decode_need, f"one {tw} x {th} px chunk of this {self.width} x {self.height} px zarr image"
 
     def read(self, y0, y1, x0, x1, cache=True):
+        if self._decode_need > DECODE_CHECK_FLOOR:
+            self.check_decode(self.path)
         sel = tuple(slice(y0, y1) if a == "y" else slice(x0, x1) if a == "x" else slice(None) if a == "c" else 0
                     for a in self.axes)
         with self.lock:
@@ -102,6 +112,8 @@ def open_ome_zarr(path: str, cache_bytes: int) -> Slide:
     lock = threading.Lock()
     slide = Slide([], path=path, dtype=first.dtype, fmt="OME-Zarr", cache_bytes=cache_bytes, backend="ome_zarr")
     slide._levels = [_ZarrArrayLevel(a, axes, convert, lock) for a in arrays]
+    for lv in slide._levels:
+        lv.path = path
     if slide.width < 1 or slide.height < 1:
         msg = "the image is empty."
         raise ImageError(msg, path)

@@ -11,6 +11,8 @@ channel) go through tifffile's zarr store.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 import threading
@@ -19,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import ImageError
-from ._base import Slide, _ArrayLevel, _Level, _ToRGB8
+from ._base import DECODE_CHECK_FLOOR, Slide, _ArrayLevel, _Level, _ToRGB8
 
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _JPEG_COMPRESSIONS = {6, 7, 33007, 34892}
@@ -64,9 +66,21 @@ class _TiffSegmentLevel(_Level):
         if page.compression in _JPEG_COMPRESSIONS:
             self.decodeargs = {"jpegtables": page.jpegtables, "jpegheader": page.jpegheader}
         self.n_decoded = 0
+        th, tw = self.tile
+        samples = int(page.samplesperpixel)
+        raw = th * tw * samples * page.dtype.itemsize
+        self._decode_need = ((2 * raw if self.separate else raw) + max(self.bytecounts, default=0) * self.n_planes
+                             + th * tw * convert.work_bytes_per_px())
+
+    def decode_bytes(self) -> tuple[int, str]:
+        th, tw = self.tile
+        kind = "tile" if self.page.is_tiled else "strip"
+        return self._decode_need, f"one {tw} x {th} px {kind} of this {self.width} x {self.height} px TIFF"
 
     def _decode_tiles(self, tiles: list[int]) -> dict[int, np.ndarray]:
         """Read and decode tiles (linear index row * n_cols + col), return uint8 RGB arrays."""
+        if self._decode_need > DECODE_CHECK_FLOOR:
+            self.check_decode(self.slide.path)
         per_plane = self.n_rows * self.n_cols
         seg_index = [p * per_plane + t for t in tiles for p in range(self.n_planes)]
         offsets = [self.offsets[i] for i in seg_index]
@@ -74,14 +88,15 @@ class _TiffSegmentLevel(_Level):
         decode = self.page.decode
         raw: dict[int, np.ndarray | None] = {}
         try:
-            for data, index in self.tif.filehandle.read_segments(
-                offsets, counts, indices=seg_index, sort=True, lock=self.lock, flat=True
-            ):
-                if data is not None and len(data) < self.bytecounts[index]:
-                    msg = f"segment {index} ends beyond the end of the file (truncated TIFF?)."
-                    raise ImageError(msg, self.slide.path)
-                arr, _, shape = decode(data, index, **self.decodeargs)
-                raw[index] = None if arr is None else arr.reshape(shape[1:])  # (length, width, contig samples)
+            with quiet_tifffile():
+                for data, index in self.tif.filehandle.read_segments(
+                    offsets, counts, indices=seg_index, sort=True, lock=self.lock, flat=True
+                ):
+                    if data is not None and len(data) < self.bytecounts[index]:
+                        msg = f"segment {index} ends beyond the end of the file (truncated TIFF?)."
+                        raise ImageError(msg, self.slide.path)
+                    arr, _, shape = decode(data, index, **self.decodeargs)
+                    raw[index] = None if arr is None else arr.reshape(shape[1:])  # (length, width, contig samples)
         except ImageError:
             raise
         except Exception as e:  # noqa: BLE001 - any codec error means an unreadable file
@@ -159,11 +174,22 @@ class _ZarrLevel(_Level):
         shape = series.levels[level].shape
         self.height, self.width = int(shape[axes.index("Y")]), int(shape[axes.index("X")])
         self.tile = tile
+        self.path = None  # set by _tiff_levels, for messages
+        page = series.levels[level].keyframe
+        th, tw = tile
+        n_ch = int(shape[axes.index("C")]) if "C" in axes else int(shape[axes.index("S")]) if "S" in axes else 1
+        self._decode_need = th * tw * (2 * n_ch * page.dtype.itemsize + convert.work_bytes_per_px())
+
+    def decode_bytes(self) -> tuple[int, str]:
+        th, tw = self.tile
+        return self._decode_need, f"one {tw} x {th} px segment of this {self.width} x {self.height} px TIFF"
 
     def read(self, y0, y1, x0, x1, cache=True):
+        if self._decode_need > DECODE_CHECK_FLOOR:
+            self.check_decode(self.path)
         sel = tuple(slice(y0, y1) if i == "Y" else slice(x0, x1) if i == "X" else slice(None) if i == "C" else i
                     for i in self.index)
-        with self.lock:
+        with self.lock, quiet_tifffile():
             a = np.asarray(self.z[sel])
         # remaining axes are ordered as in the file; bring them to (y, x, c)
         kept = [i for i in self.index if not isinstance(i, int)]
@@ -179,6 +205,42 @@ class _ZarrLevel(_Level):
 
 
 # --------------------------------------------------------------------------- TIFF helpers
+_QUIET = {"depth": 0, "disabled": False}
+_QUIET_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def quiet_tifffile():
+    """tifffile's logger silenced meanwhile: it logs every problem it meets in a damaged file (lines printed
+    before the one-line error stmorph raises about the same problem)."""
+    log = logging.getLogger("tifffile")
+    with _QUIET_LOCK:
+        if _QUIET["depth"] == 0:
+            _QUIET["disabled"] = log.disabled
+            log.disabled = True
+        _QUIET["depth"] += 1
+    try:
+        yield
+    finally:
+        with _QUIET_LOCK:
+            _QUIET["depth"] -= 1
+            if _QUIET["depth"] == 0:
+                log.disabled = _QUIET["disabled"]
+
+
+def _check_shape(series, path) -> None:
+    """ImageError for a series that is no image stmorph reads: one whose last axis, taken for X by tifffile,
+    is a handful of values (an (H, W, 2) array stored as H pages of W x 2 px)."""
+    axes, shape = series.axes, tuple(int(n) for n in series.shape)
+    if "X" not in axes or "Y" not in axes:
+        return  # refused with the axes by _tiff_levels
+    width, height = shape[axes.index("X")], shape[axes.index("Y")]
+    if len(shape) >= 3 and axes.endswith("X") and width <= 4:
+        msg = (f"TIFF holds an array of shape {shape} (axes {axes!r}), i.e. {shape[0]} planes of {width} x "
+               f"{height} px; if it is an image of {shape[-3]} x {shape[-2]} px with {width} values per pixel, "
+               "only grayscale, RGB and RGBA (1, 3 or 4 samples per pixel, or gray + alpha) are read: save it "
+               "as RGB.")
+        raise ImageError(msg, path)
 def _tiff_converter(page, path) -> _ToRGB8:
     samples = int(page.samplesperpixel)
     if page.photometric == 6 and page.compression not in _JPEG_COMPRESSIONS:
@@ -211,6 +273,7 @@ def _tiff_levels(slide: Slide, tif, path: str, lock) -> list[_Level]:
         msg = "TIFF file contains no image."
         raise ImageError(msg, path)
     series = _main_series(tif)
+    _check_shape(series, path)
     size = os.path.getsize(path)
     levels: list[_Level] = []
     for k, lev in enumerate(series.levels):
@@ -258,11 +321,17 @@ def _tiff_levels(slide: Slide, tif, path: str, lock) -> list[_Level]:
         tile = (int(page.tilelength), int(page.tilewidth)) if page.is_tiled else (
             max(1, min(int(page.rowsperstrip), int(page.imagelength))), int(page.imagewidth))
         levels.append(_ZarrLevel(series, k, convert, tuple(index), lock, tile))
+        levels[-1].path = path
     return levels
 
 
 
 def open_tiff(path: str, cache_bytes: int) -> Slide:
+    with quiet_tifffile():
+        return _open_tiff(path, cache_bytes)
+
+
+def _open_tiff(path: str, cache_bytes: int) -> Slide:
     import tifffile
 
     try:
