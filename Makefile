@@ -9,10 +9,13 @@ STAMP := $(VENV)/.stmorph-installed
 
 setup: $(STAMP)
 
-# torch first: the CPU wheel, so nothing below pulls a multi-GB CUDA build.
+# torch first, the CPU build, so nothing below pulls a multi-GB CUDA build: PyTorch's CPU index where it can be
+# reached (pip's own index and find-links stay as well), else whatever pip's configuration offers.
+# TORCH_INDEX= (empty) skips the CPU index, e.g. to get a CUDA build from the public index.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q torch==2.13.0
+	$(if $(TORCH_INDEX),$(PY) -m pip install -q torch==2.13.0 --extra-index-url $(TORCH_INDEX) --timeout 15 --retries 1 || )$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[all,test]"
 	touch $(STAMP)
 
