@@ -195,3 +195,13 @@ def test_domains_are_named_by_decreasing_size(method):
     counts = a.obs["c"].value_counts()
     assert [counts[str(i)] for i in range(3)] == sorted(sizes, reverse=True)
     assert a.obs["c"].iloc[0] == "2"  # the first spot's blob is the smallest
+
+
+def test_a_single_domain_is_warned_about():
+    """A vanishing resolution puts every spot in one domain: that is said, not returned silently."""
+    X = np.random.default_rng(0).normal(size=(300, 10))  # one connected cloud
+    adata = ad.AnnData(np.zeros((X.shape[0], 1), dtype=np.float32))
+    adata.obsm["X_e"] = X
+    with pytest.warns(UserWarning, match="every spot fell in one domain"):
+        tl.cluster(adata, "X_e", method="louvain", resolution=1e-300)
+    assert adata.obs["e"].nunique() == 1

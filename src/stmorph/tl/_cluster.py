@@ -660,6 +660,10 @@ def cluster(
     if n_found >= n:
         msg = f"cluster({use_rep!r}) put every spot in a domain of its own ({n_found} domains); not a result."
         raise InputError(msg)
+    if n_found == 1:  # e.g. a vanishing modularity resolution: every spot in one domain is no segmentation
+        warnings.warn(f"cluster({use_rep!r}): every spot fell in one domain; "
+                      + ("raise the resolution or give n_clusters." if method != "gmm" else "give n_clusters >= 2."),
+                      stacklevel=2)
     single = np.flatnonzero(sizes == 1)
     if single.size:  # a single spot is not a tissue region
         warnings.warn(f"cluster({use_rep!r}): {single.size} of {n_found} domains "
