@@ -14,6 +14,10 @@ GraphST), seeded and restarted ``n_init`` times, which gives exactly
 :func:`choose_n_clusters` (modularity of the embedding's kNN graph). Any method's labels can then be refined by a
 majority vote over spatial neighbours (``refine=True``, see
 :func:`stmorph.tl._neighbors.refine_labels`).
+
+``method="consensus"`` (the ``stmorph`` method's default) makes the mixture's answer independent of where its
+restarts land: many tied mixtures, their co-assignment cut into domains, polished under a spatial prior, with
+each spot's co-assignment frequency as its confidence (:mod:`stmorph.tl._consensus`).
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ from threadpoolctl import threadpool_limits
 
 from ..errors import InputError
 
-_METHODS = ("louvain", "leiden", "gmm")
+_METHODS = ("louvain", "leiden", "gmm", "consensus")
+#: Methods that fit a mixture to exactly ``n_clusters`` (no graph).
+MIXTURES = ("gmm", "consensus")
 _WEIGHTS = ("jaccard", "binary", "gaussian")
 
 
@@ -486,6 +492,8 @@ def cluster(
     k_criterion: str = "louvain",
     refine: bool = False,
     refine_radius_um: float | None = None,
+    n_runs: int | None = None,
+    spatial_prior: float | None = None,
     key_added: str | None = None,
     random_state: int = 0,
     copy: bool = False,
@@ -503,8 +511,10 @@ def cluster(
         The search is exact up to 50,000 spots and approximate (pynndescent) above.
         Larger than the number of spots is clamped, with a warning.
     method
-        ``"louvain"`` (igraph's multilevel algorithm), ``"leiden"`` (leidenalg) or
-        ``"gmm"`` (tied-covariance Gaussian mixture, see :func:`gaussian_mixture`).
+        ``"louvain"`` (igraph's multilevel algorithm), ``"leiden"`` (leidenalg),
+        ``"gmm"`` (tied-covariance Gaussian mixture, see :func:`gaussian_mixture`) or ``"consensus"`` (the
+        consensus of many such mixtures under a spatial prior, see :func:`stmorph.tl._consensus.consensus_clustering`;
+        writes ``obs[f"{key_added}_confidence"]``, each spot's co-assignment frequency).
     resolution
         Modularity resolution (stMIC: 1.5-1.9). With ``n_clusters`` it is the
         starting point of the search. Not used by ``"gmm"``.
@@ -512,13 +522,16 @@ def cluster(
         Louvain/Leiden: search the resolution until exactly this many clusters
         are found; if no resolution gives that count, a warning says so and the
         closest count is kept (``uns[key_added]["n_clusters_matched"]`` is False).
-        ``"gmm"``: the number of components; ``None`` chooses it by
+        ``"gmm"``/``"consensus"``: the number of components; ``None`` chooses it by
         :func:`choose_n_clusters` (``k_criterion``) within ``k_range``.
     weights
         Edge weights of the kNN graph: ``"jaccard"`` (Orange, as stMIC),
         ``"binary"`` or ``"gaussian"``.
     n_init
-        Restarts of the Gaussian mixture (the best likelihood is kept).
+        Restarts of ``"gmm"`` (the best likelihood is kept).
+    n_runs, spatial_prior
+        ``"consensus"`` only: mixtures in the consensus (``None``: by the section's size) and the spatial prior's
+        weight in nats per neighbour of the same domain (0: none; also none without ``obsm["spatial"]``).
     k_range, k_criterion
         Smallest and largest count ``"gmm"`` considers when ``n_clusters`` is None, and
         how it chooses (``"louvain"`` or ``"bic"``, see :func:`choose_n_clusters`).
@@ -580,19 +593,27 @@ def cluster(
                    f"({n - 1}); one spot per domain is not a result.")
             raise InputError(msg)
         n_clusters = int(n_clusters)
+    if method != "consensus" and (n_runs is not None or spatial_prior is not None):
+        msg = f"n_runs/spatial_prior are options of method='consensus'; method={method!r} uses neither."
+        raise InputError(msg)
     key_added = key_added or (use_rep[2:] if use_rep.startswith("X_") else use_rep)
     extra: dict = {}
     params: dict = {"use_rep": use_rep, "method": method, "n_clusters": n_clusters, "random_state": random_state}
-    if method == "gmm":
+    runs = None
+    if method in MIXTURES:
         if n_clusters is None:
             n_clusters, scores = choose_n_clusters(X, k_range, criterion=k_criterion, random_state=random_state)
             extra["n_clusters_scores"] = {str(k): v for k, v in scores.items()}
             params.update(n_clusters_chosen_by=k_criterion, k_range=[int(k_range[0]), int(k_range[1])])
-        labels, _ = gaussian_mixture(X, n_clusters, n_init=n_init, random_state=random_state)
+        if method == "gmm":
+            labels, _ = gaussian_mixture(X, n_clusters, n_init=n_init, random_state=random_state)
+            params.update(n_init=int(n_init), min_size=MIN_DOMAIN_FRACTION)
+        else:
+            labels, runs, info = _consensus(adata, X, n_clusters, n_runs, spatial_prior, random_state)
+            params.update(consensus=info)
         labels = _relabel(labels)
         matched = True  # checked against the labels below, after any refinement
-        params.update(n_clusters=int(n_clusters), covariance_type="tied", n_init=int(n_init),
-                      min_size=MIN_DOMAIN_FRACTION)
+        params.update(n_clusters=int(n_clusters), covariance_type="tied")
     else:
         try:
             res_ok = bool(np.isfinite(float(resolution)) and float(resolution) > 0)
@@ -662,7 +683,7 @@ def cluster(
         raise InputError(msg)
     if n_found == 1:  # e.g. a vanishing modularity resolution: every spot in one domain is no segmentation
         warnings.warn(f"cluster({use_rep!r}): every spot fell in one domain; "
-                      + ("raise the resolution or give n_clusters." if method != "gmm" else "give n_clusters >= 2."),
+                      + ("raise the resolution or give n_clusters." if method not in MIXTURES else "give n_clusters >= 2."),
                       stacklevel=2)
     single = np.flatnonzero(sizes == 1)
     if single.size:  # a single spot is not a tissue region
@@ -673,4 +694,25 @@ def cluster(
     cats = [str(i) for i in range(n_found)]
     adata.obs[key_added] = pd.Categorical([str(v) for v in labels], categories=cats)
     adata.uns[key_added] = {"params": params, "n_clusters_matched": bool(matched), **extra}
+    if runs is not None:
+        from ._confidence import add_confidence
+        from ._consensus import coassignment_confidence
+
+        add_confidence(adata, key_added, coassignment_confidence(runs, labels), kind="co-assignment",
+                       note=f"fraction of the {runs.shape[0]} mixtures of the consensus that put the spot in the "
+                            "group matched to its domain")
     return adata if copy else None
+
+
+def _consensus(adata, X, n_clusters, n_runs, spatial_prior, random_state):
+    """:func:`~stmorph.tl._consensus.consensus_clustering` with the spot centres of ``adata`` when it has them."""
+    from ._consensus import SPATIAL_PRIOR, consensus_clustering
+    from ._neighbors import coordinates_um
+
+    try:
+        xy = coordinates_um(adata)
+    except (InputError, KeyError):
+        xy = None
+    prior = SPATIAL_PRIOR if spatial_prior is None else float(spatial_prior)
+    return consensus_clustering(X, n_clusters, xy_um=xy, spatial_prior=prior, n_runs=n_runs,
+                                random_state=random_state)

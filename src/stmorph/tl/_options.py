@@ -129,10 +129,10 @@ class Option:
 
 
 def _uses_graph(options: dict) -> bool:
-    return options.get("cluster_method") not in ("gmm",)
+    return options.get("cluster_method") not in ("gmm", "consensus")
 
 
-_GRAPH = "with --cluster-method louvain or leiden (the Gaussian mixture, gmm, has no graph)"
+_GRAPH = "with --cluster-method louvain or leiden (the Gaussian mixtures, gmm and consensus, have no graph)"
 
 
 #: Options several methods share. A method takes those it lists in ``register_method(options=...)``.
@@ -140,8 +140,9 @@ SHARED: tuple[Option, ...] = (
     Option("n_clusters", "number of domains; without it stmorph and stmorph_expr choose it from the data, the "
            "expression baseline takes the Louvain communities at --resolution, and image, stmic and senca take the "
            "expression baseline's count", between(2, kind=int), metavar="K"),
-    Option("cluster_method", "how the domains are found: gmm (tied Gaussian mixture), louvain or leiden (kNN "
-           "graph communities)", choices=("gmm", "louvain", "leiden")),
+    Option("cluster_method", "how the domains are found: consensus (of many tied Gaussian mixtures, under a "
+           "spatial prior), gmm (one tied Gaussian mixture, best of its restarts), louvain or leiden (kNN graph "
+           "communities)", choices=("consensus", "gmm", "louvain", "leiden")),
     Option("resolution", "modularity resolution of louvain/leiden without n_clusters (stMIC paper: 1.5-1.9)",
            between(0, 1e4, open_low=True), applies=_uses_graph, when=_GRAPH),
     Option("n_neighbors", "kNN graph size of louvain/leiden (stMIC paper: 39)", between(2, 10_000, kind=int),

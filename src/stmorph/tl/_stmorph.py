@@ -57,7 +57,7 @@ from threadpoolctl import threadpool_limits
 
 from ..errors import DependencyError, InputError
 from . import _steps
-from ._cluster import cluster
+from ._cluster import MIXTURES, cluster
 from ._confidence import add_confidence
 from ._embedding import _counts, _pca, log_normalize, standardised_pca
 from ._methods import has_image, register_method
@@ -78,6 +78,10 @@ MIN_SPOTS_PER_GENE = 3
 #: Rankings of variable genes: scanpy's ``flavor``. ``"seurat_v3"`` (default; what GraphST and STAGATE use) ranks
 #: genes on the counts by their variance standardised for the mean; ``"seurat"`` ranks log-normalised dispersion.
 HVG_FLAVORS = ("seurat_v3", "seurat")
+#: Seed of the embeddings' randomized solvers, whatever the method's ``random_state``: the top components of a
+#: spectrum as flat as a section's expression (the 20th and 21st singular values within 1%) are only approximated,
+#: and a seed-dependent approximation made the domains move with the seed. The seed moves the clustering's runs.
+EMBEDDING_SEED = 0
 #: Context patches of the image block: ``"ring"`` (default), the spot and its first ring of neighbours (side 3
 #: spot spacings); ``"senca"``, SENCA-st's radius of 3 spacings (side 6). Names of :data:`~._steps.PATCHES`.
 CONTEXT_PATCHES = {"ring": "ring", "senca": "context"}
@@ -404,7 +408,7 @@ def stmorph(
     n_top_genes: int | None = 3000,
     hvg_flavor: str = "seurat_v3",
     n_comps: int = 20,
-    cluster_method: str = "gmm",
+    cluster_method: str = "consensus",
     resolution: float | None = None,
     n_neighbors: int | None = None,
     n_init: int = 10,
@@ -458,12 +462,14 @@ def stmorph(
         Variable genes (how many, how ranked: see :func:`spatial_expression_embedding`) and components of the
         expression embedding.
     cluster_method
-        ``"gmm"`` (default; tied Gaussian mixture), ``"louvain"`` or ``"leiden"``.
+        ``"consensus"`` (default): the consensus of many tied Gaussian mixtures, polished under a spatial prior
+        (:mod:`stmorph.tl._consensus`), its confidence each spot's co-assignment frequency; ``"gmm"``: one tied
+        mixture, the best of ``n_init`` restarts; ``"louvain"`` or ``"leiden"``.
     resolution, n_neighbors
         ``"louvain"``/``"leiden"`` only: the modularity resolution without ``n_clusters`` (default 1.7) and the
-        kNN graph size (default 39). Refused with ``"gmm"``, which uses neither.
+        kNN graph size (default 39). Refused with ``"consensus"`` and ``"gmm"``, which use neither.
     n_init, k_range
-        Mixture restarts and the counts considered without ``n_clusters``.
+        Restarts of ``cluster_method="gmm"`` and the counts considered without ``n_clusters``.
     refine, refine_radius_um
         Majority refinement over spatial neighbours (default radius 1.5 spot spacings, at most 150 um).
     context_pool
@@ -479,7 +485,8 @@ def stmorph(
     key_added
         ``obs`` key of the domains, ``uns`` key of the parameters, and the stem of the embeddings' keys.
     random_state
-        Seed of every random step.
+        Seed of the clustering (the consensus' runs, or the mixture's restarts or graph communities); the
+        embeddings' solvers always start from :data:`EMBEDDING_SEED`, so the embedding is the same for every seed.
     progress
         Progress bars for image features.
     copy
@@ -504,7 +511,7 @@ def stmorph(
         Every parameter used, the modalities and the refinement.
     """
     adata = adata.copy() if copy else adata
-    graph = cluster_method != "gmm"
+    graph = cluster_method not in MIXTURES
     if not graph and (resolution is not None or n_neighbors is not None):
         msg = (f"resolution/n_neighbors are options of cluster_method='louvain' or 'leiden'; the Gaussian mixture "
                f"(cluster_method={cluster_method!r}) uses neither: leave them out or choose louvain or leiden.")
@@ -521,9 +528,9 @@ def stmorph(
     expr_key = f"X_{key_added}_expression"
     _reuse_or_run(adata, expr_key, "spatial_expression_embedding",
                   {"sigmas_um": sig, "n_top_genes": n_top_genes, "hvg_flavor": hvg_flavor,
-                   "n_comps_requested": int(n_comps), "target_sum": 1e4, "layer": None, "random_state": random_state},
+                   "n_comps_requested": int(n_comps), "target_sum": 1e4, "layer": None, "random_state": EMBEDDING_SEED},
                   "stmorph_expression", spatial_expression_embedding, sigmas_um=sig, n_top_genes=n_top_genes,
-                  hvg_flavor=_check_hvg_flavor(hvg_flavor), n_comps=int(n_comps), random_state=random_state)
+                  hvg_flavor=_check_hvg_flavor(hvg_flavor), n_comps=int(n_comps), random_state=EMBEDDING_SEED)
     reps, weights = [expr_key], [1.0]
     if with_image:
         specs = [_steps.feature_spec("spot", patch), _steps.feature_spec(context_name)]
@@ -532,9 +539,9 @@ def stmorph(
         image_key = f"X_{key_added}_image"
         _reuse_or_run(adata, image_key, "image_context_embedding",
                       {"use_reps": list(use_reps), "sigmas_um": sig, "n_comps_requested": 10,
-                       "random_state": random_state, "features": [_feature_id(adata, r) for r in use_reps]},
+                       "random_state": EMBEDDING_SEED, "features": [_feature_id(adata, r) for r in use_reps]},
                       "stmorph_image", image_context_embedding, use_reps=use_reps, sigmas_um=sig,
-                      random_state=random_state)
+                      random_state=EMBEDDING_SEED)
         reps.append(image_key)
         weights.append(float(image_weight))
     with _steps.step(f"{key_added}_integrate"):
