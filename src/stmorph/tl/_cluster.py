@@ -355,8 +355,6 @@ def gaussian_mixture(
     Every EM runs until the mean log-likelihood per spot changes by less than
     :data:`EM_TOL` (or ``max_iter`` iterations), not scikit-learn's looser default.
     """
-    from sklearn.mixture import GaussianMixture
-
     X = np.asarray(X, dtype=np.float64)
     if clip is not None:
         X = robust_clip(X, clip)
@@ -364,23 +362,32 @@ def gaussian_mixture(
         rng = np.random.default_rng(random_state)
         sub = np.sort(rng.choice(X.shape[0], int(fit_subset), replace=False))
         start = _mixture_restarts(X[sub], n_clusters, covariance_type, n_init, rng, min_size, max_iter)
-        gm = GaussianMixture(n_components=start.n_components, covariance_type=covariance_type, max_iter=max_iter,
-                             tol=EM_TOL, reg_covar=start.reg_covar, weights_init=start.weights_,
-                             means_init=start.means_, precisions_init=start.precisions_,
-                             random_state=int(rng.integers(2**31)))
-        with warnings.catch_warnings(), threadpool_limits(1):
-            warnings.filterwarnings("ignore", message=".*did not converge.*")
-            gm.fit(X)
+        gm = fit_mixture(X, start.n_components, covariance_type=covariance_type, max_iter=max_iter,
+                         reg_covar=start.reg_covar, random_state=int(rng.integers(2**31)), weights_init=start.weights_,
+                         means_init=start.means_, precisions_init=start.precisions_)
         return gm.predict(X), float(gm.bic(X))
     gm = _mixture_restarts(X, n_clusters, covariance_type, n_init, np.random.default_rng(random_state), min_size,
                            max_iter)
     return gm.predict(X), float(gm.bic(X))
 
 
-def _mixture_restarts(X, n_clusters, covariance_type, n_init, rng, min_size, max_iter):
-    """The fitted restart :func:`gaussian_mixture` keeps (see there for the rule)."""
+def fit_mixture(X: np.ndarray, k: int, *, reg_covar: float, random_state: int, max_iter: int = 300,
+                covariance_type: str = "tied", **init):
+    """scikit-learn's ``GaussianMixture`` with ``k`` components fitted to ``X`` by EM run to :data:`EM_TOL`, on one
+    BLAS thread (``n x ~20`` matrices: more threads cost more than they give, 5x slower on a busy 2-core machine),
+    its convergence warning silenced; ``init``: its ``means_init`` and the like."""
     from sklearn.mixture import GaussianMixture
 
+    gm = GaussianMixture(n_components=k, covariance_type=covariance_type, random_state=random_state,
+                         max_iter=max_iter, tol=EM_TOL, reg_covar=reg_covar, **init)
+    with warnings.catch_warnings(), threadpool_limits(1):
+        warnings.filterwarnings("ignore", message=".*did not converge.*")
+        gm.fit(X)
+    return gm
+
+
+def _mixture_restarts(X, n_clusters, covariance_type, n_init, rng, min_size, max_iter):
+    """The fitted restart :func:`gaussian_mixture` keeps (see there for the rule)."""
     n = X.shape[0]
     k = int(n_clusters)
     floor = max(5.0, min_size * n) if k * 5 <= n else 1.0
@@ -390,13 +397,9 @@ def _mixture_restarts(X, n_clusters, covariance_type, n_init, rng, min_size, max
     best = None
     for r in range(max(1, int(n_init)) + 1):
         # restart 0 starts from Ward's hierarchical clustering (mclust's own initialisation), the others from k-means
-        gm = GaussianMixture(n_components=k, covariance_type=covariance_type, random_state=int(rng.integers(2**31)),
-                             max_iter=max_iter, tol=EM_TOL, reg_covar=1e-6 * max(scale, 1e-12),
-                             means_init=ward_means if r == 0 else None)
-        # n x ~20 matrices: BLAS threads cost more than they give (5x slower on a busy 2-core machine)
-        with warnings.catch_warnings(), threadpool_limits(1):
-            warnings.filterwarnings("ignore", message=".*did not converge.*")
-            gm.fit(X)
+        gm = fit_mixture(X, k, covariance_type=covariance_type, random_state=int(rng.integers(2**31)),
+                         max_iter=max_iter, reg_covar=1e-6 * max(scale, 1e-12),
+                         means_init=ward_means if r == 0 else None)
         labels = gm.predict(X)
         sizes = np.bincount(labels, minlength=k)
         key = (int((sizes >= floor).sum()), float(gm.lower_bound_))

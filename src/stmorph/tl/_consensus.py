@@ -23,8 +23,6 @@ stands for its final domain (each run's groups matched to the domains by the Hun
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
@@ -58,20 +56,15 @@ def _one_hot(labels: np.ndarray, k: int) -> np.ndarray:
 def mixture_runs(X: np.ndarray, k: int, n_runs: int, rng: np.random.Generator, *, fit_spots: int = FIT_SPOTS,
                  max_iter: int = 300) -> np.ndarray:
     """``(n_runs, n)`` labels: tied mixtures fitted from k-means starts on random subsets, labelling every spot."""
-    from sklearn.mixture import GaussianMixture
-
-    from ._cluster import EM_TOL as MIXTURE_TOL
+    from ._cluster import fit_mixture
 
     n = X.shape[0]
     reg = 1e-6 * max(float(np.mean(np.var(X, axis=0))), 1e-12)
     out = np.empty((n_runs, n), dtype=np.int32)
-    with warnings.catch_warnings(), threadpool_limits(1):  # n x ~20 matrices: BLAS threads only contend
-        warnings.filterwarnings("ignore", message=".*did not converge.*")
-        for r in range(n_runs):
-            sub = np.sort(rng.choice(n, fit_spots, replace=False)) if n > fit_spots else slice(None)
-            gm = GaussianMixture(n_components=k, covariance_type="tied", tol=MIXTURE_TOL, max_iter=max_iter,
-                                 reg_covar=reg, random_state=int(rng.integers(2**31)))
-            gm.fit(X[sub])
+    for r in range(n_runs):
+        sub = np.sort(rng.choice(n, fit_spots, replace=False)) if n > fit_spots else slice(None)
+        gm = fit_mixture(X[sub], k, reg_covar=reg, random_state=int(rng.integers(2**31)), max_iter=max_iter)
+        with threadpool_limits(1):
             out[r] = gm.predict(X)
     return out
 
@@ -231,7 +224,6 @@ def consensus_clustering(X: np.ndarray, n_clusters: int, *, xy_um: np.ndarray | 
         start[subset] = labels
     else:
         start = labels
-    start = np.unique(start, return_inverse=True)[1]
     A = prior_neighbours(xy_um) if xy_um is not None and spatial_prior > 0 else None
     final = spatial_mixture(X, start, A, beta=spatial_prior).argmax(axis=1)
     sizes = np.bincount(final, minlength=int(start.max()) + 1)
