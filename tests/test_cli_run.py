@@ -111,9 +111,9 @@ def test_run_passes_the_stmorph_method_options(visium_folder, tmp_path, capsys):
     p = res.uns["X_stmorph_expr_expression"]["params"]
     assert list(p["sigmas_um"]) == [80.0, 150.0] and p["n_top_genes"] == 200 and p["hvg_flavor"] == "seurat"
     assert res.uns["stmorph_expr"]["params"]["hvg_flavor"] == "seurat"
-    # run.json says what the method did, not only the run's options (its clustering is the mixture, not Louvain)
+    # run.json says what the method did, not only the run's options (its clustering is the consensus, not Louvain)
     done = json.loads((out / "run.json").read_text())["method_params"]["stmorph_expr"]
-    assert done["method"] == "gmm" and done["n_clusters"] == 4 and done["modalities"] == ["expression"]
+    assert done["method"] == "consensus" and done["n_clusters"] == 4 and done["modalities"] == ["expression"]
     args = build_parser().parse_args(["run", str(visium_folder), "--out", str(tmp_path / "y"), "--context-patch", "senca",
                                       "--image-weight", "0.5"])
     assert method_options(args, ["stmorph"]) == {"context_patch": "senca", "image_weight": 0.5, "random_state": 0}
