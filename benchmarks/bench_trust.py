@@ -16,12 +16,16 @@ The embedding is computed once per section and image setting and reused by every
 Usage::
 
     .venv/bin/python benchmarks/bench_trust.py --seeds 5
-    .venv/bin/python benchmarks/bench_trust.py --seeds 5 --sections her2st --cluster-methods consensus
+    .venv/bin/python benchmarks/bench_trust.py --seeds 5 --sections her2st --cluster-methods consensus consensus:0
+
+A clustering ``consensus:B`` is the consensus with the spatial prior's weight set to ``B`` nats per neighbour
+(``consensus:0``: no prior), to measure what the prior adds in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import time
 import warnings
@@ -62,11 +66,12 @@ def main(argv=None) -> int:
         keep = adata.obs_names.isin(truth.index)
         t = truth.loc[adata.obs_names[keep]].to_numpy()
         k = int(truth.nunique())
-        for method in a.cluster_methods:
+        for spec in a.cluster_methods:
+            method, _, prior = spec.partition(":")
             labels, aris, conf, secs = [], [], [], []
             for seed in range(a.seeds):
                 t0 = time.perf_counter()
-                with warnings.catch_warnings():
+                with warnings.catch_warnings(), _spatial_prior(prior):
                     warnings.simplefilter("ignore")
                     tl.stmorph(adata, n_clusters=k, cluster_method=method, use_image=False if a.no_image else None,
                                random_state=seed, progress=False)
@@ -77,8 +82,8 @@ def main(argv=None) -> int:
                 conf.append(float(adata.obs["stmorph_confidence"].mean()))
             pairs = [adjusted_rand_score(x, y) for x, y in itertools.combinations(labels, 2)] or [1.0]
             mods = "+".join(adata.uns["stmorph"]["params"]["modalities"])
-            rows.append((sec.name, method, np.mean(aris), np.mean(pairs), min(pairs)))
-            print(f"{sec.name} | {method} | {mods} | {np.mean(aris):.3f} ± {np.std(aris):.3f} | "
+            rows.append((sec.name, spec, np.mean(aris), np.mean(pairs), min(pairs)))
+            print(f"{sec.name} | {spec} | {mods} | {np.mean(aris):.3f} ± {np.std(aris):.3f} | "
                   f"{np.mean(pairs):.3f} ({min(pairs):.3f}) | {np.mean(conf):.2f} | {np.mean(secs[1:] or secs):.1f}",
                   flush=True)
     for method in a.cluster_methods:
@@ -87,6 +92,20 @@ def main(argv=None) -> int:
             print(f"{method}: mean ARI {np.mean([x[2] for x in r]):.3f}; seed agreement >= 0.9 on "
                   f"{sum(x[4] >= 0.9 for x in r)} of {len(r)} sections (every pair of seeds)")
     return 0
+
+
+@contextlib.contextmanager
+def _spatial_prior(weight: str):
+    """The consensus' spatial prior set to ``weight`` (nats per neighbour) for the runs inside; "" leaves it."""
+    from stmorph.tl import _consensus
+
+    saved = _consensus.SPATIAL_PRIOR
+    if weight:
+        _consensus.SPATIAL_PRIOR = float(weight)
+    try:
+        yield
+    finally:
+        _consensus.SPATIAL_PRIOR = saved
 
 
 if __name__ == "__main__":
