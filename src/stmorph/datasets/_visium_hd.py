@@ -237,10 +237,11 @@ def synthetic_visium_hd(
         ~4,000 bins of 8 um under tissue). Memory grows with the number of UMIs, not with bins x genes.
     bin_size
         Side of the returned bins: 2, or a multiple of 2 (8, 16 ...).
-    n_regions, n_genes, region_scale_um, n_program_genes, fold_change, expression_strength,
-    expression_only_strength, nuisance_strength, n_nuisance, image_strength, image_noise
+    n_regions, n_genes, region_scale_um, n_program_genes, fold_change, expression_strength
         As in :func:`stmorph.datasets.synthetic` (the region catalogue and the image-only and expression-only
         regions are the same).
+    expression_only_strength, nuisance_strength, n_nuisance, image_strength, image_noise
+        As in :func:`stmorph.datasets.synthetic`.
     microns_per_pixel
         Pixel size of the full-resolution image (Visium HD microscopes: ~0.25-0.5 um). The image spans the
         capture area plus a 150 um margin: at full size and 0.3 um/px that is ~22,700 px a side (1.5 GB in

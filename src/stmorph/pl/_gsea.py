@@ -19,14 +19,14 @@ def gsea_bars(
     save=None,
     dpi: int = 120,
 ):
-    """Horizontal NES bars of the gene sets with the largest |NES|, one panel per domain.
+    """Horizontal NES bars of the gene sets with the largest absolute NES, one panel per domain.
 
     Parameters
     ----------
     results
         Table from :func:`stmorph.ev.gsea` (columns ``domain, term, nes, fdr``).
     top
-        Gene sets per domain (largest |NES|).
+        Gene sets per domain (largest absolute NES).
     fdr
         Threshold for the filled (significant) bars; default: the table's ``significant`` column.
     only_significant

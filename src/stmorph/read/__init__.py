@@ -13,4 +13,4 @@ from ._spatialdata import spatialdata
 from ._visium import visium
 from ._visium_hd import rebin, visium_hd
 
-__all__ = ["visium", "visium_hd", "rebin", "legacy_st", "h5ad"]
+__all__ = ["visium", "visium_hd", "rebin", "legacy_st", "h5ad", "spatialdata"]
