@@ -1,11 +1,12 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   # create .venv, install, run stmorph on built-in synthetic tissue
 #   make test   # create .venv, install, run the test suite
+#   make docs   # build the documentation site into docs/_build/html
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stmorph-installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test docs bench clean
 
 setup: $(STAMP)
 
@@ -25,5 +26,10 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
+# the documentation site, offline, warnings as errors
+docs: setup
+	$(PY) -m sphinx -W -b html docs docs/_build/html
+	@echo "open docs/_build/html/index.html"
+
 clean:
-	rm -rf $(VENV) demo_out
+	rm -rf $(VENV) demo_out docs/_build

@@ -27,6 +27,7 @@ extensions = [
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 root_doc = "index"
 exclude_patterns = ["_build", "Thumbs.db", ".DS_Store"]
+smartquotes = False  # keep "--force" as typed, not an en dash
 
 myst_enable_extensions = ["colon_fence", "deflist"]
 myst_heading_anchors = 3
