@@ -1,14 +1,11 @@
-"""The documentation site builds offline with no warnings, and its references cover the public API and CLI."""
+"""The documentation site builds offline with no warnings, its references cover the public API and the CLI,
+and the README keeps its set-up commands on the first screen."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-
-pytest.importorskip("sphinx")
-pytest.importorskip("myst_parser")
-pytest.importorskip("furo")
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::PendingDeprecationWarning")
 
@@ -17,6 +14,9 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
+    pytest.importorskip("sphinx")
+    pytest.importorskip("myst_parser")
+    pytest.importorskip("furo")
     from sphinx.cmd.build import build_main
 
     out = tmp_path_factory.mktemp("html")
@@ -54,3 +54,11 @@ def test_nothing_fetched(site):
     for page in site.rglob("*.html"):
         text = page.read_text(encoding="utf-8")
         assert '<script src="http' not in text and '<link rel="stylesheet" href="http' not in text, page
+
+
+def test_readme_first_screen():
+    readme = (DOCS.parent / "README.md").read_text(encoding="utf-8").splitlines()
+    assert len(readme) <= 200
+    head = "\n".join(readme[:40])
+    assert "make demo" in head and "make test" in head
+    assert readme.count("<!-- claims:begin -->") == 1 and readme.count("<!-- claims:end -->") == 1
