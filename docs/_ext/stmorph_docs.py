@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import os
 import types
 
 from docutils import nodes
@@ -43,7 +44,16 @@ def _option_list(parser: argparse.ArgumentParser) -> list[nodes.Node]:
             term = nodes.term()
             term += nodes.literal(text=formatter._format_action_invocation(action))
             definition = nodes.definition()
-            definition += nodes.paragraph(text=formatter._expand_help(action) if action.help else "")
+            if isinstance(action, argparse._SubParsersAction):
+                commands = nodes.bullet_list()
+                for choice in action._choices_actions:
+                    item = nodes.paragraph()
+                    item += nodes.reference("", f"stmorph {choice.dest}", refid=nodes.make_id(f"stmorph-{choice.dest}"))
+                    item += nodes.Text(f": {choice.help}")
+                    commands += nodes.list_item("", item)
+                definition += commands
+            else:
+                definition += nodes.paragraph(text=formatter._expand_help(action) if action.help else "")
             dl += nodes.definition_list_item("", term, definition)
         out.append(dl)
     return out
@@ -55,6 +65,18 @@ class CliDirective(SphinxDirective):
     has_content = False
 
     def run(self) -> list[nodes.Node]:
+        # argparse wraps usage lines at the terminal's width: fix it for the page, then put it back
+        columns = os.environ.get("COLUMNS")
+        os.environ["COLUMNS"] = "100"
+        try:
+            return self._sections()
+        finally:
+            if columns is None:
+                del os.environ["COLUMNS"]
+            else:
+                os.environ["COLUMNS"] = columns
+
+    def _sections(self) -> list[nodes.Node]:
         from stmorph import cli
 
         parser = cli.build_parser()
