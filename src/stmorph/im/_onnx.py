@@ -173,7 +173,7 @@ def high_resolution_convs(onnx_bytes: bytes, input_size: int, fraction: float = 
     EfficientNet-Lite2 the stem's per-tensor activation range spans channels of
     very different scales, and the error they pass on grows through the
     network (keeping these 14 of its 64 convolutions float raised the minimum
-    cosine to float32 features from 0.96 to 0.99 on HER2ST patches; BENCHMARKS.md section 3b).
+    cosine to float32 features from 0.96 to 0.99 on HER2ST patches; docs/design-notes.md).
     """
     import onnx
 

@@ -3,7 +3,7 @@
 A context patch (the ``stmorph`` method's 6 spot spacings) around a spot near the edge of the section
 shows glass beyond the edge. Averaged over the whole patch, the encoder's features then say mostly *how
 far the spot is from the edge*, and a clustering spends a domain on a band along the tissue border,
-which no pathologist would draw (measured on HER2ST A1 in BENCHMARKS.md section 7). With
+which no pathologist would draw (measured on HER2ST A1, docs/design-notes.md). With
 ``pool="section"`` the encoder still sees the whole patch, but its last feature map is averaged over the
 cells that lie inside the section only:
 

@@ -317,7 +317,7 @@ FIT_SUBSET = 20_000
 #: (scikit-learn's ``tol``). Its default, 1e-3, stopped the tied mixture well short of convergence on the
 #: development sections, so the labels depended on where EM happened to stop; mclust, whose EEE model the mixture
 #: stands for, iterates to a relative change of 1e-5. At 1e-5 (with at most ``max_iter`` iterations) the labels on
-#: the development sections are those of EM run to 1e-7 but for a few spots (BENCHMARKS.md section 7).
+#: the development sections are those of EM run to 1e-7 but for a few spots (docs/design-notes.md).
 EM_TOL = 1e-5
 
 

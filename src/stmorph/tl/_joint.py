@@ -56,7 +56,7 @@ from ._stmorph import (
 METHODS = ("stmorph", "expression")
 BATCH_CORRECTIONS = ("harmony", None)
 #: Harmony's diversity penalty (harmonypy's default is 2). On the two DLPFC sections 1 kept 151673's ARI
-#: closer to its separate runs' (0.590 against 0.572 at 2, mean of 3 seeds; BENCHMARKS.md).
+#: closer to its separate runs' (0.590 against 0.572 at 2, mean of 3 seeds; docs/design-notes.md).
 HARMONY_THETA = 1.0
 
 
