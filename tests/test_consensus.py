@@ -45,6 +45,27 @@ def test_confidence_is_the_share_of_runs_that_agree_after_matching_names():
     assert np.allclose(conf, [1.0, 0.75, 1.0, 1.0])
 
 
+def test_the_vote_settles_spots_the_tree_cut_misplaced():
+    runs = np.array([[0, 0, 1, 1, 1], [1, 1, 0, 0, 0], [0, 0, 1, 1, 0], [2, 2, 7, 7, 7]])  # names differ by run
+    settled = C.vote_labels(runs, np.array([0, 1, 1, 1, 1]), 2)
+    assert adjusted_rand_score(settled, [0, 0, 1, 1, 1]) == 1.0
+    # matched on spot 1 alone, which keeps its label: the runs' majority follows it
+    assert list(C.vote_labels(runs, np.array([0, 1, 1, 1, 1]), 2, fixed=np.array([1]))) == [1, 1, 0, 0, 0]
+    # a start that no run supports for one domain: the vote keeps every domain rather than emptying one
+    assert np.unique(C.vote_labels(runs[:1], np.array([0, 0, 0, 0, 1]), 2)).size == 2
+
+
+def test_the_polish_is_kept_only_where_the_two_halves_of_the_runs_reproduce_it(monkeypatch):
+    X, xy, truth = _grid_domains(noise=1.6, seed=1)
+    kept, runs, info = C.consensus_clustering(X, 3, xy_um=xy, n_runs=20, random_state=0)
+    assert info["polished"] is True and info["polish_reproduced"] >= C.REPRODUCIBLE
+    monkeypatch.setattr(C, "REPRODUCIBLE", 1.01)  # no polish can be that reproducible
+    dropped, runs2, info2 = C.consensus_clustering(X, 3, xy_um=xy, n_runs=20, random_state=0)
+    assert info2["polished"] is False and info2["polish_reproduced"] == info["polish_reproduced"]
+    assert np.array_equal(runs, runs2)
+    assert adjusted_rand_score(truth, kept) > adjusted_rand_score(truth, dropped)
+
+
 def test_consensus_finds_planted_domains_and_does_not_move_with_the_seed():
     X, xy, truth = _grid_domains()
     found = [C.consensus_clustering(X, 3, xy_um=xy, random_state=s)[0] for s in (0, 1, 2)]

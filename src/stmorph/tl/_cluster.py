@@ -16,8 +16,8 @@ majority vote over spatial neighbours (``refine=True``, see
 :func:`stmorph.tl._neighbors.refine_labels`).
 
 ``method="consensus"`` (the ``stmorph`` method's default) makes the mixture's answer independent of where its
-restarts land: many tied mixtures, their co-assignment cut into domains, polished under a spatial prior, with
-each spot's co-assignment frequency as its confidence (:mod:`stmorph.tl._consensus`).
+restarts land: many tied mixtures, their co-assignment cut into domains and settled by majority vote, polished
+under a spatial prior where that polish is reproducible, with each spot's co-assignment frequency as its confidence (:mod:`stmorph.tl._consensus`).
 """
 
 from __future__ import annotations

@@ -4,18 +4,21 @@ A tied Gaussian mixture (mclust's EEE) has many local optima on a spatial-transc
 ``n_init`` restarts keep changes with the seed. :func:`consensus_clustering` instead
 
 1. fits many mixtures (``n_runs``), each from its own k-means start on its own random subset of the spots
-   (at most :data:`FIT_SPOTS`), and lets each label every spot;
+   (at most :data:`FIT_SPOTS`), and lets each label every spot. The number of runs shares one budget of spot
+   fits (:data:`RUN_BUDGET`): a few hundred spots get :data:`MAX_RUNS` runs, a Visium section 150;
 2. counts how often each pair of spots fell in the same group (the co-assignment matrix, Monti et al. 2003)
    over at most :data:`CONSENSUS_SPOTS` spots, and cuts its average-linkage tree into ``k`` domains of at least
-   :func:`min_domain_size` spots (outliers join the domain they share most runs with); spots outside
-   that subset take the domain their runs voted for. The number of runs shares one budget of spot fits
-   (:data:`RUN_BUDGET`): a few hundred spots get :data:`MAX_RUNS` runs, a Visium section 150;
-3. polishes the consensus with one tied mixture whose labels carry a spatial prior (a Potts model over the first
+   :func:`min_domain_size` spots (outliers join the domain they share most runs with);
+3. settles that cut by majority vote (:func:`vote_labels`): every run's groups are matched to the domains and
+   each spot takes the domain most runs put it in, repeated until nothing changes. The tree's cut moves with
+   the runs; the vote's fixed point, a majority of all runs, much less;
+4. polishes the consensus with one tied mixture whose labels carry a spatial prior (a Potts model over the first
    ring of neighbours, solved by mean-field EM, the hidden-Markov-random-field EM of Zhang et al. 2001 and the
    role BayesSpace's prior plays): a spot's domain follows its embedding but leans towards its neighbours' by
-   :data:`SPATIAL_PRIOR` nats per neighbour, which matters only where the embedding hesitates. A polish that
-   empties a domain or shrinks it below the smallest domain kept (:func:`min_domain_size`) is discarded and the
-   consensus kept.
+   :data:`SPATIAL_PRIOR` nats per neighbour. EM from a slightly different start can land in another optimum, so
+   the polish is kept only if it is reproducible: the consensuses of the two halves of the runs (even and odd),
+   each polished the same way, must agree at ARI >= :data:`REPRODUCIBLE`. It is also discarded if it empties a
+   domain or shrinks one below the smallest kept (:func:`min_domain_size`).
 
 Each spot's confidence is its co-assignment frequency: the fraction of runs that put it in the group that
 stands for its final domain (each run's groups matched to the domains by the Hungarian algorithm).
@@ -43,6 +46,9 @@ CONSENSUS_SPOTS = 4000
 SPATIAL_PRIOR = 0.5
 #: Neighbours of the spatial prior: spots closer than this many spot spacings.
 PRIOR_RING = 1.5
+#: The polish is kept when the polished consensuses of two disjoint halves of the runs agree at least this well
+#: (ARI): the seed-to-seed agreement the consensus itself is held to.
+REPRODUCIBLE = 0.9
 #: EM stops when no responsibility changes by more than this.
 EM_TOL = 1e-4
 
@@ -176,7 +182,8 @@ def default_runs(n_spots: int) -> int:
 def consensus_clustering(X: np.ndarray, n_clusters: int, *, xy_um: np.ndarray | None = None,
                          spatial_prior: float = SPATIAL_PRIOR, n_runs: int | None = None,
                          random_state: int = 0) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Domains of ``X`` by consensus of many tied mixtures, polished with a spatial prior (see the module).
+    """Domains of ``X`` by consensus of many tied mixtures, polished with a spatial prior where that is
+    reproducible (see the module).
 
     Parameters
     ----------
@@ -196,7 +203,8 @@ def consensus_clustering(X: np.ndarray, n_clusters: int, *, xy_um: np.ndarray | 
     Returns
     -------
     ``(labels, runs, info)``: labels ``0..``, the runs' labels ``(n_runs, n)`` (for :func:`coassignment_confidence`)
-    and what was done (runs, spots in the co-assignment matrix, the prior).
+    and what was done (runs, spots in the co-assignment matrix, the prior, whether the polish was kept and the
+    agreement of its two halves, ``polish_reproduced``).
     """
     X = np.asarray(X, dtype=np.float64)
     n = X.shape[0]
@@ -213,36 +221,84 @@ def consensus_clustering(X: np.ndarray, n_clusters: int, *, xy_um: np.ndarray | 
     rng = np.random.default_rng(random_state)
     subset = np.sort(rng.choice(n, CONSENSUS_SPOTS, replace=False)) if n > CONSENSUS_SPOTS else np.arange(n)
     runs = mixture_runs(X, k, int(n_runs) if n_runs is not None else default_runs(n), rng)
-    floor = min_domain_size(subset.size, k)
-    labels = consensus_labels(runs[:, subset], k, floor)
-    if subset.size < n:  # every spot: the domain its runs voted for, the runs matched on the subset
-        votes = np.zeros((n, k))
-        for r in runs:
-            mapping = _mapping(r[subset], labels, k)
-            votes[np.arange(n), mapping[r]] += 1.0
-        start = votes.argmax(axis=1)
-        start[subset] = labels
-    else:
-        start = labels
+    labels = _vote_consensus(runs, subset, k)
     A = prior_neighbours(xy_um) if xy_um is not None and spatial_prior > 0 else None
-    final = spatial_mixture(X, start, A, beta=spatial_prior).argmax(axis=1)
-    sizes = np.bincount(final, minlength=int(start.max()) + 1)
-    polished = bool(sizes.min() >= min(min_domain_size(n, k), np.bincount(start).min()))
-    if not polished:  # the polish emptied or shrank a domain (e.g. a prior stronger than the signal): keep the consensus
-        final = start
-    info = {"n_runs": int(runs.shape[0]), "consensus_spots": int(subset.size), "polished": bool(polished),
+    polish = _polish(X, labels, A, spatial_prior, n)
+    info = {"n_runs": int(runs.shape[0]), "consensus_spots": int(subset.size),
             "spatial_prior": float(spatial_prior) if A is not None else 0.0,
             "prior_neighbours": float(A.sum() / n) if A is not None else 0.0}
-    return np.unique(final, return_inverse=True)[1], runs, info
+    if polish is None:  # the polish emptied or shrank a domain (e.g. a prior stronger than the signal)
+        info.update(polished=False, polish_reproduced=None)
+        return labels, runs, info
+    # Keep the polish only if it is a property of the data: two consensuses of disjoint halves of the runs,
+    # each polished the same way, must agree as closely as two seeds are meant to (REPRODUCIBLE).
+    from sklearn.metrics import adjusted_rand_score
+
+    halves = [_polish(X, _vote_consensus(runs[h::2], subset, k), A, spatial_prior, n) for h in (0, 1)]
+    agreement = (float(adjusted_rand_score(*halves)) if all(h is not None for h in halves) and runs.shape[0] >= 4
+                 else 0.0)
+    kept = agreement >= REPRODUCIBLE
+    info.update(polished=bool(kept), polish_reproduced=round(agreement, 4))
+    return (np.unique(polish, return_inverse=True)[1] if kept else labels), runs, info
 
 
-def _mapping(run_labels: np.ndarray, reference: np.ndarray, k: int, *, unmatched: int | None = None) -> np.ndarray:
+def _vote_consensus(runs: np.ndarray, subset: np.ndarray, k: int) -> np.ndarray:
+    """The runs' consensus: the co-assignment tree's cut over ``subset`` (:func:`consensus_labels`), extended to
+    every spot and settled by :func:`vote_labels`."""
+    n = runs.shape[1]
+    cut = consensus_labels(runs[:, subset], k, min_domain_size(subset.size, k))
+    if subset.size < n:
+        start = np.zeros(n, dtype=np.int64)
+        start[subset] = cut
+        start = vote_labels(runs, start, k, max_iter=1, fixed=subset)
+    else:
+        start = cut
+    return vote_labels(runs, start, k)
+
+
+def vote_labels(runs: np.ndarray, start: np.ndarray, k: int, *, max_iter: int = 50,
+                fixed: np.ndarray | None = None) -> np.ndarray:
+    """Majority vote of ``runs`` from ``start``, repeated to a fixed point (labels ``0..``).
+
+    Each step matches every run's groups to the current domains (Hungarian, :func:`_mapping`, on the spots of
+    ``fixed`` when given, else all) and gives each spot the domain most runs put it in; spots of ``fixed``
+    keep their labels. At the fixed point each domain is the majority of the runs matched to it: the
+    consensus no longer depends on where the co-assignment tree was cut, only on the runs.
+    """
+    labels = np.asarray(start).copy()
+    n = labels.size
+    ref = np.arange(n) if fixed is None else np.asarray(fixed)
+    for _ in range(max_iter):
+        votes = np.zeros((n, k))
+        for r in runs:
+            votes[np.arange(n), _mapping(r[ref], labels[ref], k, n_groups=int(r.max()) + 1)[r]] += 1.0
+        new = votes.argmax(axis=1)
+        if fixed is not None:
+            new[ref] = labels[ref]
+        if np.array_equal(new, labels) or np.unique(new).size < np.unique(labels).size:
+            break  # settled, or a domain would lose every spot: keep the last labels that hold them all
+        labels = new
+    return np.unique(labels, return_inverse=True)[1]
+
+
+def _polish(X: np.ndarray, labels: np.ndarray, A: sp.csr_matrix | None, beta: float, n: int) -> np.ndarray | None:
+    """:func:`spatial_mixture` from ``labels``; ``None`` if it empties a domain or shrinks one below the smallest
+    kept (:func:`min_domain_size`)."""
+    k = int(labels.max()) + 1
+    final = spatial_mixture(X, labels, A, beta=beta).argmax(axis=1)
+    sizes = np.bincount(final, minlength=k)
+    return final if sizes.min() >= min(min_domain_size(n, k), np.bincount(labels).min()) else None
+
+
+def _mapping(run_labels: np.ndarray, reference: np.ndarray, k: int, *, unmatched: int | None = None,
+             n_groups: int | None = None) -> np.ndarray:
     """For each group of a run, the ``reference`` domain (``0..k-1``) it is matched to by the Hungarian algorithm on
     their contingency table; a group left unmatched (a run with more groups than ``k``) gets ``unmatched``, or
-    the domain it overlaps most when ``None``."""
+    the domain it overlaps most when ``None``. ``n_groups``: the run's number of groups, when ``run_labels`` are
+    only some of its spots (a group none of them holds is matched like the others, at no overlap)."""
     from scipy.optimize import linear_sum_assignment
 
-    kr = int(run_labels.max()) + 1
+    kr = int(run_labels.max()) + 1 if n_groups is None else int(n_groups)
     table = np.zeros((kr, k))
     np.add.at(table, (run_labels, reference), 1.0)
     mapping = table.argmax(axis=1) if unmatched is None else np.full(kr, unmatched)
