@@ -58,6 +58,7 @@ def image_pca(adata, *, feature_key: str = "X_image", patch="spot", n_comps: int
     else:
         with _steps.step("image_embedding"):
             image_embedding(adata, use_rep=feature_key, n_comps=n_comps, random_state=random_state)
+        adata.uns["X_image_pca"]["params"]["features"] = source  # so a later call on the same features reuses it
     return "X_image_pca"
 
 
