@@ -357,7 +357,6 @@ def run_section(args, command: str) -> dict:
     check_report_options(args)
     methods = resolve_methods(args.method)
     options = method_options(args, methods)  # an option the methods do not use: refused before any work
-    progress_printer(args.quiet)(f"reading {args.input} ...")
     t0 = time.perf_counter()
     with warnings_once(seen := []):
         adata = read_input(args.input, image=args.image, spots=args.spots, labels=args.labels,

@@ -36,13 +36,16 @@ class StepLog:
     ran: dict[str, list[str]] = field(default_factory=dict)
     reused: dict[str, list[str]] = field(default_factory=dict)
     method_seconds: dict[str, dict[str, float]] = field(default_factory=dict)
+    wall: dict[str, float] = field(default_factory=dict)
     method: str = ""
     progress: bool = False
 
     def own_seconds(self, method: str) -> float:
-        """Seconds of the steps ``method`` ran itself, the shared steps (:meth:`shared_steps`) left out."""
+        """Seconds ``method`` ran (its whole call, steps or not), less the shared steps (:meth:`shared_steps`)
+        it ran: those are counted once, apart."""
         shared = set(self.shared_steps())
-        return float(sum(t for s, t in self.method_seconds.get(method, {}).items() if s not in shared))
+        paid = sum(t for s, t in self.method_seconds.get(method, {}).items() if s in shared)
+        return float(max(self.wall.get(method, 0.0) - paid, 0.0))
 
     def shared_steps(self) -> list[str]:
         """Steps whose output served more than one method: run by one (or by the run itself, before the
@@ -68,23 +71,26 @@ def recording(log: StepLog) -> Iterator[StepLog]:
 
 @contextlib.contextmanager
 def running(method: str) -> Iterator[None]:
-    """Steps run inside this block are charged to ``method``."""
+    """The block is ``method``'s call: its time, and the steps run inside it, are charged to ``method``."""
     log = _LOG.get()
     if log is None:
         yield
         return
     prev, log.method = log.method, method
+    t0 = time.perf_counter()
     try:
         yield
     finally:
         log.method = prev
+        log.wall[method] = log.wall.get(method, 0.0) + time.perf_counter() - t0
 
 
 @contextlib.contextmanager
-def step(name: str) -> Iterator[None]:
-    """Time the block as the step ``name`` of the method running."""
+def step(name: str, *, announce: bool = True) -> Iterator[None]:
+    """Time the block as the step ``name`` of the method running; ``announce=False``: no progress line (a
+    step too quick to need one)."""
     log = _LOG.get()
-    if log is not None and log.progress:
+    if log is not None and log.progress and announce:
         who = "" if log.method in ("", PREFETCH) else f"{log.method}: "
         print(f"{who}{name.replace('_', ' ')} ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()

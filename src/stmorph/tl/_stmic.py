@@ -195,7 +195,7 @@ def stmic(
     else:
         reps = (expression_pca(adata, n_comps=n_comps, random_state=random_state),
                 image_pca(adata, n_comps=n_comps, random_state=random_state, **features))
-        with _steps.step("integrate"):
+        with _steps.step("integrate", announce=False):
             integrate(adata, reps, weights=modality_weights)
         rep = "X_stmic"
     with _steps.step(f"cluster_{key}"):
