@@ -245,10 +245,9 @@ def execute(adata, methods, out_tmp: Path, options: dict, run_info: dict, *, plo
             from ..report import build_report
 
             t2 = time.perf_counter()
-            shown = _rebase(run_info, *rebase) if rebase is not None else run_info
-            pages["report.html"] = build_report(adata, {**shown, "warnings": list(seen),
-                                                        "packages": package_versions()},
-                                                gene_sets=gene_sets, log=None if quiet else say)
+            shown = {**run_info, "warnings": list(seen), "packages": package_versions()}
+            shown = _rebase(shown, *rebase) if rebase is not None else shown
+            pages["report.html"] = build_report(adata, shown, gene_sets=gene_sets, log=None if quiet else say)
             run_info["timings_s"]["report"] = time.perf_counter() - t2
     run_info["warnings"] = seen
     if rebase is not None:
