@@ -1,5 +1,5 @@
 # Two commands set everything up on a fresh machine:
-#   make demo   # create .venv, install, run stmorph on built-in synthetic tissue
+#   make demo   # create .venv, install, run stmorph on built-in synthetic tissue, write demo_out/report.html
 #   make test   # create .venv, install, run the test suite
 #   make docs   # build the documentation site into docs/_build/html
 VENV ?= .venv

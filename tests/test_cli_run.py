@@ -1,6 +1,7 @@
 """`stmorph run` and `stmorph demo` end to end on small synthetic tissue."""
 
 import json
+import sys
 
 import anndata as ad
 import pandas as pd
@@ -39,8 +40,16 @@ def test_run_writes_every_output_and_refuses_to_clobber(visium_folder, tmp_path,
     res = ad.read_h5ad(out / "result.h5ad")
     assert {"X_expr_pca", "X_image", "X_image_pca", "X_stmic"} <= set(res.obsm)
     assert list(res.obs_names) == list(table.index.astype(str))
+    # each method's time is its own: the shared steps (image features, the embeddings the baselines made and
+    # stmic reused) are counted once, apart, so the methods' and the shared steps' times add up to the run's
+    assert {"image_features", "expression_embedding", "image_embedding"} <= set(info["shared_s"])
+    counted = sum(info["methods_s"].values()) + sum(info["shared_s"].values())
+    assert counted <= info["timings_s"]["methods_total"] + 0.01
+    assert counted == pytest.approx(info["timings_s"]["methods_total"], rel=0.1, abs=0.5)
     summary = capsys.readouterr().out
     assert "stmic" in summary and "ARI" in summary
+    assert "shared steps (once, in no method's time): image features" in summary and "  total " in summary
+    assert "report:" not in summary  # no --report: no report's path
 
     before = (out / "domains.csv").read_bytes()
     assert main(["run", *argv]) == 2  # exists, no --force
@@ -77,14 +86,92 @@ def test_image_methods_need_an_image(visium_folder, tmp_path, capsys):
     assert "needs the H&E image" in capsys.readouterr().err
 
 
-def test_demo_runs_and_reports_ari(tmp_path, capsys):
+def test_demo_runs_writes_its_report_and_prints_its_path_last(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--n-spots", "150", "--method", "stmic", "--n-clusters", "5"]) == 0
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
     assert "stmic" in text and "ARI" in text
     info = json.loads((out / "run.json").read_text())
     assert str(out.resolve()) in info["encoder"]["image"]  # final location, not the staging folder
     assert (out / "input" / "filtered_feature_bc_matrix.h5").exists()
+    # the report is part of the demo, its section named "demo" (not the staging folder "input")
+    assert "report.html" in info["outputs"]
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert "<h1>Spatial domains: demo</h1>" in page and "<title>stmorph report: demo</title>" in page
+    assert text.rstrip("\n").splitlines()[-1] == f"report: {out / 'report.html'}"
+    # the steps around the methods are timed and shown too, and progress lines go to stderr
+    assert "other steps: synthetic" in text and "report " in text
+    assert "stmic: cluster stmic ..." in captured.err and "image features ..." in captured.err
+    assert main(["demo", "--out", str(tmp_path / "q"), "--n-spots", "150", "--method", "expression",
+                 "--no-report", "--no-plot", "--quiet"]) == 0
+    assert capsys.readouterr().out == "" and not (tmp_path / "q" / "report.html").exists()
+
+
+def _to_stderr(message, category, filename, lineno, file=None, line=None):
+    sys.stderr.write(f"warning: {message}\n")
+
+
+def test_each_warning_is_printed_once(tmp_path, capsys):
+    """A reader's warning is shown when it is given and kept in run.json, not shown again in the summary;
+    the same warning given twice is shown once."""
+    import warnings
+
+    tissue = datasets.synthetic(120, n_genes=300, random_state=2)
+    counts = tissue.X.tolil()
+    counts[3, :] = 0  # a spot without counts: the reader leaves it out, with a warning
+    tissue.X = counts.tocsr()
+    src = tmp_path / "t.h5ad"
+    tissue.write_h5ad(src)
+    with warnings.catch_warnings():  # shown on stderr, as on the command line, not collected by pytest
+        warnings.showwarning = _to_stderr
+        assert main(["run", str(src), "--method", "expression", "--n-clusters", "4", "--no-plot",
+                     "--out", str(tmp_path / "o")]) == 0
+    captured = capsys.readouterr()
+    both = captured.out + captured.err
+    assert both.count("with zero counts") == 1
+    info = json.loads((tmp_path / "o" / "run.json").read_text())
+    assert len(info["warnings"]) == 1 and "with zero counts" in info["warnings"][0]
+    assert "1 warning, shown above and kept in run.json" in captured.out
+
+    from stmorph.cli._run import warnings_once
+
+    seen = ["already shown"]
+    with warnings.catch_warnings():
+        warnings.showwarning = _to_stderr
+        with warnings_once(seen):
+            for _ in range(3):
+                warnings.warn("given three times", UserWarning, stacklevel=1)
+            warnings.warn("already shown", UserWarning, stacklevel=1)
+    assert seen == ["already shown", "given three times"]
+    assert capsys.readouterr().err.count("given three times") == 1
+
+
+def test_help_is_plain_text_and_says_what_the_default_does():
+    """No RST markup in any command's help; --n-clusters says how stmorph chooses the count without it."""
+    import argparse
+    import inspect
+
+    from stmorph import tl
+
+    parser = build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in subs.choices.items():
+        text = sub.format_help()
+        assert "``" not in text and ":func:" not in text and ":mod:" not in text, name
+    run = subs.choices["run"]
+    help_text = next(a.help for a in run._actions if "--n-clusters" in a.option_strings)
+    choose = inspect.signature(tl.choose_n_clusters).parameters
+    k_range = inspect.signature(tl.stmorph).parameters["k_range"].default
+    assert "stmorph and stmorph_expr take the number of Louvain communities" in help_text
+    assert f"{choose['n_neighbors'].default} neighbours, resolution {choose['resolution'].default}" in help_text
+    assert f"within {k_range[0]}-{k_range[1]}" in help_text
+    assert "expression baseline's count" in help_text
+
+    from stmorph.cli import plain
+
+    assert plain("``x``: see :func:`stmorph.tl.stmorph` and :class:`~stmorph.tl.Option`") == (
+        "x: see stmorph.tl.stmorph and Option")
 
 
 @pytest.mark.realdata

@@ -341,7 +341,8 @@ def test_cli_run_with_report(tmp_path, capsys):
                  "--quiet"]) == 2
     assert "add --report" in capsys.readouterr().err and not (tmp_path / "x").exists()
     out = tmp_path / "out"
-    assert main(["run", str(src), "-m", "expression", "--report", "--out", str(out), "--quiet"]) == 0
+    assert main(["run", str(src), "-m", "expression", "--report", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.rstrip("\n").splitlines()[-1] == f"report: {out / 'report.html'}"  # path last
     info = json.loads((out / "run.json").read_text())
     assert "report.html" in info["outputs"] and info["timings_s"]["report"] > 0
     page = _parse(out / "report.html")

@@ -235,13 +235,18 @@ def run_one(name: str, argv: list[str], out: str, force: bool = False) -> dict:
         args = _run_parser().parse_args([argv[0], "--out", str(out_path), *argv[1:], "--quiet"])
         args.force = force
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # they are recorded in run.json
+            warnings.simplefilter("ignore")
+            warnings.showwarning = _not_shown  # run_section still records its warnings in run.json
             info = run_section(args, _command(argv, out_path))
         return {**_row_from_info(name, "ok", info, time.perf_counter() - t0), "worker": _worker()}
     except Exception as exc:  # noqa: BLE001 - a section's failure is data, not a crash
         text = str(exc) if isinstance(exc, StmorphError) else f"{type(exc).__name__}: {exc}"
         line = " ".join(text.split()) or type(exc).__name__
         return {**_row_from_info(name, "failed", {}, time.perf_counter() - t0, line), "worker": _worker()}
+
+
+def _not_shown(message, category, filename, lineno, file=None, line=None) -> None:
+    """A ``warnings.showwarning`` that prints nothing."""
 
 
 def _worker() -> str:

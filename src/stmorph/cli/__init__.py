@@ -20,13 +20,25 @@ from ..errors import StmorphError
 _COMMANDS = ("run", "demo", "benchmark", "report", "cohort")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, with one-line errors and help without the docstrings' RST markup."""
+def plain(text: str) -> str:
+    """Text for a terminal, without the RST markup of the docstrings and declarations it is built from:
+    double backticks are dropped, and a role such as :func:`stmorph.tl.stmorph` becomes its target's name
+    (the last part only when it starts with ``~``)."""
+    text = re.sub(r":[a-z]+:`([^`]*)`", _role, text)
+    return re.sub(r"``([^`]*)``", r"\1", text)
 
-    def __init__(self, *args, **kwargs):
-        if kwargs.get("description"):
-            kwargs["description"] = re.sub(r"``([^`]*)``", r"\1", kwargs["description"])
-        super().__init__(*args, **kwargs)
+
+def _role(match: re.Match) -> str:
+    target = match.group(1)
+    return target[1:].rsplit(".", 1)[-1] if target.startswith("~") else target
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with one-line errors and help without the docstrings' RST markup (descriptions, option
+    help and group titles alike)."""
+
+    def format_help(self) -> str:
+        return plain(super().format_help())
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

@@ -9,17 +9,11 @@ an option nobody gave is never recorded as given.
 from __future__ import annotations
 
 import argparse
-import re
 
 from ..tl import _methods
 
 #: Options the command line sets itself (per section, per seed) rather than as flags of this module.
 NOT_FLAGS = ("random_state",)
-
-
-def _plain(text: str) -> str:
-    """Help text for a terminal: RST double backticks removed."""
-    return re.sub(r"``([^`]*)``", r"\1", text)
 
 
 def _defaults_line(name: str) -> str:
@@ -57,8 +51,9 @@ def add_method_options(parser, *, exclude=()) -> None:
         if g is None:
             g = groups[opt.group] = parser.add_argument_group(opt.group)
         used = ", ".join(_methods.users_of(name))
-        help_text = _plain(f"{opt.help} ({_defaults_line(name)}used by {used}"
-                           f"{'; only ' + opt.when if opt.when else ''})").replace("%", "%%")
+        # RST markup in the declarations is removed when the help is shown (cli._Parser.format_help)
+        help_text = (f"{opt.help} ({_defaults_line(name)}used by {used}"
+                     f"{'; only ' + opt.when if opt.when else ''})").replace("%", "%%")
         kw = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
         if opt.negatable:
             g.add_argument(opt.cli_flag, action=argparse.BooleanOptionalAction, **kw)

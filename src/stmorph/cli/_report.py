@@ -5,7 +5,8 @@ Reads OUT/result.h5ad and OUT/run.json and writes OUT/report.html: results first
 view of the H&E with every method's domains as an overlay, a card per domain of
 the chosen method (size, map, Wilcoxon markers, GSEA terms with --gene-sets,
 representative H&E patches), and the run's parameters last. ``stmorph run
---report`` and ``stmorph demo --report`` write the same file in one command.
+--report`` and ``stmorph demo`` (unless ``--no-report``) write the same file in
+one command.
 Gene sets are read from a local GMT file only (MSigDB Hallmark/KEGG/C7 GMT
 files: download them by hand from https://www.gsea-msigdb.org/gsea/msigdb/);
 nothing is downloaded.

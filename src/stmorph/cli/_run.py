@@ -11,6 +11,7 @@ and a table of counts and domains; the input store is never written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 import warnings
@@ -44,18 +45,23 @@ def _seed(text: str) -> int:
     return v
 
 
-def add_common_options(p) -> None:
-    """Options shared by ``run`` and ``demo``: the methods' own (declared where they register) and the run's."""
+def add_common_options(p, *, report: bool = False) -> None:
+    """Options shared by ``run`` and ``demo``: the methods' own (declared where they register) and the run's.
+    ``report``: whether report.html is written unless ``--no-report`` (else only with ``--report``)."""
     add_method_options(p)
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=_seed, default=0, help="random seed (same input + seed = same labels)")
     g.add_argument("--force", action="store_true", help="replace an existing output folder")
-    g.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+    g.add_argument("--quiet", action="store_true", help="no progress lines, progress bars or summary")
     g.add_argument("--no-plot", action="store_true", help="skip spatial_domains.png")
-    g.add_argument("--report", action="store_true",
-                   help="also write report.html (results first, a card per domain, zoomable H&E; opens offline)")
+    if report:
+        g.add_argument("--no-report", dest="report", action="store_false",
+                       help="skip report.html (results first, a card per domain, zoomable H&E; opens offline)")
+    else:
+        g.add_argument("--report", action="store_true",
+                       help="also write report.html (results first, a card per domain, zoomable H&E; opens offline)")
     g.add_argument("--gene-sets", default=None, metavar="GMT",
-                   help="with --report: local GMT file for pre-ranked GSEA per domain")
+                   help="local GMT file for pre-ranked GSEA per domain in report.html")
 
 
 def add_parser(sub) -> None:
@@ -189,56 +195,61 @@ def execute(adata, methods, out_tmp: Path, options: dict, run_info: dict, *, plo
     ``rebase=(old, new)`` rewrites paths under ``old`` (inputs staged inside the
     temporary output folder) to where they will live once the folder is in place.
     The figure is drawn by :mod:`stmorph.pl` and the report built by :mod:`stmorph.report`
-    here; :func:`stmorph._outputs.write_run_outputs` only writes them.
+    here; :func:`stmorph._outputs.write_run_outputs` only writes them. Each warning is shown
+    once, as it is given, and kept in run.json's ``warnings`` (after ``run_info``'s own).
     """
     from .. import tl
     from .._outputs import package_versions, write_run_outputs
 
-    t0 = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        seconds = tl.run_methods(adata, methods, progress=not quiet, skip_unavailable=False, **options)
-    t1 = time.perf_counter()
-    image_params = dict(adata.uns.get("X_image", {}).get("params", {})) if "X_image" in adata.uns else {}
-    run_info = {
-        **run_info,
-        "methods": methods,
-        # the image is recorded where the result says it is (metadata), not a temporary path
-        "parameters": {k: v for k, v in options.items() if k != "image"},
-        "n_spots": int(adata.n_obs),
-        "n_genes": int(adata.n_vars),
-        "n_domains": {m: int(adata.obs[m].nunique()) for m in methods},
-        # what each method did (its clustering, k, refinement, modalities): "parameters" above are the run's
-        # options, some of which (e.g. cluster_method) only some methods use
-        "method_params": {m: dict(adata.uns[m].get("params", {})) for m in methods
-                          if isinstance(adata.uns.get(m), Mapping)},
-        "encoder": image_params,
-        "timings_s": {**run_info.get("timings_s", {}), **adata.uns["stmorph_run"]["steps_s"], "methods_total": t1 - t0},
-        "methods_s": seconds,
-        # steps whose output served several methods: shown once, in no method's own time
-        "shared_s": {k: adata.uns["stmorph_run"]["steps_s"][k] for k in adata.uns["stmorph_run"]["shared_steps"]},
-        "warnings": sorted({*run_info.get("warnings", []), *(str(w.message) for w in caught)}),
-    }
-    if "annotation" in adata.obs and adata.obs["annotation"].notna().any():
-        from .. import ev
-
-        run_info["ari"] = {m: ev.ari(adata, m) for m in methods}
-        run_info["nmi"] = {m: ev.nmi(adata, m) for m in methods}
+    say = progress_printer(quiet)
+    seen = list(run_info.get("warnings", []))
     figures, pages = {}, {}
-    if plot and methods:
-        from .. import pl
+    with warnings_once(seen):
+        t0 = time.perf_counter()
+        seconds = tl.run_methods(adata, methods, progress=not quiet, skip_unavailable=False, **options)
+        t1 = time.perf_counter()
+        image_params = dict(adata.uns.get("X_image", {}).get("params", {})) if "X_image" in adata.uns else {}
+        steps_s = adata.uns["stmorph_run"]["steps_s"]
+        run_info = {
+            **run_info,
+            "methods": methods,
+            # the image is recorded where the result says it is (metadata), not a temporary path
+            "parameters": {k: v for k, v in options.items() if k != "image"},
+            "n_spots": int(adata.n_obs),
+            "n_genes": int(adata.n_vars),
+            "n_domains": {m: int(adata.obs[m].nunique()) for m in methods},
+            # what each method did (its clustering, k, refinement, modalities): "parameters" above are the run's
+            # options, some of which (e.g. cluster_method) only some methods use
+            "method_params": {m: dict(adata.uns[m].get("params", {})) for m in methods
+                              if isinstance(adata.uns.get(m), Mapping)},
+            "encoder": image_params,
+            "timings_s": {**run_info.get("timings_s", {}), **steps_s, "methods_total": t1 - t0},
+            "methods_s": seconds,
+            # steps whose output served several methods: shown once, in no method's own time
+            "shared_s": {k: steps_s[k] for k in adata.uns["stmorph_run"]["shared_steps"]},
+        }
+        if "annotation" in adata.obs and adata.obs["annotation"].notna().any():
+            from .. import ev
 
-        keys = (["annotation"] if "annotation" in adata.obs and adata.obs["annotation"].notna().any() else [])
-        figures["spatial_domains.png"] = pl.domains(adata, [*keys, *methods])
-    if report:  # built before the rebase: the staged input image is still where the paths say
-        from ..report import build_report
+            run_info["ari"] = {m: ev.ari(adata, m) for m in methods}
+            run_info["nmi"] = {m: ev.nmi(adata, m) for m in methods}
+        if plot and methods:
+            from .. import pl
 
-        t2 = time.perf_counter()
-        shown = _rebase(run_info, *rebase) if rebase is not None else run_info
-        log = None if quiet else (lambda m: print(m, file=sys.stderr, flush=True))
-        pages["report.html"] = build_report(adata, {**shown, "packages": package_versions()}, gene_sets=gene_sets,
-                                            log=log)
-        run_info["timings_s"]["report"] = time.perf_counter() - t2
+            say("figure: spatial_domains.png ...")
+            t2 = time.perf_counter()
+            keys = (["annotation"] if "annotation" in adata.obs and adata.obs["annotation"].notna().any() else [])
+            figures["spatial_domains.png"] = pl.domains(adata, [*keys, *methods])
+            run_info["timings_s"]["figure"] = time.perf_counter() - t2
+        if report:  # built before the rebase: the staged input image is still where the paths say
+            from ..report import build_report
+
+            t2 = time.perf_counter()
+            shown = {**run_info, "warnings": list(seen), "packages": package_versions()}
+            shown = _rebase(shown, *rebase) if rebase is not None else shown
+            pages["report.html"] = build_report(adata, shown, gene_sets=gene_sets, log=None if quiet else say)
+            run_info["timings_s"]["report"] = time.perf_counter() - t2
+    run_info["warnings"] = seen
     if rebase is not None:
         for key in list(adata.uns.keys()):
             adata.uns[key] = _rebase(adata.uns[key], *rebase)
@@ -248,20 +259,36 @@ def execute(adata, methods, out_tmp: Path, options: dict, run_info: dict, *, plo
         from .._write_spatialdata import write_spatialdata
 
         writers["result.zarr"] = lambda p: write_spatialdata(adata, p, keys=methods)
+    say("writing outputs ...")
     t2 = time.perf_counter()
     write_run_outputs(adata, out_tmp, methods, run_info, figures=figures, pages=pages, writers=writers)
     run_info["timings_s"]["write_outputs"] = time.perf_counter() - t2
     return run_info
 
 
-def recording_warnings(func, *args, **kwargs):
-    """``func(*args, **kwargs)`` and the messages of the warnings it gave (shown as usual, and kept for run.json)."""
-    with warnings.catch_warnings(record=True) as caught:
+def progress_printer(quiet: bool):
+    """A function printing one progress line on stderr, or doing nothing when ``quiet``."""
+    if quiet:
+        return lambda message: None
+    return lambda message: print(message, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def warnings_once(seen: list[str]):
+    """Inside the block every warning is shown as it is given, each message once: not again when given
+    again, nor when ``seen`` already holds it. The messages shown are appended to ``seen`` (for run.json)."""
+    with warnings.catch_warnings():
         warnings.simplefilter("always")
-        result = func(*args, **kwargs)
-    for w in caught:
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return result, list(dict.fromkeys(str(w.message) for w in caught))
+        show = warnings.showwarning
+
+        def once(message, category, filename, lineno, file=None, line=None):
+            text = str(message)
+            if text not in seen:
+                seen.append(text)
+                show(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = once
+        yield seen
 
 
 def input_paths(args) -> list:
@@ -271,17 +298,29 @@ def input_paths(args) -> list:
 
 
 def check_report_options(args) -> None:
-    """``--gene-sets`` needs ``--report``; a bad GMT file fails before any work."""
+    """``--gene-sets`` needs the report; a bad GMT file fails before any work."""
     if args.gene_sets is None:
         return
     if not args.report:
-        raise InputError("--gene-sets is used by the report: add --report", Path(args.gene_sets))
+        msg = "--gene-sets is used by the report: add --report (stmorph run) or drop --no-report (stmorph demo)"
+        raise InputError(msg, Path(args.gene_sets))
     from ..ev import load_gene_sets
 
     load_gene_sets(args.gene_sets)
 
 
-def summary(info: dict, out: Path) -> str:
+#: Steps the commands time themselves, around the methods (shown in the summary's "other steps").
+RUN_STEPS = ("synthetic", "write_input", "read", "figure", "report", "write_outputs")
+
+
+def _seconds(times: Mapping[str, float]) -> str:
+    return ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in times.items())
+
+
+def summary(info: dict, out: Path, *, total_s: float | None = None) -> str:
+    """What the command prints when it is done: each method's domains, own time and ARI; the shared steps
+    (timed once, in no method's time) and the command's other steps, so that the times add up to
+    ``total_s``; how many warnings were shown; the report's path last."""
     lines = [f"stmorph: {info['n_spots']} spots x {info['n_genes']} genes -> {out}"]
     width = max([11, *(len(m) for m in info["methods"])])
     for m in info["methods"]:
@@ -290,10 +329,18 @@ def summary(info: dict, out: Path) -> str:
         lines.append(f"  {m:<{width}} {info['n_domains'][m]:>3} domains  {info['methods_s'][m]:7.1f} s{extra}")
     shared = {k: v for k, v in info.get("shared_s", {}).items() if v >= 0.05}
     if shared:
-        lines.append("  shared steps (once, in no method's time): "
-                     + ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in shared.items()))
-    for w in info.get("warnings", []):
-        lines.append(f"  warning: {w}")
+        lines.append(f"  shared steps (once, in no method's time): {_seconds(shared)}")
+    timings = info.get("timings_s", {})
+    other = {k: timings[k] for k in RUN_STEPS if timings.get(k, 0.0) >= 0.05}
+    if other:
+        lines.append(f"  other steps: {_seconds(other)}")
+    if total_s is not None:
+        lines.append(f"  total {total_s:.1f} s")
+    n = len(info.get("warnings", []))
+    if n:
+        lines.append(f"  {n} warning{'s' if n > 1 else ''}, shown above and kept in run.json")
+    if "report" in timings:
+        lines.append(f"report: {out / 'report.html'}")
     return "\n".join(lines)
 
 
@@ -310,12 +357,12 @@ def run_section(args, command: str) -> dict:
     methods = resolve_methods(args.method)
     options = method_options(args, methods)  # an option the methods do not use: refused before any work
     t0 = time.perf_counter()
-    adata, read_warnings = recording_warnings(read_input, args.input, image=args.image, spots=args.spots,
-                                              labels=args.labels, pixel_scale=args.pixel_scale,
-                                              bin_size=getattr(args, "bin_size", 16))
+    with warnings_once(seen := []):
+        adata = read_input(args.input, image=args.image, spots=args.spots, labels=args.labels,
+                           pixel_scale=args.pixel_scale, bin_size=getattr(args, "bin_size", 16))
     info = {"command": command,
             "input": str(Path(args.input).resolve()), "timings_s": {"read": time.perf_counter() - t0},
-            "warnings": read_warnings}
+            "warnings": seen}
     from .. import __version__
 
     info["stmorph_version"] = __version__
@@ -328,7 +375,8 @@ def run_section(args, command: str) -> dict:
 
 def main(args) -> int:
     command = "stmorph " + " ".join(sys.argv[1:]) if sys.argv else "stmorph run"
+    t0 = time.perf_counter()
     info = run_section(args, command)
     if not args.quiet:
-        print(summary(info, Path(args.out)))
+        print(summary(info, Path(args.out), total_s=time.perf_counter() - t0))
     return 0

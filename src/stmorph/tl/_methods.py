@@ -328,7 +328,7 @@ def run_methods(
     random_state
         Seed of every random step.
     progress
-        Show progress bars.
+        Show progress bars, and a line on stderr as each step starts.
     **options
         Options of the chosen methods, by name (``resolution=1.5``, ``sigmas_um=(100, 200)``,
         ``epochs=20``...; see ``stmorph run --help``); each goes to the methods that take it. An option none
@@ -336,8 +336,10 @@ def run_methods(
 
     Returns
     -------
-    Seconds each method took on its own steps; steps it found already computed (shared with another
-    method) are in ``uns["stmorph_run"]["steps_s"]``, once. A skipped method is absent.
+    Seconds each method took on its own steps. Shared steps (output used by more than one method, and the
+    image features computed for all of them first) are in no method's time: they are in
+    ``uns["stmorph_run"]["steps_s"]``, once, and named in ``uns["stmorph_run"]["shared_steps"]``. A skipped
+    method is absent.
 
     Sets the following fields:
 
@@ -362,10 +364,10 @@ def run_methods(
                     raise InputError(msg)
                 skipped[m] = reason
         chosen = [m for m in chosen if m not in skipped]
-    log = _steps.StepLog()
+    log = _steps.StepLog(progress=progress)
     with _steps.recording(log):
         if image_ok:
-            with _steps.running("_prefetch"):
+            with _steps.running(_steps.PREFETCH):
                 _prefetch(adata, chosen, kwargs, image=image, progress=progress)
         for name in chosen:
             method = get_method(name)
@@ -378,8 +380,7 @@ def run_methods(
     adata.uns["stmorph_run"] = {
         "steps_s": {k: float(v) for k, v in log.seconds.items()},
         "methods_s": seconds,
-        "shared_steps": list(dict.fromkeys([*(["image_features"] if log.ran.get("_prefetch") else []),
-                                            *log.shared_steps()])),
+        "shared_steps": log.shared_steps(),
         "skipped": skipped,
         "n_clusters": int(n_clusters) if n_clusters is not None else (counts.pop() if len(counts) == 1 else -1),
         "primary": primary_method(chosen),

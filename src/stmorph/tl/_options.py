@@ -137,9 +137,11 @@ _GRAPH = "with --cluster-method louvain or leiden (the Gaussian mixtures, gmm an
 
 #: Options several methods share. A method takes those it lists in ``register_method(options=...)``.
 SHARED: tuple[Option, ...] = (
-    Option("n_clusters", "number of domains; without it stmorph and stmorph_expr choose it from the data, the "
-           "expression baseline takes the Louvain communities at --resolution, and image, stmic and senca take the "
-           "expression baseline's count", between(2, kind=int), metavar="K"),
+    Option("n_clusters", "number of domains. Without it: stmorph and stmorph_expr take the number of Louvain "
+           "communities in their embedding's kNN graph (15 neighbours, resolution 0.5, kept within 2-12; with "
+           "--cluster-method louvain or leiden, the communities at --resolution); the expression baseline its "
+           "Louvain communities at --resolution; image, stmic and senca the expression baseline's count",
+           between(2, kind=int), metavar="K"),
     Option("cluster_method", "how the domains are found: consensus (of many tied Gaussian mixtures, under a "
            "spatial prior), gmm (one tied Gaussian mixture, best of its restarts), louvain or leiden (kNN graph "
            "communities)", choices=("consensus", "gmm", "louvain", "leiden")),

@@ -2,9 +2,10 @@
 
 A method's function runs its steps inside ``with step("name"):``. Outside :func:`stmorph.tl.run_methods`
 this only runs the block; inside it, the seconds go to the run's :class:`StepLog`, charged to the
-method running (its own steps) or recorded once as a shared step (a step whose output a method found
-already computed, e.g. the expression embedding of ``stmorph`` reused by ``stmorph_expr``). So a
-method's time never counts a step another method paid for, and each shared step is shown once.
+method running, unless the step is shared: its output served several methods (e.g. the expression
+embedding of ``stmorph`` reused by ``stmorph_expr``, or the image features the run computes for every
+method first). A shared step is timed once and counted in no method's time, so the methods' times and
+the shared steps' add up to the run's.
 
 :func:`find_output` finds an ``obsm`` entry a step wrote earlier with the same parameters (recorded
 next to it in ``uns[key]["params"]``), so a chain can reuse it instead of computing it again.
@@ -13,6 +14,7 @@ next to it in ``uns[key]["params"]``), so a chain can reuse it instead of comput
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
@@ -24,26 +26,36 @@ import numpy as np
 
 @dataclass
 class StepLog:
-    """Seconds per step and which method ran or reused each, for one :func:`~stmorph.tl.run_methods` call."""
+    """Seconds per step and which method ran or reused each, for one :func:`~stmorph.tl.run_methods` call.
+
+    With ``progress``, each step prints one line on stderr as it starts (``<method>: <step> ...``), so a
+    step that runs for a while without a progress bar of its own is not silent.
+    """
 
     seconds: dict[str, float] = field(default_factory=dict)
     ran: dict[str, list[str]] = field(default_factory=dict)
     reused: dict[str, list[str]] = field(default_factory=dict)
+    method_seconds: dict[str, dict[str, float]] = field(default_factory=dict)
+    wall: dict[str, float] = field(default_factory=dict)
     method: str = ""
+    progress: bool = False
 
     def own_seconds(self, method: str) -> float:
-        """Seconds of the steps ``method`` ran itself."""
-        return float(sum(self.seconds.get(s, 0.0) for s in dict.fromkeys(self.ran.get(method, []))))
+        """Seconds ``method`` ran (its whole call, steps or not), less the shared steps (:meth:`shared_steps`)
+        it ran: those are counted once, apart."""
+        shared = set(self.shared_steps())
+        paid = sum(t for s, t in self.method_seconds.get(method, {}).items() if s in shared)
+        return float(max(self.wall.get(method, 0.0) - paid, 0.0))
 
     def shared_steps(self) -> list[str]:
-        """Steps whose output served more than one method (shown once, not in any method's own time)."""
-        users: dict[str, set[str]] = {}
-        for table in (self.ran, self.reused):
-            for m, steps in table.items():
-                for s in steps:
-                    users.setdefault(s, set()).add(m)
-        return [s for s in self.seconds if len(users.get(s, ())) > 1]
+        """Steps whose output served more than one method: run by one (or by the run itself, before the
+        methods) and found already computed by another. Shown once, in no method's own time."""
+        reused = {s for steps in self.reused.values() for s in steps}
+        return [s for s in self.seconds if s in reused or s in self.ran.get(PREFETCH, ())]
 
+
+#: The name :func:`~stmorph.tl.run_methods` runs its own steps under (the image features every method reads).
+PREFETCH = "_prefetch"
 
 _LOG: ContextVar[StepLog | None] = ContextVar("stmorph_step_log", default=None)
 
@@ -59,28 +71,37 @@ def recording(log: StepLog) -> Iterator[StepLog]:
 
 @contextlib.contextmanager
 def running(method: str) -> Iterator[None]:
-    """Steps run inside this block are charged to ``method``."""
+    """The block is ``method``'s call: its time, and the steps run inside it, are charged to ``method``."""
     log = _LOG.get()
     if log is None:
         yield
         return
     prev, log.method = log.method, method
+    t0 = time.perf_counter()
     try:
         yield
     finally:
         log.method = prev
+        log.wall[method] = log.wall.get(method, 0.0) + time.perf_counter() - t0
 
 
 @contextlib.contextmanager
-def step(name: str) -> Iterator[None]:
-    """Time the block as the step ``name`` of the method running."""
+def step(name: str, *, announce: bool = True) -> Iterator[None]:
+    """Time the block as the step ``name`` of the method running; ``announce=False``: no progress line (a
+    step too quick to need one)."""
     log = _LOG.get()
+    if log is not None and log.progress and announce:
+        who = "" if log.method in ("", PREFETCH) else f"{log.method}: "
+        print(f"{who}{name.replace('_', ' ')} ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     try:
         yield
     finally:
         if log is not None:
-            log.seconds[name] = log.seconds.get(name, 0.0) + time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            log.seconds[name] = log.seconds.get(name, 0.0) + dt
+            mine = log.method_seconds.setdefault(log.method, {})
+            mine[name] = mine.get(name, 0.0) + dt
             log.ran.setdefault(log.method, []).append(name)
 
 

@@ -58,6 +58,7 @@ def image_pca(adata, *, feature_key: str = "X_image", patch="spot", n_comps: int
     else:
         with _steps.step("image_embedding"):
             image_embedding(adata, use_rep=feature_key, n_comps=n_comps, random_state=random_state)
+        adata.uns["X_image_pca"]["params"]["features"] = source  # so a later call on the same features reuses it
     return "X_image_pca"
 
 
@@ -194,7 +195,7 @@ def stmic(
     else:
         reps = (expression_pca(adata, n_comps=n_comps, random_state=random_state),
                 image_pca(adata, n_comps=n_comps, random_state=random_state, **features))
-        with _steps.step("integrate"):
+        with _steps.step("integrate", announce=False):
             integrate(adata, reps, weights=modality_weights)
         rep = "X_stmic"
     with _steps.step(f"cluster_{key}"):

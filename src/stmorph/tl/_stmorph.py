@@ -544,7 +544,7 @@ def stmorph(
                       random_state=EMBEDDING_SEED)
         reps.append(image_key)
         weights.append(float(image_weight))
-    with _steps.step(f"{key_added}_integrate"):
+    with _steps.step(f"{key_added}_integrate", announce=False):
         balanced_integrate(adata, reps, weights, key_added=f"X_{key_added}")
     graph_kw = {"n_neighbors": 39 if n_neighbors is None else n_neighbors,
                 "resolution": 1.7 if resolution is None else resolution} if graph else {}
