@@ -282,8 +282,8 @@ def check_writable(path: str | os.PathLike, *, force: bool, inputs: Sequence[str
         _check_creatable(path)
         return path
     if not force:
-        msg = f"{path} already exists; choose another output or pass --force (force=True) to replace it."
-        raise OutputExistsError(msg)
+        msg = f"{path} already exists; choose another output or pass"
+        raise OutputExistsError(f"{msg} force=True to replace it.", cli=f"{msg} --force to replace it.")
     if not path.is_dir() or path.is_symlink():
         msg = f"{path} exists and is not a folder stmorph wrote; refusing to replace it, even with --force."
         raise OutputExistsError(msg)

@@ -240,7 +240,7 @@ def run_one(name: str, argv: list[str], out: str, force: bool = False) -> dict:
             info = run_section(args, _command(argv, out_path))
         return {**_row_from_info(name, "ok", info, time.perf_counter() - t0), "worker": _worker()}
     except Exception as exc:  # noqa: BLE001 - a section's failure is data, not a crash
-        text = str(exc) if isinstance(exc, StmorphError) else f"{type(exc).__name__}: {exc}"
+        text = exc.cli_message() if isinstance(exc, StmorphError) else f"{type(exc).__name__}: {exc}"
         line = " ".join(text.split()) or type(exc).__name__
         return {**_row_from_info(name, "failed", {}, time.perf_counter() - t0, line), "worker": _worker()}
 
@@ -391,7 +391,7 @@ def run_joint(sections: list[Section], out: Path, client, rows: dict[str, dict],
         try:
             adatas[name] = fut.result()
         except Exception as exc:  # noqa: BLE001 - a section that cannot be read is left out of the joint run
-            line = " ".join((str(exc) if isinstance(exc, StmorphError) else f"{type(exc).__name__}: {exc}").split())
+            line = " ".join((exc.cli_message() if isinstance(exc, StmorphError) else f"{type(exc).__name__}: {exc}").split())
             rows[name]["error"] = "; ".join(e for e in (rows[name].get("error"), f"joint: {line}") if e)
             if log:
                 log(f"{name}: left out of the joint domains: {line}")

@@ -13,7 +13,20 @@ __all__ = ["StmorphError", "InputError", "ImageError", "DependencyError", "Outpu
 
 
 class StmorphError(Exception):
-    """Base class of every error stmorph raises on purpose."""
+    """Base class of every error stmorph raises on purpose.
+
+    ``cli`` is the message as the command line says it, where that differs: its flags (``--force``,
+    ``--pixel-scale``) instead of the Python keywords (``force=True``, ``pixel_scale=``), or without a
+    hint the command line cannot follow. :meth:`cli_message` gives it, else the message itself.
+    """
+
+    def __init__(self, *args, cli: str | None = None):
+        super().__init__(*args)
+        self.cli = cli
+
+    def cli_message(self) -> str:
+        """The message as the command line prints it."""
+        return str(self) if getattr(self, "cli", None) is None else self.cli
 
 
 class InputError(StmorphError, ValueError):
@@ -25,11 +38,15 @@ class InputError(StmorphError, ValueError):
         What is wrong and, where possible, what to do about it.
     path
         The file or folder the problem was found in (optional).
+    cli
+        The message as the command line says it, where it differs (see :class:`StmorphError`).
     """
 
-    def __init__(self, message: str, path: str | os.PathLike | None = None):
+    def __init__(self, message: str, path: str | os.PathLike | None = None, *, cli: str | None = None):
         self.path = None if path is None else os.fspath(path)
-        super().__init__(f"{self.path}: {message}" if self.path else message)
+        if cli is not None and self.path:
+            cli = f"{self.path}: {cli}"
+        super().__init__(f"{self.path}: {message}" if self.path else message, cli=cli)
 
 
 class ImageError(InputError):

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except StmorphError as exc:
-        print(f"stmorph {args.command}: error: {exc}", file=sys.stderr)
+        print(f"stmorph {args.command}: error: {exc.cli_message()}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         term = isinstance(exc, _Terminated)

@@ -53,7 +53,7 @@ from .. import _spatial
 from ..errors import InputError
 from . import _cache
 from ._fmap import _trunk, cell_geometry
-from ._patches import patch_list, patch_size_px
+from ._patches import check_patch_sizes, patch_list, patch_size_px
 from ._runtime import _amp_dtype, _resolve_device, n_cores, resolve_backend
 from ._section import check_pool, in_mask, section_of
 from ._tissue import tissue_mask
@@ -316,6 +316,7 @@ def dense_features(
     own = not isinstance(image, Slide)
     slide = slide_for(adata, image=image, library_id=lib)
     try:
+        check_patch_sizes(sizes, patches, slide)
         image_id = _cache.slide_identity(slide) if (cache or slide.path) else "in-memory"
         cdir = cache_dir if cache_dir is not None else _cache.default_dir()
         dense_params.update(fill_params(slide, fill))

@@ -34,7 +34,7 @@ from ._runtime import (  # noqa: F401 - n_cores, cpu_has_native_bf16, PRECISIONS
     plan_threads,
     resolve_backend,
 )
-from ._patches import MultiPatchBatch, iter_patches, iter_patches_multi, patch_list, patch_size_px
+from ._patches import MultiPatchBatch, check_patch_sizes, iter_patches, iter_patches_multi, patch_list, patch_size_px
 from ._section import SectionPool, check_pool, pooled
 from ._slide import Slide, slide_for
 from .encoders import Encoder, get_encoder
@@ -395,6 +395,7 @@ def features(
     own = not isinstance(image, Slide)
     slide = slide_for(adata, image=image, library_id=lib)
     try:
+        check_patch_sizes(sizes, patches, slide)
         image_id = _cache.slide_identity(slide)
         cdir = cache_dir if cache_dir is not None else _cache.default_dir()
         units = list(zip(sizes, pools))  # what is computed and cached: a patch size and a pooling

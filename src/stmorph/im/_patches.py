@@ -34,7 +34,7 @@ from ._slide import Slide, open_slide, slide_for
 from .slide._fill import check_fill
 
 __all__ = ["PatchBatch", "MultiPatchBatch", "iter_patches", "iter_patches_multi", "crop_patches", "patch_size_px",
-           "patch_origins", "spot_spacing"]
+           "check_patch_sizes", "patch_origins", "spot_spacing"]
 
 _SIZE_RE = re.compile(
     r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*"
@@ -127,11 +127,23 @@ def patch_size_px(adata, patch="spot", *, library_id: str | None = None) -> int:
         px = value * spot_spacing(_spatial.coordinates(adata))
     else:  # um
         px = value / _spatial.microns_per_pixel(adata, library_id)
-    size = int(round(px))
-    if not np.isfinite(px) or size < 1:
-        msg = f"patch={patch!r} gives a patch of {px:.3g} pixels; it must be at least 1 pixel."
-        raise InputError(msg)
-    return size
+    if not np.isfinite(px) or round(px) < 1:
+        msg = f"gives a patch of {px:.3g} pixels; it must be a finite number of at least 1 pixel."
+        raise InputError(f"patch={patch!r} {msg}", cli=f"--patch {patch} {msg}")
+    return int(round(px))
+
+
+def check_patch_sizes(sizes, patches, slide) -> None:
+    """InputError naming the image when a patch of ``sizes`` (pixels, one per entry of ``patches``) is wider than
+    the whole image: every spot's patch would hold the whole section, and each read a ``side x side`` square."""
+    side = max(int(slide.width), int(slide.height))
+    for z, p in zip(sizes, patches):
+        if z > side:
+            shown = str(z) if z < 10**9 else f"{float(z):.3g}"
+            msg = (f"is {shown} px wide, wider than the whole {slide.width} x {slide.height} px image; give a patch "
+                   f"of at most {side} px")
+            raise InputError(f"patch={p!r} {msg} (e.g. 'spot', '224px' or '100um').", slide.path,
+                             cli=f"--patch {p} {msg} (e.g. spot, 224px or 100um).")
 
 
 def _parse_patch(patch) -> tuple[float, str]:
@@ -153,7 +165,8 @@ def _parse_patch(patch) -> tuple[float, str]:
             return float(m.group(1)), unit
     msg = (f"patch={patch!r} is not understood; use 'spot', '1.5spot', '6spacing', an int (pixels), '224px', "
            "'55um' or (55, 'um').")
-    raise InputError(msg)
+    raise InputError(msg, cli=f"--patch {patch} is not understood; use spot, 1.5spot, 6spacing, 224 or 224px (pixels), "
+                              "or 55um.")
 
 
 def patch_origins(xy: np.ndarray, size: int) -> np.ndarray:

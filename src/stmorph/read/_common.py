@@ -358,8 +358,9 @@ def array_pitch(xy: np.ndarray, array_col: np.ndarray, array_row: np.ndarray) ->
 
 
 def check_spots_in_image(xy: np.ndarray, names: Sequence[str], width: int, height: int, image_path: Path,
-                         hint: str = "") -> None:
-    """Raise InputError when any spot centre lies outside a ``width`` x ``height`` image."""
+                         hint: str = "", cli_hint: str | None = None) -> None:
+    """Raise InputError when any spot centre lies outside a ``width`` x ``height`` image; ``hint`` ends the
+    message, ``cli_hint`` the command line's (default ``hint``)."""
     xy = np.asarray(xy, dtype=np.float64)
     outside = (xy[:, 0] < 0) | (xy[:, 1] < 0) | (xy[:, 0] >= width) | (xy[:, 1] >= height)
     if outside.any():
@@ -368,9 +369,10 @@ def check_spots_in_image(xy: np.ndarray, names: Sequence[str], width: int, heigh
             f"{int(outside.sum())} of {len(xy)} spot centres lie outside the {width} x {height} px image, "
             f"e.g. spot {names[i]!r} at x={xy[i, 0]:.1f}, y={xy[i, 1]:.1f} "
             f"(spot pixels span x {xy[:, 0].min():.0f}..{xy[:, 0].max():.0f}, y {xy[:, 1].min():.0f}..{xy[:, 1].max():.0f})"
-            + (f"; {hint}" if hint else ".")
         )
-        raise InputError(msg, image_path)
+        cli_hint = hint if cli_hint is None else cli_hint
+        raise InputError(msg + (f"; {hint}" if hint else "."), image_path,
+                         cli=msg + (f"; {cli_hint}" if cli_hint else "."))
 
 
 # --------------------------------------------------------------------------- images

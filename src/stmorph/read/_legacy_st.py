@@ -178,15 +178,17 @@ def read_labels(path: str | os.PathLike) -> pd.Series:
 def _auto_pixel_scale(image: Path) -> float:
     sf_path = image.parent / "scalefactors.json"
     if not sf_path.exists():
-        msg = (
-            f"pixel_scale='auto' looks for {sf_path.name} next to the image with a 'pixel_scale' entry, "
-            "and there is none; pass pixel_scale=<image px per selection px> instead."
-        )
-        raise InputError(msg, sf_path)
+        def msg(auto, given):
+            return (f"{auto} looks for {sf_path.name} next to the image with a 'pixel_scale' entry, and there is "
+                    f"none; pass {given}<image px per selection px> instead.")
+
+        raise InputError(msg("pixel_scale='auto'", "pixel_scale="), sf_path,
+                         cli=msg("--pixel-scale auto", "--pixel-scale "))
     sf = c.read_json(sf_path, "scale factors file")
     if "image" in sf and str(sf["image"]) != image.name:
-        msg = f"scale factors describe image {sf['image']!r}, not {image.name!r}; pass pixel_scale= explicitly."
-        raise InputError(msg, sf_path)
+        msg = f"scale factors describe image {sf['image']!r}, not {image.name!r}; pass"
+        raise InputError(f"{msg} pixel_scale= explicitly.", sf_path,
+                         cli=f"{msg} --pixel-scale <image px per selection px> explicitly.")
     try:
         scale = float(sf["pixel_scale"])
     except (KeyError, TypeError, ValueError):
@@ -313,8 +315,9 @@ def legacy_st(
     if in_tissue_only:
         keep = sel["selected"].to_numpy() == 1
         if not keep.any():
-            msg = f"none of the spots of {counts_path.name} is selected (selected == 1); pass in_tissue_only=False."
-            raise InputError(msg, spots_path)
+            msg = f"none of the spots of {counts_path.name} is selected (selected == 1)"
+            raise InputError(f"{msg}; pass in_tissue_only=False.", spots_path,
+                             cli=f"{msg}; the command line reads the selected spots only.")
     sel, X = sel.loc[keep], X[np.flatnonzero(keep)]
     c.check_matrix(X, counts_path, "counts file (selected spots)")
     xy = sel[["pixel_x", "pixel_y"]].to_numpy(dtype=np.float64) * pixel_scale
@@ -340,11 +343,11 @@ def legacy_st(
     if image_path is not None:
         with c.open_image(image_path) as slide:
             width, height = int(slide.width), int(slide.height)
-            hint = (
-                f"pixel_scale={pixel_scale:g}; if the image is a rescaled rendering of the original H&E, pass "
-                "pixel_scale=<image px per selection px> (or 'auto' to read it from scalefactors.json)"
-            )
-            c.check_spots_in_image(xy, obs.index, width, height, image_path, hint=hint)
+            hint = ("{0}{1:g}; if the image is a rescaled rendering of the original H&E, pass {0}<image px per "
+                    "selection px> (or 'auto' to read it from scalefactors.json)")
+            c.check_spots_in_image(xy, obs.index, width, height, image_path,
+                                   hint=hint.format("pixel_scale=", pixel_scale),
+                                   cli_hint=hint.format("--pixel-scale ", pixel_scale))
             for res, side in (("hires", c.HIRES_MAX_SIDE), ("lowres", c.LOWRES_MAX_SIDE)):
                 images[res], scalefactors[f"tissue_{res}_scalef"] = c.downsample(slide, side)
         source = str(image_path.expanduser().resolve())

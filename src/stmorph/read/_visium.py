@@ -327,8 +327,9 @@ def visium(
     if in_tissue_only:
         keep = obs["in_tissue"].to_numpy() == 1
         if not keep.any():
-            msg = f"no spot of {h5.name} is in tissue (in_tissue == 1); pass in_tissue_only=False to keep them all."
-            raise InputError(msg, pos_path)
+            msg = f"no spot of {h5.name} is in tissue (in_tissue == 1)"
+            raise InputError(f"{msg}; pass in_tissue_only=False to keep them all.", pos_path,
+                             cli=f"{msg}; the command line reads the spots under the tissue only.")
         obs, X = obs.loc[keep], X[np.flatnonzero(keep)]
     c.check_matrix(X, h5, "count matrix (in-tissue spots)")
     xy = obs[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(dtype=np.float64)

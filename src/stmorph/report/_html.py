@@ -467,8 +467,8 @@ def write_report(
         raise InputError(msg, out_dir)
     target = out_dir / "report.html"
     if target.exists() and not force:
-        msg = "report.html already exists; pass force=True (--force) to replace it."
-        raise OutputExistsError(f"{target}: {msg}")
+        msg = f"{target}: report.html already exists; pass"
+        raise OutputExistsError(f"{msg} force=True to replace it.", cli=f"{msg} --force to replace it.")
     if target.exists() and "report.html" not in (stmorph_entries(out_dir) or ()):
         msg = "report.html was not written by stmorph (not in the folder's .stmorph marker); --force does not replace it."
         raise OutputExistsError(f"{target}: {msg}")

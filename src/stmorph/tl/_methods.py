@@ -356,13 +356,15 @@ def run_methods(
     skipped: dict[str, str] = {}
     image_ok = has_image(adata, image)
     if not image_ok:
-        reason = "no full-resolution image (give one with image=/--image) and no precomputed image features"
+        def reason(how):
+            return f"no full-resolution image (give one with {how}) and no precomputed image features"
+
         for m in chosen:
             if get_method(m).image == "required":
                 if not skip_unavailable:
-                    msg = f"method {m!r} needs the H&E image: {reason}."
-                    raise InputError(msg)
-                skipped[m] = reason
+                    raise InputError(f"method {m!r} needs the H&E image: {reason('image=')}.",
+                                     cli=f"method {m!r} needs the H&E image: {reason('--image')}.")
+                skipped[m] = reason("image=/--image")
         chosen = [m for m in chosen if m not in skipped]
     log = _steps.StepLog(progress=progress)
     with _steps.recording(log):
