@@ -592,9 +592,8 @@ def cluster(
         except (TypeError, ValueError, OverflowError):
             whole = False
         if not whole or not 2 <= int(n_clusters) < n:
-            msg = (f"n_clusters={n_clusters} must be a whole number between 2 and the number of spots minus one "
-                   f"({n - 1}); one spot per domain is not a result.")
-            raise InputError(msg)
+            msg = f"must be a whole number from 2 to {n - 1} (the number of spots minus one); got {n_clusters}."
+            raise InputError(f"n_clusters {msg}", cli=f"--n-clusters {msg}")
         n_clusters = int(n_clusters)
     if method != "consensus" and (n_runs is not None or spatial_prior is not None):
         msg = f"n_runs/spatial_prior are options of method='consensus'; method={method!r} uses neither."
