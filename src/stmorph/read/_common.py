@@ -179,9 +179,10 @@ def numeric_column(df: pd.DataFrame, column: str, path: Path, what: str, *, inte
         msg = f"{what} column {column!r} has {int(bad.sum())} missing or non-numeric value(s), e.g. {examples(raw)}."
         raise InputError(msg, path)
     if integer:
-        if not np.all(values == np.round(values)):
-            raw = df[column].to_numpy()[values != np.round(values)]
-            msg = f"{what} column {column!r} must hold whole numbers; found {examples(raw)}."
+        bad = (values != np.round(values)) | (np.abs(values) > 2**53)  # beyond 2**53 a float64 is not exact
+        if bad.any():
+            raw = df[column].to_numpy()[bad]
+            msg = f"{what} column {column!r} must hold whole numbers (of at most 2**53); found {examples(raw)}."
             raise InputError(msg, path)
         return values.astype(np.int64)
     return values
