@@ -444,12 +444,39 @@ manifest_cells = hs.one_of(
 )
 
 
-@fuzz(20)
-@given(header=hs.lists(columns, min_size=1, max_size=6),
-       rows=hs.lists(hs.lists(manifest_cells, min_size=0, max_size=7), min_size=0, max_size=4),
-       raw=hs.none() | hs.binary(max_size=60))
-@example(header=["section", "input", "image"], rows=[["A", "visium/outs", "/nonexistent"]], raw=None)
-def test_cohort_manifest(tmp_path_factory, sources, monkeypatch, header, rows, raw):
+plausible = {"section": hs.sampled_from(["A", "B", "s.1", "../up", ".hidden", "cohort.csv", "", "A b"]),
+             "input": hs.sampled_from(["visium/outs", "legacy/S1.tsv", "../visium/outs", "/nonexistent", "", "."]),
+             "spots": hs.sampled_from(["legacy/S1_selection.tsv", "", "visium/outs", "nope.tsv"]),
+             "method": hs.sampled_from(["expression", "stmorph+expression", "image", "x", ""]),
+             "n_clusters": hs.sampled_from(["2", "3", "1", "many", "", "1e400"])}
+
+
+@hs.composite
+def manifests(draw):
+    """A manifest's rows: usually a header with section and input and cells that mostly make sense."""
+    odd = draw(hs.lists(columns, max_size=3))  # unknown, refused, repeated or misspelt columns too
+    extra = draw(hs.lists(hs.sampled_from(["seed", "patch", "no_plot", "refine", "labels", "image", "pixel_scale",
+                                           "sigma_um", "weights"]), unique=True, max_size=3))
+    header = draw(hs.sampled_from([["section", "input", *extra], ["section", "input", "spots", "method", "n_clusters",
+                                                                   *extra], ["section", "input", *odd], odd]))
+    rows = []
+    for _ in range(draw(hs.integers(0, 3))):
+        row = [draw(plausible[h] if h in plausible and draw(hs.booleans()) else manifest_cells) for h in header]
+        if draw(hs.integers(0, 5)) == 0:
+            row = row[:-1] if row and draw(hs.booleans()) else [*row, "extra"]
+        rows.append(row)
+    return [header, *rows]
+
+
+VALID = [["section", "input", "spots", "method", "n_clusters"], ["A", "visium/outs", "", "expression", "3"],
+         ["B", "legacy/S1.tsv", "legacy/S1_selection.tsv", "expression", "2"]]
+
+
+@fuzz(40)
+@given(table=manifests(), raw=hs.sampled_from([None] * 4) | hs.binary(max_size=60))
+@example(table=[["section", "input", "image"], ["A", "visium/outs", "/nonexistent"]], raw=None)
+@example(table=VALID, raw=None)
+def test_cohort_manifest(tmp_path_factory, sources, monkeypatch, table, raw):
     import csv
 
     import stmorph.cohort
@@ -464,9 +491,11 @@ def test_cohort_manifest(tmp_path_factory, sources, monkeypatch, header, rows, r
             manifest.write_bytes(raw)
         else:
             with open(manifest, "w", newline="") as fh:
-                csv.writer(fh).writerows([header, *rows])
+                csv.writer(fh).writerows(table)
         argv = ["cohort", str(manifest), "--out", "cohort", "--quiet"]
         try:
             cli(argv, root, "cohort", ["manifest.csv", "--out", str(root)])
         except _ClusterWouldStart:
             assert not (root / "cohort").exists()  # nothing made before the cluster starts
+        else:
+            assert table != VALID or raw is not None, "a valid manifest was refused"

@@ -140,8 +140,10 @@ def check_patch_sizes(sizes, patches, slide) -> None:
     for z, p in zip(sizes, patches):
         if z > side:
             shown = str(z) if z < 10**9 else f"{float(z):.3g}"
-            msg = (f"is {shown} px wide, wider than the whole {slide.width} x {slide.height} px image; give a patch "
-                   f"of at most {side} px")
+            of = {"spot": " (a multiple of the spot diameter, the scale factors' spot_diameter_fullres)",
+                  "spacing": " (a multiple of the spot spacing)"}.get(_parse_patch(p)[1], "")
+            msg = (f"is {shown} px wide{of}, wider than the whole {slide.width} x {slide.height} px image; give a "
+                   f"patch of at most {side} px")
             raise InputError(f"patch={p!r} {msg} (e.g. 'spot', '224px' or '100um').", slide.path,
                              cli=f"--patch {p} {msg} (e.g. spot, 224px or 100um).")
 
