@@ -64,6 +64,16 @@ def tree(root: Path, skip: Path | None = None) -> dict[str, str]:
     return out
 
 
+@contextlib.contextmanager
+def printed_warnings():
+    """Warnings printed on stderr, as on the command line (pytest would record them instead)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: sys.stderr.write(
+            warnings.formatwarning(message, category, filename, lineno, line))
+        yield
+
+
 def cli(argv: list[str], root: Path, out: str, names: list[str]) -> tuple[int, list[str]]:
     """Run ``stmorph ARGV`` in this process, in folder ``root``, and check the promises; returns
     ``(exit code, stderr lines)``.
@@ -78,8 +88,7 @@ def cli(argv: list[str], root: Path, out: str, names: list[str]) -> tuple[int, l
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-            warnings.simplefilter("default")
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()), printed_warnings():
             try:
                 rc = main(argv)
             except SystemExit as exc:  # argparse's errors
@@ -499,3 +508,63 @@ def test_cohort_manifest(tmp_path_factory, sources, monkeypatch, table, raw):
             assert not (root / "cohort").exists()  # nothing made before the cluster starts
         else:
             assert table != VALID or raw is not None, "a valid manifest was refused"
+
+
+# --------------------------------------------------------------------------- cases of issue 30, one each
+
+
+def test_spot_diameter_of_1e9_is_one_line(tmp_path_factory, sources):
+    """A ``spot_diameter_fullres`` of 1e9 with the image methods: before, a MemoryError cutting the patches."""
+    import json
+
+    with workspace(tmp_path_factory, sources, "visium") as root:
+        outs = root / "visium" / "outs"
+        sf = outs / "spatial" / "scalefactors_json.json"
+        sf.write_text(json.dumps({**json.loads(sf.read_text()), "spot_diameter_fullres": 1e9}))
+        rc, err = cli(["run", str(outs), "--image", str(outs / "image.tif"), "--method", "stmorph", "--out", "o",
+                       *FAST], root, "o", ["image.tif"])
+        assert rc == 2 and "spot_diameter_fullres" in err[0] and "wider than the whole" in err[0]
+
+
+@pytest.mark.parametrize("case", ["none selected", "auto without scalefactors", "spots outside", "out exists",
+                                  "image method without image"])
+def test_messages_name_the_flags(tmp_path_factory, sources, case):
+    """Before: ``pass in_tissue_only=False``, ``pass pixel_scale=...``, ``--force (force=True)``, ``image=/--image``."""
+    with workspace(tmp_path_factory, sources, "legacy") as root:
+        f = {k: root / "legacy" / v.name for k, v in sources["legacy"].items()}
+        extra = []
+        if case == "none selected":
+            sel = pd.read_csv(f["spots"], sep="\t")
+            sel.assign(selected=0).to_csv(f["spots"], sep="\t", index=False)
+        elif case == "auto without scalefactors":
+            extra = ["--image", str(f["png"]), "--pixel-scale", "auto"]
+        elif case == "spots outside":
+            extra = ["--image", str(f["png"]), "--pixel-scale", "3"]
+        elif case == "out exists":
+            (root / "o").mkdir()
+        method = "image" if case == "image method without image" else "expression"
+        rc, err = cli(["run", str(f["counts"]), "--spots", str(f["spots"]), "--method", method, "--n-clusters", "2",
+                       "--out", "o", *FAST, *extra], root, "o" if case != "out exists" else "nowhere", ["legacy", "o"])
+        assert rc == 2
+        expected = {"none selected": "the command line reads the selected spots only",
+                    "auto without scalefactors": "--pixel-scale auto looks for scalefactors.json",
+                    "spots outside": "--pixel-scale 3; if the image is a rescaled rendering",
+                    "out exists": "pass --force to replace it", "image method without image": "give one with --image"}
+        assert expected[case] in err[0], err[0]
+
+
+def test_quiet_hides_reader_warnings(tmp_path_factory, sources):
+    """Before: ``--quiet`` hid the methods' warnings but printed the readers' (here: a spot with no counts)."""
+    with workspace(tmp_path_factory, sources, "legacy") as root:
+        f = {k: root / "legacy" / v.name for k, v in sources["legacy"].items()}
+        counts = pd.read_csv(f["counts"], sep="\t", index_col=0)
+        counts.iloc[0] = 0
+        counts.to_csv(f["counts"], sep="\t")
+        argv = ["run", str(f["counts"]), "--spots", str(f["spots"]), "--method", "expression", "--n-clusters", "2",
+                "--no-plot"]
+        rc, _ = cli([*argv, "--out", "o", "--quiet"], root, "o", [])  # checks that nothing is printed
+        assert rc == 0
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()), printed_warnings():
+            assert main([*argv, "--out", str(root / "loud")]) == 0
+        assert "zero counts" in err.getvalue()
