@@ -310,9 +310,10 @@ def test_legacy_tables(tmp_path_factory, sources, which, edits, gz):
             assert rc == 2 and "'selected' must hold whole numbers (of at most 2**53); found 1e+30" in err[0]
 
 
-@fuzz(12)
+@fuzz(int(os.environ.get("FUZZ_N", 12)))
 @given(data=hs.binary(max_size=300), which=hs.sampled_from(["counts", "spots", "labels"]),
        how=hs.sampled_from(["replace", "append", "prefix", "truncate"]))
+@example(data=b"neK\x04\x8cq\xc0\xe8}\x1d\xec3\x97+\x07\x8f?\xf1N", which="labels", how="truncate")  # --quiet
 def test_legacy_tables_bytes(tmp_path_factory, sources, data, which, how):
     """Arbitrary bytes in or instead of a table (binary junk, other encodings, a cut file)."""
     with workspace(tmp_path_factory, sources, "legacy") as root:
@@ -353,7 +354,7 @@ def damage_bytes(raw: bytes, how: str, at: int, data: bytes) -> bytes:
     return data
 
 
-@fuzz(20)
+@fuzz(int(os.environ.get("FUZZ_N", 20)))
 @given(fmt=hs.sampled_from(["png", "jpg", "tif"]),
        how=hs.sampled_from(["truncate", "overwrite", "insert", "replace", "claim"]),
        at=hs.integers(0, 10**6), data=hs.binary(min_size=1, max_size=40),
@@ -361,6 +362,7 @@ def damage_bytes(raw: bytes, how: str, at: int, data: bytes) -> bytes:
 @example(fmt="jpg", how="claim", at=0, data=b"x", claim=(40000, 40000))  # the 633-byte JPEG bomb
 @example(fmt="png", how="claim", at=0, data=b"x", claim=(40000, 40000))
 @example(fmt="png", how="truncate", at=200, data=b"x", claim=(1, 1))
+@example(fmt="tif", how="overwrite", at=193, data=b"D.", claim=(1, 1))  # IndexError: more tiles than listed
 def test_images(tmp_path_factory, sources, monkeypatch, fmt, how, at, data, claim):
     """A damaged or lying PNG/JPEG/TIFF given with --image: read, or refused in one line naming it."""
     monkeypatch.setenv("STMORPH_MAX_DECODE_BYTES", "256M")  # bombs are refused, not decoded, on any machine
@@ -388,7 +390,7 @@ scale_values = hs.one_of(hs.sampled_from([0, -1, 1e9, 1e-9, 1e308, "x", None, []
                          hs.floats(allow_nan=True, allow_infinity=True))
 
 
-@fuzz(20)
+@fuzz(int(os.environ.get("FUZZ_N", 20)))
 @given(ops=hs.lists(hs.tuples(hs.sampled_from(VISIUM_FILES),
                               hs.sampled_from(["delete", "truncate", "junk", "folder", "empty", "cells"]),
                               hs.integers(0, 10**6), hs.binary(max_size=30)), min_size=1, max_size=3),
@@ -397,6 +399,7 @@ scale_values = hs.one_of(hs.sampled_from([0, -1, 1e9, 1e-9, 1e308, "x", None, []
                                          scale_values, min_size=1, max_size=2),
        with_image=hs.booleans())
 @example(ops=[("labels.tsv", "cells", 0, b"")], scale={"spot_diameter_fullres": 1e9}, with_image=False)
+@example(ops=[("labels.tsv", "truncate", 124, b"")], scale=None, with_image=False)  # --quiet printed ARI's warning
 def test_visium_folder(tmp_path_factory, sources, monkeypatch, ops, scale, with_image):
     monkeypatch.setenv("STMORPH_MAX_DECODE_BYTES", "256M")
     with workspace(tmp_path_factory, sources, "visium") as root:

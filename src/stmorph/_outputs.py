@@ -270,7 +270,8 @@ def check_writable(path: str | os.PathLike, *, force: bool, inputs: Sequence[str
     UTF-8 (:func:`check_utf8_name`), and ``path`` short enough to stage (:func:`check_name_length`).
     """
     if isinstance(path, str) and not path.strip():
-        msg = "the output folder is an empty string (that would be the working directory); give a new folder name."
+        msg = ("the output folder name is empty or blank (that would be the working directory); give a new folder "
+               "name.")
         raise OutputExistsError(msg)
     for given in inputs:
         if given is not None and str(given) != "":

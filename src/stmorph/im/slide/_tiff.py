@@ -62,6 +62,13 @@ class _TiffSegmentLevel(_Level):
         self.n_planes = int(page.samplesperpixel) if self.separate else 1
         self.offsets = page.dataoffsets
         self.bytecounts = page.databytecounts
+        need = self.n_rows * self.n_cols * self.n_planes
+        if len(self.offsets) != need or len(self.bytecounts) != need:
+            kind = "tiles" if page.is_tiled else "strips"
+            msg = (f"corrupt TIFF: level {key} lists {len(self.offsets)} {kind} ({len(self.bytecounts)} byte counts), "
+                   f"but its {self.width} x {self.height} px in {self.tile[1]} x {self.tile[0]} px {kind} need {need}; "
+                   "re-export or re-copy the image.")
+            raise ImageError(msg, slide.path)
         self.decodeargs: dict[str, Any] = {}
         if page.compression in _JPEG_COMPRESSIONS:
             self.decodeargs = {"jpegtables": page.jpegtables, "jpegheader": page.jpegheader}
