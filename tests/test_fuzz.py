@@ -399,7 +399,7 @@ scale_values = hs.one_of(hs.sampled_from([0, -1, 1e9, 1e-9, 1e308, "x", None, []
                                          scale_values, min_size=1, max_size=2),
        with_image=hs.booleans())
 @example(ops=[("labels.tsv", "cells", 0, b"")], scale={"spot_diameter_fullres": 1e9}, with_image=False)
-@example(ops=[("labels.tsv", "truncate", 124, b"")], scale=None, with_image=False)  # --quiet printed ARI's warning
+@example(ops=[("labels.tsv", "truncate", 46, b"")], scale=None, with_image=False)  # --quiet printed ARI's warning
 def test_visium_folder(tmp_path_factory, sources, monkeypatch, ops, scale, with_image):
     monkeypatch.setenv("STMORPH_MAX_DECODE_BYTES", "256M")
     with workspace(tmp_path_factory, sources, "visium") as root:
