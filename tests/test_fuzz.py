@@ -196,7 +196,7 @@ good = {"seed": hs.integers(0, 2**32 - 1).map(str), "k": hs.none() | hs.integers
 bad = {"seed": seeds, "k": n_clusters, "sig": sigmas, "out": out_names}
 
 
-@fuzz(24)
+@fuzz(14)
 @given(values=hs.fixed_dictionaries(good), worse=hs.fixed_dictionaries(bad),
        which=hs.sampled_from([None, "seed", "k", "sig", "out"]),
        method=hs.sampled_from(["expression", "stmorph_expr"]), force=hs.booleans())
@@ -291,7 +291,7 @@ edits = hs.lists(hs.tuples(hs.integers(0, 60), hs.integers(0, 12),
                            hs.one_of(cells, hs.sampled_from(["<drop line>", "<cut line>"]))), min_size=1, max_size=5)
 
 
-@fuzz(24)
+@fuzz(40)
 @given(which=hs.sampled_from(["counts", "spots", "labels"]), edits=edits, gz=hs.booleans())
 @example(which="spots", edits=[(1, 6, "1e30")], gz=False)  # was read as -9223372036854775808
 def test_legacy_tables(tmp_path_factory, sources, which, edits, gz):
@@ -312,7 +312,7 @@ def test_legacy_tables(tmp_path_factory, sources, which, edits, gz):
             assert rc == 2 and "'selected' must hold whole numbers (of at most 2**53); found 1e+30" in err[0]
 
 
-@fuzz(12)
+@fuzz(30)
 @given(data=hs.binary(max_size=300), which=hs.sampled_from(["counts", "spots", "labels"]),
        how=hs.sampled_from(["replace", "append", "prefix", "truncate"]))
 @example(data=b"neK\x04\x8cq\xc0\xe8}\x1d\xec3\x97+\x07\x8f?\xf1N", which="labels", how="truncate")  # --quiet
@@ -356,7 +356,7 @@ def damage_bytes(raw: bytes, how: str, at: int, data: bytes) -> bytes:
     return data
 
 
-@fuzz(20)
+@fuzz(40)
 @given(fmt=hs.sampled_from(["png", "jpg", "tif"]),
        how=hs.sampled_from(["truncate", "overwrite", "insert", "replace", "claim"]),
        at=hs.integers(0, 10**6), data=hs.binary(min_size=1, max_size=40),
@@ -392,7 +392,7 @@ scale_values = hs.one_of(hs.sampled_from([0, -1, 1e9, 1e-9, 1e308, "x", None, []
                          hs.floats(allow_nan=True, allow_infinity=True))
 
 
-@fuzz(20)
+@fuzz(30)
 @given(ops=hs.lists(hs.tuples(hs.sampled_from(VISIUM_FILES),
                               hs.sampled_from(["delete", "truncate", "junk", "folder", "empty", "cells"]),
                               hs.integers(0, 10**6), hs.binary(max_size=30)), min_size=1, max_size=3),
