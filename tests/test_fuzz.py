@@ -425,10 +425,10 @@ def test_visium_folder(tmp_path_factory, sources, monkeypatch, ops, scale, with_
             elif p.suffix in (".csv", ".tsv"):
                 sep = "," if p.suffix == ".csv" else "\t"
                 damage_table(p, [(at, at // 7, data.decode("latin-1").replace("\n", " ")[:8])], sep)
-        if scale is not None:
+        sf = outs / "spatial" / "scalefactors_json.json"
+        if scale is not None and sf.is_file():
             import json
 
-            sf = outs / "spatial" / "scalefactors_json.json"
             try:
                 values = json.loads(sf.read_text())
             except (OSError, ValueError):
