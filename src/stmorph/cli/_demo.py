@@ -45,7 +45,7 @@ def main(args) -> int:
     timings = {}
     seen: list[str] = []
     with atomic_dir(out, force=args.force, inputs=inputs) as tmp:
-        with warnings_once(seen):
+        with warnings_once(seen, show=not args.quiet):
             say(f"synthetic tissue: {args.n_spots} spots ...")
             t0 = time.perf_counter()
             tissue = datasets.synthetic(args.n_spots, random_state=args.seed)

@@ -52,7 +52,8 @@ def add_common_options(p, *, report: bool = False) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=_seed, default=0, help="random seed (same input + seed = same labels)")
     g.add_argument("--force", action="store_true", help="replace an existing output folder")
-    g.add_argument("--quiet", action="store_true", help="no progress lines, progress bars or summary")
+    g.add_argument("--quiet", action="store_true",
+                   help="no progress lines, progress bars, warnings or summary (warnings are kept in run.json)")
     g.add_argument("--no-plot", action="store_true", help="skip spatial_domains.png")
     if report:
         g.add_argument("--no-report", dest="report", action="store_false",
@@ -196,7 +197,7 @@ def execute(adata, methods, out_tmp: Path, options: dict, run_info: dict, *, plo
     temporary output folder) to where they will live once the folder is in place.
     The figure is drawn by :mod:`stmorph.pl` and the report built by :mod:`stmorph.report`
     here; :func:`stmorph._outputs.write_run_outputs` only writes them. Each warning is shown
-    once, as it is given, and kept in run.json's ``warnings`` (after ``run_info``'s own).
+    once, as it is given (unless ``quiet``), and kept in run.json's ``warnings`` (after ``run_info``'s own).
     """
     from .. import tl
     from .._outputs import package_versions, write_run_outputs
@@ -204,7 +205,7 @@ def execute(adata, methods, out_tmp: Path, options: dict, run_info: dict, *, plo
     say = progress_printer(quiet)
     seen = list(run_info.get("warnings", []))
     figures, pages = {}, {}
-    with warnings_once(seen):
+    with warnings_once(seen, show=not quiet):
         t0 = time.perf_counter()
         seconds = tl.run_methods(adata, methods, progress=not quiet, skip_unavailable=False, **options)
         t1 = time.perf_counter()
@@ -274,18 +275,20 @@ def progress_printer(quiet: bool):
 
 
 @contextlib.contextmanager
-def warnings_once(seen: list[str]):
+def warnings_once(seen: list[str], *, show: bool = True):
     """Inside the block every warning is shown as it is given, each message once: not again when given
-    again, nor when ``seen`` already holds it. The messages shown are appended to ``seen`` (for run.json)."""
+    again, nor when ``seen`` already holds it. The messages are appended to ``seen`` (for run.json); with
+    ``show=False`` (``--quiet``) that is all."""
     with warnings.catch_warnings():
         warnings.simplefilter("always")
-        show = warnings.showwarning
+        printer = warnings.showwarning
 
         def once(message, category, filename, lineno, file=None, line=None):
             text = str(message)
             if text not in seen:
                 seen.append(text)
-                show(message, category, filename, lineno, file, line)
+                if show:
+                    printer(message, category, filename, lineno, file, line)
 
         warnings.showwarning = once
         yield seen
@@ -357,7 +360,7 @@ def run_section(args, command: str) -> dict:
     methods = resolve_methods(args.method)
     options = method_options(args, methods)  # an option the methods do not use: refused before any work
     t0 = time.perf_counter()
-    with warnings_once(seen := []):
+    with warnings_once(seen := [], show=not args.quiet):
         adata = read_input(args.input, image=args.image, spots=args.spots, labels=args.labels,
                            pixel_scale=args.pixel_scale, bin_size=getattr(args, "bin_size", 16))
     info = {"command": command,
