@@ -391,7 +391,8 @@ def run_joint(sections: list[Section], out: Path, client, rows: dict[str, dict],
         try:
             adatas[name] = fut.result()
         except Exception as exc:  # noqa: BLE001 - a section that cannot be read is left out of the joint run
-            line = " ".join((exc.cli_message() if isinstance(exc, StmorphError) else f"{type(exc).__name__}: {exc}").split())
+            text = exc.cli_message() if isinstance(exc, StmorphError) else f"{type(exc).__name__}: {exc}"
+            line = " ".join(text.split())
             rows[name]["error"] = "; ".join(e for e in (rows[name].get("error"), f"joint: {line}") if e)
             if log:
                 log(f"{name}: left out of the joint domains: {line}")
