@@ -345,6 +345,20 @@ def jpeg_claiming(raw: bytes, width: int, height: int) -> bytes:
     return raw[: i + 5] + struct.pack(">HH", height, width) + raw[i + 9:]
 
 
+def tiff_claiming(raw: bytes, width: int, height: int) -> bytes:
+    """A TIFF whose first page's ImageWidth and ImageLength tags claim ``width`` x ``height``."""
+    import tifffile
+
+    out = bytearray(raw)
+    with tifffile.TiffFile(io.BytesIO(raw)) as tif:
+        tags = tif.pages[0].tags
+        for name, value in (("ImageWidth", width), ("ImageLength", height)):
+            tag = tags[name]
+            fmt = tif.byteorder + {3: "H", 4: "I", 16: "Q"}[int(tag.dtype)]
+            out[tag.valueoffset: tag.valueoffset + struct.calcsize(fmt)] = struct.pack(fmt, value)
+    return bytes(out)
+
+
 def damage_bytes(raw: bytes, how: str, at: int, data: bytes) -> bytes:
     at = at % max(1, len(raw))
     if how == "truncate":
@@ -363,6 +377,7 @@ def damage_bytes(raw: bytes, how: str, at: int, data: bytes) -> bytes:
        claim=hs.tuples(hs.sampled_from([1, 2, 300, 40000, 65535]), hs.sampled_from([1, 240, 40000, 65535])))
 @example(fmt="jpg", how="claim", at=0, data=b"x", claim=(40000, 40000))  # the 633-byte JPEG bomb
 @example(fmt="png", how="claim", at=0, data=b"x", claim=(40000, 40000))
+@example(fmt="tif", how="claim", at=0, data=b"x", claim=(40000, 40000))
 @example(fmt="png", how="truncate", at=200, data=b"x", claim=(1, 1))
 @example(fmt="tif", how="overwrite", at=193, data=b"D.", claim=(1, 1))  # IndexError: more tiles than listed
 def test_images(tmp_path_factory, sources, monkeypatch, fmt, how, at, data, claim):
@@ -372,9 +387,7 @@ def test_images(tmp_path_factory, sources, monkeypatch, fmt, how, at, data, clai
         f = {k: root / "legacy" / v.name for k, v in sources["legacy"].items()}
         raw = f[fmt].read_bytes()
         if how == "claim":
-            if fmt == "tif":
-                return
-            new = (png_claiming if fmt == "png" else jpeg_claiming)(raw, *claim)
+            new = {"png": png_claiming, "jpg": jpeg_claiming, "tif": tiff_claiming}[fmt](raw, *claim)
         else:
             new = damage_bytes(raw, how, at, data)
         f[fmt].write_bytes(new)
