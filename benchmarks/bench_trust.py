@@ -8,7 +8,7 @@ prints per section and clustering:
 - ARI against the annotation: mean and sd over seeds;
 - seed agreement: the ARI between the domains of every two seeds (mean and minimum);
 - the mean confidence (``obs["stmorph_confidence"]``: co-assignment frequency for the consensus, posterior
-  probability for the mixture) and seconds per run.
+  probability for the mixture), on how many seeds the consensus kept its spatial polish, and seconds per run.
 
 The embedding is computed once per section and image setting and reused by every seed and clustering (the
 ``stmorph`` method's own reuse of a step with the same parameters), so the seconds are the clustering's.
@@ -53,8 +53,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-image", action="store_true", help="expression only, also where there is an H&E")
     a = p.parse_args(argv)
     print(f"machine: {machine()}")
-    print("section | clustering | modalities | ARI mean ± sd | seed agreement mean (min) | confidence | s/run")
-    print("---|---|---|---|---|---|---")
+    print("section | clustering | modalities | ARI mean ± sd | seed agreement mean (min) | confidence | polished | "
+          "s/run")
+    print("---|---|---|---|---|---|---|---")
     rows = []
     for sec in find_sections(a.data):
         if a.sections and not any(s in sec.name for s in a.sections):
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
         k = int(truth.nunique())
         for spec in a.cluster_methods:
             method, _, prior = spec.partition(":")
-            labels, aris, conf, secs = [], [], [], []
+            labels, aris, conf, secs, polished = [], [], [], [], 0
             for seed in range(a.seeds):
                 t0 = time.perf_counter()
                 with warnings.catch_warnings(), _spatial_prior(prior):
@@ -80,11 +81,13 @@ def main(argv=None) -> int:
                 labels.append(lab)
                 aris.append(adjusted_rand_score(t, lab[keep]))
                 conf.append(float(adata.obs["stmorph_confidence"].mean()))
+                polished += bool((adata.uns["stmorph"]["params"].get("consensus") or {}).get("polished"))
             pairs = [adjusted_rand_score(x, y) for x, y in itertools.combinations(labels, 2)] or [1.0]
             mods = "+".join(adata.uns["stmorph"]["params"]["modalities"])
             rows.append((sec.name, spec, np.mean(aris), np.mean(pairs), min(pairs)))
             print(f"{sec.name} | {spec} | {mods} | {np.mean(aris):.3f} ± {np.std(aris):.3f} | "
-                  f"{np.mean(pairs):.3f} ({min(pairs):.3f}) | {np.mean(conf):.2f} | {np.mean(secs[1:] or secs):.1f}",
+                  f"{np.mean(pairs):.3f} ({min(pairs):.3f}) | {np.mean(conf):.2f} | {polished}/{a.seeds} | "
+                  f"{np.mean(secs[1:] or secs):.1f}",
                   flush=True)
     for method in a.cluster_methods:
         r = [x for x in rows if x[1] == method]

@@ -55,15 +55,14 @@ def test_the_vote_settles_spots_the_tree_cut_misplaced():
     assert np.unique(C.vote_labels(runs[:1], np.array([0, 0, 0, 0, 1]), 2)).size == 2
 
 
-def test_the_polish_is_kept_only_where_the_two_halves_of_the_runs_reproduce_it(monkeypatch):
+def test_by_default_the_consensus_is_the_runs_majority_unpolished():
     X, xy, truth = _grid_domains(noise=1.6, seed=1)
-    kept, runs, info = C.consensus_clustering(X, 3, xy_um=xy, n_runs=20, random_state=0)
-    assert info["polished"] is True and info["polish_reproduced"] >= C.REPRODUCIBLE
-    monkeypatch.setattr(C, "REPRODUCIBLE", 1.01)  # no polish can be that reproducible
-    dropped, runs2, info2 = C.consensus_clustering(X, 3, xy_um=xy, n_runs=20, random_state=0)
-    assert info2["polished"] is False and info2["polish_reproduced"] == info["polish_reproduced"]
-    assert np.array_equal(runs, runs2)
-    assert adjusted_rand_score(truth, kept) > adjusted_rand_score(truth, dropped)
+    labels, runs, info = C.consensus_clustering(X, 3, xy_um=xy, n_runs=20, random_state=0)
+    assert info["polished"] is False and info["spatial_prior"] == 0.0
+    assert np.array_equal(labels, C.vote_labels(runs, labels, 3))  # a fixed point of the vote
+    polished, runs2, info2 = C.consensus_clustering(X, 3, xy_um=xy, n_runs=20, spatial_prior=0.5, random_state=0)
+    assert info2["polished"] is True and np.array_equal(runs, runs2)
+    assert not np.array_equal(labels, polished)
 
 
 def test_consensus_finds_planted_domains_and_does_not_move_with_the_seed():
@@ -75,8 +74,8 @@ def test_consensus_finds_planted_domains_and_does_not_move_with_the_seed():
 
 def test_the_spatial_prior_helps_where_the_embedding_hesitates():
     X, xy, truth = _grid_domains(noise=1.6, seed=1)
-    with_prior, _, info = C.consensus_clustering(X, 3, xy_um=xy, random_state=0)
-    without, _, info0 = C.consensus_clustering(X, 3, xy_um=xy, spatial_prior=0.0, random_state=0)
+    with_prior, _, info = C.consensus_clustering(X, 3, xy_um=xy, spatial_prior=0.5, random_state=0)
+    without, _, info0 = C.consensus_clustering(X, 3, xy_um=xy, random_state=0)
     inner, edge, corner = 22**2, 4 * 22, 4  # a square grid's ring at 1.5 spacings: 8 neighbours inside, 5, 3
     assert info["prior_neighbours"] == pytest.approx((8 * inner + 5 * edge + 3 * corner) / 24**2)
     assert info0["spatial_prior"] == 0.0
@@ -84,12 +83,15 @@ def test_the_spatial_prior_helps_where_the_embedding_hesitates():
 
 
 def test_boundary_spots_are_less_confident_than_core_spots():
-    X, xy, truth = _grid_domains(noise=0.8, seed=2, blend=True)
+    # 1600 spots: each run's mixture is fitted on its own subset of FIT_SPOTS, so the runs' means differ a little
+    X, xy, truth = _grid_domains(side=40, noise=0.8, seed=2, blend=True)
     labels, runs, _ = C.consensus_clustering(X, 3, xy_um=xy, random_state=0)
     conf = C.coassignment_confidence(runs, labels)
     assert conf.shape == truth.shape and np.all((0 <= conf) & (conf <= 1))
-    border = np.isin((xy[:, 0] / 100).astype(int), [7, 8, 15, 16])  # the blended columns
-    assert conf[border].mean() < conf[~border].mean() - 0.1
+    border = np.isin((xy[:, 0] / 100).astype(int), [12, 13, 25, 26])  # the blended columns
+    assert conf[border].mean() < conf[~border].mean() - 0.02
+    low = conf < 0.95  # the spots the runs disagree on lie mostly on the blended columns (a tenth of the section)
+    assert low.sum() >= 10 and border[low].mean() > 0.5
 
 
 def test_a_prior_that_would_empty_a_domain_is_discarded():

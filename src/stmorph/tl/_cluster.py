@@ -16,8 +16,8 @@ majority vote over spatial neighbours (``refine=True``, see
 :func:`stmorph.tl._neighbors.refine_labels`).
 
 ``method="consensus"`` (the ``stmorph`` method's default) makes the mixture's answer independent of where its
-restarts land: many tied mixtures, their co-assignment cut into domains and settled by majority vote, polished
-under a spatial prior where that polish is reproducible, with each spot's co-assignment frequency as its confidence (:mod:`stmorph.tl._consensus`).
+restarts land: many tied mixtures, their co-assignment cut into domains and settled by majority vote (a polish
+under a spatial prior on request), with each spot's co-assignment frequency as its confidence (:mod:`stmorph.tl._consensus`).
 """
 
 from __future__ import annotations
@@ -516,7 +516,7 @@ def cluster(
     method
         ``"louvain"`` (igraph's multilevel algorithm), ``"leiden"`` (leidenalg),
         ``"gmm"`` (tied-covariance Gaussian mixture, see :func:`gaussian_mixture`) or ``"consensus"`` (the
-        consensus of many such mixtures under a spatial prior, see :func:`stmorph.tl._consensus.consensus_clustering`;
+        majority vote of many such mixtures, see :func:`stmorph.tl._consensus.consensus_clustering`;
         writes ``obs[f"{key_added}_confidence"]``, each spot's co-assignment frequency).
     resolution
         Modularity resolution (stMIC: 1.5-1.9). With ``n_clusters`` it is the
@@ -534,7 +534,8 @@ def cluster(
         Restarts of ``"gmm"`` (the best likelihood is kept).
     n_runs, spatial_prior
         ``"consensus"`` only: mixtures in the consensus (``None``: by the section's size) and the spatial prior's
-        weight in nats per neighbour of the same domain (0: none; also none without ``obsm["spatial"]``).
+        weight in nats per neighbour of the same domain of an optional polish (``None``/0: no polish, the runs'
+        majority as it is; none either without ``obsm["spatial"]``).
     k_range, k_criterion
         Smallest and largest count ``"gmm"`` considers when ``n_clusters`` is None, and
         how it chooses (``"louvain"`` or ``"bic"``, see :func:`choose_n_clusters`).

@@ -12,13 +12,13 @@ A tied Gaussian mixture (mclust's EEE) has many local optima on a spatial-transc
 3. settles that cut by majority vote (:func:`vote_labels`): every run's groups are matched to the domains and
    each spot takes the domain most runs put it in, repeated until nothing changes. The tree's cut moves with
    the runs; the vote's fixed point, a majority of all runs, much less;
-4. polishes the consensus with one tied mixture whose labels carry a spatial prior (a Potts model over the first
-   ring of neighbours, solved by mean-field EM, the hidden-Markov-random-field EM of Zhang et al. 2001 and the
-   role BayesSpace's prior plays): a spot's domain follows its embedding but leans towards its neighbours' by
-   :data:`SPATIAL_PRIOR` nats per neighbour. EM from a slightly different start can land in another optimum, so
-   the polish is kept only if it is reproducible: the consensuses of the two halves of the runs (even and odd),
-   each polished the same way, must agree at ARI >= :data:`REPRODUCIBLE`. It is also discarded if it empties a
-   domain or shrinks one below the smallest kept (:func:`min_domain_size`).
+4. with ``spatial_prior > 0`` (off by default), polishes the consensus with one tied mixture whose labels carry
+   a spatial prior (a Potts model over the first ring of neighbours, solved by mean-field EM, the
+   hidden-Markov-random-field EM of Zhang et al. 2001 and the role BayesSpace's prior plays): a spot's domain
+   follows its embedding but leans towards its neighbours' by ``spatial_prior`` nats per neighbour. That EM
+   has several optima and which one it reaches moves with its start, so a polished answer agrees less well
+   between seeds than the vote it starts from; it is discarded if it empties a domain or shrinks one below
+   the smallest kept (:func:`min_domain_size`).
 
 Each spot's confidence is its co-assignment frequency: the fraction of runs that put it in the group that
 stands for its final domain (each run's groups matched to the domains by the Hungarian algorithm).
@@ -42,13 +42,10 @@ MAX_RUNS = 500
 FIT_SPOTS = 1000
 #: The co-assignment matrix is formed over at most this many spots (dense, ``CONSENSUS_SPOTS**2`` floats).
 CONSENSUS_SPOTS = 4000
-#: Weight of the spatial prior: nats per neighbour of the same domain (0: none).
-SPATIAL_PRIOR = 0.5
+#: Weight of the spatial prior by default: nats per neighbour of the same domain; 0: no polish.
+SPATIAL_PRIOR = 0.0
 #: Neighbours of the spatial prior: spots closer than this many spot spacings.
 PRIOR_RING = 1.5
-#: The polish is kept when the polished consensuses of two disjoint halves of the runs agree at least this well
-#: (ARI): the seed-to-seed agreement the consensus itself is held to.
-REPRODUCIBLE = 0.9
 #: EM stops when no responsibility changes by more than this.
 EM_TOL = 1e-4
 
@@ -182,8 +179,8 @@ def default_runs(n_spots: int) -> int:
 def consensus_clustering(X: np.ndarray, n_clusters: int, *, xy_um: np.ndarray | None = None,
                          spatial_prior: float = SPATIAL_PRIOR, n_runs: int | None = None,
                          random_state: int = 0) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Domains of ``X`` by consensus of many tied mixtures, polished with a spatial prior where that is
-    reproducible (see the module).
+    """Domains of ``X`` by consensus (majority vote) of many tied mixtures, optionally polished under a spatial
+    prior (see the module).
 
     Parameters
     ----------
@@ -194,7 +191,7 @@ def consensus_clustering(X: np.ndarray, n_clusters: int, *, xy_um: np.ndarray | 
     xy_um
         Spot centres in micrometres, for the spatial prior (``None``: no prior).
     spatial_prior
-        Nats per neighbour of the same domain; 0 turns the prior off.
+        Nats per neighbour of the same domain of the polish; 0 (:data:`SPATIAL_PRIOR`): no polish.
     n_runs
         Mixtures in the consensus; ``None``: :func:`default_runs`.
     random_state
@@ -203,8 +200,7 @@ def consensus_clustering(X: np.ndarray, n_clusters: int, *, xy_um: np.ndarray | 
     Returns
     -------
     ``(labels, runs, info)``: labels ``0..``, the runs' labels ``(n_runs, n)`` (for :func:`coassignment_confidence`)
-    and what was done (runs, spots in the co-assignment matrix, the prior, whether the polish was kept and the
-    agreement of its two halves, ``polish_reproduced``).
+    and what was done (runs, spots in the co-assignment matrix, the prior, whether it was polished).
     """
     X = np.asarray(X, dtype=np.float64)
     n = X.shape[0]
@@ -223,23 +219,15 @@ def consensus_clustering(X: np.ndarray, n_clusters: int, *, xy_um: np.ndarray | 
     runs = mixture_runs(X, k, int(n_runs) if n_runs is not None else default_runs(n), rng)
     labels = _vote_consensus(runs, subset, k)
     A = prior_neighbours(xy_um) if xy_um is not None and spatial_prior > 0 else None
-    polish = _polish(X, labels, A, spatial_prior, n)
     info = {"n_runs": int(runs.shape[0]), "consensus_spots": int(subset.size),
             "spatial_prior": float(spatial_prior) if A is not None else 0.0,
-            "prior_neighbours": float(A.sum() / n) if A is not None else 0.0}
-    if polish is None:  # the polish emptied or shrank a domain (e.g. a prior stronger than the signal)
-        info.update(polished=False, polish_reproduced=None)
-        return labels, runs, info
-    # Keep the polish only if it is a property of the data: two consensuses of disjoint halves of the runs,
-    # each polished the same way, must agree as closely as two seeds are meant to (REPRODUCIBLE).
-    from sklearn.metrics import adjusted_rand_score
-
-    halves = [_polish(X, _vote_consensus(runs[h::2], subset, k), A, spatial_prior, n) for h in (0, 1)]
-    agreement = (float(adjusted_rand_score(*halves)) if all(h is not None for h in halves) and runs.shape[0] >= 4
-                 else 0.0)
-    kept = agreement >= REPRODUCIBLE
-    info.update(polished=bool(kept), polish_reproduced=round(agreement, 4))
-    return (np.unique(polish, return_inverse=True)[1] if kept else labels), runs, info
+            "prior_neighbours": float(A.sum() / n) if A is not None else 0.0, "polished": False}
+    if A is not None:
+        polish = _polish(X, labels, A, spatial_prior, n)
+        if polish is not None:  # else it emptied or shrank a domain (a prior stronger than the signal)
+            labels = np.unique(polish, return_inverse=True)[1]
+            info["polished"] = True
+    return labels, runs, info
 
 
 def _vote_consensus(runs: np.ndarray, subset: np.ndarray, k: int) -> np.ndarray:

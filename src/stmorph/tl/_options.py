@@ -142,8 +142,8 @@ SHARED: tuple[Option, ...] = (
            "--cluster-method louvain or leiden, the communities at --resolution); the expression baseline its "
            "Louvain communities at --resolution; image, stmic and senca the expression baseline's count",
            between(2, kind=int), metavar="K"),
-    Option("cluster_method", "how the domains are found: consensus (of many tied Gaussian mixtures, under a "
-           "spatial prior), gmm (one tied Gaussian mixture, best of its restarts), louvain or leiden (kNN graph "
+    Option("cluster_method", "how the domains are found: consensus (the majority of many tied Gaussian "
+           "mixtures), gmm (one tied Gaussian mixture, best of its restarts), louvain or leiden (kNN graph "
            "communities)", choices=("consensus", "gmm", "louvain", "leiden")),
     Option("resolution", "modularity resolution of louvain/leiden without n_clusters (stMIC paper: 1.5-1.9)",
            between(0, 1e4, open_low=True), applies=_uses_graph, when=_GRAPH),

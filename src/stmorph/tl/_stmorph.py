@@ -462,8 +462,8 @@ def stmorph(
         Variable genes (how many, how ranked: see :func:`spatial_expression_embedding`) and components of the
         expression embedding.
     cluster_method
-        ``"consensus"`` (default): the majority of many tied Gaussian mixtures, polished under a spatial prior
-        where the polish is reproducible (:mod:`stmorph.tl._consensus`), its confidence each spot's co-assignment frequency; ``"gmm"``: one tied
+        ``"consensus"`` (default): the majority of many tied Gaussian mixtures (:mod:`stmorph.tl._consensus`),
+        its confidence each spot's co-assignment frequency; ``"gmm"``: one tied
         mixture, the best of ``n_init`` restarts; ``"louvain"`` or ``"leiden"``.
     resolution, n_neighbors
         ``"louvain"``/``"leiden"`` only: the modularity resolution without ``n_clusters`` (default 1.7) and the
