@@ -148,7 +148,8 @@ def viewer_html(data: Mapping) -> str:
     return (
         '<div id="viewer" class="viewer">'
         '<div class="vbar"><span class="vlayers"></span>'
-        '<label title="1: opaque, in the legend's colours; lower: the H&amp;E shows through and the colours shift">opacity <input class="vopacity" type="range" min="0" max="1" step="0.05" value="1"></label>'
+        '<label title="1: opaque, in the legend colours; lower: the H&amp;E shows through and the colours '
+        'shift">opacity <input class="vopacity" type="range" min="0" max="1" step="0.05" value="1"></label>'
         '<label><input class="voutline" type="checkbox"> outlines only</label>'
         '<button class="vzin" title="zoom in">+</button><button class="vzout" title="zoom out">&minus;</button>'
         '<button class="vfit" title="whole section">fit</button></div>'
