@@ -307,3 +307,18 @@ def test_background_falls_back_to_fullres_thumbnail():
     import matplotlib.pyplot as plt
 
     plt.close("all")
+
+
+def test_domain_without_distinct_markers_is_named_as_such():
+    """A domain the image split off another (same expression) is not named by the other domain's genes."""
+    adata = toy_tissue(n_side=16)
+    planted = adata.uns["toy"]["planted"]
+    lab = adata.obs["annotation"].astype(str).to_numpy().copy()
+    tumour = np.flatnonzero(lab == "tumour")
+    lab[tumour[: len(tumour) // 4]] = "tumour_edge"
+    adata.obs["split"] = pd.Categorical(lab)
+    names = pl.domain_names(adata, "split")
+    assert names["tumour_edge"] == "tumour_edge: no distinct markers"
+    assert set(names["tumour"].split(": ")[1].split(", ")) <= set(planted["tumour"])
+    assert set(pl.domain_names(adata, "split", distinct=False)["tumour_edge"].split(": ")[1].split(", ")) \
+        <= set(planted["tumour"])  # what it used to be called: the tumour's genes

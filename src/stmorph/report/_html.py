@@ -141,6 +141,7 @@ def build_report(
     """
     from .. import ev, pl
     from ..pl._colors import MISSING_COLOR, label_order
+    from ..pl._names import NO_DISTINCT
 
     log = log or (lambda m: None)
     t_start = time.perf_counter()
@@ -318,12 +319,17 @@ def build_report(
                 n_total=int(valid.sum()), map_png=painter.draw(mask, color),
                 markers=top[top["domain"].astype(str) == lab] if top is not None else None,
                 gsea=g, patches=patches, composition=comp, method=method,
-                border=border.loc[lab] if border is not None and lab in border.index else None))
+                border=border.loc[lab] if border is not None and lab in border.index else None,
+                distinct=not names.get(lab, "").endswith(NO_DISTINCT)))
         if not any_patches:
             why = (f"the {_esc(image.kind)} image is too coarse (fewer than 32 pixels across a patch)" if image
                    else "the result has no image")
             parts.append(f'<p class="note">No H&amp;E strips: {why}; give the full-resolution H&amp;E '
                          "(<code>stmorph run --image</code>).</p>")
+        n_border = int(border.loc[[lab for lab in labels if lab in border.index], "along_border"].sum()) \
+            if border is not None else 0
+        if n_border:
+            parts.append(_cards.border_note(n_border))
         parts.append('<div class="cards">' + "".join(cards) + "</div>")
         if mk_error:
             parts.append(f'<p class="warn">Marker genes could not be computed: {_esc(mk_error)}</p>')
