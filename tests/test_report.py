@@ -561,3 +561,22 @@ def test_viewer_overlay_keeps_the_legend_colours_on_a_dark_image(tmp_path):
         assert np.abs(np.subtract(g, dark)).max() <= 12, res["gaps"]  # the H&E between spots, not a colour
     legend = [tuple(int(v) for v in re.findall(r"\d+", c)[:3]) for c in res["legend"]]
     assert legend == [tuple(int(h[k:k + 2], 16) for k in (1, 3, 5)) for h in HUES[:len(labs)]]
+
+
+def test_report_shows_gene_symbols_for_ensembl_ids(tmp_path):
+    adata = _toy()
+    symbols = list(adata.var_names)
+    adata.var_names = [f"ENSG{i:011d}" for i in range(adata.n_vars)]
+    adata.var["gene_symbols"] = symbols
+    page = _parse(report.write_report(_run_dir(tmp_path, adata=adata), viewer=False))
+    text = re.sub(r"\s+", " ", "".join(page.text))
+    assert 'Gene symbols from var["gene_symbols"]; var_names are Ensembl ids.' in text
+    cards = " ".join(" ".join(c["text"]) for c in page.cards)
+    assert re.search(r"G\d{3}", cards) and not re.search(r"ENSG\d{11}", cards)
+    del adata.var["gene_symbols"]
+    (tmp_path / "ids").mkdir()
+    page = _parse(report.write_report(_run_dir(tmp_path / "ids", adata=adata), viewer=False))
+    assert "Genes are named by their Ensembl ids" in "".join(page.text)
+    from stmorph.report._html import gene_symbols
+
+    assert gene_symbols(_toy()) == ({}, None)

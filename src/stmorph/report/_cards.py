@@ -144,9 +144,9 @@ def card_html(
         parts.append(f" · annotated as {comp}")
     parts.append("</p>")
     if border is not None and bool(border["along_border"]):
-        parts.append(f'<p class="warn"><a href="#border-note">Along the section\'s border</a>: '
-                     f'{100 * border["share_in_band"]:.0f}% of its spots lie on the outermost row of spots, against '
-                     f'{100 * border["section_share_in_band"]:.0f}% of the section.</p>')
+        parts.append(f'<p class="warn">Along the section\'s border: {100 * border["share_in_band"]:.0f}% of its spots '
+                     f'lie on the outermost row of spots, against {100 * border["section_share_in_band"]:.0f}% of the '
+                     'section (<a href="#border-note">why this matters</a>).</p>')
     parts.append('<div class="cardrow">')
     parts.append(f'<img class="map" alt="where {_esc(method)} domain {_esc(label)} lies" '
                  f'src="{data_uri(map_png, "image/png")}">')

@@ -188,11 +188,14 @@ def build_report(
                 gsea_error = str(exc)
     finally:
         adata.uns.pop(mk_key, None)
-    names = pl.domain_names(adata, method, markers=mk) if mk is not None else {lab: lab for lab in labels}
-    top = None
+    sym, gene_note = gene_symbols(adata)
+    symbols_of = (lambda t: t.assign(gene=t["gene"].astype(str).map(lambda g: sym.get(g, g)))) if sym else (lambda t: t)
+    names = pl.domain_names(adata, method, markers=symbols_of(mk)) if mk is not None else {lab: lab for lab in labels}
+    top = top_shown = None
     if mk is not None:
         mk = mk[np.maximum(mk["pct_in"], mk["pct_out"]) >= 0.1]  # Seurat's min.pct
         top = mk[mk["logfoldchange"] > 0].groupby("domain", sort=False, group_keys=False).head(n_markers)
+        top_shown = symbols_of(top)
 
     parts: list[str] = []
     nav = ["summary", "domains"] + (["confidence"] if f"{method}_confidence" in adata.obs else [])
@@ -285,7 +288,8 @@ def build_report(
                      "log-normalised expression (scanpy rank_genes_groups, as Seurat FindAllMarkers); log2 FC = "
                      "log2(mean + 1) inside minus outside, on the normalised scale (Seurat's); z = rank-sum "
                      "z score, p adjusted by Benjamini-Hochberg; genes expressed in at least 10% of the spots inside "
-                     f"or outside the domain. H&amp;E strip: {note}, each patch centred on the spot (outlined).</p>")
+                     f"or outside the domain. H&amp;E strip: {note}, each patch centred on the spot (outlined)."
+                     + (f" {gene_note}" if gene_note else "") + "</p>")
         painter = _cards.MapPainter(adata, image, library_id=library_id)
         lab_arr = adata.obs[method].astype(str).to_numpy()
         valid = adata.obs[method].notna().to_numpy()
@@ -317,7 +321,7 @@ def build_report(
             cards.append(_cards.card_html(
                 label=lab, name=f"Domain {names.get(lab, lab)}", color=color, n_spots=int(mask.sum()),
                 n_total=int(valid.sum()), map_png=painter.draw(mask, color),
-                markers=top[top["domain"].astype(str) == lab] if top is not None else None,
+                markers=top_shown[top_shown["domain"].astype(str) == lab] if top is not None else None,
                 gsea=g, patches=patches, composition=comp, method=method,
                 border=border.loc[lab] if border is not None and lab in border.index else None,
                 distinct=not names.get(lab, "").endswith(NO_DISTINCT)))
@@ -341,16 +345,19 @@ def build_report(
     log("report: marker overview")
     parts.append(f'<section id="markers"><h2>Marker genes across the {_esc(method)} domains</h2>')
     if top is not None and len(top):
-        figs = [_figure(pl.dotplot(adata, method, top, n_genes=min(3, n_markers)),
+        if gene_note:
+            parts.append(f'<p class="note">{gene_note}</p>')
+        figs = [_figure(_relabel(pl.dotplot(adata, method, top, n_genes=min(3, n_markers)), sym),
                         f"Top markers per {method} domain: dot size = fraction of spots expressing, "
                         "colour = mean expression scaled per gene.", dpi=90)]
         first = top.groupby("domain", sort=False).head(1)["gene"].tolist()[:8]
         if first:
-            figs.append(_figure(pl.spatial(adata, list(dict.fromkeys(first)), ncols=4),
+            figs.append(_figure(_relabel(pl.spatial(adata, list(dict.fromkeys(first)), ncols=4), sym),
                                 "Spatial expression (log-normalised) of the top marker of each domain.", dpi=80,
                                 photo=True))
         parts.append('<div class="grid">' + "".join(figs) + "</div>")
-        rows = [(r.domain, r.gene, r.logfoldchange, r.score, r.pval_adj, r.pct_in, r.pct_out) for r in top.itertuples()]
+        rows = [(r.domain, r.gene, r.logfoldchange, r.score, r.pval_adj, r.pct_in, r.pct_out)
+                for r in top_shown.itertuples()]
         parts.append("<details><summary>All listed markers as a table</summary>"
                      + _table(rows, ["domain", "gene", "log2 FC", "z", "adj. p", "frac. in", "frac. out"],
                               numeric={2, 3, 4, 5, 6}) + "</details>")
@@ -414,6 +421,44 @@ def build_report(
             '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
             f"<title>stmorph report: {_esc(section)}</title>\n<style>{CSS}{_viewer.VIEWER_CSS}</style>\n</head>\n"
             f"<body>\n<main>\n{body}\n{footer}\n</main>\n</body>\n</html>\n")
+
+
+#: ``var`` columns that hold gene symbols, in the order they are looked for (scanpy, CELLxGENE, Seurat).
+SYMBOL_COLUMNS = ("gene_symbols", "gene_symbol", "symbol", "SYMBOL", "feature_name", "gene_name", "gene_names")
+_ENSEMBL = r"ENS[A-Z]*G\d{6,}(\.\d+)?"
+
+
+def gene_symbols(adata) -> tuple[dict[str, str], str | None]:
+    """How genes are shown: ``({var_name: symbol}, note)``. When most ``var_names`` are Ensembl ids, the
+    symbols of the first of :data:`SYMBOL_COLUMNS` in ``var`` are shown (ids without a symbol stay) and the
+    note says so; without such a column the note says that the names are Ensembl ids. Else ``({}, None)``."""
+    import pandas as pd
+
+    names = pd.Index(adata.var_names).astype(str)
+    if not len(names) or names.str.fullmatch(_ENSEMBL).mean() <= 0.5:
+        return {}, None
+    col = next((c for c in SYMBOL_COLUMNS if c in adata.var), None)
+    if col is None:
+        return {}, ("Genes are named by their Ensembl ids (<code>var_names</code>; <code>var</code> has no "
+                    "gene-symbol column such as <code>gene_symbols</code> or <code>feature_name</code>).")
+    sym = adata.var[col].astype(str).to_numpy()
+    ok = (sym != "") & (sym != "nan") & (sym != "None")
+    return ({n: s for n, s, k in zip(names, sym, ok, strict=True) if k},
+            f"Gene symbols from <code>var[\"{_esc(col)}\"]</code>; <code>var_names</code> are Ensembl ids.")
+
+
+def _relabel(fig, sym: Mapping[str, str]):
+    """Show ``sym``'s symbols for gene ids in a figure's tick labels and titles."""
+    if not sym:
+        return fig
+    for ax in fig.axes:
+        for get, put in ((ax.get_xticklabels, ax.set_xticklabels), (ax.get_yticklabels, ax.set_yticklabels)):
+            labels = get()
+            if labels and any(t.get_text() in sym for t in labels):
+                put([sym.get(t.get_text(), t.get_text()) for t in labels])
+        if ax.get_title() in sym:
+            ax.set_title(sym[ax.get_title()])
+    return fig
 
 
 def _library_name(adata) -> str | None:
