@@ -580,3 +580,21 @@ def test_report_shows_gene_symbols_for_ensembl_ids(tmp_path):
     from stmorph.report._html import gene_symbols
 
     assert gene_symbols(_toy()) == ({}, None)
+
+
+def test_domain_the_image_split_off_is_named_as_such(tmp_path):
+    """A domain the image set apart from one of the same expression: no distinct markers, defined by the
+    image (its spots form one domain with another in the expression-only run)."""
+    adata = _toy()
+    lab = adata.obs["stmic"].astype(str).to_numpy().copy()
+    member = np.flatnonzero(lab == "1")
+    expr = lab.copy()
+    lab[member[: len(member) // 4]] = "3"  # the image split a quarter off domain 1
+    adata.obs["stmorph"] = pd.Categorical(lab)
+    adata.obs["stmorph_expr"] = pd.Categorical(expr)
+    page = _parse(report.write_report(_run_dir(tmp_path, adata=adata, methods=("stmorph", "stmorph_expr")),
+                                      viewer=False))
+    cards = {card["id"]: " ".join(card["text"]) for card in page.cards}
+    assert "Domain 3: no distinct markers; defined by the image" in cards["domain-3"]
+    assert "the H&E, not the expression, sets this domain apart" in cards["domain-3"]
+    assert "no distinct markers" not in cards["domain-1"] and "no distinct" not in cards["domain-0"]

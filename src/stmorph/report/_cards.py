@@ -132,10 +132,12 @@ def card_html(
     method: str,
     border: pd.Series | None = None,
     distinct: bool = True,
+    by_image: bool = False,
 ) -> str:
     """The HTML of one domain card; ``border``: the domain's row of :func:`stmorph.ev.border_domains`, noted
     on the card when the domain lies along the section's border (the caution itself is given once, above the
-    cards, by :func:`border_note`); ``distinct=False``: none of ``markers`` is the domain's own."""
+    cards, by :func:`border_note`); ``distinct=False``: none of ``markers`` is the domain's own; ``by_image``: the
+    image set the domain apart from one of the same expression."""
     parts = [f'<article class="card" id="domain-{_esc(label)}">',
              f'<h3><i class="sw" style="background:{_esc(color)}"></i>{_esc(name)}</h3>',
              f'<p class="stat"><b>{n_spots}</b> spots · <b>{100 * n_spots / max(n_total, 1):.1f}%</b> of the tissue']
@@ -165,7 +167,8 @@ def card_html(
         parts.append('<p class="note">No up-regulated marker gene.</p>')
     if not distinct and markers is not None and len(markers):
         parts.append('<p class="note">No distinct marker gene: each gene above is up-regulated here, but more '
-                     "strongly in another domain.</p>")
+                     "strongly in another domain"
+                     + ("; the H&amp;E, not the expression, sets this domain apart" if by_image else "") + ".</p>")
     if gsea is not None:
         if len(gsea):
             rows = "".join(f"<tr><td>{_esc(_short_term(r.term))}</td><td class=num>{r.nes:.2f}</td>"

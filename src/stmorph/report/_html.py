@@ -191,6 +191,8 @@ def build_report(
     sym, gene_note = gene_symbols(adata)
     symbols_of = (lambda t: t.assign(gene=t["gene"].astype(str).map(lambda g: sym.get(g, g)))) if sym else (lambda t: t)
     names = pl.domain_names(adata, method, markers=symbols_of(mk)) if mk is not None else {lab: lab for lab in labels}
+    if changes is not None and changes[0] == method:
+        names = _image_made(adata, method, changes[1], names)
     top = top_shown = None
     if mk is not None:
         mk = mk[np.maximum(mk["pct_in"], mk["pct_out"]) >= 0.1]  # Seurat's min.pct
@@ -324,7 +326,7 @@ def build_report(
                 markers=top_shown[top_shown["domain"].astype(str) == lab] if top is not None else None,
                 gsea=g, patches=patches, composition=comp, method=method,
                 border=border.loc[lab] if border is not None and lab in border.index else None,
-                distinct=not names.get(lab, "").endswith(NO_DISTINCT)))
+                distinct=NO_DISTINCT not in names.get(lab, ""), by_image=names.get(lab, "").endswith(BY_IMAGE)))
         if not any_patches:
             why = (f"the {_esc(image.kind)} image is too coarse (fewer than 32 pixels across a patch)" if image
                    else "the result has no image")
@@ -445,6 +447,30 @@ def gene_symbols(adata) -> tuple[dict[str, str], str | None]:
     ok = (sym != "") & (sym != "nan") & (sym != "None")
     return ({n: s for n, s, k in zip(names, sym, ok, strict=True) if k},
             f"Gene symbols from <code>var[\"{_esc(col)}\"]</code>; <code>var_names</code> are Ensembl ids.")
+
+
+#: Appended to the name of a domain without distinct markers that the image set apart.
+BY_IMAGE = "defined by the image"
+
+
+def _image_made(adata, method: str, expr_key: str, names: Mapping[str, str]) -> dict[str, str]:
+    """``names`` with ``"; defined by the image"`` added to each domain without distinct markers whose spots,
+    in the expression-only run ``obs[expr_key]``, lie mostly in one domain that is mostly another domain
+    of ``method``: the image set it apart from a domain of the same expression."""
+    from ..pl._names import NO_DISTINCT
+
+    meth, expr = adata.obs[method], adata.obs[expr_key]
+    both = (meth.notna() & expr.notna()).to_numpy()
+    meth, expr = meth.astype(str).to_numpy()[both], expr.astype(str).to_numpy()[both]
+    out = dict(names)
+    for lab, name in names.items():
+        if not name.endswith(NO_DISTINCT) or not (meth == lab).any():
+            continue
+        e_vals, e_n = np.unique(expr[meth == lab], return_counts=True)
+        m_vals, m_n = np.unique(meth[expr == e_vals[np.argmax(e_n)]], return_counts=True)
+        if m_vals[np.argmax(m_n)] != lab:
+            out[lab] = f"{name}; {BY_IMAGE}"
+    return out
 
 
 def _relabel(fig, sym: Mapping[str, str]):
