@@ -270,7 +270,9 @@ def build_report(
             img = ("no image (spots only)" if kind is None else
                    f"the {'full-resolution H&amp;E' if kind == 'full-resolution' else _esc(kind) + ' image'} ({res})")
             parts.append('<p class="note">Scroll to zoom, drag to pan, hover a spot for its id and domains; '
-                         f"click a legend entry to show that domain alone. Image: {img}.</p>")
+                         "click a legend entry to show that domain alone. Spots are drawn at their true size "
+                         f"({_shape_words(data['shape'])}), opaque in the legend's colours; lower the opacity to see "
+                         f"the H&amp;E through them (their colours then mix with it). Image: {img}.</p>")
             parts.append(_viewer.viewer_html(data))
             parts.append("</section>")
 
@@ -485,6 +487,11 @@ def _relabel(fig, sym: Mapping[str, str]):
         if ax.get_title() in sym:
             ax.set_title(sym[ax.get_title()])
     return fig
+
+
+def _shape_words(shape: str) -> str:
+    return {"circle": "circles of the recorded spot diameter", "square": "squares of the bin size"}.get(
+        shape, f"{shape} tiles")
 
 
 def _library_name(adata) -> str | None:
