@@ -61,7 +61,7 @@ def test_domains_panel_over_image(tmp_path):
     assert titles[1] == "stmic (ARI 1.00)"
     ax = fig.axes[1]
     assert ax.images, "background image missing"
-    coll = [c for c in ax.collections if len(c.get_paths()) == adata.n_obs]
+    coll = [c for c in ax.collections if len(c.get_offsets()) == adata.n_obs]
     assert coll, "spots missing"
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
     assert legend == ["0", "1", "2"]
@@ -80,11 +80,12 @@ def test_domains_panel_over_image(tmp_path):
 
 def test_spot_size_is_true_diameter():
     adata = toy_tissue(n_side=6)
-    fig = pl.domains(adata, "annotation", image=False, spot_shape="circle")
-    coll = [c for c in fig.axes[0].collections if len(c.get_offsets()) == adata.n_obs][0]
-    assert np.allclose(coll._widths * 2, 25.0) or np.allclose(coll._widths, 25.0)
-    # default on a square grid (legacy ST, HD bins): squares as wide as the spacing (40 px), touching
-    fig = pl.domains(adata, "annotation", image=False)
+    for spot_shape in ("circle", "auto"):  # auto on a square grid of spots narrower than it: circles too
+        fig = pl.domains(adata, "annotation", image=False, spot_shape=spot_shape)
+        coll = [c for c in fig.axes[0].collections if len(c.get_offsets()) == adata.n_obs][0]
+        assert np.allclose(coll._widths * 2, 25.0) or np.allclose(coll._widths, 25.0)
+    # forced tiles: squares as wide as the spacing (40 px), touching
+    fig = pl.domains(adata, "annotation", image=False, spot_shape="square")
     coll = [c for c in fig.axes[0].collections if len(c.get_paths()) == adata.n_obs][0]
     v = coll.get_paths()[0].vertices[:4]
     assert np.ptp(v[:, 0]) == pytest.approx(40.0) and np.ptp(v[:, 1]) == pytest.approx(40.0)
@@ -93,6 +94,77 @@ def test_spot_size_is_true_diameter():
     import matplotlib.pyplot as plt
 
     plt.close("all")
+
+
+def _legacy_st(n_side=8, pitch=160.0):
+    """A legacy ST section as read.legacy_st stores it: a square grid, spots half the pitch across."""
+    adata = toy_tissue(n_side=n_side)
+    rows, cols = adata.obs["array_row"].to_numpy(), adata.obs["array_col"].to_numpy()
+    adata.obsm["spatial"] = np.c_[cols * pitch + 300, rows * pitch + 300].astype(np.float64)
+    lib = adata.uns["spatial"]["toy"]
+    lib["scalefactors"] = {"spot_diameter_fullres": pitch / 2}
+    lib["metadata"] = {"technology": "legacy_st", "spot_diameter_um": 100.0}
+    lib["images"] = {}
+    return adata
+
+
+def _rendered(fig):
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].astype(int)
+
+
+def _pixel(fig, ax, img, xy):
+    x, y = ax.transData.transform(np.asarray(xy, dtype=float))
+    return img[int(round(img.shape[0] - y)), int(round(x))]
+
+
+def test_legacy_st_spots_at_their_100um_footprint():
+    """Legacy ST: circles of the recorded diameter (half the pitch), the background showing between spots;
+    the legend's colour is the drawn colour."""
+    from matplotlib.colors import to_rgb
+
+    from stmorph.pl import _utils
+
+    adata = _legacy_st()
+    xy = adata.obsm["spatial"]
+    assert _utils.spot_shape(adata) == ("circle", 80.0, 0.0)
+    fig = pl.domains(adata, "annotation", image=False, match_colors=False)
+    ax = fig.axes[0]
+    coll = [c for c in ax.collections if len(c.get_offsets()) == adata.n_obs][0]
+    assert np.allclose(coll._widths * 2, 80.0) or np.allclose(coll._widths, 80.0)
+    img = _rendered(fig)
+    legend = {t.get_text(): h.get_markerfacecolor() for t, h in
+              zip(ax.get_legend().get_texts(), ax.get_legend().legend_handles, strict=True)}
+    a, b = 0, int(np.flatnonzero((adata.obs["array_row"] == 0) & (adata.obs["array_col"] == 1))[0])
+    mid = (xy[a] + xy[b]) / 2
+    assert (_pixel(fig, ax, img, mid) > 245).all()  # background between two neighbours: no square, no seam
+    diag = xy[a] + 0.5 * 80.0 * np.array([0.8, 0.8])  # inside the square of the pitch, outside the circle
+    assert (_pixel(fig, ax, img, diag) > 245).all()
+    for i in (a, b):
+        want = np.array(to_rgb(legend[str(adata.obs["annotation"].iloc[i])])) * 255
+        assert np.abs(_pixel(fig, ax, img, xy[i]) - want).max() <= 3
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+
+
+def test_visium_circles_and_hd_bins_squares():
+    from stmorph.pl import _utils
+
+    adata = toy_tissue(n_side=6)
+    xy = _visium_grid(n=6)
+    adata = adata[: len(xy)].copy()
+    adata.obsm["spatial"] = xy + 200
+    adata.uns["spatial"]["toy"]["scalefactors"]["spot_diameter_fullres"] = 55.0
+    assert _utils.spot_shape(adata) == ("circle", 55.0, 0.0)
+    # Visium HD bins: squares of the bin side, which is the grid's pitch
+    hd = toy_tissue(n_side=6)
+    hd.uns["spatial"]["toy"]["scalefactors"]["spot_diameter_fullres"] = 40.0
+    hd.uns["spatial"]["toy"]["metadata"]["technology"] = "visium_hd"
+    shape, size, _ = _utils.spot_shape(hd)
+    assert (shape, size) == ("square", 40.0)
+    hd.uns["spatial"]["toy"]["metadata"]["technology"] = "unknown"  # bins as wide as the pitch: squares too
+    assert _utils.spot_shape(hd)[:2] == ("square", 40.0)
 
 
 def _visium_grid(n=12, spacing=100.0, angle_deg=0.0):
@@ -235,3 +307,18 @@ def test_background_falls_back_to_fullres_thumbnail():
     import matplotlib.pyplot as plt
 
     plt.close("all")
+
+
+def test_domain_without_distinct_markers_is_named_as_such():
+    """A domain the image split off another (same expression) is not named by the other domain's genes."""
+    adata = toy_tissue(n_side=16)
+    planted = adata.uns["toy"]["planted"]
+    lab = adata.obs["annotation"].astype(str).to_numpy().copy()
+    tumour = np.flatnonzero(lab == "tumour")
+    lab[tumour[: len(tumour) // 4]] = "tumour_edge"
+    adata.obs["split"] = pd.Categorical(lab)
+    names = pl.domain_names(adata, "split")
+    assert names["tumour_edge"] == "tumour_edge: no distinct markers"
+    assert set(names["tumour"].split(": ")[1].split(", ")) <= set(planted["tumour"])
+    assert set(pl.domain_names(adata, "split", distinct=False)["tumour_edge"].split(": ")[1].split(", ")) \
+        <= set(planted["tumour"])  # what it used to be called: the tumour's genes

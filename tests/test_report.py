@@ -181,7 +181,7 @@ def test_report_results_first_cards_viewer_offline(tmp_path, no_network):  # noq
     assert tiles
     for t in tiles:
         _check_data_uri(t, ("jpeg",))
-    assert data["shape"] == "square" and data["levels"][-1]["cols"] == data["levels"][-1]["rows"] == 1
+    assert data["shape"] == "circle" and data["levels"][-1]["cols"] == data["levels"][-1]["rows"] == 1
     with pytest.raises(OutputExistsError):
         report.write_report(out)
     report.write_report(out, force=True)  # no gene sets: no GSEA section
@@ -323,7 +323,8 @@ def test_report_renders_in_headless_chromium(tmp_path):
     res = json.loads(m.group(1).replace("&quot;", '"'))
     assert 0 <= res["agreement"] < res["height"] - 150
     assert res["run"] > res["agreement"] + 2 * res["height"]
-    assert res["painted"] > 0.2  # the square section fills about a third of the wide canvas
+    # the square section fills about a third of the wide canvas, its 25 px spots at a 40 px pitch a third of it
+    assert res["painted"] > 0.08
     assert res["hover"] == 5
 
 
@@ -373,8 +374,10 @@ def test_card_notes_a_domain_along_the_section_border(tmp_path):
     page = _parse(report.write_report(_run_dir(tmp_path, adata=adata), viewer=False))
     cards = {card["id"]: " ".join(card["text"]) for card in page.cards}
     assert "Along the section's border: 100% of its spots" in cards["domain-3"]
-    assert "edge artefact" in cards["domain-3"]
     assert not [k for k, t in cards.items() if k != "domain-3" and "Along the section's border" in t]
+    text = " ".join(page.text)  # the caution once, above the cards, not on each card
+    assert text.count("edge artefact") == 1 and "1 domain(s) lie along the section's border" in text
+    assert "edge artefact" not in cards["domain-3"] and "border-note" in page.ids
 
 
 HOSTILE = "<!--<script>x</script><b onmouseover=alert(1)>&amp;\u2028'\""
@@ -457,3 +460,141 @@ def test_report_shows_confidence_and_what_the_image_changed(tmp_path):
     assert len(changes) == 1 and len(changes[0]["imgs"]) == 1  # one region, its H&E strip
     n = int(((lab == "1") & (r < 5)).sum())
     assert re.search(rf"\b{n}\s+of {adata.n_obs:,} spots", text), text[:200]
+
+
+def _legacy_st_toy():
+    """The toy as a legacy ST section: spots half the pitch across (100 um at 200 um), on a dark H&E."""
+    adata = _toy(fullres=True)
+    lib = adata.uns["spatial"]["toy"]
+    lib["scalefactors"]["spot_diameter_fullres"] = 20.0  # the toy's pitch is 40 px
+    lib["metadata"].update(technology="legacy_st", spot_diameter_um=100.0, microns_per_pixel=5.0)
+    lib["images"]["fullres"] = np.broadcast_to(np.array([70, 45, 80], np.uint8),
+                                               lib["images"]["fullres"].shape).copy()
+    return adata
+
+
+#: Colours the old blend on a dark H&E turned into other hues: yellow beside orange, brown, sky blue.
+HUES = ["#F0E442", "#E69F00", "#8C564B", "#56B4E9"]
+
+
+def test_legacy_st_spots_drawn_at_their_footprint_in_viewer_and_cards():
+    from stmorph.report import _cards, _viewer
+    from stmorph.report._image import SectionImage
+
+    adata = _legacy_st_toy()
+    lay = [{"key": "stmic", "labels": ["0", "1", "2"], "names": ["a", "b", "c"], "colors": HUES[:3]}]
+    data = _viewer.viewer_data(adata, lay, default="stmic")
+    f = data["size"] / 20.0
+    assert data["shape"] == "circle"
+    assert data["size"] == pytest.approx(20.0 * f) and 2 * data["size"] == pytest.approx(40.0 * f, rel=1e-6)
+    assert np.diff(sorted(set(data["spots"]["x"])))[0] == pytest.approx(2 * data["size"], abs=0.2)
+    # the card's map: the domain's colour at its spots, the H&E (not the colour) halfway between two of them
+    with SectionImage(adata) as image:
+        painter = _cards.MapPainter(adata, image)
+        mask = adata.obs["stmic"].astype(str).to_numpy() == "1"
+        png = painter.draw(mask, HUES[1])
+    from io import BytesIO
+
+    from PIL import Image
+
+    im = np.asarray(Image.open(BytesIO(png)).convert("RGB")).astype(int)
+    i = int(np.flatnonzero(mask)[0])
+    j = int(np.flatnonzero(mask & (adata.obs["array_row"].to_numpy() == adata.obs["array_row"].iloc[i])
+                           & (adata.obs["array_col"].to_numpy() == adata.obs["array_col"].iloc[i] + 1))[0])
+    want = np.array([int(HUES[1][k:k + 2], 16) for k in (1, 3, 5)])
+    at = lambda p: im[int(round(p[1])), int(round(p[0]))]
+    assert np.abs(at(painter.xy[i]) - want).max() <= 2
+    assert np.abs(at((painter.xy[i] + painter.xy[j]) / 2) - want).max() > 60
+
+
+VIEWER_PROBE = """<script>
+function probe(tries) {
+  var v = window.stmorphViewer, D = v.data, L = D.layers[0], s = v.state;
+  var cv = document.querySelector("#viewer canvas"), c = cv.getContext("2d"), dpr = cv.width / cv.clientWidth;
+  function px(bx, by) {
+    var d = c.getImageData(Math.round((bx * s.zoom + s.tx) * dpr), Math.round((by * s.zoom + s.ty) * dpr), 1, 1).data;
+    return [d[0], d[1], d[2]];
+  }
+  var spots = [], gaps = [];
+  for (var i = 0; i < D.spots.x.length; i += 7) {
+    var hex = L.colors[L.codes[i]];
+    spots.push({want: [1, 3, 5].map(function (k) { return parseInt(hex.substr(k, 2), 16); }),
+                got: px(D.spots.x[i], D.spots.y[i])});
+    gaps.push(px(D.spots.x[i] + D.size, D.spots.y[i]));  // halfway to the next spot along the row
+  }
+  if (gaps[0][0] + gaps[0][1] + gaps[0][2] === 0 && tries > 0) {  // H&E tiles still decoding
+    setTimeout(function () { v.draw(); probe(tries - 1); }, 200); return;
+  }
+  document.title = JSON.stringify({spots: spots, gaps: gaps, legend: Array.prototype.map.call(
+    document.querySelectorAll(".vlegend i"), function (e) { return getComputedStyle(e).backgroundColor; })});
+}
+window.addEventListener("load", function () { setTimeout(function () { probe(20); }, 300); });
+</script>"""
+
+
+@pytest.mark.skipif(_chromium() is None, reason="headless Chromium (Debian package `chromium`) not installed")
+def test_viewer_overlay_keeps_the_legend_colours_on_a_dark_image(tmp_path):
+    """Rendered in headless Chromium over a dark H&E: each spot's drawn colour is its legend colour, and the
+    H&E shows between legacy ST spots (100 um circles at a 200 um pitch)."""
+    from stmorph.report import _viewer
+
+    adata = _legacy_st_toy()
+    labs = sorted(adata.obs["annotation"].astype(str).unique())
+    lay = [{"key": "annotation", "labels": labs, "names": labs, "colors": HUES[:len(labs)]}]
+    data = _viewer.viewer_data(adata, lay, default="annotation")
+    page = tmp_path / "viewer.html"
+    page.write_text(f"<!doctype html><html><head><meta charset=utf-8><style>{_viewer.VIEWER_CSS}</style></head>"
+                    f"<body>{_viewer.viewer_html(data)}{VIEWER_PROBE}</body></html>", encoding="utf-8")
+    cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,900", "--virtual-time-budget=10000",
+           "--dump-dom", page.as_uri()]
+    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
+    m = re.search(r"<title>(\{.*?\})</title>", dom)
+    assert m, dom[:500]
+    res = json.loads(m.group(1).replace("&quot;", '"'))
+    assert len(res["spots"]) > 20
+    for s in res["spots"]:
+        assert np.abs(np.subtract(s["got"], s["want"])).max() <= 3, s
+    dark = np.array([70, 45, 80])
+    for g in res["gaps"]:
+        assert np.abs(np.subtract(g, dark)).max() <= 12, res["gaps"]  # the H&E between spots, not a colour
+    legend = [tuple(int(v) for v in re.findall(r"\d+", c)[:3]) for c in res["legend"]]
+    assert legend == [tuple(int(h[k:k + 2], 16) for k in (1, 3, 5)) for h in HUES[:len(labs)]]
+
+
+def test_report_shows_gene_symbols_for_ensembl_ids(tmp_path):
+    adata = _toy()
+    symbols = list(adata.var_names)
+    adata.var_names = [f"ENSG{i:011d}" for i in range(adata.n_vars)]
+    adata.var["gene_symbols"] = symbols
+    page = _parse(report.write_report(_run_dir(tmp_path, adata=adata), viewer=False))
+    text = re.sub(r"\s+", " ", "".join(page.text))
+    assert 'Gene symbols from var["gene_symbols"]; var_names are Ensembl ids.' in text
+    cards = " ".join(" ".join(c["text"]) for c in page.cards)
+    assert re.search(r"G\d{3}", cards) and not re.search(r"ENSG\d{11}", cards)
+    del adata.var["gene_symbols"]
+    (tmp_path / "ids").mkdir()
+    page = _parse(report.write_report(_run_dir(tmp_path / "ids", adata=adata), viewer=False))
+    assert "Genes are named by their Ensembl ids" in "".join(page.text)
+    from stmorph.report._html import gene_symbols
+
+    assert gene_symbols(_toy()) == ({}, None)
+
+
+def test_domain_the_image_split_off_is_named_as_such(tmp_path):
+    """A domain the image set apart from one of the same expression: no distinct markers, defined by the
+    image (its spots form one domain with another in the expression-only run)."""
+    adata = _toy()
+    lab = adata.obs["stmic"].astype(str).to_numpy().copy()
+    member = np.flatnonzero(lab == "1")
+    expr = lab.copy()
+    lab[member[: len(member) // 4]] = "3"  # the image split a quarter off domain 1
+    adata.obs["stmorph"] = pd.Categorical(lab)
+    adata.obs["stmorph_expr"] = pd.Categorical(expr)
+    page = _parse(report.write_report(_run_dir(tmp_path, adata=adata, methods=("stmorph", "stmorph_expr")),
+                                      viewer=False))
+    cards = {card["id"]: " ".join(card["text"]) for card in page.cards}
+    assert "Domain 3: no distinct markers; defined by the image" in cards["domain-3"]
+    assert "the H&E, not the expression, sets this domain apart" in cards["domain-3"]
+    assert "no distinct markers" not in cards["domain-1"] and "no distinct" not in cards["domain-0"]

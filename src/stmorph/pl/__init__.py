@@ -3,7 +3,8 @@ plots, GSEA bars.
 
 matplotlib is imported inside the functions (Agg backend, no display needed).
 Domain colours are matched between panels (see :func:`stmorph.pl.domain_colors`) and colour-blind safe
-(:data:`stmorph.pl.PALETTE`); spots are drawn at their true size (tiles that touch on a Visium or HD grid).
+(:data:`stmorph.pl.PALETTE`); spots are drawn at their true size (circles of
+``spot_diameter_fullres``; squares of the bin size for Visium HD).
 Functions return the figure (``save=`` also writes it, through :mod:`stmorph._outputs`, which never imports
 ``pl``).
 """

@@ -27,7 +27,7 @@ def domains(
     annotation: str | None = "annotation",
     show_scores: bool = True,
     ignore: Sequence[str] = ("undetermined",),
-    alpha: float = 0.6,
+    alpha: float | None = None,
     spot_shape: str = "auto",
     labels: str | Mapping[str, Mapping[str, str]] | None = None,
     markers: Mapping[str, pd.DataFrame] | None = None,
@@ -52,8 +52,8 @@ def domains(
     ncols
         Panels per row (default: one row up to 4 panels, then 3 per row up to 6, then 4).
     spot_size
-        Spot size in full-resolution pixels (default: the grid spacing for tiles, ``spot_diameter_fullres``
-        for circles).
+        Spot size in full-resolution pixels (default: ``spot_diameter_fullres``, the spot's true diameter or
+        the bin's side).
     title
         Figure title (str) or one title per panel (list).
     save
@@ -63,12 +63,14 @@ def domains(
     ignore
         Labels drawn grey and left out of matching and scoring.
     alpha
-        Opacity of the spots over the H&E (0 = H&E only, 1 = opaque spots); spots without an image are opaque.
+        Opacity of the spots over the H&E (0 = H&E only, 1 = opaque spots). Default: opaque circles, which keep
+        the legend's colours and leave the H&E visible between spots; 0.6 for square bins, which cover the
+        tissue. Spots without an image are opaque.
     spot_shape
-        ``"auto"``: hexagons on a hexagonal grid (Visium) and squares on a square grid (legacy ST, Visium HD
-        bins), as wide as the grid spacing so that neighbours touch; circles of the true spot diameter when
-        the spots lie on no regular grid. More than 50,000 Visium HD bins are drawn as one image, a pixel per
-        bin, placed over the bins' extent. ``"circle"``: circles of the true diameter (gaps between spots).
+        ``"auto"``: each spot at its true footprint, circles of ``spot_diameter_fullres`` (Visium: 55 um at a
+        100 um pitch; legacy ST: 100 um at a 200 um pitch), squares of the bin size for Visium HD bins; more
+        than 50,000 bins are drawn as one image, a pixel per bin, placed over the bins' extent. ``"circle"``:
+        circles of the true diameter; ``"hex"``/``"square"``: tiles as wide as the grid spacing, touching.
     labels
         ``"markers"``: name each domain in the legend by its top two marker genes (``"3: KRT19, EPCAM"``;
         Wilcoxon test, see :func:`stmorph.pl.domain_names`); a mapping ``{key: {label: name}}``: those names
@@ -101,6 +103,8 @@ def domains(
         shape, size, angle = _utils.spot_shape(adata, xy, shape=spot_shape, library_id=library_id,
                                                spot_size=spot_size)
     diameter = size * scale
+    if alpha is None:
+        alpha = 1.0 if shape == "circle" else 0.6
     xy_img = xy * scale
     has_ann = annotation is not None and annotation in adata.obs
     ref = annotation if has_ann else keys[0]

@@ -116,14 +116,31 @@ def spot_lattice(xy: np.ndarray) -> tuple[str, float, float]:
     return kind, spacing, angle
 
 
+def _is_bin_grid(adata, library_id: str | None, kind: str, spacing: float) -> bool:
+    """Whether the spots are square bins that tile their grid (Visium HD): ``technology == "visium_hd"``, or a
+    square grid whose recorded spot diameter is (nearly) the grid spacing."""
+    if kind != "square":
+        return False
+    try:
+        lib = _spatial.library(adata, library_id)
+    except (InputError, KeyError, AttributeError):
+        return False
+    if (lib.get("metadata") or {}).get("technology") == "visium_hd":
+        return True
+    d = (lib.get("scalefactors") or {}).get("spot_diameter_fullres")
+    return bool(d) and spacing > 0 and float(d) >= 0.9 * spacing
+
+
 def spot_shape(adata, xy: np.ndarray | None = None, *, shape: str = "auto", library_id: str | None = None,
                spot_size: float | None = None) -> tuple[str, float, float]:
     """The shape to draw spots with: ``(shape, size, angle)`` in full-resolution pixels.
 
-    ``shape="auto"``: hexagons tiling a hexagonal grid (Visium), squares tiling a square grid (legacy ST,
-    Visium HD bins), each as wide as the grid spacing so that neighbours touch; circles of the true spot
-    diameter when the spots lie on no regular grid. ``"circle"`` forces circles of the true diameter;
-    ``"hex"``/``"square"`` force that tile. ``spot_size`` (full-resolution pixels) overrides the size.
+    ``shape="auto"``: each spot at its true footprint. Visium HD bins are squares of the bin size (they tile
+    their grid); every other spot is a circle of its recorded diameter (``spot_diameter_fullres``): on Visium
+    55 um circles at a 100 um pitch, on legacy ST 100 um circles at a 200 um pitch, with the H&E between them.
+    ``"circle"`` forces circles of the true diameter; ``"hex"``/``"square"`` force tiles as wide as the grid
+    spacing, so that neighbours touch (larger than the spots, unless they are bins). ``spot_size``
+    (full-resolution pixels) overrides the size.
     """
     allowed = ("auto", "circle", "hex", "square")
     if shape not in allowed:
@@ -137,10 +154,17 @@ def spot_shape(adata, xy: np.ndarray | None = None, *, shape: str = "auto", libr
     xy = _spatial.coordinates(adata) if xy is None else xy
     kind, spacing, angle = spot_lattice(xy)
     if shape == "auto":
-        if kind == "irregular":
-            return "circle", true_diameter(), 0.0
-        return kind, spot_size or spacing, angle
+        if _is_bin_grid(adata, library_id, kind, spacing):
+            return "square", spot_size or _recorded_or(adata, library_id, spacing), angle
+        return "circle", true_diameter(), 0.0
     return shape, spot_size or (spacing if spacing > 0 else true_diameter()), angle if kind == shape else 0.0
+
+
+def _recorded_or(adata, library_id: str | None, default: float) -> float:
+    try:
+        return _spatial.spot_diameter_fullres(adata, library_id)
+    except (InputError, KeyError):
+        return default
 
 
 def tile_vertices(xy: np.ndarray, shape: str, size: float, angle: float = 0.0) -> np.ndarray:
@@ -156,7 +180,7 @@ def tile_vertices(xy: np.ndarray, shape: str, size: float, angle: float = 0.0) -
 def draw_spots(ax, xy: np.ndarray, diameter: float, colors, *, shape: str = "circle", angle: float = 0.0,
                zorder: float = 2, alpha: float = 1.0, **kw):
     """Spots in data units centred on ``xy``: filled circles of diameter ``diameter``, or hexagon/square tiles
-    of that width (``shape="hex"``/``"square"``, rotated by ``angle``) that touch on their grid."""
+    of that width (``shape="hex"``/``"square"``, rotated by ``angle``)."""
     n = len(xy)
     if shape in ("hex", "square"):
         from matplotlib.collections import PolyCollection

@@ -131,9 +131,13 @@ def card_html(
     composition: list[tuple[str, float]] | None,
     method: str,
     border: pd.Series | None = None,
+    distinct: bool = True,
+    by_image: bool = False,
 ) -> str:
     """The HTML of one domain card; ``border``: the domain's row of :func:`stmorph.ev.border_domains`, noted
-    on the card when the domain lies along the section's border."""
+    on the card when the domain lies along the section's border (the caution itself is given once, above the
+    cards, by :func:`border_note`); ``distinct=False``: none of ``markers`` is the domain's own; ``by_image``: the
+    image set the domain apart from one of the same expression."""
     parts = [f'<article class="card" id="domain-{_esc(label)}">',
              f'<h3><i class="sw" style="background:{_esc(color)}"></i>{_esc(name)}</h3>',
              f'<p class="stat"><b>{n_spots}</b> spots · <b>{100 * n_spots / max(n_total, 1):.1f}%</b> of the tissue']
@@ -144,9 +148,7 @@ def card_html(
     if border is not None and bool(border["along_border"]):
         parts.append(f'<p class="warn">Along the section\'s border: {100 * border["share_in_band"]:.0f}% of its spots '
                      f'lie on the outermost row of spots, against {100 * border["section_share_in_band"]:.0f}% of the '
-                     "section. A cut edge often looks and measures differently from the tissue inside; check on the "
-                     "H&amp;E that this is a tissue structure (fat at the edge of a biopsy, a capsule, a surface "
-                     "layer) and not an edge artefact.</p>")
+                     'section (<a href="#border-note">why this matters</a>).</p>')
     parts.append('<div class="cardrow">')
     parts.append(f'<img class="map" alt="where {_esc(method)} domain {_esc(label)} lies" '
                  f'src="{data_uri(map_png, "image/png")}">')
@@ -163,6 +165,10 @@ def card_html(
                      'inside the domain">% in</th><th title="% outside">% out</th></tr>' + rows + "</table>")
     else:
         parts.append('<p class="note">No up-regulated marker gene.</p>')
+    if not distinct and markers is not None and len(markers):
+        parts.append('<p class="note">No distinct marker gene: each gene above is up-regulated here, but more '
+                     "strongly in another domain"
+                     + ("; the H&amp;E, not the expression, sets this domain apart" if by_image else "") + ".</p>")
     if gsea is not None:
         if len(gsea):
             rows = "".join(f"<tr><td>{_esc(_short_term(r.term))}</td><td class=num>{r.nes:.2f}</td>"
@@ -176,6 +182,14 @@ def card_html(
                      f'src="{data_uri(patches, "image/jpeg")}"></figure>')
     parts.append("</article>")
     return "".join(parts)
+
+
+def border_note(n_cards: int) -> str:
+    """The caution about domains along the section's border, once for the ``n_cards`` cards that carry it."""
+    return (f'<p class="warn" id="border-note">{n_cards} domain(s) lie along the section\'s border (marked on '
+            "their cards). A cut edge often looks and measures differently from the tissue inside; check on the "
+            "H&amp;E that such a domain is a tissue structure (fat at the edge of a biopsy, a capsule, a surface "
+            "layer) and not an edge artefact.</p>")
 
 
 def _p(p: float) -> str:

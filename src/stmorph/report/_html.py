@@ -141,6 +141,7 @@ def build_report(
     """
     from .. import ev, pl
     from ..pl._colors import MISSING_COLOR, label_order
+    from ..pl._names import NO_DISTINCT
 
     log = log or (lambda m: None)
     t_start = time.perf_counter()
@@ -187,11 +188,16 @@ def build_report(
                 gsea_error = str(exc)
     finally:
         adata.uns.pop(mk_key, None)
-    names = pl.domain_names(adata, method, markers=mk) if mk is not None else {lab: lab for lab in labels}
-    top = None
+    sym, gene_note = gene_symbols(adata)
+    symbols_of = (lambda t: t.assign(gene=t["gene"].astype(str).map(lambda g: sym.get(g, g)))) if sym else (lambda t: t)
+    names = pl.domain_names(adata, method, markers=symbols_of(mk)) if mk is not None else {lab: lab for lab in labels}
+    if changes is not None and changes[0] == method:
+        names = _image_made(adata, method, changes[1], names)
+    top = top_shown = None
     if mk is not None:
         mk = mk[np.maximum(mk["pct_in"], mk["pct_out"]) >= 0.1]  # Seurat's min.pct
         top = mk[mk["logfoldchange"] > 0].groupby("domain", sort=False, group_keys=False).head(n_markers)
+        top_shown = symbols_of(top)
 
     parts: list[str] = []
     nav = ["summary", "domains"] + (["confidence"] if f"{method}_confidence" in adata.obs else [])
@@ -264,7 +270,9 @@ def build_report(
             img = ("no image (spots only)" if kind is None else
                    f"the {'full-resolution H&amp;E' if kind == 'full-resolution' else _esc(kind) + ' image'} ({res})")
             parts.append('<p class="note">Scroll to zoom, drag to pan, hover a spot for its id and domains; '
-                         f"click a legend entry to show that domain alone. Image: {img}.</p>")
+                         "click a legend entry to show that domain alone. Spots are drawn at their true size "
+                         f"({_shape_words(data['shape'])}), opaque in the legend's colours; lower the opacity to see "
+                         f"the H&amp;E through them (their colours then mix with it). Image: {img}.</p>")
             parts.append(_viewer.viewer_html(data))
             parts.append("</section>")
 
@@ -284,7 +292,8 @@ def build_report(
                      "log-normalised expression (scanpy rank_genes_groups, as Seurat FindAllMarkers); log2 FC = "
                      "log2(mean + 1) inside minus outside, on the normalised scale (Seurat's); z = rank-sum "
                      "z score, p adjusted by Benjamini-Hochberg; genes expressed in at least 10% of the spots inside "
-                     f"or outside the domain. H&amp;E strip: {note}, each patch centred on the spot (outlined).</p>")
+                     f"or outside the domain. H&amp;E strip: {note}, each patch centred on the spot (outlined)."
+                     + (f" {gene_note}" if gene_note else "") + "</p>")
         painter = _cards.MapPainter(adata, image, library_id=library_id)
         lab_arr = adata.obs[method].astype(str).to_numpy()
         valid = adata.obs[method].notna().to_numpy()
@@ -316,14 +325,19 @@ def build_report(
             cards.append(_cards.card_html(
                 label=lab, name=f"Domain {names.get(lab, lab)}", color=color, n_spots=int(mask.sum()),
                 n_total=int(valid.sum()), map_png=painter.draw(mask, color),
-                markers=top[top["domain"].astype(str) == lab] if top is not None else None,
+                markers=top_shown[top_shown["domain"].astype(str) == lab] if top is not None else None,
                 gsea=g, patches=patches, composition=comp, method=method,
-                border=border.loc[lab] if border is not None and lab in border.index else None))
+                border=border.loc[lab] if border is not None and lab in border.index else None,
+                distinct=NO_DISTINCT not in names.get(lab, ""), by_image=names.get(lab, "").endswith(BY_IMAGE)))
         if not any_patches:
             why = (f"the {_esc(image.kind)} image is too coarse (fewer than 32 pixels across a patch)" if image
                    else "the result has no image")
             parts.append(f'<p class="note">No H&amp;E strips: {why}; give the full-resolution H&amp;E '
                          "(<code>stmorph run --image</code>).</p>")
+        n_border = int(border.loc[[lab for lab in labels if lab in border.index], "along_border"].sum()) \
+            if border is not None else 0
+        if n_border:
+            parts.append(_cards.border_note(n_border))
         parts.append('<div class="cards">' + "".join(cards) + "</div>")
         if mk_error:
             parts.append(f'<p class="warn">Marker genes could not be computed: {_esc(mk_error)}</p>')
@@ -335,16 +349,19 @@ def build_report(
     log("report: marker overview")
     parts.append(f'<section id="markers"><h2>Marker genes across the {_esc(method)} domains</h2>')
     if top is not None and len(top):
-        figs = [_figure(pl.dotplot(adata, method, top, n_genes=min(3, n_markers)),
+        if gene_note:
+            parts.append(f'<p class="note">{gene_note}</p>')
+        figs = [_figure(_relabel(pl.dotplot(adata, method, top, n_genes=min(3, n_markers)), sym),
                         f"Top markers per {method} domain: dot size = fraction of spots expressing, "
                         "colour = mean expression scaled per gene.", dpi=90)]
         first = top.groupby("domain", sort=False).head(1)["gene"].tolist()[:8]
         if first:
-            figs.append(_figure(pl.spatial(adata, list(dict.fromkeys(first)), ncols=4),
+            figs.append(_figure(_relabel(pl.spatial(adata, list(dict.fromkeys(first)), ncols=4), sym),
                                 "Spatial expression (log-normalised) of the top marker of each domain.", dpi=80,
                                 photo=True))
         parts.append('<div class="grid">' + "".join(figs) + "</div>")
-        rows = [(r.domain, r.gene, r.logfoldchange, r.score, r.pval_adj, r.pct_in, r.pct_out) for r in top.itertuples()]
+        rows = [(r.domain, r.gene, r.logfoldchange, r.score, r.pval_adj, r.pct_in, r.pct_out)
+                for r in top_shown.itertuples()]
         parts.append("<details><summary>All listed markers as a table</summary>"
                      + _table(rows, ["domain", "gene", "log2 FC", "z", "adj. p", "frac. in", "frac. out"],
                               numeric={2, 3, 4, 5, 6}) + "</details>")
@@ -408,6 +425,73 @@ def build_report(
             '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
             f"<title>stmorph report: {_esc(section)}</title>\n<style>{CSS}{_viewer.VIEWER_CSS}</style>\n</head>\n"
             f"<body>\n<main>\n{body}\n{footer}\n</main>\n</body>\n</html>\n")
+
+
+#: ``var`` columns that hold gene symbols, in the order they are looked for (scanpy, CELLxGENE, Seurat).
+SYMBOL_COLUMNS = ("gene_symbols", "gene_symbol", "symbol", "SYMBOL", "feature_name", "gene_name", "gene_names")
+_ENSEMBL = r"ENS[A-Z]*G\d{6,}(\.\d+)?"
+
+
+def gene_symbols(adata) -> tuple[dict[str, str], str | None]:
+    """How genes are shown: ``({var_name: symbol}, note)``. When most ``var_names`` are Ensembl ids, the
+    symbols of the first of :data:`SYMBOL_COLUMNS` in ``var`` are shown (ids without a symbol stay) and the
+    note says so; without such a column the note says that the names are Ensembl ids. Else ``({}, None)``."""
+    import pandas as pd
+
+    names = pd.Index(adata.var_names).astype(str)
+    if not len(names) or names.str.fullmatch(_ENSEMBL).mean() <= 0.5:
+        return {}, None
+    col = next((c for c in SYMBOL_COLUMNS if c in adata.var), None)
+    if col is None:
+        return {}, ("Genes are named by their Ensembl ids (<code>var_names</code>; <code>var</code> has no "
+                    "gene-symbol column such as <code>gene_symbols</code> or <code>feature_name</code>).")
+    sym = adata.var[col].astype(str).to_numpy()
+    ok = (sym != "") & (sym != "nan") & (sym != "None")
+    return ({n: s for n, s, k in zip(names, sym, ok, strict=True) if k},
+            f"Gene symbols from <code>var[\"{_esc(col)}\"]</code>; <code>var_names</code> are Ensembl ids.")
+
+
+#: Appended to the name of a domain without distinct markers that the image set apart.
+BY_IMAGE = "defined by the image"
+
+
+def _image_made(adata, method: str, expr_key: str, names: Mapping[str, str]) -> dict[str, str]:
+    """``names`` with ``"; defined by the image"`` added to each domain without distinct markers whose spots,
+    in the expression-only run ``obs[expr_key]``, lie mostly in one domain that is mostly another domain
+    of ``method``: the image set it apart from a domain of the same expression."""
+    from ..pl._names import NO_DISTINCT
+
+    meth, expr = adata.obs[method], adata.obs[expr_key]
+    both = (meth.notna() & expr.notna()).to_numpy()
+    meth, expr = meth.astype(str).to_numpy()[both], expr.astype(str).to_numpy()[both]
+    out = dict(names)
+    for lab, name in names.items():
+        if not name.endswith(NO_DISTINCT) or not (meth == lab).any():
+            continue
+        e_vals, e_n = np.unique(expr[meth == lab], return_counts=True)
+        m_vals, m_n = np.unique(meth[expr == e_vals[np.argmax(e_n)]], return_counts=True)
+        if m_vals[np.argmax(m_n)] != lab:
+            out[lab] = f"{name}; {BY_IMAGE}"
+    return out
+
+
+def _relabel(fig, sym: Mapping[str, str]):
+    """Show ``sym``'s symbols for gene ids in a figure's tick labels and titles."""
+    if not sym:
+        return fig
+    for ax in fig.axes:
+        for get, put in ((ax.get_xticklabels, ax.set_xticklabels), (ax.get_yticklabels, ax.set_yticklabels)):
+            labels = get()
+            if labels and any(t.get_text() in sym for t in labels):
+                put([sym.get(t.get_text(), t.get_text()) for t in labels])
+        if ax.get_title() in sym:
+            ax.set_title(sym[ax.get_title()])
+    return fig
+
+
+def _shape_words(shape: str) -> str:
+    return {"circle": "circles of the recorded spot diameter", "square": "squares of the bin size"}.get(
+        shape, f"{shape} tiles")
 
 
 def _library_name(adata) -> str | None:

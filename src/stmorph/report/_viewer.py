@@ -148,7 +148,8 @@ def viewer_html(data: Mapping) -> str:
     return (
         '<div id="viewer" class="viewer">'
         '<div class="vbar"><span class="vlayers"></span>'
-        '<label>opacity <input class="vopacity" type="range" min="0" max="1" step="0.05" value="0.45"></label>'
+        '<label title="1: opaque, in the legend colours; lower: the H&amp;E shows through and the colours '
+        'shift">opacity <input class="vopacity" type="range" min="0" max="1" step="0.05" value="1"></label>'
         '<label><input class="voutline" type="checkbox"> outlines only</label>'
         '<button class="vzin" title="zoom in">+</button><button class="vzout" title="zoom out">&minus;</button>'
         '<button class="vfit" title="whole section">fit</button></div>'
@@ -185,11 +186,11 @@ VIEWER_JS = r"""
   var stage = root.querySelector(".vstage"), cv = stage.querySelector("canvas"), ctx = cv.getContext("2d");
   var tip = root.querySelector(".vtip"), legend = root.querySelector(".vlegend");
   var n = D.spots.x.length, X = D.spots.x, Y = D.spots.y;
-  var state = {zoom: 1, tx: 0, ty: 0, layer: D.default, opacity: 0.45, outline: false, solo: null, hover: -1};
+  var state = {zoom: 1, tx: 0, ty: 0, layer: D.default, opacity: 1, outline: false, solo: null, hover: -1};
   var cache = {}, pending = false, dpr = 1;
   var off = document.createElement("canvas"), octx = off.getContext("2d");
 
-  // unit polygon of a spot (hexagon / square as wide as the grid spacing; circle: the true diameter)
+  // unit polygon of a spot (square bin / hexagon tile of width D.size); circles of diameter D.size need none
   var corners = [];
   if (D.shape === "hex" || D.shape === "square") {
     var k = D.shape === "hex" ? 6 : 4, R = D.size / 2 / Math.cos(Math.PI / k);
@@ -282,8 +283,8 @@ VIEWER_JS = r"""
     }
     var L = layers[state.layer], z = state.zoom, m = D.size * z;
     if (L) {
-      // tiles are filled opaque on a layer of their own, then laid over the H&E at the chosen opacity:
-      // no seams where neighbouring tiles' anti-aliased edges would otherwise add up
+      // spots are filled opaque on a layer of their own, then laid over the H&E at the chosen opacity (1 by
+      // default: the legend's colours exactly); no seams where neighbouring bins' anti-aliased edges meet
       var o = state.outline ? ctx : octx;
       if (!state.outline) {
         off.width = cv.width; off.height = cv.height;
