@@ -13,9 +13,10 @@ def test_atomic_dir_refuses_to_clobber_and_keeps_old_on_failure(tmp_path):
     with atomic_dir(out) as tmp:
         (tmp / "a.txt").write_text("first")
     assert (out / "a.txt").read_text() == "first"
-    with pytest.raises(OutputExistsError, match="--force"):
+    with pytest.raises(OutputExistsError, match="force=True") as refused:
         with atomic_dir(out):
             pass
+    assert "--force" in refused.value.cli_message()  # as the command line says it
     with pytest.raises(RuntimeError):
         with atomic_dir(out, force=True) as tmp:
             (tmp / "a.txt").write_text("second")
