@@ -1,10 +1,12 @@
 """Peer methods at their documented settings on the annotated sections, scored like ``stmorph benchmark``.
 
-Run with the interpreter of ``.peers-venv`` (``setup.sh`` makes it)::
+``bash benchmarks/peers/run.sh`` makes ``.peers-venv`` if needed and runs this file with it; by hand::
 
-    OMP_NUM_THREADS=1 benchmarks/peers/.peers-venv/bin/python benchmarks/peers/run_peers.py \
-        --data ../shared/data --methods banksy stagate graphst --seeds 3
+    OMP_NUM_THREADS=1 benchmarks/peers/.peers-venv/bin/python benchmarks/peers/run_peers.py --data ../shared/data
     benchmarks/peers/.peers-venv/bin/python benchmarks/peers/run_peers.py --table
+
+By default every peer runs on every section except STAGATE and GraphST on Visium sections (``--heavy`` adds
+them).
 
 Each (section, method, seed) appends one row to the CSV as soon as it is done; rows already there are skipped,
 so an interrupted run picks up where it stopped (``--force`` reruns them). Sections are read with
@@ -37,7 +39,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 DEFAULT_OUT = HERE / "results.csv"
 FIELDS = ["section", "method", "seed", "k", "ari", "nmi", "seconds", "machine", "stmorph_git", "date", "error"]
-METHODS = ("banksy", "stagate", "graphst")
+METHODS = ("banksy", "banksy_visium", "stagate", "graphst")
 
 
 # --- the peers --------------------------------------------------------------------------------------------------
@@ -46,29 +48,46 @@ METHODS = ("banksy", "stagate", "graphst")
 
 
 def banksy(adata, n_clusters: int, seed: int) -> np.ndarray:
-    """pybanksy 1.3.5 with its defaults: 2000 HVGs (seurat on log1p, the data stay library-size normalised),
-    k_geom 15, scaled_gaussian decay, AGF max_m 1, lambda 0.2, 20 PCs, Leiden on 50 shared nearest
-    neighbours with the package's resolution search to ``n_clusters`` (``max_labels``)."""
+    """pybanksy 1.3.5 with its own defaults: library-size normalised data (no log), 2000 HVGs (seurat flavour, on
+    a log1p copy), k_geom 15, scaled_gaussian decay, AGF max_m 1, lambda 0.2 (its quick start), 20 PCs, Leiden on
+    50 shared nearest neighbours with the package's resolution search to ``n_clusters`` (``max_labels``)."""
     import scanpy as sc
-    from banksy.embed_banksy import generate_banksy_matrix
-    from banksy.initialize_banksy import initialize_banksy
-    from banksy.cluster_methods import run_Leiden_partition
     from banksy_utils.filter_utils import filter_hvg
-    from banksy_utils.umap_pca import pca_umap
 
     sc.pp.normalize_total(adata)
     adata, _ = filter_hvg(adata, n_top_genes=2000, flavor="seurat")
-    adata = adata.copy()
+    return _banksy_cluster(adata.copy(), n_clusters, seed, k_geom=15, max_m=1, lambda_=0.2)
+
+
+def banksy_visium(adata, n_clusters: int, seed: int) -> np.ndarray:
+    """BANKSY as the authors' DLPFC vignette (R Banksy, "Multi-sample analysis (10x Visium Human DLPFC)") sets it,
+    run with pybanksy: counts scaled to 5000 per spot (no log), 2000 HVGs (vst, seurat_v3 here), k_geom 6 (the
+    first ring of Visium neighbours), no AGF (max_m 0), lambda 0.2, 20 PCs, Leiden on 50 neighbours with the
+    resolution searched to ``n_clusters`` (the vignette's fixed resolution 0.7 and optional label smoothing are
+    not used)."""
+    import scanpy as sc
+
+    sc.pp.highly_variable_genes(adata, flavor="seurat_v3", n_top_genes=2000)
+    adata = adata[:, adata.var["highly_variable"]].copy()
+    sc.pp.normalize_total(adata, target_sum=5000)
+    return _banksy_cluster(adata, n_clusters, seed, k_geom=6, max_m=0, lambda_=0.2)
+
+
+def _banksy_cluster(adata, n_clusters: int, seed: int, *, k_geom: int, max_m: int, lambda_: float) -> np.ndarray:
+    from banksy.cluster_methods import run_Leiden_partition
+    from banksy.embed_banksy import generate_banksy_matrix
+    from banksy.initialize_banksy import initialize_banksy
+    from banksy_utils.umap_pca import pca_umap
+
     adata.obs["x"], adata.obs["y"] = adata.obsm["spatial"][:, 0], adata.obsm["spatial"][:, 1]
-    coord_keys = ("x", "y", "spatial")
-    bdict = initialize_banksy(adata, coord_keys, num_neighbours=15, nbr_weight_decay="scaled_gaussian", max_m=1,
-                              plt_edge_hist=False, plt_nbr_weights=False, plt_agf_angles=False, plt_theta=False)
-    bdict, _ = generate_banksy_matrix(adata, bdict, [0.2], max_m=1)
+    bdict = initialize_banksy(adata, ("x", "y", "spatial"), num_neighbours=k_geom, nbr_weight_decay="scaled_gaussian",
+                              max_m=max_m, plt_edge_hist=False, plt_nbr_weights=False, plt_agf_angles=False,
+                              plt_theta=False)
+    bdict, _ = generate_banksy_matrix(adata, bdict, [lambda_], max_m=max_m)
     pca_umap(bdict, pca_dims=[20], plt_remaining_var=False, add_umap=False)
     results, _ = run_Leiden_partition(bdict, resolutions=[], num_nn=50, num_iterations=-1, partition_seed=seed,
                                       match_labels=False, max_labels=n_clusters)
-    label = results.iloc[0]["labels"]
-    return np.asarray(label.dense)
+    return np.asarray(results.iloc[0]["labels"].dense)
 
 
 def _mclust_eee(x: np.ndarray, n_clusters: int) -> np.ndarray:
@@ -123,9 +142,14 @@ def graphst(adata, n_clusters: int, seed: int) -> np.ndarray:
     return labels
 
 
-PEERS = {"banksy": banksy, "stagate": stagate, "graphst": graphst}
+PEERS = {"banksy": banksy, "banksy_visium": banksy_visium, "stagate": stagate, "graphst": graphst}
+# methods written for one kind of section only
+LAYOUTS = {"banksy_visium": {"visium"}}
+# long on 2 CPU cores (tens of minutes per run): only with --heavy
+HEAVY = {("stagate", "visium"), ("graphst", "visium")}
 # imported before the clock starts, so a run's seconds do not include loading its package
 IMPORTS = {"banksy": ["banksy.embed_banksy", "banksy.cluster_methods", "banksy_utils.umap_pca"],
+           "banksy_visium": ["banksy.embed_banksy", "banksy.cluster_methods", "banksy_utils.umap_pca"],
            "stagate": ["STAGATE_pyG", "mclust_py"], "graphst": ["GraphST.GraphST", "mclust_py"]}
 
 
@@ -180,7 +204,7 @@ def run_one(method: str, adata, n_clusters: int, seed: int) -> tuple[np.ndarray,
     return np.asarray(labels).astype(str), time.perf_counter() - start
 
 
-def run(data: Path, methods, seeds, out: Path, only=None, force=False) -> None:
+def run(data: Path, methods, seeds, out: Path, only=None, force=False, heavy=False) -> None:
     import torch
     from stmorph.ev._benchmark import find_sections, load_section
     from stmorph.ev._metrics import ari, nmi, scored_labels
@@ -193,7 +217,9 @@ def run(data: Path, methods, seeds, out: Path, only=None, force=False) -> None:
     machine, git = _machine(), _git()
     sections = [s for s in find_sections(data) if not only or any(o in s.name for o in only)]
     for section in sections:
-        todo = [(m, s) for m in methods for s in seeds if (section.name, m, str(s)) not in done]
+        todo = [(m, s) for m in methods for s in seeds if (section.name, m, str(s)) not in done
+                and section.layout in LAYOUTS.get(m, {section.layout})
+                and (heavy or (m, section.layout) not in HEAVY)]
         if not todo:
             continue
         with warnings.catch_warnings():
@@ -242,12 +268,14 @@ def main(argv=None) -> int:
     p.add_argument("--only", nargs="+", help="sections whose name contains one of these (e.g. her2st, 151673)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--force", action="store_true", help="rerun rows already in the CSV")
+    p.add_argument("--heavy", action="store_true", help="also STAGATE and GraphST on Visium sections (long on CPU)")
     p.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
     args = p.parse_args(argv)
     if args.table:
         print(table(args.out))
         return 0
-    run(args.data, args.methods, list(range(args.seeds)), args.out, only=args.only, force=args.force)
+    run(args.data, args.methods, list(range(args.seeds)), args.out, only=args.only, force=args.force,
+        heavy=args.heavy)
     print(table(args.out))
     return 0
 
