@@ -243,7 +243,8 @@ def run(data: Path, methods, seeds, out: Path, only=None, force=False, heavy=Fal
 
 
 def table(out: Path) -> str:
-    """Markdown table: mean ± sd of ARI (NMI, seconds) over seeds, per section and method."""
+    """Markdown table: mean ± sd of ARI (NMI, seconds) over seeds, per section and method, then the mean of the
+    section means per data set and method."""
     import pandas as pd
 
     df = pd.read_csv(out, dtype={"error": str})
@@ -257,6 +258,12 @@ def table(out: Path) -> str:
         sd = lambda v: f"{0 if np.isnan(v) else v:.3f}"  # noqa: E731
         lines.append(f"| {r.section} ({r.k}) | {r.method} | {r.n} | {r.ari:.3f} ± {sd(r.ari_sd)} | "
                      f"{r.nmi:.3f} ± {sd(r.nmi_sd)} | {r.sec:.0f} |")
+    # mean of the section means, per data set (the folder above the section) and method
+    s["data"] = s["section"].str.rsplit("/", n=1).str[0]
+    for (data, method), d in s.groupby(["data", "method"]):
+        if len(d) > 1:
+            lines.append(f"| **{data}, mean of {len(d)} sections** | {method} | {d['n'].min()} | **{d['ari'].mean():.3f}** | "
+                         f"{d['nmi'].mean():.3f} | {d['sec'].mean():.0f} |")
     return "\n".join(lines)
 
 
