@@ -188,7 +188,7 @@ def _done(out: Path) -> set[tuple[str, str, str]]:
 def _append(out: Path, row: dict) -> None:
     new = not out.is_file() or out.stat().st_size == 0
     with out.open("a", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=FIELDS)
+        w = csv.DictWriter(fh, fieldnames=FIELDS, lineterminator="\n")
         if new:
             w.writeheader()
         w.writerow(row)
