@@ -24,6 +24,7 @@ import importlib
 import io
 import os
 import platform
+import random
 import subprocess
 import sys
 import time
@@ -197,6 +198,9 @@ def _append(out: Path, row: dict) -> None:
 def run_one(method: str, adata, n_clusters: int, seed: int) -> tuple[np.ndarray, float]:
     """Labels of one peer run (quiet) and its wall time in seconds."""
     work = adata.copy()
+    # global seeds too: pybanksy's PCA (scikit-learn, randomized solver, no random_state) draws from numpy's
+    random.seed(seed)
+    np.random.seed(seed)
     start = time.perf_counter()
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
